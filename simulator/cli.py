@@ -1,0 +1,121 @@
+"""Hydra entry points: `simulate` (config -> objects -> loop) and `simulate-report`.
+
+Thin by design: registry.py turns the config into objects, loop.py does the work.
+A user's mistake ends in one line on stderr and exit code 2, before any work
+starts and without touching an existing run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from simulator import registry, stability
+from simulator.config import ConfigError, run_name, validate
+from simulator.loop import generation_loop
+from simulator.run import RunDir, RunError
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+USER_ERRORS = (ConfigError, RunError)
+log = logging.getLogger("simulator")
+
+if not OmegaConf.has_resolver("sim_run_name"):
+    OmegaConf.register_new_resolver("sim_run_name", run_name)
+
+
+def fail(message: str, created: Path | None = None) -> None:
+    """Print one line, remove the empty run directory hydra made for this call, exit 2."""
+    if created is not None and created.is_dir() and not any(created.iterdir()):
+        created.rmdir()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
+    """Validate cfg, build the objects and run (or resume) the loop in run_path; returns the summary."""
+    validate(cfg, families=sorted(registry.FAMILIES), sources=registry.source_names(),
+             policies=sorted(registry.policies.POLICIES), metrics=registry.metric_names())  # fmt: skip
+    device = registry.resolve_device(cfg.device)
+    policy = registry.make_policy(cfg)
+    data = registry.make_data(cfg)
+    make_model = registry.make_model_factory(cfg, data.event_shape, device)
+    with RunDir(run_path) as run:
+        run.check_config(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        rows = generation_loop(
+            run, data, make_model, policy,
+            generations=cfg.generations, seed=cfg.seed,
+            warm_start=cfg.train.warm_start, steps=cfg.train.steps, steps_gen0=cfg.train.steps_gen0,
+            init_checkpoint=cfg.init.checkpoint,
+            n_samples=cfg.sample.n, temperature=cfg.sample.temperature,
+            curation_k=cfg.sample.curation_k, curation_reward=cfg.sample.curation_reward,
+            save_samples=cfg.sample.save,
+            metrics=tuple(cfg.eval.metrics), metric_options=OmegaConf.to_container(cfg.eval.options),
+            eval_samples=cfg.eval.n_samples, progress=cfg.progress,
+        )  # fmt: skip
+        summary = stability.summarize(rows, cfg.eval.stability_metric) if cfg.eval.stability_metric else {}
+        last = rows[-1]
+        status = "diverged" if last["status"] == "diverged" else "complete"
+        summary.update(policy=policy.describe(), generations=last["generation"], status=status)
+        (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
+        if cfg.eval.figures:
+            from simulator import report
+
+            report.draw_run(run.path)
+    return summary
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def _simulate(cfg: DictConfig) -> None:
+    run_path = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = run_config(cfg, run_path)
+    except USER_ERRORS as e:
+        fail(str(e), run_path)
+    log.info("%s: %s", run_path, json.dumps(summary))
+
+
+def simulate() -> None:
+    """Console entry point of `simulate`."""
+    _simulate()
+
+
+class SweepReport(Callback):
+    """Hydra callback: after a multirun, draw the regime comparison and summary table in the sweep dir."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from simulator import report
+
+        sweep = Path(config.hydra.sweep.dir)
+        runs = [p.parent for p in sorted(sweep.glob("*/results.jsonl"))]
+        if runs:
+            out = report.report(runs, sweep / "figures", metric=config.eval.stability_metric)
+            print(f"comparison figure and table: {out}")
+
+
+def simulate_report(argv: list[str] | None = None) -> None:
+    """Console entry point: `simulate-report RUN_OR_SWEEP_DIR... [--out DIR] [--metric NAME]`."""
+    import argparse
+
+    from simulator import report
+
+    parser = argparse.ArgumentParser(prog="simulate-report", description=report.__doc__)
+    parser.add_argument("dirs", nargs="+", help="run directories, or sweep directories holding runs")
+    parser.add_argument("--out", default=None, help="where figures and tables go (default: DIR/figures)")
+    parser.add_argument(
+        "--metric", default=None, help="metric for the stability curves (default: from config)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        runs = report.find_runs([Path(d) for d in args.dirs])
+        out = Path(args.out) if args.out else (Path(args.dirs[0]) / "figures")
+        print(report.report(runs, out, metric=args.metric))
+    except report.ReportError as e:
+        fail(str(e))

@@ -1,0 +1,106 @@
+"""Config validation: every user mistake becomes one line naming the field and what is allowed.
+
+Hydra composes the config from the groups in configs/; this module checks the
+result before any work starts. The checks are written out here, rather than as
+dataclass schemas in hydra's ConfigStore, because a schema violation surfaces
+as hydra's multi-line error with exit code 1, while a bad field must be one
+line and exit code 2 (DESIGN.md section 6).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A bad value in the user's config or command line (printed as one line)."""
+
+
+DEVICES = ("auto", "cpu", "cuda")
+REWARDS = ("model", "truth")
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def check_int(cfg: DictConfig, key: str, low: int | None = None, optional: bool = False) -> None:
+    v = _get(cfg, key)
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low):
+        bound = f" >= {low}" if low is not None else ""
+        null = " or null" if optional else ""
+        raise ConfigError(f"{key}: must be an integer{bound}{null}, got {v!r}")
+
+
+def check_float(cfg: DictConfig, key: str, low: float | None = None, strict: bool = False) -> None:
+    v = _get(cfg, key)
+    bad = isinstance(v, bool) or not isinstance(v, (int, float)) or v != v
+    if not bad and low is not None:
+        bad = v <= low if strict else v < low
+    if bad:
+        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+        raise ConfigError(f"{key}: must be a number{bound}, got {v!r}")
+
+
+def check_choice(cfg: DictConfig, key: str, allowed: tuple[str, ...] | list[str]) -> None:
+    v = _get(cfg, key)
+    if v not in allowed:
+        raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {v!r}")
+
+
+def check_bool(cfg: DictConfig, key: str) -> None:
+    v = _get(cfg, key)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key}: must be true or false, got {v!r}")
+
+
+def validate(cfg: DictConfig, *, families: list[str], sources: list[str], policies: list[str],
+             metrics: list[str]) -> None:  # fmt: skip
+    """Raise ConfigError on the first bad field of a composed run config."""
+    check_int(cfg, "generations", 1)
+    check_int(cfg, "seed", 0)
+    check_int(cfg, "chains", 1)
+    check_choice(cfg, "device", DEVICES)
+    check_bool(cfg, "progress")
+    check_choice(cfg, "data.source", sources)
+    check_int(cfg, "data.n_train", 1)
+    check_int(cfg, "data.n_test", 1)
+    check_choice(cfg, "model.family", families)
+    check_choice(cfg, "policy.name", policies)
+    if cfg.policy.name == "mix":
+        check_float(cfg, "policy.lam", 0.0)
+    if cfg.policy.name == "fresh":
+        check_int(cfg, "policy.n_real", 1, optional=True)
+    for key in ("policy.n_syn", "policy.budget"):
+        check_int(cfg, key, 1 if key.endswith("budget") else 0, optional=True)
+    check_int(cfg, "train.steps", 1, optional=True)
+    check_int(cfg, "train.steps_gen0", 1, optional=True)
+    check_bool(cfg, "train.warm_start")
+    check_int(cfg, "sample.n", 1, optional=True)
+    check_float(cfg, "sample.temperature", 0.0, strict=True)
+    check_int(cfg, "sample.curation_k", 1)
+    check_choice(cfg, "sample.curation_reward", REWARDS)
+    check_bool(cfg, "sample.save")
+    checkpoint = _get(cfg, "init.checkpoint")
+    if checkpoint is not None and not Path(str(checkpoint)).is_file():
+        raise ConfigError(f"init.checkpoint: file not found: {checkpoint}")
+    names = _get(cfg, "eval.metrics")
+    if names is None or not OmegaConf.is_list(names):
+        raise ConfigError(f"eval.metrics: must be a list of metric names, got {names!r}")
+    for name in names:
+        if name not in metrics:
+            raise ConfigError(f"eval.metrics: unknown metric {name!r}; known: {', '.join(sorted(metrics))}")
+    check_int(cfg, "eval.n_samples", 1, optional=True)
+    for key in ("data.options", "model.options", "eval.options"):
+        if not OmegaConf.is_dict(_get(cfg, key)):
+            raise ConfigError(f"{key}: must be a mapping of option names to values, got {_get(cfg, key)!r}")
+
+
+def run_name(override_dirname: str) -> str:
+    """Directory name of a run inside its experiment folder: the overrides, or 'base' for none."""
+    return override_dirname.replace("/", "_") or "base"

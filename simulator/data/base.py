@@ -1,0 +1,42 @@
+"""Data-source contract: real train/test tensors, optional labels, and the truth where known."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Truth:
+    """The true distribution of a toy target: a sampler and, where known, the exact log-density."""
+
+    sample: Callable[[int, torch.Generator], torch.Tensor]  # (n, generator) -> (n, *event)
+    log_prob: Callable[[torch.Tensor], torch.Tensor] | None  # (..., *event) -> (...)
+    params: dict[str, torch.Tensor] | None = None  # e.g. mean/cov of a Gaussian target
+
+
+@dataclass
+class Dataset:
+    """Real data for a run.
+
+    train: (C, n_train, *event) -- one independent real draw per chain where the
+           truth can be sampled, otherwise C = 1 and every chain shares it.
+    test:  (n_test, *event), shared by all chains (held-out real data).
+    """
+
+    train: torch.Tensor
+    test: torch.Tensor
+    truth: Truth | None = None
+    train_labels: torch.Tensor | None = None  # (C, n_train)
+    test_labels: torch.Tensor | None = None  # (n_test,)
+    kind: str = "vector"  # "vector" or "image"
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return tuple(self.test.shape[1:])
+
+    @property
+    def n_train(self) -> int:
+        return self.train.shape[1]

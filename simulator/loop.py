@@ -1,0 +1,182 @@
+"""The generation loop: one flat function (DESIGN.md section 1).
+
+    G_0 = fit(init, R)  or  load(checkpoint)
+    for t in 1..T:
+        D_t = policy(R, [S_0..S_{t-1}], t)
+        G_t = fit(G_{t-1} if warm_start else init, D_t)
+    after every generation: S_t = sample(G_t), row_t = evaluate(G_t, S_t), commit(t)
+
+Every draw comes from a generator named by (seed, generation, purpose), and a
+generation is committed whole or not at all, so running the same command again
+after any interruption resumes and ends with the same results.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from simulator import seeding
+from simulator.data.base import Dataset
+from simulator.metrics import registry as metric_registry
+from simulator.models.base import Diverged, GenerativeModel
+from simulator.policies import REAL, Policy, assemble, curate
+from simulator.run import RunDir, RunError
+
+
+def _load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _aggregate(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Chain mean of each metric column, with its standard error when there are several chains."""
+    row: dict[str, float] = {}
+    for name, v in values.items():
+        v = v.detach().double().cpu().reshape(-1)
+        finite = v[torch.isfinite(v)]
+        row[name] = float(finite.mean()) if len(finite) else math.nan
+        if v.numel() > 1:
+            row[f"{name}_sem"] = float(finite.std() / math.sqrt(len(finite))) if len(finite) > 1 else math.nan
+    return row
+
+
+def generation_loop(
+    run: RunDir,  # run directory, already locked and config-checked
+    data: Dataset,  # real train (C or 1, n, *event), test, truth
+    make_model: Callable[[], GenerativeModel],  # builds a fresh model of the family
+    policy: Policy,  # which real and synthetic rows each generation trains on
+    generations: int = 10,  # T: generations after generation 0
+    seed: int = 0,  # root of every seed stream
+    warm_start: bool = True,  # fine-tune G_{t-1} (Bertrand et al.) or refit from scratch
+    steps: int | None = None,  # training steps per generation (neural families)
+    steps_gen0: int | None = None,  # training steps of generation 0 (default: steps)
+    init_checkpoint: str | None = None,  # load G_0 from here instead of fitting it (pretrained start)
+    n_samples: int | None = None,  # samples per generation (default: what the policy needs)
+    temperature: float = 1.0,  # sampling bias s: s < 1 narrows the samples
+    curation_k: int = 1,  # keep the best of k candidates per sample (1: no curation)
+    curation_reward: str = "model",  # "model" (own log-likelihood) or "truth" (exact log-density)
+    save_samples: bool = True,  # keep samples.pt per generation (else regenerated on resume)
+    metrics: tuple[str, ...] = (),  # metric names from simulator.metrics.registry
+    metric_options: dict | None = None,  # options passed to metrics (projections, k, ...)
+    eval_samples: int | None = None,  # number of samples metrics see (default: all)
+    progress: bool = True,  # tqdm bars over generations and training steps
+) -> list[dict[str, Any]]:
+    """Run or resume generations 0..T in `run`; returns the results rows."""
+    chains = data.train.shape[0]
+    n_real = data.n_train
+    n_pool = policy.n_synthetic(n_real)  # samples per generation that enter training sets
+    n_draw = max(n_pool, n_samples or 0, eval_samples or 0, 1)
+    model = make_model()
+    cache: dict[int, torch.Tensor] = {}  # generation -> samples (C, n_draw, *event)
+
+    def draw(m: GenerativeModel, t: int) -> torch.Tensor:
+        g = seeding.generator(seed, t, "sample")
+        x = m.sample(n_draw * curation_k, generator=g, temperature=temperature).cpu()
+        if curation_k > 1:
+            reward = m.log_prob(x) if curation_reward == "model" else data.truth.log_prob(x)
+            x = curate(x, reward.cpu(), curation_k)
+        return x
+
+    def samples_of(t: int) -> torch.Tensor:
+        if t not in cache:  # after a resume: read them back, or regenerate them exactly
+            path = run.gen_dir(t) / "samples.pt"
+            if path.exists() and run.verify(t, "samples.pt"):
+                cache[t] = _load(path)
+            else:
+                m = make_model()
+                m.load_state_dict(_load(run.gen_dir(t) / "model.pt"))
+                cache[t] = draw(m, t)
+        return cache[t]
+
+    def pool(member: int) -> torch.Tensor:
+        return data.train if member == REAL else samples_of(member)[:, :n_pool]
+
+    done = run.repair()
+    rows = run.rows()
+    if rows and rows[-1].get("status") == "diverged":
+        return rows
+    params0 = params_star = None  # parameters of G_0 and of the fit to real data (theta*)
+    if done:
+        if not run.verify(done[-1], "model.pt"):
+            raise RunError(f"{run.gen_dir(done[-1]) / 'model.pt'} does not match its checksum in state.json")
+        model.load_state_dict(_load(run.gen_dir(done[-1]) / "model.pt"))
+        first = make_model()
+        first.load_state_dict(_load(run.gen_dir(0) / "model.pt"))
+        params0 = first.parameters_vector()
+        star = run.gen_dir(0) / "params_star.pt"
+        params_star = _load(star) if star.exists() else params0
+    bar = tqdm(range(len(done), generations + 1), desc="generations", disable=not progress,
+               initial=len(done), total=generations + 1)  # fmt: skip
+    for t in bar:
+        gen = partial(seeding.generator, seed, t)  # gen(purpose): this generation's stream
+        tmp = run.begin(t)
+        row: dict[str, Any] = {"generation": t, "status": "ok", "policy": policy.describe()}
+        clock = time.perf_counter()
+        try:
+            if t == 0 and init_checkpoint:
+                model.load_state_dict(_load(Path(init_checkpoint)))
+                stats, n_train = {"loaded": str(init_checkpoint)}, 0
+            else:
+                if t == 0 or not warm_start:
+                    model.reset(gen("init"))
+                if t == 0:
+                    train = data.train
+                else:
+                    parts = policy.select(t, n_real, chains, gen("policy"))
+                    train = assemble(parts, pool, chains)
+                n_train = train.shape[1]
+                stats = model.fit(train, steps=steps_gen0 if t == 0 and steps_gen0 else steps,
+                                  generator=gen("fit"), progress=progress)  # fmt: skip
+                del train
+        except Diverged as e:
+            row.update(status="diverged", error=str(e))
+            run.commit(t, row, status="diverged")
+            rows.append(row)
+            break
+        row["n_train"] = n_train
+        row["train"] = stats
+        row["seconds_fit"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        cache[t] = draw(model, t)
+        for old in [g for g in cache if g not in policy.needs(t + 1) and g != t]:
+            del cache[old]
+        row["seconds_sample"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        if t == 0 and model.parameters_vector() is not None:
+            params0 = params_star = model.parameters_vector().detach().cpu()
+            if init_checkpoint:  # theta* is then the fit to real data, needed by Bertrand's bound
+                ref = make_model()
+                ref.reset(gen("init"))
+                ref.fit(data.train, steps=steps_gen0 or steps, generator=gen("fit"), progress=False)
+                params_star = ref.parameters_vector().detach().cpu()
+                torch.save(params_star, tmp / "params_star.pt")
+        ctx = metric_registry.MetricContext(
+            model=model, samples=cache[t][:, :eval_samples] if eval_samples else cache[t], data=data,
+            generation=t, generator=gen("metrics"), params0=params0, params_star=params_star,
+            options=dict(metric_options or {}),
+        )  # fmt: skip
+        values: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name in metrics:
+                values.update(metric_registry.get(name)(ctx))
+        row.update(_aggregate(values))
+        row["seconds_eval"] = time.perf_counter() - clock
+
+        torch.save(model.state_dict(), tmp / "model.pt")
+        if save_samples:
+            torch.save(cache[t], tmp / "samples.pt")
+        if chains > 1 and values:
+            torch.save({k: v.detach().cpu() for k, v in values.items()}, tmp / "chain_metrics.pt")
+        run.commit(t, row, status="complete" if t == generations else "running")
+        rows.append(row)
+        bar.set_postfix({k: f"{row[k]:.3g}" for k in list(values)[:2]})
+    return rows

@@ -1,0 +1,1 @@
+"""Metrics computed once per generation; see registry.py."""

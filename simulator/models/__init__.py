@@ -1,0 +1,1 @@
+"""Generative families behind one protocol (see base.py)."""

@@ -1,0 +1,72 @@
+"""The one protocol every generative family follows (DESIGN.md section 3).
+
+Shapes: every tensor a family takes or returns carries a leading *chain*
+dimension C. Toy families (gaussian, gmm, kde) run C independent chains in one
+tensor program; neural families run one chain (C = 1). Data is (C, n, *event).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+class Diverged(RuntimeError):
+    """Training produced a NaN or infinite loss; the loop records the generation as diverged."""
+
+
+@runtime_checkable
+class GenerativeModel(Protocol):
+    """A generative family. The loop talks to models only through these members."""
+
+    chains: int
+    exact_likelihood: bool  # False where log_prob is a bound (diffusion)
+
+    def fit(
+        self,
+        data: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Fit to data of shape (C, n, *event); returns training statistics."""
+
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Draw (C, n, *event) samples; temperature s scales the covariance (s < 1: sampling bias)."""
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-density (C, n) of x (C, n, *event), or of x (n, *event) broadcast over chains."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+    def parameters_vector(self) -> torch.Tensor | None:
+        """Parameters flattened to (C, P), for parameter distances; None where meaningless."""
+
+    def reset(self, generator: torch.Generator) -> None:
+        """Re-initialise from scratch (the loop calls this when warm_start is off)."""
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """Raise Diverged when a training loss stops being finite."""
+    if not torch.isfinite(loss).all():
+        raise Diverged(f"non-finite loss at step {step}")
+
+
+def broadcast_chains(x: torch.Tensor, chains: int, event_dims: int) -> torch.Tensor:
+    """Give x of shape (n, *event) a chain dimension; leave (C, n, *event) unchanged."""
+    if x.dim() == event_dims + 1:
+        return x.unsqueeze(0).expand(chains, *x.shape)
+    if x.dim() != event_dims + 2 or x.shape[0] not in (1, chains):
+        raise ValueError(f"expected (n, *event) or ({chains}, n, *event), got {tuple(x.shape)}")
+    return x.expand(chains, *x.shape[1:])

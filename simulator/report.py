@@ -1,0 +1,222 @@
+"""Tables and figures drawn from run directories alone (results.jsonl, config.yaml, gen_*/samples.pt).
+
+Runs whose configs differ only in the seed are one regime: their curves are
+drawn as a mean with a 95% band over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simulator import stability
+
+SKIP_COLUMNS = {"generation", "status", "policy", "train", "error", "n_train"}
+
+
+class ReportError(ValueError):
+    """Nothing to report from the given paths (one clear line)."""
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories among paths: each path is a run (has results.jsonl) or holds runs below it."""
+    runs: list[Path] = []
+    for p in paths:
+        if not p.is_dir():
+            raise ReportError(f"{p}: no such directory")
+        found = [p] if (p / "results.jsonl").exists() else sorted(q.parent for q in p.rglob("results.jsonl"))
+        if not found:
+            raise ReportError(f"{p}: no run directory (results.jsonl) in it")
+        runs.extend(found)
+    return runs
+
+
+def load_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(config, rows) of a run directory; torn trailing lines are ignored."""
+    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
+    rows = []
+    for line in (path / "results.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return config or {}, rows
+
+
+def regime_label(config: dict[str, Any]) -> str:
+    """A short human label of a run's regime: policy (with lambda), family, temperature, warm start."""
+    policy = config.get("policy", {})
+    label = policy.get("name", "?")
+    if label == "mix":
+        label += f" λ={policy.get('lam'):g}"
+    family = config.get("model", {}).get("family")
+    temperature = config.get("sample", {}).get("temperature", 1.0)
+    extra = [family] if family else []
+    if temperature != 1.0:
+        extra.append(f"s={temperature:g}")
+    if not config.get("train", {}).get("warm_start", True):
+        extra.append("scratch")
+    return f"{label} ({', '.join(extra)})" if extra else label
+
+
+def numeric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    cols: dict[str, None] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k not in SKIP_COLUMNS and not k.endswith("_sem") and not k.startswith("seconds") \
+                    and isinstance(v, (int, float)) and not isinstance(v, bool):  # fmt: skip
+                cols[k] = None
+    return list(cols)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_run(path: Path) -> list[Path]:
+    """A run's own figures: every metric vs generation, and 2-D sample scatter plots per generation."""
+    plt = _plt()
+    config, rows = load_run(path)
+    out = path / "figures"
+    out.mkdir(exist_ok=True)
+    made = []
+    cols = numeric_columns(rows)
+    if cols:
+        ncol = min(4, len(cols))
+        nrow = math.ceil(len(cols) / ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), squeeze=False)
+        gens = [r["generation"] for r in rows]
+        for ax, c in zip(axes.flat, cols, strict=False):
+            ax.plot(gens, [r.get(c, math.nan) for r in rows], marker=".")
+            ax.set_title(c, fontsize=9)
+            ax.set_xlabel("generation", fontsize=8)
+        for ax in list(axes.flat)[len(cols) :]:
+            ax.axis("off")
+        fig.suptitle(f"{regime_label(config)} -- {path.name}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / "metrics.png", dpi=110)
+        plt.close(fig)
+        made.append(out / "metrics.png")
+    made += _draw_scatter(path, rows, out, plt)
+    return made
+
+
+def _draw_scatter(path: Path, rows: list[dict[str, Any]], out: Path, plt) -> list[Path]:
+    import torch
+
+    files = [(r["generation"], path / f"gen_{r['generation']:03d}" / "samples.pt") for r in rows]
+    files = [(t, f) for t, f in files if f.exists()]
+    if not files:
+        return []
+    first = torch.load(files[0][1], weights_only=True)
+    if first.dim() != 3 or first.shape[-1] != 2:
+        return []  # scatter plots are for 2-D vectors
+    ncol = min(6, len(files))
+    nrow = math.ceil(len(files) / ncol)
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=(2.2 * ncol, 2.2 * nrow), squeeze=False, sharex=True, sharey=True
+    )
+    lim = None
+    for ax, (t, f) in zip(axes.flat, files, strict=False):
+        x = torch.load(f, weights_only=True)[0, :2000].numpy()
+        if lim is None:
+            lo, hi = x.min(0), x.max(0)
+            pad = 0.25 * (hi - lo)
+            lim = (lo - pad, hi + pad)
+        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)
+        ax.set_title(f"generation {t}", fontsize=8)
+        ax.set_xlim(lim[0][0], lim[1][0])
+        ax.set_ylim(lim[0][1], lim[1][1])
+    for ax in list(axes.flat)[len(files) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "samples.png", dpi=110)
+    plt.close(fig)
+    return [out / "samples.png"]
+
+
+def _seedless(config: dict[str, Any]) -> str:
+    c = {
+        k: v for k, v in config.items() if k not in ("seed", "progress", "device", "run_root", "generations")
+    }
+    return json.dumps(c, sort_keys=True, default=str)
+
+
+def report(runs: list[Path], out: Path, metric: str | None = None) -> Path:
+    """Stability figure (metric vs generation, one line per regime, band over seeds) and summary tables."""
+    loaded = [(p, *load_run(p)) for p in runs]
+    if metric is None:
+        metric = loaded[0][1].get("eval", {}).get("stability_metric") or numeric_columns(loaded[0][2])[0]
+    if not any(metric in r for _, _, rows in loaded for r in rows):
+        raise ReportError(f"metric {metric!r} is in none of the runs' results")
+    out.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, list[tuple[Path, dict, list]]] = defaultdict(list)
+    for p, config, rows in loaded:
+        groups[_seedless(config)].append((p, config, rows))
+
+    table = []
+    for members in groups.values():
+        for p, config, rows in members:
+            s = stability.summarize(rows, metric)
+            last = rows[-1] if rows else {}
+            table.append({"run": str(p), "regime": regime_label(config), "seed": config.get("seed"),
+                          "generations": last.get("generation"), "status": last.get("status"),
+                          f"{metric}_first": s.get("first"), f"{metric}_last": s.get("last"),
+                          "rho": s.get("rho"), "verdict": s.get("verdict")})  # fmt: skip
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    for row in table:
+        lines.append("| " + " | ".join(_fmt(v) for v in row.values()) + " |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for members in groups.values():
+        curves: dict[int, list[float]] = defaultdict(list)
+        for _, _, rows in members:
+            for r in rows:
+                if isinstance(r.get(metric), (int, float)):
+                    curves[r["generation"]].append(r[metric])
+        gens = sorted(curves)
+        mean = [sum(curves[t]) / len(curves[t]) for t in gens]
+        label = regime_label(members[0][1]) + (f" ({len(members)} seeds)" if len(members) > 1 else "")
+        (line,) = ax.plot(gens, mean, marker=".", label=label)
+        if len(members) > 1:
+            half = [1.96 * _sd(curves[t]) / math.sqrt(len(curves[t])) for t in gens]
+            low = [m - h for m, h in zip(mean, half, strict=True)]
+            high = [m + h for m, h in zip(mean, half, strict=True)]
+            ax.fill_between(gens, low, high, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("generation")
+    ax.set_ylabel(metric)
+    ax.set_yscale("log" if all(r.get(metric, 1) > 0 for _, _, rows in loaded for r in rows) else "linear")
+    ax.set_title(f"{metric} across generations")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "stability.png", dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _sd(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,212 @@
+"""Run directory: atomic per-generation commit, resume, lock, config check (DESIGN.md section 4).
+
+    <run>/config.yaml      resolved config; a changed config refuses to resume
+    <run>/state.json       last committed generation, status, code version, file checksums
+    <run>/results.jsonl    one row per committed generation
+    <run>/gen_XXX/         model.pt, samples.pt, metrics.json (written as gen_XXX.tmp/, renamed when whole)
+
+The gen_XXX directories are the truth: results.jsonl is repaired from their
+metrics.json when a process died between the rename and the append.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simulator import __version__
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used as asked (locked, other config, corrupted)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path via a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Keys (dotted) whose values differ, ignoring keys that start with any of `ignore`."""
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [
+        f"{k} ({a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r})"
+        for k in keys
+        if a.get(k, "<absent>") != b.get(k, "<absent>") and not k.startswith(ignore)
+    ]
+
+
+class RunDir:
+    """One run's directory. Use as a context manager to hold its lock."""
+
+    # keys that may change between invocations without changing the science of a run
+    RESUMABLE_KEYS = ("generations", "progress", "device", "run_root", "eval.every_figure")
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    # ---- lock -------------------------------------------------------------------------------
+    def __enter__(self) -> RunDir:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise RunError(
+                    f"run directory {self.path} is in use by another process (pid {other})"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ---- config -----------------------------------------------------------------------------
+    def check_config(self, config: dict) -> None:
+        """Save config.yaml on first use; refuse a run directory made by a different config."""
+        path = self.path / "config.yaml"
+        if path.exists():
+            old = yaml.safe_load(path.read_text()) or {}
+            diff = config_differences(old, config, self.RESUMABLE_KEYS)
+            if diff:
+                raise RunError(
+                    f"run directory {self.path} was made by another config ({'; '.join(diff[:3])}"
+                    f"{'; ...' if len(diff) > 3 else ''}); use another run_root/name or delete it"
+                )
+        write_atomic(path, yaml.safe_dump(config, sort_keys=False))
+
+    # ---- state and results ------------------------------------------------------------------
+    def gen_dir(self, t: int) -> Path:
+        return self.path / f"gen_{t:03d}"
+
+    def state(self) -> dict[str, Any]:
+        path = self.path / "state.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def write_state(self, **fields: Any) -> None:
+        state = self.state()
+        state.update(fields, code_version=__version__)
+        write_atomic(self.path / "state.json", json.dumps(state, indent=1, sort_keys=True))
+
+    def committed(self) -> list[int]:
+        """Generations committed so far: gen_000 .. gen_{k-1} (contiguous; a gap ends the list)."""
+        gens = []
+        while self.gen_dir(len(gens)).is_dir():
+            gens.append(len(gens))
+        return gens
+
+    def rows(self) -> list[dict[str, Any]]:
+        path = self.path / "results.jsonl"
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a killed process; repair() rewrites it
+        return rows
+
+    def repair(self) -> list[int]:
+        """Bring results.jsonl and state.json in line with the committed gen dirs; drop stale .tmp dirs."""
+        for tmp in self.path.glob("gen_*.tmp"):
+            shutil.rmtree(tmp)
+        gens = self.committed()
+        path = self.path / "results.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        rows = self.rows()
+        if [r.get("generation") for r in rows] != gens or len(lines) != len(rows):
+            rows = [json.loads((self.gen_dir(t) / "metrics.json").read_text()) for t in gens]
+            self._write_rows(rows)
+        if gens and self.state().get("last_generation") != gens[-1]:
+            self.write_state(last_generation=gens[-1], status=rows[-1].get("status", "running"))
+        return gens
+
+    def _write_rows(self, rows: list[dict]) -> None:
+        write_atomic(self.path / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+    # ---- one generation ---------------------------------------------------------------------
+    def begin(self, t: int) -> Path:
+        """A fresh temporary directory for generation t."""
+        tmp = self.path / f"gen_{t:03d}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        return tmp
+
+    def commit(self, t: int, row: dict[str, Any], status: str = "running") -> None:
+        """Make generation t whole: metrics.json, fsync, rename, then the results row and state."""
+        tmp = self.path / f"gen_{t:03d}.tmp"
+        (tmp / "metrics.json").write_text(json.dumps(row, indent=1))
+        checksums = {}
+        for f in sorted(tmp.iterdir()):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            if f.suffix == ".pt":
+                checksums[f"{self.gen_dir(t).name}/{f.name}"] = sha256(f)
+        _fsync_dir(tmp)
+        os.replace(tmp, self.gen_dir(t))
+        _fsync_dir(self.path)
+        with open(self.path / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        files = self.state().get("files", {})
+        files.update(checksums)
+        self.write_state(last_generation=t, status=status, files=files)
+
+    def verify(self, t: int, name: str) -> bool:
+        """True when gen t's file matches the checksum recorded at commit (or none was recorded)."""
+        key = f"{self.gen_dir(t).name}/{name}"
+        want = self.state().get("files", {}).get(key)
+        path = self.gen_dir(t) / name
+        return path.exists() and (want is None or sha256(path) == want)

@@ -1,0 +1,96 @@
+"""The command line: the default config composes, a tiny run finishes, bad input is one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import compose_config
+
+TINY = ["debug=tiny", "model.options.blocks=2", "model.options.hidden=16"]
+
+
+def simulate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    code = "from simulator.cli import simulate; simulate()"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_default_config_composes():
+    cfg = compose_config()
+    assert cfg.model.family == "flow" and cfg.data.source == "two_moons" and cfg.generations >= 1
+
+
+def test_tiny_single_run(tmp_path):
+    out = simulate("experiment=single", *TINY, "policy=mix", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "runs" / "default" / "model.options.blocks=2,model.options.hidden=16,policy=mix"
+    rows = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in rows] == [0, 1, 2]
+    assert not (run / "figures").exists()  # debug=tiny switches figures off
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["policy"] == {"name": "mix", "lam": 0.5}
+
+
+def test_default_sweep_draws_the_comparison(tmp_path):
+    out = simulate(*TINY, "generations=2", "eval.figures=true", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    sweep = tmp_path / "runs" / "regimes_2d"
+    runs = sorted(p.name.split(",")[-1] for p in sweep.iterdir() if (p / "results.jsonl").exists())
+    assert runs == ["policy=accumulate", "policy=mix_high", "policy=mix_low", "policy=replace"]
+    assert (sweep / "figures" / "stability.png").stat().st_size > 0
+    replace = sweep / "model.options.blocks=2,model.options.hidden=16,policy=replace"
+    assert (replace / "figures" / "samples.png").stat().st_size > 0
+    table = (sweep / "figures" / "summary.csv").read_text()
+    assert "mix λ=0.25" in table and "replace" in table
+
+
+BAD = [
+    (["model.family=nope"], "model.family: must be one of"),
+    (["policy.name=nope"], "policy.name: must be one of"),
+    (["policy=mix", "policy.lam=-1"], "policy.lam: must be a number >= 0"),
+    (["generations=0"], "generations: must be an integer >= 1"),
+    (["chains=0"], "chains: must be an integer >= 1"),
+    (["data.source=nope"], "data.source: must be one of"),
+    (["init.checkpoint=/no/such/model.pt"], "init.checkpoint: file not found"),
+    (["sample.temperature=0"], "sample.temperature: must be a number > 0"),
+    (["eval.metrics=[nope]"], "eval.metrics: unknown metric"),
+    (["model.options.arch=nope"], "model.options (flow)"),
+    (["chains=4"], "model.options (flow)"),
+    (["+model.options.nope=1"], "model.options (flow)"),
+    (["device=cuda"] if not __import__("torch").cuda.is_available() else ["device=tpu"], "device"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[b[1].split(":")[0] for b in BAD])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    out = simulate("experiment=single", *TINY, *args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert tree(tmp_path) == {}, "a bad command must not write anything"
+
+
+def test_run_made_by_another_config_is_refused(tmp_path):
+    run = tmp_path / "runs" / "default" / "model.options.blocks=2,model.options.hidden=16,policy=mix"
+    assert simulate("experiment=single", *TINY, "policy=mix", cwd=tmp_path).returncode == 0
+    edited = yaml.safe_load((run / "config.yaml").read_text())
+    edited["policy"]["lam"] = 0.75  # as if the config file had been edited since
+    (run / "config.yaml").write_text(yaml.safe_dump(edited))
+    before = tree(run)
+    out = simulate("experiment=single", *TINY, "policy=mix", cwd=tmp_path)
+    assert out.returncode == 2 and "made by another config" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert {k: v for k, v in tree(run).items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }
