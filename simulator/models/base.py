@@ -28,10 +28,11 @@ class GenerativeModel(Protocol):
         data: torch.Tensor,
         labels: torch.Tensor | None = None,
         *,
+        steps: int | None = None,
         generator: torch.Generator,
         progress: bool = False,
     ) -> dict[str, Any]:
-        """Fit to data of shape (C, n, *event); returns training statistics."""
+        """Fit to data (C, n, *event); steps overrides the family's default (closed forms ignore it)."""
 
     def sample(
         self,

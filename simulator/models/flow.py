@@ -1,0 +1,252 @@
+"""Normalizing-flow family for vectors: RealNVP or neural-spline flows built from normflows layers.
+
+One chain per run (C = 1): replicates come from seeds (multirun), not from a chain dimension.
+The flow maps base noise z ~ N(0, I) to data x (normflows' forward direction); the likelihood
+runs the inverse direction. Exact log-likelihood, so `exact_likelihood = True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import normflows as nf
+import torch
+from tqdm import tqdm
+
+from simulator.models.base import check_finite
+
+ARCHS = ("realnvp", "nsf")
+LOG_SCALE_BOUND = 3.0  # |log scale| per RealNVP coupling; e^3 per layer is ample with ActNorm
+
+
+class FlowFamily:
+    """A normflows NormalizingFlow behind the GenerativeModel protocol (vectors, one chain)."""
+
+    exact_likelihood = True
+
+    def __init__(
+        self,
+        *,
+        chains: int,
+        event_shape: tuple[int, ...],
+        arch: str = "realnvp",  # "realnvp" (masked affine couplings) or "nsf" (rational-quadratic splines)
+        blocks: int = 8,  # coupling layers
+        hidden: int = 64,  # width of each conditioner network
+        layers: int = 2,  # hidden layers (realnvp MLP) or residual blocks (nsf ResidualNet)
+        bins: int = 8,  # spline bins (nsf)
+        tail_bound: float = 5.0,  # splines act on [-B, B], identity outside (nsf)
+        actnorm: bool = True,  # ActNorm after every block: data-dependent standardisation on first batch
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        batch_size: int = 256,
+        steps: int = 1000,  # default optimiser steps per fit; fit(steps=...) overrides
+        grad_clip: float | None = 10.0,  # max gradient norm; None disables clipping
+        device: str = "cpu",
+    ) -> None:
+        if chains != 1:
+            raise ValueError("model.family=flow runs one chain per run; use seeds (multirun) for replicates")
+        if arch not in ARCHS:
+            raise ValueError(f"unknown flow arch {arch!r}; known: {', '.join(ARCHS)}")
+        if len(event_shape) != 1:
+            raise ValueError(f"model.family=flow models vectors; got event shape {tuple(event_shape)}")
+        self.chains = 1
+        self.event_shape = tuple(event_shape)
+        self.dim = int(event_shape[0])
+        self.arch, self.blocks, self.hidden, self.layers = arch, blocks, hidden, layers
+        self.bins, self.tail_bound, self.actnorm = bins, tail_bound, actnorm
+        self.lr, self.weight_decay, self.batch_size = lr, weight_decay, batch_size
+        self.steps, self.grad_clip = steps, grad_clip
+        self.device = torch.device(device)
+        self.chunk = 4096  # rows per forward pass in sample/log_prob: bounds memory, not results
+        # The constructor builds a deterministic network (seed 0) so a fresh object is reproducible.
+        self.reset(torch.Generator().manual_seed(0))
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _build(self) -> nf.NormalizingFlow:
+        """The normflows container: base N(0, I) (fixed), then `blocks` couplings from z to x."""
+        d = self.dim
+        flows: list[nf.flows.Flow] = []
+        # Alternating masks so every coordinate gets transformed. In 1-D a RealNVP coupling has nothing
+        # to condition on and reduces to an affine map (a Gaussian model); nsf is the 1-D choice.
+        mask = (torch.arange(d) % 2 == 0).float()
+        for i in range(self.blocks):
+            if self.arch == "realnvp":
+                sizes = [d] + [self.hidden] * self.layers + [d]
+                # Zero-initialised last layers: each coupling starts as the identity (normflows examples).
+                # The log-scale is B tanh(out / B): unbounded ReLU nets extrapolate linearly, and exp of
+                # that overflows to inf/NaN for points far from the data (held-out NLL, grids).
+                s = nf.nets.MLP(
+                    sizes,
+                    init_zeros=True,
+                    output_fn="tanh",
+                    score_scale=1 / LOG_SCALE_BOUND,
+                    output_scale=LOG_SCALE_BOUND,
+                )
+                t = nf.nets.MLP(sizes, init_zeros=True)
+                flows.append(nf.flows.MaskedAffineFlow(mask if i % 2 == 0 else 1 - mask, t, s))
+            elif d >= 2:
+                flows.append(
+                    nf.flows.CoupledRationalQuadraticSpline(
+                        d,
+                        self.layers,
+                        self.hidden,
+                        num_bins=self.bins,
+                        tail_bound=self.tail_bound,
+                        reverse_mask=i % 2 == 1,
+                    )
+                )
+            else:
+                # A coupling needs two coordinates; in 1-D the autoregressive spline is unconditional.
+                flows.append(
+                    nf.flows.AutoregressiveRationalQuadraticSpline(
+                        d, self.layers, self.hidden, num_bins=self.bins, tail_bound=self.tail_bound
+                    )
+                )
+            if self.actnorm:
+                flows.append(nf.flows.ActNorm((d,)))
+        return nf.NormalizingFlow(nf.distributions.DiagGaussian(d, trainable=False), flows)
+
+    def reset(self, generator: torch.Generator) -> None:
+        """Re-initialise every parameter from scratch, deterministically from generator."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        # Layers initialise through the global CPU RNG; fork it so the caller's RNG is untouched and
+        # seed only the CPU default generator (torch.manual_seed would also reseed every GPU).
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            self.flow = self._build()
+        self.flow.to(self.device).eval()
+
+    # -- training -----------------------------------------------------------------------------
+
+    def _batches(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """Minibatch indices: successive random permutations (epochs), batch_size rows at a time."""
+        size = min(self.batch_size, n)
+        perm, pos = torch.randperm(n, generator=generator, device=generator.device), 0
+        while True:
+            if pos + size > n:
+                perm, pos = torch.randperm(n, generator=generator, device=generator.device), 0
+            yield perm[pos : pos + size]
+            pos += size
+
+    def fit(
+        self,
+        data: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        steps: int | None = None,
+        generator: torch.Generator,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Maximum likelihood on data (1, n, d) with Adam; labels are ignored (unconditional flow).
+
+        A warm start carries the parameters over from the previous fit but not the optimiser
+        state: every call builds a fresh Adam, so a resumed run needs only the model checkpoint.
+        """
+        x = self._check_data(data)[0].to(self.device, self.dtype)
+        steps = self.steps if steps is None else int(steps)
+        opt = torch.optim.Adam(self.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        batches = self._batches(x.shape[0], generator)
+        losses: list[float] = []
+        start = time.perf_counter()
+        self.flow.train()
+        try:
+            for step in tqdm(range(steps), desc="flow fit", leave=False, disable=not progress):
+                idx = next(batches).to(self.device)
+                loss = self.flow.forward_kld(x[idx])  # mean negative log-likelihood, nats per sample
+                check_finite(loss, step)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.grad_clip)
+                opt.step()
+                if step == 0 or step == steps - 1:
+                    losses.append(float(loss.detach()))
+        finally:
+            self.flow.eval()
+        return {
+            "loss_first": losses[0] if losses else math.nan,
+            "loss_last": losses[-1] if losses else math.nan,
+            "steps": float(steps),
+            "seconds": time.perf_counter() - start,
+        }
+
+    # -- sampling and likelihood --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _frozen_actnorm(self) -> Iterator[None]:
+        """Evaluate without side effects: an ActNorm not yet fitted would otherwise initialise itself
+        from whatever batch it sees first (making samples depend on their batch); treat it as identity."""
+        acts = [m for m in self.flow.modules() if isinstance(m, nf.flows.ActNorm)]
+        fresh = [(m, m.data_dep_init_done) for m in acts if not m.data_dep_init_done > 0]
+        for m, flag in fresh:
+            m.data_dep_init_done = torch.ones_like(flag)
+        try:
+            yield
+        finally:
+            for m, flag in fresh:
+                m.data_dep_init_done = flag
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Draw (1, n, d) samples; temperature s scales the base variance, z ~ N(0, s I).
+
+        All noise is drawn first, then pushed through the flow in chunks; each sample depends only
+        on its own noise, so the chunk size changes nothing beyond matmul roundoff. Labels are ignored.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        z = torch.randn(n, self.dim, generator=generator, device=generator.device)
+        z = (z * math.sqrt(temperature)).to(self.device, self.dtype)
+        with self._frozen_actnorm():
+            x = [self.flow.forward(c) for c in z.split(self.chunk)] if n > 0 else [z]
+        return torch.cat(x).unsqueeze(0)
+
+    @torch.no_grad()
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log-density (1, n) of x (1, n, d) or (n, d), in nats; on x's device."""
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        flat = self._check_data(x)[0].to(self.device, self.dtype)
+        with self._frozen_actnorm():
+            lp = [self.flow.log_prob(c) for c in flat.split(self.chunk)] if len(flat) else [flat[:, 0]]
+        return torch.cat(lp).unsqueeze(0).to(x.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The flow's floating dtype (float32 by default; tests may cast the flow to float64)."""
+        return next(self.flow.parameters()).dtype
+
+    def _check_data(self, data: torch.Tensor) -> torch.Tensor:
+        """Validate a (1, n, d) tensor; one clear error otherwise."""
+        if data.dim() != 3 or data.shape[0] != 1 or tuple(data.shape[2:]) != self.event_shape:
+            raise ValueError(f"flow expects (1, n, {self.dim}) data, got {tuple(data.shape)}")
+        return data
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain CPU tensors (weights, masks, ActNorm flags) that load with weights_only=True."""
+        return {k: v.detach().cpu().clone() for k, v in self.flow.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any:
+        """Load weights saved by state_dict into this (same-architecture) flow."""
+        out = self.flow.load_state_dict(state)
+        # ActNorm reassigns its flag as a new CPU tensor on first use; keep every buffer on the device.
+        self.flow.to(self.device)
+        return out
+
+    def parameters_vector(self) -> torch.Tensor:
+        """All trainable parameters flattened to (1, P) on the CPU, for parameter distances."""
+        return torch.cat([p.detach().reshape(-1) for p in self.flow.parameters()]).cpu().unsqueeze(0)

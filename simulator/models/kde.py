@@ -1,0 +1,126 @@
+"""Fixed-bandwidth Gaussian kernel density estimate, for C independent chains in one tensor program.
+
+Fitting stores the points; the density is (1/n) sum_j N(x | x_j, h^2 I). It is the simplest
+exact-likelihood family that memorises its training set, the extreme case for self-consumption.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from simulator.models.gaussian import (
+    check_chains,
+    check_temperature,
+    flatten_query,
+    prepare_data,
+    resolve_dtype,
+    standard_normal,
+)
+
+_LOG_2PI = math.log(2.0 * math.pi)
+_CHUNK_ELEMENTS = 1 << 24  # bound on the (C, chunk, n, d) difference tensor built in log_prob
+
+
+class KDEFamily:
+    """Gaussian KDE with bandwidth h: sample = a stored point + h sqrt(s) N(0, I)."""
+
+    exact_likelihood = True
+
+    def __init__(
+        self, *, chains: int, event_shape: tuple[int, ...], bandwidth: float = 0.1, dtype: str = "float32"
+    ) -> None:
+        self.chains, self.event_shape, self.dim = check_chains(chains, event_shape)
+        if not (math.isfinite(bandwidth) and bandwidth > 0):
+            raise ValueError(f"bandwidth must be finite and > 0, got {bandwidth}")
+        self.bandwidth = float(bandwidth)
+        self.dtype = resolve_dtype(dtype)
+        self.points: torch.Tensor | None = None  # (C, n, d)
+
+    def fit(
+        self,
+        data: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Store the points of data (C, n, *event); labels, steps and generator are unused."""
+        x = prepare_data(data, self.chains, self.event_shape, self.dtype)
+        if x.shape[1] < 1:
+            raise ValueError("a KDE needs at least one point per chain")
+        self.points = x.clone()  # a copy: the caller may reuse its buffer
+        return {"points": float(x.shape[1])}
+
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Draw (C, n, *event): a uniformly chosen stored point plus h sqrt(s) N(0, I) noise."""
+        self._require()
+        s, n = check_temperature(temperature), int(n)
+        dev = self.points.device
+        idx = torch.randint(
+            self.points.shape[1], (self.chains, n), generator=generator, device=generator.device
+        )
+        rows = torch.arange(self.chains, device=dev).unsqueeze(1)
+        centres = self.points[rows, idx.to(dev)]
+        z = standard_normal((self.chains, n, self.dim), generator, self.dtype, dev)
+        out = torch.add(centres, z, alpha=self.bandwidth * math.sqrt(s))
+        return out.reshape(self.chains, n, *self.event_shape)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log-density (C, m) of x (C, m, *event) or (m, *event), in chunks of query points."""
+        self._require()
+        x = flatten_query(x, self.chains, self.event_shape, self.points)
+        n = self.points.shape[1]
+        h2 = self.bandwidth**2
+        const = -math.log(n) - 0.5 * self.dim * (_LOG_2PI + math.log(h2))
+        chunk = max(1, _CHUNK_ELEMENTS // (self.chains * n * self.dim))
+        out = []
+        for start in range(0, x.shape[1], chunk):
+            # Explicit differences, not torch.cdist: its matmul shortcut loses precision for close points.
+            diff = x[:, start : start + chunk].unsqueeze(2) - self.points.unsqueeze(1)  # (C, chunk, n, d)
+            out.append(torch.logsumexp(diff.square().sum(-1) / (-2.0 * h2), dim=-1) + const)
+        return torch.cat(out, dim=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stored points as a plain tensor; empty before the first fit."""
+        return {} if self.points is None else {"points": self.points}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore points written by state_dict (an empty dict clears them)."""
+        if not state:
+            self.reset()
+            return
+        pts = state["points"]
+        if pts.dim() != 3 or pts.shape[0] != self.chains or pts.shape[2] != self.dim:
+            raise ValueError(
+                f"state points have shape {tuple(pts.shape)}, expected ({self.chains}, n, {self.dim})"
+            )
+        self.points = pts.to(self.dtype)
+
+    def parameters_vector(self) -> None:
+        """None: a KDE's 'parameters' are its training points, so a parameter distance is meaningless."""
+        return None
+
+    def reset(self, generator: torch.Generator | None = None) -> None:
+        """Forget the stored points."""
+        self.points = None
+
+    def to(self, device: str | torch.device) -> KDEFamily:
+        """Move the stored points to device (in place) and return self."""
+        if self.points is not None:
+            self.points = self.points.to(device)
+        return self
+
+    def _require(self) -> None:
+        if self.points is None:
+            raise RuntimeError("KDEFamily has no points yet: call fit() or load_state_dict() first")

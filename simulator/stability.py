@@ -1,0 +1,239 @@
+"""Theory of self-consuming retraining, and the same quantities measured from a run's rows.
+
+Closed forms (SCIENCE.md) for the Gaussian family under replace / accumulate / mix, the
+sufficient stability condition of Bertrand et al. (ICLR 2024), and a fitted contraction rate with
+a verdict, so that a measured trajectory can be set against the theory. numpy/scipy only.
+
+Conventions (SCIENCE.md): generation 0 is the truth N(mu_0, Sigma_0); fit t uses n i.i.d. samples
+of model t-1 (fit 1 uses the real data); a = (n-1)/n.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import special, stats
+
+
+def c4(n: ArrayLike) -> np.ndarray:
+    """E[S]/sigma for the unbiased sample standard deviation S of n normals, to full precision for any n.
+
+    Gamma(n/2)/Gamma((n-1)/2) is the Pochhammer symbol ((n-1)/2)_{1/2}; scipy's poch keeps full
+    relative precision where a difference of gammaln values loses ~1e-10 at n = 1e5.
+    """
+    n = np.asarray(n, dtype=float)
+    return np.sqrt(2.0 / (n - 1.0)) * special.poch((n - 1.0) / 2.0, 0.5)
+
+
+def accumulate_limit(n: float) -> float:
+    """lim E[tr Sigma_t]/tr Sigma_0 under accumulate: prod_k (1 - 1/(k^2 n)) = sin(pi/sqrt n)/(pi/sqrt n)."""
+    x = math.pi / math.sqrt(n)
+    return math.sin(x) / x
+
+
+def _fit_scales(t_max: int, temperature: float, tempered_real: bool) -> np.ndarray:
+    """s_k for fits k = 1..t_max: the covariance scale of the draw that fit k sees (index 0 unused)."""
+    s = np.full(t_max + 1, float(temperature))
+    if t_max >= 1 and not tempered_real:
+        s[1] = 1.0  # the loop's convention: real data are never tempered
+    s[0] = 1.0
+    return s
+
+
+def gaussian_expected(
+    policy: str,
+    n: int,
+    t: ArrayLike,
+    *,
+    d: int = 1,
+    ddof: int = 0,
+    temperature: float = 1.0,
+    lam: float | None = None,
+    tempered_real: bool = True,
+) -> dict[str, np.ndarray]:
+    """Exact expected trajectories of the Gaussian family at generations t (arrays shaped like t).
+
+    Keys (ratios to generation 0, so they do not depend on mu_0 or Sigma_0):
+      var_ratio        E[tr Sigma_t] / tr Sigma_0                      (replace, accumulate)
+      mean_sq_per_var  E||mu_t - mu_0||^2 / tr Sigma_0                 (replace, accumulate)
+                       -- normalised by the trace, so in d = 1 it is E[(mu_t - mu_0)^2] / sigma_0^2
+      det_ratio        E[det Sigma_t] / det Sigma_0                    (replace)
+      log_det_shift    E[log det Sigma_t] - log det Sigma_0            (replace)
+      sigma_ratio      E[sigma_t] / sigma_0                            (replace, d = 1)
+      log_var_shift    E[log sigma_t^2] - log sigma_0^2                (replace, d = 1)
+      w2_sq            E[W2^2(N(mu_t, sigma_t^2), N(mu_0, sigma_0^2))] / sigma_0^2  (replace, d = 1)
+      mean_error_ratio E[mu_t - mu*] / (mu_0 - mu*)                    (mix; mu* = real-data mean)
+      rho              the per-generation contraction of mean_error_ratio      (mix)
+    replace: fit on n samples of the previous model, ddof 0 (MLE) or 1 (unbiased), drawn at
+    temperature s (covariance s Sigma). accumulate: pooled MLE (ddof 0) over all n t points so
+    far. mix(lam): n real points plus m = round(lam n) samples of the previous model, ddof 0, so
+    rho = m / (n + m) (= lam / (1 + lam)); the model of generation 0 is the perturbed start.
+    tempered_real: SCIENCE.md's convention draws fit 1's data from the truth at temperature s too
+    (E[Sigma_t] = s^t Sigma_0); False keeps the real data untempered, as in the generation loop.
+    """
+    ts = np.asarray(t)
+    if ts.size and (np.any(ts < 0) or np.any(ts != np.round(ts))):
+        raise ValueError(f"generations must be non-negative integers, got {t}")
+    ts = ts.astype(int)
+    if n < 2 or d < 1 or ddof not in (0, 1) or not temperature > 0:
+        raise ValueError(
+            f"need n >= 2, d >= 1, ddof in (0, 1), temperature > 0; got {n}, {d}, {ddof}, {temperature}"
+        )
+    t_max = int(ts.max()) if ts.size else 0
+    s = _fit_scales(t_max, temperature, tempered_real)
+    k = np.arange(t_max + 1, dtype=float)
+
+    if policy == "replace":
+        if n <= d:
+            raise ValueError(f"replace needs n > d for a non-singular covariance, got n={n}, d={d}")
+        shrink = (n - 1.0) / n if ddof == 0 else 1.0
+        var = np.cumprod(np.where(k > 0, s * shrink, 1.0))
+        # E||mu_k - mu_{k-1}||^2 = s_k E[tr Sigma_{k-1}] / n, and the increments are uncorrelated.
+        mean_sq = np.concatenate([[0.0], np.cumsum(s[1:] * var[:-1] / n)])
+        i = np.arange(1, d + 1)
+        det_step = np.prod((n - i) / (n - ddof))  # E det of a scaled Wishart, one fit
+        det = np.cumprod(np.where(k > 0, s**d * det_step, 1.0))
+        logdet_step = np.sum(special.digamma((n - i) / 2.0)) + d * math.log(2.0 / (n - ddof))
+        logdet = np.cumsum(np.where(k > 0, d * np.log(s) + logdet_step, 0.0))
+        out = {"var_ratio": var, "mean_sq_per_var": mean_sq, "det_ratio": det, "log_det_shift": logdet}
+        if d == 1:
+            step = float(c4(n)) * math.sqrt(shrink)
+            sigma = np.cumprod(np.where(k > 0, np.sqrt(s) * step, 1.0))
+            out.update(
+                sigma_ratio=sigma,
+                log_var_shift=logdet,
+                # W2^2 between 1-D Gaussians = (mu_t - mu_0)^2 + (sigma_t - sigma_0)^2.
+                w2_sq=mean_sq + var - 2.0 * sigma + 1.0,
+            )
+    elif policy == "accumulate":
+        if ddof != 0:
+            raise ValueError("the accumulate closed form is for the pooled maximum-likelihood fit (ddof 0)")
+        # Pooling n fresh points with the (k-1) n old ones: E[V_k] = V_{k-1} ((k-1) n + s (n - 1/k)) / (k n)
+        kk = np.maximum(k, 1.0)
+        step = ((kk - 1.0) * n + s * (n - 1.0 + (kk - 1.0) / kk)) / (kk * n)
+        var = np.cumprod(np.where(k > 0, step, 1.0))
+        # mu_k - mu_{k-1} = (mean of the new draw - mu_{k-1}) / k.
+        mean_sq = np.concatenate([[0.0], np.cumsum(s[1:] * var[:-1] / (n * k[1:] ** 2))])
+        out = {"var_ratio": var, "mean_sq_per_var": mean_sq}
+    elif policy == "mix":
+        if lam is None or lam < 0:
+            raise ValueError(f"mix needs lam >= 0, got {lam}")
+        m = round(lam * n)  # Python's round, as the mix policy uses
+        rho = m / (n + m)
+        out = {"mean_error_ratio": rho**k, "rho": np.full_like(k, rho)}
+    else:
+        raise ValueError(f"unknown policy {policy!r}; known: replace, accumulate, mix")
+    return {key: val[ts] for key, val in out.items()}
+
+
+def bertrand_condition(lam: float, L: float = 0.0, eps: float = 0.0, alpha: float = 1.0) -> dict[str, Any]:
+    """Bertrand et al.'s sufficient condition lam (1 + L eps/alpha) < 1/2 and the rate rho it guarantees."""
+    if lam < 0 or L < 0 or eps < 0 or not alpha > 0:
+        raise ValueError(f"need lam, L, eps >= 0 and alpha > 0; got {lam}, {L}, {eps}, {alpha}")
+    lhs = lam * (1.0 + L * eps / alpha)
+    holds = lhs < 0.5
+    b = lam * (alpha + eps * L)
+    return {"holds": bool(holds), "lhs": float(lhs), "rho": float(b / (alpha - b)) if holds else None}
+
+
+def _usable(errors: ArrayLike, generations: ArrayLike | None, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """Generations >= start with finite, positive errors (what a log-linear fit can use)."""
+    e = np.asarray(errors, dtype=float)
+    g = np.arange(len(e), dtype=float) if generations is None else np.asarray(generations, dtype=float)
+    keep = (g >= start) & np.isfinite(e) & (e > 0)
+    return g[keep], e[keep]
+
+
+def contraction_rate(
+    errors: Sequence[float] | np.ndarray,
+    start: int = 1,
+    *,
+    generations: Sequence[float] | np.ndarray | None = None,
+) -> dict[str, float]:
+    """Least-squares fit log(error_t) = a + t log(rho) over generations t >= start, with a 95% interval.
+
+    errors[i] belongs to generation generations[i] (default i); non-positive or non-finite errors are
+    skipped. The interval is exp(slope +- t_{0.975, k-2} SE) from the regression's standard error; it
+    is nan with fewer than 3 points (and rho too with fewer than 2).
+    """
+    x, e = _usable(errors, generations, start)
+    nan = float("nan")
+    if len(x) < 2 or np.ptp(x) == 0:
+        return {"rho": nan, "rho_low": nan, "rho_high": nan, "log_intercept": nan}
+    y = np.log(e)
+    xc = x - x.mean()
+    sxx = float(np.sum(xc**2))
+    slope = float(np.sum(xc * (y - y.mean())) / sxx)
+    intercept = float(y.mean() - slope * x.mean())
+    half = nan
+    if len(x) > 2:
+        resid = y - intercept - slope * x
+        se = math.sqrt(float(np.sum(resid**2)) / (len(x) - 2) / sxx)
+        half = float(stats.t.ppf(0.975, len(x) - 2)) * se
+    return {
+        "rho": math.exp(slope),
+        "rho_low": math.exp(slope - half),
+        "rho_high": math.exp(slope + half),
+        "log_intercept": intercept,
+    }
+
+
+def verdict(
+    errors: Sequence[float] | np.ndarray,
+    *,
+    rho_fit: dict[str, float] | None = None,
+    tol: float = 0.25,
+    start: int = 1,
+    generations: Sequence[float] | np.ndarray | None = None,
+) -> str:
+    """'converging', 'bounded' or 'diverging' for an error trajectory (generations >= start).
+
+    Rule: any +inf error (a diverged generation) is 'diverging'. Otherwise, with the usable errors
+    split into thirds, the run is 'diverging' when the fitted rate is significantly above 1
+    (rho_low > 1) and the last third's mean exceeds the first third's by more than a factor 1 + tol;
+    'converging' when rho is significantly below 1 (rho_high < 1) and the last third's mean is
+    below (1 - tol) times the first third's; 'bounded' otherwise, including runs with fewer than 3
+    usable points (no evidence of a trend). Requiring both a significant rate and a real change
+    keeps noise around a plateau (the finite-sample floor of mixed retraining) from being called a
+    trend, and keeps a tiny but significant drift from being called divergence.
+    """
+    raw = np.asarray(errors, dtype=float)
+    if np.any(np.isposinf(raw)):
+        return "diverging"
+    _, e = _usable(raw, generations, start)
+    if len(e) < 3:
+        return "bounded"
+    fit = rho_fit if rho_fit is not None else contraction_rate(raw, start, generations=generations)
+    third = math.ceil(len(e) / 3)
+    first, last = float(e[:third].mean()), float(e[-third:].mean())
+    if fit["rho_low"] > 1.0 and last > (1.0 + tol) * first:
+        return "diverging"
+    if fit["rho_high"] < 1.0 and last < (1.0 - tol) * first:
+        return "converging"
+    return "bounded"
+
+
+def summarize(rows: list[dict[str, Any]], metric: str, *, start: int = 1) -> dict[str, Any]:
+    """Contraction rate and verdict of one metric column of results.jsonl rows (chain means per generation).
+
+    Rows without the metric (or with None) are skipped; first/last are the metric at the
+    earliest and latest generation where it is finite.
+    """
+    pairs = sorted((int(r["generation"]), float(r[metric])) for r in rows if r.get(metric) is not None)
+    gens = np.array([g for g, _ in pairs], dtype=float)
+    vals = np.array([v for _, v in pairs], dtype=float)
+    fit = contraction_rate(vals, start, generations=gens)
+    finite = vals[np.isfinite(vals)]
+    return {
+        "metric": metric,
+        "rho": fit["rho"],
+        "rho_low": fit["rho_low"],
+        "rho_high": fit["rho_high"],
+        "verdict": verdict(vals, rho_fit=fit, start=start, generations=gens),
+        "first": float(finite[0]) if finite.size else float("nan"),
+        "last": float(finite[-1]) if finite.size else float("nan"),
+    }
