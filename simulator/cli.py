@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -41,9 +42,10 @@ def fail(message: str, created: Path | None = None) -> None:
 
 def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     """Validate cfg, build the objects and run (or resume) the loop in run_path; returns the summary."""
-    validate(cfg, families=sorted(registry.FAMILIES), sources=registry.source_names(),
-             policies=sorted(registry.policies.POLICIES), metrics=registry.metric_names())  # fmt: skip
+    _validate(cfg)
     device = registry.resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     policy = registry.make_policy(cfg)
     data = registry.make_data(cfg)
     make_model = registry.make_model_factory(cfg, data.event_shape, device)
@@ -82,8 +84,42 @@ def _simulate(cfg: DictConfig) -> None:
     log.info("%s: %s", run_path, json.dumps(summary))
 
 
+def _validate(cfg: DictConfig) -> None:
+    validate(cfg, families=sorted(registry.FAMILIES), sources=registry.source_names(),
+             policies=sorted(registry.policies.POLICIES), metrics=registry.metric_names())  # fmt: skip
+
+
+def preflight(args: list[str]) -> None:
+    """Compose and validate every job of the command line before hydra creates anything.
+
+    Hydra reports its own errors (bad override syntax, unknown keys or groups) on several lines
+    with exit code 1, and only after it has made output directories; checking here first gives
+    every mistake -- of any job of a sweep -- one line and exit code 2, with nothing written.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            for job in jobs or [[]]:
+                cfg = compose("config", overrides=list(job))
+                _validate(cfg)
+                registry.make_policy(cfg)
+    except USER_ERRORS as e:
+        fail(str(e))
+    except Exception as e:  # hydra's composition and parse errors: the first line says what is wrong
+        fail(f"command line: {(str(e).strip() or type(e).__name__).splitlines()[0]}")
+
+
 def simulate() -> None:
     """Console entry point of `simulate`."""
+    if not any(a in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--info")
+               for a in sys.argv[1:]):  # fmt: skip
+        preflight(sys.argv[1:])
     _simulate()
 
 

@@ -67,9 +67,10 @@ def validate(cfg: DictConfig, *, families: list[str], sources: list[str], polici
     check_int(cfg, "chains", 1)
     check_choice(cfg, "device", DEVICES)
     check_bool(cfg, "progress")
+    check_int(cfg, "threads", 1, optional=True)
     check_choice(cfg, "data.source", sources)
-    check_int(cfg, "data.n_train", 1)
-    check_int(cfg, "data.n_test", 1)
+    check_int(cfg, "data.n_train", 1, optional=True)  # null: all the source has (image sources)
+    check_int(cfg, "data.n_test", 1, optional=True)
     check_choice(cfg, "model.family", families)
     check_choice(cfg, "policy.name", policies)
     if cfg.policy.name == "mix":

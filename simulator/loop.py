@@ -28,6 +28,7 @@ from simulator.data.base import Dataset
 from simulator.metrics import registry as metric_registry
 from simulator.models.base import Diverged, GenerativeModel
 from simulator.policies import REAL, Policy, assemble, curate
+from simulator.report import save_grid
 from simulator.run import RunDir, RunError
 
 
@@ -74,21 +75,31 @@ def generation_loop(
     n_pool = policy.n_synthetic(n_real)  # samples per generation that enter training sets
     n_draw = max(n_pool, n_samples or 0, eval_samples or 0, 1)
     model = make_model()
-    cache: dict[int, torch.Tensor] = {}  # generation -> samples (C, n_draw, *event)
+    conditional = data.train_labels is not None and getattr(model, "num_classes", None) is not None
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # generation -> (samples, labels)
 
-    def draw(m: GenerativeModel, t: int) -> torch.Tensor:
+    def draw(m: GenerativeModel, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """S_t: n_draw samples of m (with their class labels for a class-conditional family)."""
         g = seeding.generator(seed, t, "sample")
-        x = m.sample(n_draw * curation_k, generator=g, temperature=temperature).cpu()
+        n = n_draw * curation_k
+        y = None
+        if conditional:  # classes in the proportions of the real training set
+            real = data.train_labels[0]
+            y = real[torch.randint(len(real), (n,), generator=seeding.generator(seed, t, "labels"))]
+        x = m.sample(n, y, generator=g, temperature=temperature).cpu()
         if curation_k > 1:
             reward = m.log_prob(x) if curation_reward == "model" else data.truth.log_prob(x)
-            x = curate(x, reward.cpu(), curation_k)
-        return x
+            keep = curate(reward.cpu(), curation_k)
+            x = x[torch.arange(x.shape[0]).unsqueeze(1), keep]
+            y = None if y is None else y[keep[0]]
+        return x, None if y is None else y.unsqueeze(0).expand(x.shape[0], -1)
 
-    def samples_of(t: int) -> torch.Tensor:
+    def samples_of(t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if t not in cache:  # after a resume: read them back, or regenerate them exactly
             path = run.gen_dir(t) / "samples.pt"
             if path.exists() and run.verify(t, "samples.pt"):
-                cache[t] = _load(path)
+                labels = run.gen_dir(t) / "labels.pt"
+                cache[t] = (_load(path), _load(labels) if labels.exists() else None)
             else:
                 m = make_model()
                 m.load_state_dict(_load(run.gen_dir(t) / "model.pt"))
@@ -96,7 +107,10 @@ def generation_loop(
         return cache[t]
 
     def pool(member: int) -> torch.Tensor:
-        return data.train if member == REAL else samples_of(member)[:, :n_pool]
+        return data.train if member == REAL else samples_of(member)[0][:, :n_pool]
+
+    def pool_labels(member: int) -> torch.Tensor:
+        return data.train_labels if member == REAL else samples_of(member)[1][:, :n_pool]
 
     done = run.repair()
     rows = run.rows()
@@ -126,15 +140,15 @@ def generation_loop(
             else:
                 if t == 0 or not warm_start:
                     model.reset(gen("init"))
-                if t == 0:
-                    train = data.train
-                else:
+                train, labels = data.train, data.train_labels if conditional else None
+                if t > 0:
                     parts = policy.select(t, n_real, chains, gen("policy"))
                     train = assemble(parts, pool, chains)
+                    labels = assemble(parts, pool_labels, chains) if conditional else None
                 n_train = train.shape[1]
-                stats = model.fit(train, steps=steps_gen0 if t == 0 and steps_gen0 else steps,
+                stats = model.fit(train, labels, steps=steps_gen0 if t == 0 and steps_gen0 else steps,
                                   generator=gen("fit"), progress=progress)  # fmt: skip
-                del train
+                del train, labels
         except Diverged as e:
             row.update(status="diverged", error=str(e))
             run.commit(t, row, status="diverged")
@@ -146,6 +160,7 @@ def generation_loop(
 
         clock = time.perf_counter()
         cache[t] = draw(model, t)
+        samples = cache[t][0]
         for old in [g for g in cache if g not in policy.needs(t + 1) and g != t]:
             del cache[old]
         row["seconds_sample"] = time.perf_counter() - clock
@@ -160,7 +175,7 @@ def generation_loop(
                 params_star = ref.parameters_vector().detach().cpu()
                 torch.save(params_star, tmp / "params_star.pt")
         ctx = metric_registry.MetricContext(
-            model=model, samples=cache[t][:, :eval_samples] if eval_samples else cache[t], data=data,
+            model=model, samples=samples[:, :eval_samples] if eval_samples else samples, data=data,
             generation=t, generator=gen("metrics"), params0=params0, params_star=params_star,
             options=dict(metric_options or {}),
         )  # fmt: skip
@@ -173,7 +188,11 @@ def generation_loop(
 
         torch.save(model.state_dict(), tmp / "model.pt")
         if save_samples:
-            torch.save(cache[t], tmp / "samples.pt")
+            torch.save(samples, tmp / "samples.pt")
+            if cache[t][1] is not None:
+                torch.save(cache[t][1], tmp / "labels.pt")
+        if samples.dim() == 5:  # images (C, n, ch, h, w): a sample grid per generation
+            save_grid(samples[0, :64], tmp / "samples.png")
         if chains > 1 and values:
             torch.save({k: v.detach().cpu() for k, v in values.items()}, tmp / "chain_metrics.pt")
         run.commit(t, row, status="complete" if t == generations else "running")

@@ -192,11 +192,8 @@ def assemble(
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
-def curate(candidates: torch.Tensor, reward: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the best of each group of k consecutive candidates by reward: (C, k*n, ...) -> (C, n, ...)."""
+def curate(reward: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (C, n) of the best of each group of k consecutive candidates by reward (C, k*n)."""
     chains, total = reward.shape
-    if k == 1:
-        return candidates
     best = reward.view(chains, total // k, k).argmax(dim=2)
-    index = torch.arange(total // k).unsqueeze(0) * k + best
-    return candidates[torch.arange(chains).unsqueeze(1), index]
+    return torch.arange(total // k).unsqueeze(0) * k + best

@@ -22,10 +22,18 @@ FAMILIES: dict[str, str] = {
     "gmm": "simulator.models.gmm:GMMFamily",
     "kde": "simulator.models.kde:KDEFamily",
     "flow": "simulator.models.flow:FlowFamily",
+    "glow": "simulator.models.glow:GlowFamily",
+    "diffusion": "simulator.models.diffusion:DiffusionFamily",
+}
+
+# modules holding a name -> source-class table, and their factory
+SOURCE_MODULES = {
+    "simulator.data.toy": ("TOY_SOURCES", "make_toy"),
+    "simulator.data.images": ("IMAGE_SOURCES", "make_image"),
 }
 
 # modules whose import registers metrics
-METRIC_MODULES = ("simulator.metrics.toy",)
+METRIC_MODULES = ("simulator.metrics.toy", "simulator.metrics.fid")
 
 
 def _import(path: str) -> Any:
@@ -33,10 +41,16 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def source_names() -> list[str]:
-    from simulator.data.toy import TOY_SOURCES
+def _source_factories() -> dict[str, Callable[..., Any]]:
+    out = {}
+    for module, (table, factory) in SOURCE_MODULES.items():
+        mod = importlib.import_module(module)
+        out.update({name: getattr(mod, factory) for name in getattr(mod, table)})
+    return out
 
-    return sorted(TOY_SOURCES)
+
+def source_names() -> list[str]:
+    return sorted(_source_factories())
 
 
 def metric_names() -> list[str]:
@@ -62,14 +76,12 @@ def _options(node: DictConfig) -> dict[str, Any]:
 
 def make_data(cfg: DictConfig) -> Dataset:
     """Load the real data named by cfg.data, one independent real draw per chain where possible."""
-    from simulator.data.toy import make_toy
-
     try:
-        source = make_toy(cfg.data.source, **_options(cfg.data.options))
+        source = _source_factories()[cfg.data.source](cfg.data.source, **_options(cfg.data.options))
+        return source.load(chains=cfg.chains, n_train=cfg.data.n_train, n_test=cfg.data.n_test,
+                           generator=seeding.generator(cfg.seed, "data"))  # fmt: skip
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"data.options: {e}") from None
-    return source.load(chains=cfg.chains, n_train=cfg.data.n_train, n_test=cfg.data.n_test,
-                       generator=seeding.generator(cfg.seed, "data"))  # fmt: skip
+        raise ConfigError(f"data ({cfg.data.source}): {e}") from None
 
 
 def make_model_factory(

@@ -75,6 +75,23 @@ def numeric_columns(rows: list[dict[str, Any]]) -> list[str]:
     return list(cols)
 
 
+def save_grid(images: Any, path: Path, nrow: int = 8) -> None:
+    """Save uint8 images (n, ch, h, w) as one PNG grid with a 1-pixel border (PIL only, no matplotlib)."""
+    import torch
+    from PIL import Image
+
+    n, ch, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.full((ch, rows * (h + 1) + 1, nrow * (w + 1) + 1), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = images[i]
+    array = grid.permute(1, 2, 0).squeeze(-1).numpy()
+    scale = max(1, 256 // max(grid.shape[1:]))  # blow tiny grids (8x8 digits) up for viewing
+    image = Image.fromarray(array, mode="L" if ch == 1 else "RGB")
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+
+
 def _plt():
     import matplotlib
 
@@ -146,6 +163,11 @@ def _draw_scatter(path: Path, rows: list[dict[str, Any]], out: Path, plt) -> lis
     return [out / "samples.png"]
 
 
+def _state(path: Path) -> dict[str, Any]:
+    state = path / "state.json"
+    return json.loads(state.read_text()) if state.exists() else {}
+
+
 def _seedless(config: dict[str, Any]) -> str:
     c = {
         k: v for k, v in config.items() if k not in ("seed", "progress", "device", "run_root", "generations")
@@ -171,7 +193,7 @@ def report(runs: list[Path], out: Path, metric: str | None = None) -> Path:
             s = stability.summarize(rows, metric)
             last = rows[-1] if rows else {}
             table.append({"run": str(p), "regime": regime_label(config), "seed": config.get("seed"),
-                          "generations": last.get("generation"), "status": last.get("status"),
+                          "generations": last.get("generation"), "status": _state(p).get("status"),
                           f"{metric}_first": s.get("first"), f"{metric}_last": s.get("last"),
                           "rho": s.get("rho"), "verdict": s.get("verdict")})  # fmt: skip
     with open(out / "summary.csv", "w", newline="") as f:

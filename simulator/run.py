@@ -79,7 +79,7 @@ class RunDir:
     """One run's directory. Use as a context manager to hold its lock."""
 
     # keys that may change between invocations without changing the science of a run
-    RESUMABLE_KEYS = ("generations", "progress", "device", "run_root", "eval.every_figure")
+    RESUMABLE_KEYS = ("generations", "progress", "device", "threads", "run_root", "eval.figures")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -94,3 +94,22 @@ def test_run_made_by_another_config_is_refused(tmp_path):
     assert {k: v for k, v in tree(run).items() if k != ".lock"} == {
         k: v for k, v in before.items() if k != ".lock"
     }
+
+
+def test_lambda_by_seed_sweep_and_report(tmp_path):
+    out = simulate("-m", "experiment=single", *TINY, "policy=mix", "policy.lam=0.5,1", "seed=0,1",
+                   "eval.metrics=[moments]", "eval.stability_metric=var_ratio", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    sweep = tmp_path / "runs" / "default"
+    runs = sorted(p.name for p in sweep.iterdir() if (p / "results.jsonl").exists())
+    assert len(runs) == 4 and all("policy.lam=" in r and "seed=" in r for r in runs)
+    table = (sweep / "figures" / "summary.csv").read_text().splitlines()
+    assert len(table) == 1 + 4
+    # simulate-report redraws from the run directories alone, grouping seeds into one regime
+    code = "from simulator.cli import simulate_report; simulate_report()"
+    rep = subprocess.run([sys.executable, "-c", code, str(sweep), "--out", str(tmp_path / "rep")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert rep.returncode == 0, rep.stderr
+    assert (tmp_path / "rep" / "stability.png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nope")], capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

@@ -1,0 +1,452 @@
+"""Image diffusion family: a diffusers UNet2DModel trained as a DDPM (Ho et al. 2020), sampled with DDIM.
+
+One chain per run (C = 1). Images enter and leave as uint8 (1, n, ch, h, w) and are scaled to [-1, 1].
+The network predicts the noise (epsilon) added by DDPMScheduler.add_noise. An exponential moving
+average (EMA) of the weights is what `sample` and `log_prob` use. `log_prob` is the negative
+variational bound of Ho et al. (L_T + sum_t L_{t-1} + L_0, discretized Gaussian decoder for 8-bit
+data), a lower bound on log p(x), so `exact_likelihood = False`. The bound is that of the full T-step
+ancestral reverse process with sigma_t^2 = beta_t; samples come from the strided DDIM/DDPM chain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+import time
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from tqdm import tqdm
+
+from simulator.models.base import check_finite
+from simulator.seeding import derive_seed
+
+SAMPLERS = ("ddpm", "ddim")
+SCHEDULES = ("linear", "squaredcos_cap_v2")
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LIKELIHOOD_SEED = 20200619  # root of the bound's noise, which is seeded by image content (see bound_terms)
+CPU_ROWS = 64  # rows per network call on the CPU in sample/log_prob, padded: see _eps
+BOUND_BYTES = 2**27  # noise held per log_prob chunk (rows x (K+1) x D floats); bounds memory, not results
+
+
+def _log_bin(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """log(Phi(hi) - Phi(lo)) for lo < hi, stable in both tails (mirror into the lower tail first)."""
+    flip = lo + hi > 0
+    a, b = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
+    la, lb = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    return lb + torch.log(-torch.expm1(la - lb))
+
+
+class DiffusionFamily:
+    """A diffusers UNet2DModel behind the GenerativeModel protocol (uint8 images, one chain)."""
+
+    exact_likelihood = False
+
+    def __init__(
+        self,
+        *,
+        chains: int,
+        event_shape: tuple[int, ...],  # (ch, h, w)
+        block_out_channels: tuple[int, ...] | list[int] = (32, 64),  # UNet widths, one per resolution
+        layers_per_block: int = 1,
+        attention: bool = False,  # self-attention at the lowest resolution and in the middle block
+        num_classes: int | None = None,  # class-conditional through a label embedding added to time's
+        train_timesteps: int = 1000,  # T of the forward process
+        beta_schedule: str = "linear",  # "linear" (Ho et al.) or "squaredcos_cap_v2" (Nichol & Dhariwal)
+        prediction_type: str = "epsilon",
+        sampler: str = "ddim",  # "ddim" (eta below) or "ddpm" (ancestral: DDIM update with eta = 1)
+        sample_steps: int = 50,  # reverse steps, evenly strided ("trailing"); must divide train_timesteps
+        eta: float = 0.0,  # DDIM stochasticity: 0 deterministic, 1 ancestral
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        batch_size: int = 128,
+        steps: int = 1000,  # default optimiser steps per fit; fit(steps=...) overrides
+        ema_decay: float | None = 0.999,  # None or 0 disables the EMA (then the raw weights are used)
+        grad_clip: float | None = 1.0,  # max gradient norm; None or 0 disables clipping
+        warmup: int = 0,  # linear learning-rate warm-up steps at the start of every fit
+        amp: str = "none",  # "bf16" or "fp16" autocast (fp16 needs CUDA); sampling too, not log_prob
+        device: str = "cpu",
+        likelihood_timesteps: int = 100,  # K timesteps per image in the bound (stratified; see log_prob)
+        sample_batch: int = 256,  # rows per network call in sample/log_prob: bounds memory, not results
+    ) -> None:
+        ch_list = tuple(int(c) for c in block_out_channels)
+        ch, h, w = (int(s) for s in event_shape) if len(event_shape) == 3 else (0, 0, 0)
+        scale = 2 ** max(len(ch_list) - 1, 0)
+        checks = [  # (bad, one-line message naming the option), checked in order before any work
+            (chains != 1, "model.family=diffusion runs one chain (chains=1); use seeds for replicates"),
+            (len(event_shape) != 3, f"diffusion models (ch, h, w) images; got event_shape {event_shape}"),
+            (not ch_list or min(ch_list) < 1 or h % scale or w % scale,
+             f"block_out_channels {ch_list} needs h, w divisible by {scale}; got {h}x{w}"),
+            (num_classes is not None and num_classes < 1, f"num_classes must be >= 1 or None: {num_classes}"),
+            (beta_schedule not in SCHEDULES, f"beta_schedule must be one of {SCHEDULES}: {beta_schedule!r}"),
+            (prediction_type != "epsilon", f"prediction_type must be 'epsilon', got {prediction_type!r}"),
+            (sampler not in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {sampler!r}"),
+            (train_timesteps < 2, f"train_timesteps must be >= 2, got {train_timesteps}"),
+            (not 1 <= sample_steps <= train_timesteps or train_timesteps % sample_steps,
+             f"sample_steps {sample_steps} must divide train_timesteps {train_timesteps}"),
+            (not 0 <= eta <= 1, f"eta must be in [0, 1], got {eta}"),
+            (amp not in AMP or (amp == "fp16" and torch.device(device).type != "cuda"),
+             f"amp must be one of {tuple(AMP)} (fp16 only on CUDA), got {amp!r}"),
+            (not 0 <= (ema_decay or 0) < 1, f"ema_decay must be in [0, 1) or None: {ema_decay}"),
+            (steps < 0 or warmup < 0, f"steps and warmup must be >= 0, got {steps}, {warmup}"),
+        ] + [(not v > 0, f"{k} must be > 0, got {v}") for k, v in [
+            ("lr", lr), ("batch_size", batch_size), ("likelihood_timesteps", likelihood_timesteps),
+            ("sample_batch", sample_batch), ("layers_per_block", layers_per_block)]]  # fmt: skip
+        for bad, message in checks:
+            if bad:
+                raise ValueError(message)
+        self.chains = 1
+        self.event_shape = (ch, h, w)
+        self.block_out_channels, self.layers_per_block, self.attention = ch_list, layers_per_block, attention
+        self.num_classes, self.train_timesteps, self.sampler, self.sample_steps = (
+            num_classes, train_timesteps, sampler, sample_steps)  # fmt: skip
+        self.eta = 1.0 if sampler == "ddpm" else float(eta)
+        self.lr, self.weight_decay, self.batch_size, self.steps = lr, weight_decay, batch_size, steps
+        self.ema_decay = ema_decay or None
+        self.grad_clip, self.warmup, self.amp = grad_clip or None, warmup, amp
+        self.device = torch.device(device)
+        self.likelihood_timesteps, self.sample_batch = likelihood_timesteps, sample_batch
+        self.losses = torch.zeros(0)  # per-step training losses of the last fit (diagnostics, tests)
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=train_timesteps, beta_schedule=beta_schedule)
+        # "trailing" spacing starts the reverse chain at t = T-1, where x_T ~ N(0, I) matches the prior.
+        self.sample_scheduler = DDIMScheduler(
+            num_train_timesteps=train_timesteps, beta_schedule=beta_schedule, clip_sample=True,
+            set_alpha_to_one=True, timestep_spacing="trailing",
+        )  # fmt: skip
+        self.sample_scheduler.set_timesteps(sample_steps)
+        self.reset(torch.Generator().manual_seed(0))  # a fresh object is reproducible
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _build(self) -> UNet2DModel:
+        """The UNet: plain ResNet blocks, attention (optional) only at the coarsest resolution."""
+        chs = self.block_out_channels
+        groups = math.gcd(math.gcd(*chs), 32)  # GroupNorm groups must divide every width, even (4, 8)
+        attn = [self.attention and i == len(chs) - 1 for i in range(len(chs))]
+        return UNet2DModel(
+            sample_size=self.event_shape[1:],
+            in_channels=self.event_shape[0],
+            out_channels=self.event_shape[0],
+            block_out_channels=chs,
+            layers_per_block=self.layers_per_block,
+            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+            add_attention=self.attention,
+            attention_head_dim=None,  # one head per attention layer: tiny widths have no 8-dim heads
+            norm_num_groups=groups,
+            num_class_embeds=self.num_classes,
+        )
+
+    def reset(self, generator: torch.Generator) -> None:
+        """Re-initialise the network and its EMA from scratch, deterministically from generator."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        # Layers initialise through the global CPU RNG; fork it so the caller's RNG is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            self.unet = self._build().to(self.device).eval()
+        self.ema = copy.deepcopy(self.unet).requires_grad_(False) if self.ema_decay else None
+        self.ema_steps = 0  # EMA updates so far, across fits: drives the EMA warm-up
+
+    def _net(self) -> torch.nn.Module:
+        """The weights used for sampling and likelihood: the EMA when there is one."""
+        return self.ema if self.ema is not None else self.unet
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision where asked for; a no-op otherwise."""
+        if AMP[self.amp] is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP[self.amp])
+
+    def _eps(self, net: Any, x: torch.Tensor, t: torch.Tensor, y: Any, pad: bool = True) -> torch.Tensor:
+        """Predicted noise in float32 for images x at integer timesteps t (one per row).
+
+        CPU kernels pick code paths by tensor size, so a row's output moves by ~1e-6 with the batch it
+        shares (enough to flip a pixel's 8-bit rounding now and then). So in sample/log_prob on the CPU
+        the network always sees exactly CPU_ROWS rows, the tail padded: rows come out batch-independent.
+        """
+        if not pad or self.device.type != "cpu":
+            return net(x, t, class_labels=y).sample.float()
+        out = []
+        for lo in range(0, len(x), CPU_ROWS):
+            m = min(CPU_ROWS, len(x) - lo)
+            xb = torch.cat([x[lo : lo + m], x.new_zeros(CPU_ROWS - m, *x.shape[1:])])
+            tb = torch.cat([t[lo : lo + m], t.new_zeros(CPU_ROWS - m)])
+            yb = None if y is None else torch.cat([y[lo : lo + m], y.new_zeros(CPU_ROWS - m)])
+            out.append(net(xb, tb, class_labels=yb).sample[:m].float())
+        return torch.cat(out)
+
+    def _rows(self, n: int) -> int:
+        """Rows per sample/log_prob chunk: n, on the CPU rounded up to whole CPU_ROWS network calls."""
+        return -(-n // CPU_ROWS) * CPU_ROWS if self.device.type == "cpu" else n
+
+    # -- training -----------------------------------------------------------------------------
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        """Validate uint8 images (1, n, ch, h, w) or (n, ch, h, w); return (n, ch, h, w)."""
+        if x.dim() == 4:
+            x = x.unsqueeze(0)
+        shape_ok = x.dim() == 5 and x.shape[0] == 1 and tuple(x.shape[2:]) == self.event_shape
+        if x.dtype != torch.uint8 or not shape_ok:
+            raise ValueError(f"diffusion expects uint8 (1, n, *{self.event_shape}), got {x.dtype} {x.shape}")
+        return x[0]
+
+    def _labels(self, labels: torch.Tensor | None, n: int, what: str) -> torch.Tensor | None:
+        """Validate class labels (n,) or (1, n) against num_classes; None for an unconditional model."""
+        if self.num_classes is None:
+            return None  # an unconditional model ignores labels, as the other families do
+        if labels is None:
+            raise ValueError(f"diffusion with num_classes={self.num_classes} needs labels in {what}")
+        labels = labels.reshape(-1).long()
+        if len(labels) != n or (n and (labels.min() < 0 or labels.max() >= self.num_classes)):
+            raise ValueError(f"{what} labels must be {n} ints in [0, {self.num_classes}): {labels.shape}")
+        return labels.to(self.device)
+
+    def fit(
+        self,
+        data: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        steps: int | None = None,
+        generator: torch.Generator,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Denoising score matching (Ho et al.'s L_simple) on uint8 images (1, n, ch, h, w) with AdamW.
+
+        A warm start carries the weights and the EMA over from the previous fit but not the optimiser:
+        every call builds a fresh AdamW (and warm-up), so a resumed run needs only the checkpoint.
+        loss_first / loss_last are means over the first / last min(10, steps) steps (one step is noisy).
+        """
+        x8 = self._check(data).to(self.device)  # uint8 on the device; scaled per minibatch
+        if x8.shape[0] == 0:
+            raise ValueError("diffusion fit needs at least one image")
+        y = self._labels(labels, x8.shape[0], "fit")
+        steps = self.steps if steps is None else int(steps)
+        params = list(self.unet.parameters())
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(self.warmup, 1)))
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")  # a no-op unless fp16
+        n, size, gd = x8.shape[0], min(self.batch_size, x8.shape[0]), generator.device
+        perm, pos, losses = torch.randperm(n, generator=generator, device=gd), 0, []
+        start = time.perf_counter()
+        self.unet.train()
+        try:
+            for step in tqdm(range(steps), desc="diffusion fit", leave=False, disable=not progress):
+                if pos + size > n:  # successive random permutations (epochs)
+                    perm, pos = torch.randperm(n, generator=generator, device=gd), 0
+                idx, pos = perm[pos : pos + size].to(self.device), pos + size
+                t = torch.randint(0, self.train_timesteps, (size,), generator=generator, device=gd)
+                noise = torch.randn(size, *self.event_shape, generator=generator, device=gd).to(self.device)
+                t, yb = t.to(self.device), None if y is None else y[idx]
+                xt = self.noise_scheduler.add_noise(x8[idx].float() / 127.5 - 1, noise, t)
+                with self._autocast():
+                    loss = torch.nn.functional.mse_loss(self._eps(self.unet, xt, t, yb, pad=False), noise)
+                check_finite(loss, step)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                if self.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                self._update_ema()
+                losses.append(loss.detach())
+        finally:
+            self.unet.eval()
+        self.losses = torch.stack(losses).float().cpu() if losses else torch.zeros(0)
+        k = min(10, steps)
+        return {
+            "loss_first": float(self.losses[:k].mean()) if k else math.nan,
+            "loss_last": float(self.losses[-k:].mean()) if k else math.nan,
+            "steps": float(steps),
+            "seconds": time.perf_counter() - start,
+        }
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """ema <- d ema + (1 - d) weights, d = min(ema_decay, (1 + k) / (10 + k)): the usual warm-up, so
+        short fits are not dominated by the initial weights (k counts updates across warm-started fits)."""
+        if self.ema is None:
+            return
+        d = min(self.ema_decay, (1 + self.ema_steps) / (10 + self.ema_steps))
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.unet.parameters()), 1 - d)
+        self.ema_steps += 1
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    def _sample_noise(self, seed: int, rows: range, stochastic: bool) -> tuple[torch.Tensor, Any]:
+        """Row i's x_T (and per-step noises when stochastic), drawn on the CPU from derive_seed(seed, i)."""
+        xs, zs = [], []
+        for i in rows:
+            g = torch.Generator().manual_seed(derive_seed(seed, i))
+            xs.append(torch.randn(self.event_shape, generator=g))
+            if stochastic:
+                zs.append(torch.randn(self.sample_steps, *self.event_shape, generator=g))
+        return torch.stack(xs), torch.stack(zs) if stochastic else None
+
+    def sample_labels(self, n: int, *, generator: torch.Generator) -> torch.Tensor:
+        """The labels (n,) that sample(n, generator=generator) draws when given none: uniform, per sample."""
+        if self.num_classes is None:
+            raise ValueError("sample_labels needs a class-conditional model (num_classes)")
+        seed = generator.initial_seed()
+        gens = [torch.Generator().manual_seed(derive_seed(seed, i, "label")) for i in range(n)]
+        return torch.tensor(
+            [int(torch.randint(self.num_classes, (), generator=g)) for g in gens], dtype=torch.long
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Draw uint8 (1, n, ch, h, w) with `sample_steps` DDIM steps (ancestral for sampler="ddpm").
+
+        Sample i's noise comes from derive_seed(generator.initial_seed(), i), so it does not depend on
+        sample_batch. Temperature s scales the initial and per-step noise by sqrt(s) (s < 1: the sampling
+        bias of Alemohammad et al.; a heuristic for diffusion, not an exact variance scaling of p).
+        Class-conditional models draw missing labels uniformly, per sample, from its own seed.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        seed = generator.initial_seed()
+        if self.num_classes is not None and labels is None:
+            labels = self.sample_labels(n, generator=generator)
+        y = self._labels(labels, n, "sample")
+        net, sched, root = self._net(), self.sample_scheduler, math.sqrt(temperature)
+        use_clipped = self.sampler == "ddpm"  # eps re-derived from the clipped x_0: DDPMScheduler's update
+        out = []
+        size = self._rows(self.sample_batch)
+        for lo in range(0, n, size):
+            rows = range(lo, min(n, lo + size))
+            x, z = self._sample_noise(seed, rows, self.eta > 0)
+            x = (x * root).to(self.device)
+            yb = None if y is None else y[lo : lo + len(rows)]
+            for j, t in enumerate(sched.timesteps):
+                with self._autocast():
+                    eps = self._eps(net, x, t.expand(len(rows)).to(self.device), yb)
+                noise = None if z is None else (z[:, j] * root).to(self.device)
+                x = sched.step(eps, int(t), x, eta=self.eta, use_clipped_model_output=use_clipped,
+                               variance_noise=noise).prev_sample  # fmt: skip
+            out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+        return torch.cat(out).unsqueeze(0) if out else torch.zeros(1, 0, *self.event_shape, dtype=torch.uint8)
+
+    # -- likelihood bound ---------------------------------------------------------------------
+
+    def _schedule(self) -> dict[str, torch.Tensor]:
+        """Float64 schedule (index k = Ho's t - 1): posterior q(x_{k-1} | x_k, x_0) and reverse variances."""
+        b = self.noise_scheduler.betas.double().cpu()
+        ab = torch.cumprod(1 - b, 0)
+        ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])
+        post_var = b * (1 - ab_prev) / (1 - ab)
+        # Reverse variance sigma_t^2 = beta_t ("fixedlarge", Ho et al.'s CIFAR-10 likelihood setting);
+        # the decoder's sigma_1^2 is the posterior variance at t = 2, since beta~_1 = 0.
+        model_var = torch.cat([post_var[1:2], b[1:]])
+        return {"ab": ab, "c0": ab_prev.sqrt() * b / (1 - ab), "post_var": post_var, "model_var": model_var}
+
+    def _draws(self, x8: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image (seeded by its bytes): K stratified timesteps in 1..T-1, their weights, K+1 noises."""
+        T, K = self.train_timesteps, min(self.likelihood_timesteps, self.train_timesteps - 1)
+        edges = 1 + (torch.arange(K + 1) * (T - 1)) // K  # strictly increasing since (T-1)/K >= 1
+        width = edges[1:] - edges[:-1]
+        ts, noises = [], []
+        for row in x8.cpu():
+            g = torch.Generator().manual_seed(
+                derive_seed(seed, hashlib.sha256(row.numpy().tobytes()).hexdigest())
+            )
+            ts.append(edges[:-1] + (torch.rand(K, generator=g, dtype=torch.float64) * width).long())
+            noises.append(torch.randn(K + 1, *self.event_shape, generator=g))
+        return torch.stack(ts), width.double(), torch.stack(noises)
+
+    @torch.no_grad()
+    def bound_terms(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, *, seed: int = LIKELIHOOD_SEED
+    ) -> dict[str, torch.Tensor]:
+        """The bound's parts in nats, (n,) float64 on the CPU: prior L_T, diffusion sum L_{t-1}, decoder L_0.
+
+        The T-1 KL terms are estimated by stratified sampling: K = likelihood_timesteps strata of
+        {2..T}, one uniform timestep per stratum weighted by its size (exact when K >= T-1), with one
+        x_t ~ q(x_t | x_0) each as in Ho et al.; an unbiased estimate of the bound. An image's draws are
+        seeded by (seed, its bytes), not by the global RNG or its position, so log_prob is a deterministic
+        function of the image alone (on the CPU, bit for bit whatever the batch it comes in).
+        """
+        x8 = self._check(x)
+        n, s, D = x8.shape[0], self._schedule(), math.prod(self.event_shape)
+        y = self._labels(labels, n, "log_prob")
+        net, K = self._net(), min(self.likelihood_timesteps, self.train_timesteps - 1)
+        chunk = self._rows(max(1, min(self.sample_batch, BOUND_BYTES // (4 * (K + 1) * D))))
+        x0_all = x8.cpu().double() / 127.5 - 1  # the bound's arithmetic runs in float64 on the CPU
+        ab_T = s["ab"][-1]  # L_T = KL(q(x_T | x_0) || N(0, I)) in closed form
+        prior = 0.5 * (ab_T * x0_all.pow(2) - ab_T - torch.log1p(-ab_T)).flatten(1).sum(1)
+        diff, dec = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        for lo in range(0, n, chunk):
+            rows = slice(lo, min(n, lo + chunk))
+            ts, width, noises = self._draws(x8[rows], seed)
+            x0, xi = x0_all[rows], x8[rows].cpu()
+            yb = None if y is None else y[rows]
+            for j in range(K + 1):  # j < K: the KL term at stratum j's timestep; j = K: the decoder at t = 1
+                k = ts[:, j] if j < K else torch.zeros(len(x0), dtype=torch.long)
+                ab, c0 = s["ab"][k].view(-1, 1, 1, 1), s["c0"][k].view(-1, 1, 1, 1)
+                xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noises[:, j].double()
+                eps = self._eps(net, xt.float().to(self.device), k.to(self.device), yb).cpu().double()
+                x0_hat = ((xt - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)  # clipped, as in sampling
+                if j < K:  # KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)): the means differ by c0 (x_0 - x0_hat)
+                    pv, mv = s["post_var"][k].view(-1, 1, 1, 1), s["model_var"][k].view(-1, 1, 1, 1)
+                    kl = 0.5 * (torch.log(mv / pv) + (pv + (c0 * (x0 - x0_hat)).pow(2)) / mv - 1)
+                    diff[rows] += width[j] * kl.flatten(1).sum(1)
+                else:  # -log of the discretized Gaussian N(x0_hat, sigma_1^2) mass of x_0's 8-bit bin
+                    sd = s["model_var"][0].sqrt()
+                    lo_in, hi_in = (x0 - 1 / 255 - x0_hat) / sd, (x0 + 1 / 255 - x0_hat) / sd
+                    top = torch.where(xi == 255, torch.special.log_ndtr(-lo_in), _log_bin(lo_in, hi_in))
+                    lp = torch.where(xi == 0, torch.special.log_ndtr(hi_in), top)  # edge bins run to +-inf
+                    dec[rows] = -lp.flatten(1).sum(1)
+        return {"prior": prior, "diffusion": diff, "decoder": dec}
+
+    @torch.no_grad()
+    def log_prob(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Minus the variational bound, (1, n) nats of uint8 images: a lower bound on log p(x), on x's device.
+
+        bits/dim = -log_prob / (D ln 2). A class-conditional model given no labels bounds the marginal:
+        log p(x) >= logsumexp_y (log(1/C) - L(x | y)), with the same noise draws for every class.
+        """
+        n = self._check(x).shape[0]
+        if self.num_classes is None or labels is not None:
+            lp = -sum(self.bound_terms(x, labels).values())
+        else:
+            per = [-sum(self.bound_terms(x, torch.full((n,), c)).values()) for c in range(self.num_classes)]
+            lp = torch.logsumexp(torch.stack(per), 0) - math.log(self.num_classes)
+        return lp.float().unsqueeze(0).to(x.device)
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain CPU tensors: 'unet.*' (trained weights), 'ema.*' (averaged weights), 'ema_steps'."""
+        out = {f"unet.{k}": v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
+        if self.ema is not None:
+            out.update({f"ema.{k}": v.detach().cpu().clone() for k, v in self.ema.state_dict().items()})
+        out["ema_steps"] = torch.tensor(self.ema_steps)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any:
+        """Load a state_dict of this family, or bare UNet weights (a pretrained start: EMA = weights)."""
+        if not any(k.startswith("unet.") for k in state):
+            state = {f"unet.{k}": v for k, v in state.items()}
+        part = {
+            p: {k[len(p) + 1 :]: v for k, v in state.items() if k.startswith(p + ".")}
+            for p in ("unet", "ema")
+        }
+        out = self.unet.load_state_dict(part["unet"])
+        if self.ema is not None:
+            self.ema.load_state_dict(part["ema"] or part["unet"])
+        self.ema_steps = int(state.get("ema_steps", 0))
+        return out
+
+    def parameters_vector(self) -> torch.Tensor:
+        """The weights used for sampling (the EMA when there is one) flattened to (1, P) on the CPU."""
+        return torch.cat([p.detach().reshape(-1) for p in self._net().parameters()]).cpu().unsqueeze(0)

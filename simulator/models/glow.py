@@ -1,0 +1,372 @@
+"""Glow-style multiscale normalizing flow for 8-bit images (normflows), trained on dequantized pixels.
+
+One chain per run (C = 1). Images arrive as uint8 (1, n, ch, h, w). Training dequantizes them,
+x = (u + v) / 256 with v ~ U[0, 1)^D, and maximises the continuous log-density of x on [0, 1]^D.
+As p_cont integrates to one, P(u) = 256^-D E_v[p_cont((u + v) / 256)] >= exp(E_v[log p_cont] - D log 256)
+(Jensen), so `log_prob` reports log p_cont((u + v) / 256) - D log 256: a one-draw estimate of that bound
+on the discrete log-likelihood, and -log_prob / (D ln 2) is the usual bits/dim of 8-bit images.
+
+Architecture (Kingma & Dhariwal 2018, as in normflows' Glow example): `levels` scales; each has
+`blocks_per_level` GlowBlocks (ActNorm, invertible 1x1 convolution, affine coupling) and a Squeeze; between
+scales half the channels are factored out to a learned diagonal Gaussian (per channel; per class and
+dimension when `num_classes` is set). The flow maps latents z to data x (normflows' forward direction).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import normflows as nf
+import torch
+from tqdm import tqdm
+
+from simulator.models.base import check_finite
+from simulator.seeding import derive_seed
+
+PREPROCESS = ("logit", "shift")  # logit(alpha + (1 - 2 alpha) x) as RealNVP, or x - 0.5 as Glow
+DEQUANTIZATION = ("uniform",)
+SPLIT_MODES = ("channel", "channel_inv", "checkerboard")
+EVAL_NOISE_SEED = 256  # fixed dequantization field of log_prob: the same noise for every image
+
+
+class GlowFamily:
+    """A normflows MultiscaleFlow behind the GenerativeModel protocol (uint8 images, one chain)."""
+
+    exact_likelihood = True
+
+    def __init__(
+        self,
+        *,
+        chains: int,
+        event_shape: tuple[int, ...],  # (ch, h, w)
+        levels: int = 2,  # scales; h and w must be divisible by 2**levels
+        blocks_per_level: int = 4,  # GlowBlocks per scale
+        hidden: int = 64,  # channels of each coupling's conv net
+        split_mode: str = "channel",  # how a coupling splits its input (normflows Split modes)
+        scale: bool = True,  # affine (True) or additive (False) couplings
+        num_classes: int | None = None,  # class-conditional base distribution
+        preprocess: str = "logit",  # map [0, 1] data to the flow's input; its log-det is included
+        logit_alpha: float = 0.05,
+        dequantization: str = "uniform",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        batch_size: int = 64,
+        steps: int = 1000,  # default optimiser steps per fit; fit(steps=...) overrides
+        grad_clip: float | None = 100.0,  # max gradient norm; None disables clipping
+        device: str = "cpu",
+    ) -> None:
+        if chains != 1:
+            raise ValueError("model.family=glow runs one chain per run; use seeds (multirun) for replicates")
+        if len(event_shape) != 3 or min(event_shape) < 1:
+            raise ValueError(f"model.family=glow models images (ch, h, w); got {tuple(event_shape)}")
+        if levels < 1 or blocks_per_level < 1 or hidden < 1:
+            raise ValueError("glow needs levels >= 1, blocks_per_level >= 1 and hidden >= 1")
+        if event_shape[1] % 2**levels or event_shape[2] % 2**levels:
+            raise ValueError(f"glow image size {event_shape[1:]} must be divisible by 2**levels={2**levels}")
+        if split_mode not in SPLIT_MODES:
+            raise ValueError(f"unknown glow split_mode {split_mode!r}; known: {', '.join(SPLIT_MODES)}")
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"unknown glow preprocess {preprocess!r}; known: {', '.join(PREPROCESS)}")
+        if not 0 <= logit_alpha < 0.5:
+            raise ValueError(f"glow logit_alpha must be in [0, 0.5), got {logit_alpha}")
+        if dequantization not in DEQUANTIZATION:
+            raise ValueError(f"unknown dequantization {dequantization!r}; known: {', '.join(DEQUANTIZATION)}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"glow num_classes must be >= 1 or None, got {num_classes}")
+        self.chains = 1
+        self.event_shape = tuple(int(s) for s in event_shape)
+        self.dim = math.prod(self.event_shape)  # D: pixels times channels
+        self.levels, self.blocks_per_level, self.hidden = levels, blocks_per_level, hidden
+        self.split_mode, self.scale, self.num_classes = split_mode, scale, num_classes
+        self.preprocess, self.logit_alpha, self.dequantization = preprocess, logit_alpha, dequantization
+        self.lr, self.weight_decay, self.batch_size = lr, weight_decay, batch_size
+        self.steps, self.grad_clip = steps, grad_clip
+        self.device = torch.device(device)
+        self.chunk = 1024  # images per forward pass in sample/log_prob: bounds memory, not results
+        g = torch.Generator().manual_seed(EVAL_NOISE_SEED)
+        self.eval_noise = torch.rand(self.event_shape, generator=g)  # fixed, so log_prob is deterministic
+        self.reset(torch.Generator().manual_seed(0))  # a fresh object is reproducible
+
+    # -- construction -------------------------------------------------------------------------
+
+    def latent_shapes(self) -> list[tuple[int, int, int]]:
+        """Shape of each level's latent, coarsest first (normflows' level order)."""
+        c, h, w, L = *self.event_shape, self.levels
+        shapes = [(c * 2 ** (L + 1), h // 2**L, w // 2**L)]
+        shapes += [(c * 2 ** (L - i), h // 2 ** (L - i), w // 2 ** (L - i)) for i in range(1, L)]
+        return shapes
+
+    def _build(self) -> nf.MultiscaleFlow:
+        """Bases, GlowBlocks, squeezes and merges, coarsest level first, as in normflows' Glow example."""
+        c, L = self.event_shape[0], self.levels
+        q0, flows, merges = [], [], []
+        for i, shape in enumerate(self.latent_shapes()):
+            width = c * 2 ** (L + 1 - i)  # channels the blocks of level i act on (after the merge)
+            level: list[nf.flows.Flow] = [
+                nf.flows.GlowBlock(width, self.hidden, scale=self.scale, split_mode=self.split_mode)
+                for _ in range(self.blocks_per_level)
+            ]
+            flows.append([*level, nf.flows.Squeeze()])
+            if i > 0:
+                merges.append(nf.flows.Merge())
+            if self.num_classes is None:
+                q0.append(nf.distributions.GlowBase(shape))
+            else:
+                q0.append(nf.distributions.ClassCondDiagGaussian(shape, self.num_classes))
+        transform = nf.transforms.Logit(self.logit_alpha) if self.preprocess == "logit" else None
+        return nf.MultiscaleFlow(q0, flows, merges, transform, class_cond=self.num_classes is not None)
+
+    def reset(self, generator: torch.Generator) -> None:
+        """Re-initialise every parameter (and ActNorm's first-batch flag) from scratch, from generator."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        # 1x1 convolutions and conv nets initialise through the global CPU RNG: fork it so the caller's
+        # stream is untouched, and seed only the CPU default generator (not every GPU).
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            self.flow = self._build()
+        self.flow.to(self.device).eval()
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        """Validate uint8 (1, n, ch, h, w) or (n, ch, h, w) images; return (n, ch, h, w)."""
+        if x.dim() == 4:
+            x = x.unsqueeze(0)
+        if x.dtype != torch.uint8 or x.dim() != 5 or x.shape[0] != 1 or x.shape[2:] != self.event_shape:
+            shape = ", ".join(map(str, self.event_shape))
+            raise ValueError(f"glow expects uint8 (1, n, {shape}) images, got {x.dtype} {tuple(x.shape)}")
+        return x[0]
+
+    def _labels(self, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """Validate labels (1, n) or (n,) in [0, num_classes); None for an unconditional flow."""
+        if labels is None or self.num_classes is None:
+            return None
+        y = labels.reshape(-1).to(self.device, torch.long)
+        if len(y) != n or (len(y) and (y.min() < 0 or y.max() >= self.num_classes)):
+            raise ValueError(f"glow expects {n} labels in [0, {self.num_classes}), got {tuple(labels.shape)}")
+        return y
+
+    def dequantize(self, u: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Pixels u in {0..255} plus noise in [0, 1), scaled to [0, 1): the continuous data."""
+        return (u.to(self.device, self.dtype) + noise.to(self.device, self.dtype)) / 256
+
+    def _flow_input(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] data to the flow's data space; a shift has unit Jacobian, the logit lives in the flow."""
+        return x - 0.5 if self.preprocess == "shift" else x
+
+    def continuous_log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-density (n,) of continuous images x in [0, 1]^D (nats); the class marginal when y is None."""
+        z, log_det = self.flow.inverse_and_log_det(self._flow_input(x))
+
+        def base(y: torch.Tensor | None) -> torch.Tensor:  # log q(z | y), summed over the levels
+            if self.num_classes is None:
+                return sum(q.log_prob(zl) for q, zl in zip(self.flow.q0, z, strict=True))
+            return sum(q.log_prob(zl, y) for q, zl in zip(self.flow.q0, z, strict=True))
+
+        if self.num_classes is None or y is not None:
+            return log_det + base(y)
+        # p(x) = (1/K) sum_k p(x | k): uniform class prior, exact by logsumexp over the K base densities.
+        classes = torch.arange(self.num_classes, device=x.device)
+        per_class = torch.stack([base(k.expand(len(x))) for k in classes])
+        return log_det + torch.logsumexp(per_class, 0) - math.log(self.num_classes)
+
+    # -- training -----------------------------------------------------------------------------
+
+    def _batches(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """Minibatch indices: successive random permutations (epochs), batch_size rows at a time."""
+        size = min(self.batch_size, n)
+        perm, pos = torch.randperm(n, generator=generator, device=generator.device), 0
+        while True:
+            if pos + size > n:
+                perm, pos = torch.randperm(n, generator=generator, device=generator.device), 0
+            yield perm[pos : pos + size]
+            pos += size
+
+    def fit(
+        self,
+        data: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        steps: int | None = None,
+        generator: torch.Generator,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Maximum likelihood on dequantized uint8 images (1, n, ch, h, w) with Adam.
+
+        Labels train the class-conditional base; a conditional flow given no labels maximises the class
+        marginal instead. Warm start carries the weights (and the fitted ActNorm) but not the optimiser:
+        every call builds a fresh Adam. ActNorm initialises from the first batch after a reset only.
+        """
+        u = self._images(data).to(self.device)
+        y_all = self._labels(labels, len(u))
+        steps = self.steps if steps is None else int(steps)
+        opt = torch.optim.Adam(self.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        batches = self._batches(len(u), generator)
+        bits = self.dim * math.log(2)  # nats per image -> bits per dimension
+        losses: list[float] = []
+        start = time.perf_counter()
+        self.flow.train()
+        try:
+            for step in tqdm(range(steps), desc="glow fit", leave=False, disable=not progress):
+                idx = next(batches).to(self.device)
+                noise = torch.rand(len(idx), *self.event_shape, generator=generator, device=generator.device)
+                x = self.dequantize(u[idx], noise)
+                y = None if y_all is None else y_all[idx]
+                loss = -self.continuous_log_prob(x, y).mean()  # nats per image, continuous [0, 1] data
+                check_finite(loss, step)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.grad_clip)
+                opt.step()
+                if step == 0 or step == steps - 1:
+                    losses.append(float(loss.detach()))
+        finally:
+            self.flow.eval()
+        first, last = (losses[0], losses[-1]) if losses else (math.nan, math.nan)
+        return {
+            "loss_first": first,
+            "loss_last": last,
+            "bpd_first": first / bits + 8.0,  # + log2(256): the discrete 8-bit bits/dim
+            "bpd_last": last / bits + 8.0,
+            "steps": float(steps),
+            "seconds": time.perf_counter() - start,
+        }
+
+    # -- sampling and likelihood --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _frozen_actnorm(self) -> Iterator[None]:
+        """Evaluate without side effects: an unfitted ActNorm would initialise itself from whatever batch
+        it sees first (making results depend on the batch); until a fit it acts as the identity."""
+        acts = [m for m in self.flow.modules() if isinstance(m, nf.flows.ActNorm)]
+        fresh = [(m, m.data_dep_init_done) for m in acts if not m.data_dep_init_done > 0]
+        for m, flag in fresh:
+            m.data_dep_init_done = torch.ones_like(flag)
+        try:
+            yield
+        finally:
+            for m, flag in fresh:
+                m.data_dep_init_done = flag
+
+    def base_moments(self, level: int, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-std of level's Gaussian base, broadcastable to (n, *shape); mirrors normflows."""
+        q = self.flow.q0[level]
+        if self.num_classes is None:  # GlowBase: one mean and log-scale per channel
+            loc = q.loc * torch.exp(q.loc_logs * q.logscale_factor)
+            return loc, q.log_scale * torch.exp(q.log_scale_logs * q.logscale_factor)
+        # ClassCondDiagGaussian: per-dimension parameters (*shape, K), picked by each sample's class
+        return q.loc[..., y].movedim(-1, 0), q.log_scale[..., y].movedim(-1, 0)
+
+    def _noise(self, n: int, labels: torch.Tensor | None, generator: torch.Generator):
+        """Per-sample draws: sample i's latent noise (D values, all levels), then its class if unlabelled,
+        from a generator seeded by derive_seed(generator.initial_seed(), i): independent of batching."""
+        root = generator.initial_seed()
+        eps = torch.empty(n, self.dim)
+        y = torch.empty(n, dtype=torch.long) if self.num_classes is not None else None
+        g = torch.Generator()
+        for i in range(n):
+            g.manual_seed(derive_seed(root, i))
+            eps[i] = torch.randn(self.dim, generator=g)
+            if y is not None:
+                y[i] = torch.randint(self.num_classes, (1,), generator=g)
+        if labels is not None and y is not None:
+            y = self._labels(labels, n).cpu()
+        return eps, y
+
+    def sample_continuous(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Continuous samples (n, ch, h, w) in data space (about [0, 1]) before quantization."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        eps, y = self._noise(n, labels, generator)
+        sizes = [math.prod(s) for s in self.latent_shapes()]
+        out = []
+        with torch.no_grad(), self._frozen_actnorm():
+            for rows in torch.arange(n).split(self.chunk):
+                e = eps[rows].to(self.device, self.dtype).split(sizes, dim=1)
+                yc = None if y is None else y[rows].to(self.device)
+                z = []
+                for level, shape in enumerate(self.latent_shapes()):
+                    loc, log_scale = self.base_moments(level, yc)
+                    # temperature s scales the base covariance: std times sqrt(s)
+                    z.append(loc + torch.exp(log_scale) * math.sqrt(temperature) * e[level].view(-1, *shape))
+                x = self.flow.forward_and_log_det(z)[0]
+                out.append(x + 0.5 if self.preprocess == "shift" else x)
+        return torch.cat(out) if out else torch.empty(0, *self.event_shape, device=self.device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Draw uint8 images (1, n, ch, h, w); labels (n,) fix the classes of a conditional flow."""
+        x = self.sample_continuous(n, labels, generator=generator, temperature=temperature)
+        x = torch.nan_to_num(x, nan=0.0).clamp(0, 1 - 1e-6)  # the bin of 1.0 would be 256
+        return torch.floor(x * 256).to(torch.uint8).unsqueeze(0)
+
+    @torch.no_grad()
+    def log_prob(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Discrete log-likelihood (1, n) in nats of uint8 images: log p_cont((u + v)/256) - D log 256.
+
+        v is a fixed noise field (the same for every image, so the value is deterministic), or, with a
+        generator, fresh per-image noise (image i seeded from derive_seed(initial_seed, "dequant", i)).
+        Either way the mean over images is an unbiased estimate of the dequantization bound. A conditional
+        flow gives log p(x | label) with labels and the class marginal without.
+        """
+        u = self._images(x)
+        y_all = self._labels(labels, len(u))
+        if generator is None:
+            noise = self.eval_noise.expand(len(u), *self.event_shape)
+        else:
+            root, g = generator.initial_seed(), torch.Generator()
+            noise = torch.stack([
+                torch.rand(self.event_shape, generator=g.manual_seed(derive_seed(root, "dequant", i)))
+                for i in range(len(u))
+            ]) if len(u) else torch.empty(0, *self.event_shape)  # fmt: skip
+        out = []
+        with self._frozen_actnorm():
+            for rows in torch.arange(len(u)).split(self.chunk):
+                xc = self.dequantize(u[rows.to(u.device)], noise[rows])
+                y = None if y_all is None else y_all[rows.to(y_all.device)]
+                out.append(self.continuous_log_prob(xc, y) - self.dim * math.log(256))
+        lp = torch.cat(out) if out else torch.empty(0, device=self.device)
+        return lp.unsqueeze(0).to(x.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The flow's floating dtype (float32 by default; tests may cast the flow to float64)."""
+        return next(self.flow.parameters()).dtype
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain CPU tensors (weights, LU buffers, ActNorm flags) that load with weights_only=True."""
+        return {k: v.detach().cpu().clone() for k, v in self.flow.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any:
+        """Load weights saved by state_dict; the ActNorm flags come along, so no re-initialisation."""
+        out = self.flow.load_state_dict(state)
+        # ActNorm reassigns its flag as a new CPU tensor on first use; keep every buffer on the device.
+        self.flow.to(self.device)
+        return out
+
+    def parameters_vector(self) -> torch.Tensor:
+        """All trainable parameters flattened to (1, P) on the CPU, for parameter distances."""
+        return torch.cat([p.detach().reshape(-1) for p in self.flow.parameters()]).cpu().unsqueeze(0)
