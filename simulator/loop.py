@@ -29,7 +29,7 @@ from simulator.metrics import registry as metric_registry
 from simulator.models.base import Diverged, GenerativeModel
 from simulator.policies import REAL, Policy, assemble, curate
 from simulator.report import save_grid
-from simulator.run import RunDir, RunError
+from simulator.run import RunDir
 
 
 def _load(path: Path) -> Any:
@@ -117,9 +117,7 @@ def generation_loop(
     if rows and rows[-1].get("status") == "diverged":
         return rows
     params0 = params_star = None  # parameters of G_0 and of the fit to real data (theta*)
-    if done:
-        if not run.verify(done[-1], "model.pt"):
-            raise RunError(f"{run.gen_dir(done[-1]) / 'model.pt'} does not match its checksum in state.json")
+    if done:  # repair() has checked every committed file against its checksum
         model.load_state_dict(_load(run.gen_dir(done[-1]) / "model.pt"))
         first = make_model()
         first.load_state_dict(_load(run.gen_dir(0) / "model.pt"))

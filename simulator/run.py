@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -157,10 +158,28 @@ class RunDir:
         return rows
 
     def repair(self) -> list[int]:
-        """Bring results.jsonl and state.json in line with the committed gen dirs; drop stale .tmp dirs."""
+        """Bring the directory to its last whole generation before resuming.
+
+        Drops stale gen_XXX.tmp dirs; moves the first generation whose files fail their checksum
+        (and every later one, which was computed from it) to corrupt/ so it is recomputed; then
+        makes results.jsonl and state.json agree with the gen dirs (a kill between the rename
+        and the append leaves a missing or torn row).
+        """
         for tmp in self.path.glob("gen_*.tmp"):
             shutil.rmtree(tmp)
         gens = self.committed()
+        bad = next((t for t in gens if not self.verify_all(t)), None)
+        if bad is not None:
+            quarantine = self.path / "corrupt"
+            quarantine.mkdir(exist_ok=True)
+            for t in gens[bad:]:
+                target = quarantine / f"{self.gen_dir(t).name}.{len(list(quarantine.iterdir()))}"
+                os.replace(self.gen_dir(t), target)
+            print(f"warning: {self.gen_dir(bad).name} failed its checksum; moved generations {bad}.."
+                  f"{gens[-1]} to {quarantine} and recomputing them", file=sys.stderr)  # fmt: skip
+            files = {k: v for k, v in self.state().get("files", {}).items() if int(k.split("/")[0][4:]) < bad}
+            self.write_state(files=files, last_generation=bad - 1)
+            gens = gens[:bad]
         path = self.path / "results.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
         rows = self.rows()
@@ -191,8 +210,7 @@ class RunDir:
         for f in sorted(tmp.iterdir()):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-            if f.suffix == ".pt":
-                checksums[f"{self.gen_dir(t).name}/{f.name}"] = sha256(f)
+            checksums[f"{self.gen_dir(t).name}/{f.name}"] = sha256(f)
         _fsync_dir(tmp)
         os.replace(tmp, self.gen_dir(t))
         _fsync_dir(self.path)
@@ -203,6 +221,12 @@ class RunDir:
         files = self.state().get("files", {})
         files.update(checksums)
         self.write_state(last_generation=t, status=status, files=files)
+
+    def verify_all(self, t: int) -> bool:
+        """True when every checksummed file of generation t is present and intact."""
+        prefix = f"{self.gen_dir(t).name}/"
+        names = [k[len(prefix) :] for k in self.state().get("files", {}) if k.startswith(prefix)]
+        return all(self.verify(t, name) for name in names)
 
     def verify(self, t: int, name: str) -> bool:
         """True when gen t's file matches the checksum recorded at commit (or none was recorded)."""

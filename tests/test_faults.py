@@ -1,0 +1,109 @@
+"""Fault tolerance: SIGKILL at random moments, corrupted files, and a resumed run equal to a whole one."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+
+from simulator.cli import run_config
+from simulator.run import RunDir
+from tests.conftest import compose_config
+
+GAUSS = ["data=gaussian", "model=gaussian", "eval=fast", "chains=64", "data.n_train=50",
+         "policy=accumulate", "generations=40"]  # fmt: skip
+FLOW = ["data=two_moons", "model=flow", "model.options.blocks=2", "model.options.hidden=16", "debug=tiny",
+        "generations=6", "policy=mix", "eval.metrics=[nll,moments,param_dist]"]  # fmt: skip
+
+
+def _child(cfg, path) -> None:
+    torch.set_num_threads(1)
+    run_config(cfg, path)
+
+
+def strip(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("seconds") and k != "train"} for r in rows]
+
+
+def files(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.glob("gen_*/*.pt"))}
+
+
+def kill_until_done(cfg, path, kills: int, max_delay: float, seed: int = 0) -> int:
+    """Run cfg in a child process, SIGKILL it after a random delay, restart; stop when it finishes alone.
+
+    The forkserver has imported the simulator once, so a restart costs milliseconds and the kills
+    land inside generations (fits, sampling, commits), not in interpreter start-up.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["simulator.cli", "tests.test_faults"])
+    rng = random.Random(seed)
+    done_kills = 0
+    while True:
+        p = ctx.Process(target=_child, args=(cfg, path))
+        p.start()
+        if done_kills < kills:
+            p.join(rng.uniform(0.0, max_delay))
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+                p.join()
+                done_kills += 1
+                continue
+        p.join()
+        if p.exitcode == 0 and RunDir(path).state().get("status") == "complete":
+            return done_kills
+        assert p.exitcode in (0, -signal.SIGKILL), f"child failed with exit code {p.exitcode}"
+
+
+def check_equal(tmp_path, cfg, kills: int) -> None:
+    start = time.perf_counter()
+    run_config(cfg, tmp_path / "whole")
+    # each life does at most max_delay of work, so the run cannot finish before every kill has landed
+    max_delay = (time.perf_counter() - start) / (kills + 1)
+    n = kill_until_done(cfg, tmp_path / "killed", kills, max_delay)
+    assert n == kills
+    whole, killed = RunDir(tmp_path / "whole"), RunDir(tmp_path / "killed")
+    assert strip(killed.rows()) == strip(whole.rows())
+    assert files(killed.path) == files(whole.path), "files differ from the uninterrupted run"
+    assert not list(killed.path.glob("gen_*.tmp"))
+
+
+def test_sigkill_25_times_gaussian_chains(tmp_path):
+    check_equal(tmp_path, compose_config(*GAUSS, "generations=60"), kills=25)
+
+
+@pytest.mark.slow
+def test_sigkill_25_times_flow(tmp_path):
+    check_equal(tmp_path, compose_config(*FLOW, "generations=60"), kills=25)
+
+
+@pytest.mark.parametrize("victim", ["model.pt", "samples.pt", "metrics.json"])
+def test_corrupted_file_is_detected_and_recomputed(tmp_path, victim, capsys):
+    cfg = compose_config(*GAUSS, "generations=5")
+    run_config(cfg, tmp_path / "whole")
+    run_config(cfg, tmp_path / "hurt")
+    target = tmp_path / "hurt" / "gen_003" / victim
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    target.write_bytes(bytes(data))
+    run_config(cfg, tmp_path / "hurt")
+    assert "gen_003 failed its checksum" in capsys.readouterr().err
+    assert strip(RunDir(tmp_path / "hurt").rows()) == strip(RunDir(tmp_path / "whole").rows())
+    assert files(tmp_path / "hurt") == files(tmp_path / "whole")
+    assert len(list((tmp_path / "hurt" / "corrupt").iterdir())) == 3  # gens 3, 4, 5 set aside
+
+
+def test_nan_loss_gives_a_diverged_row(tmp_path):
+    cfg = compose_config(*FLOW, "model.options.lr=1e12", "+model.options.grad_clip=null")
+    summary = run_config(cfg, tmp_path)
+    rows = RunDir(tmp_path).rows()
+    assert summary["status"] == "diverged" and rows[-1]["status"] == "diverged"
+    assert "non-finite" in rows[-1]["error"]
+    assert all(r["status"] == "ok" for r in rows[:-1])
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len(rows)  # every line is a whole JSON row
