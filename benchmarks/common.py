@@ -34,6 +34,17 @@ def best_of(fn: Callable[[], Any], repeats: int = 3) -> float:
     return min(times)
 
 
+def best_of_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 3) -> dict[str, float]:
+    """Minimum seconds of each fn, the fns run in turn, so a change in machine load hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(ts) for name, ts in times.items()}
+
+
 def write(name: str, result: dict[str, Any]) -> Path:
     """Write result with machine facts to benchmarks/results/<name>.json and print it."""
     result = {

@@ -49,7 +49,7 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     policy = registry.make_policy(cfg)
     data = registry.make_data(cfg)
     make_model = registry.make_model_factory(cfg, data.event_shape, device)
-    with RunDir(run_path) as run:
+    with RunDir(run_path, durable=cfg.durable) as run:
         run.check_config(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         rows = generation_loop(
             run, data, make_model, policy,

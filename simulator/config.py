@@ -68,6 +68,7 @@ def validate(cfg: DictConfig, *, families: list[str], sources: list[str], polici
     check_choice(cfg, "device", DEVICES)
     check_bool(cfg, "progress")
     check_int(cfg, "threads", 1, optional=True)
+    check_bool(cfg, "durable")
     check_choice(cfg, "data.source", sources)
     check_int(cfg, "data.n_train", 1, optional=True)  # null: all the source has (image sources)
     check_int(cfg, "data.n_test", 1, optional=True)

@@ -73,7 +73,7 @@ def generation_loop(
     chains = data.train.shape[0]
     n_real = data.n_train
     n_pool = policy.n_synthetic(n_real)  # samples per generation that enter training sets
-    n_draw = max(n_pool, n_samples or 0, eval_samples or 0, 1)
+    n_draw = max(n_pool, n_samples or 0, (eval_samples or 0) if metrics else 0, 1)
     model = make_model()
     conditional = data.train_labels is not None and getattr(model, "num_classes", None) is not None
     cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # generation -> (samples, labels)

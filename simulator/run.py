@@ -38,13 +38,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str, durable: bool = True) -> None:
     """Write text to path via a temporary file and a rename, so readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -80,10 +81,13 @@ class RunDir:
     """One run's directory. Use as a context manager to hold its lock."""
 
     # keys that may change between invocations without changing the science of a run
-    RESUMABLE_KEYS = ("generations", "progress", "device", "threads", "run_root", "eval.figures")
+    RESUMABLE_KEYS = ("generations", "progress", "device", "threads", "durable", "run_root", "eval.figures")
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, durable: bool = True):
         self.path = Path(path)
+        # durable: fsync every commit, so a generation survives a machine crash, not only a killed
+        # process (a rename is atomic either way; without fsync a crash may lose the last commits)
+        self.durable = durable
         self._lock_fd: int | None = None
 
     # ---- lock -------------------------------------------------------------------------------
@@ -136,7 +140,7 @@ class RunDir:
     def write_state(self, **fields: Any) -> None:
         state = self.state()
         state.update(fields, code_version=__version__)
-        write_atomic(self.path / "state.json", json.dumps(state, indent=1, sort_keys=True))
+        write_atomic(self.path / "state.json", json.dumps(state, indent=1, sort_keys=True), self.durable)
 
     def committed(self) -> list[int]:
         """Generations committed so far: gen_000 .. gen_{k-1} (contiguous; a gap ends the list)."""
@@ -191,7 +195,7 @@ class RunDir:
         return gens
 
     def _write_rows(self, rows: list[dict]) -> None:
-        write_atomic(self.path / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(self.path / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows), self.durable)
 
     # ---- one generation ---------------------------------------------------------------------
     def begin(self, t: int) -> Path:
@@ -208,16 +212,20 @@ class RunDir:
         (tmp / "metrics.json").write_text(json.dumps(row, indent=1))
         checksums = {}
         for f in sorted(tmp.iterdir()):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            if self.durable:
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
             checksums[f"{self.gen_dir(t).name}/{f.name}"] = sha256(f)
-        _fsync_dir(tmp)
+        if self.durable:
+            _fsync_dir(tmp)
         os.replace(tmp, self.gen_dir(t))
-        _fsync_dir(self.path)
+        if self.durable:
+            _fsync_dir(self.path)
         with open(self.path / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
-            os.fsync(f.fileno())
+            if self.durable:
+                os.fsync(f.fileno())
         files = self.state().get("files", {})
         files.update(checksums)
         self.write_state(last_generation=t, status=status, files=files)

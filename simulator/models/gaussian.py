@@ -101,9 +101,14 @@ def affine_tril(mean: torch.Tensor, factor: torch.Tensor, z: torch.Tensor, scale
     if d > 8:
         return torch.baddbmm(mean.unsqueeze(1), z, factor.transpose(1, 2), alpha=scale)
     f = factor * scale if scale != 1.0 else factor
-    x = torch.addcmul(mean.unsqueeze(1), z, f.diagonal(dim1=-2, dim2=-1).unsqueeze(1))
-    for j in range(d - 1):  # column j of the factor feeds coordinates j+1..d-1
-        x[..., j + 1 :].addcmul_(z[..., j : j + 1], f[:, None, j + 1 :, j])
+    # In place, last coordinate first: x_i = mean_i + sum_{j<=i} f_ij z_j only reads z_j for j <= i,
+    # which are still untouched; no new (C, n, d) tensor is allocated.
+    x = z
+    for i in range(d - 1, -1, -1):
+        xi = x[..., i]
+        xi.mul_(f[:, None, i, i]).add_(mean[:, None, i])
+        for j in range(i):
+            xi.addcmul_(x[..., j], f[:, None, i, j])
     return x
 
 
