@@ -87,6 +87,7 @@ def _simulate(cfg: DictConfig) -> None:
 def _validate(cfg: DictConfig) -> None:
     validate(cfg, families=sorted(registry.FAMILIES), sources=registry.source_names(),
              policies=sorted(registry.policies.POLICIES), metrics=registry.metric_names())  # fmt: skip
+    registry.check_metric_options(cfg)
 
 
 def preflight(args: list[str]) -> None:
@@ -132,7 +133,8 @@ class SweepReport(Callback):
         sweep = Path(config.hydra.sweep.dir)
         runs = [p.parent for p in sorted(sweep.glob("*/results.jsonl"))]
         if runs:
-            out = report.report(runs, sweep / "figures", metric=config.eval.stability_metric)
+            metrics = [config.eval.stability_metric, *config.eval.get("report_metrics", [])]
+            out = report.report(runs, sweep / "figures", metric=[m for m in metrics if m])
             print(f"comparison figure and table: {out}")
 
 

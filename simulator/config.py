@@ -9,6 +9,7 @@ line and exit code 2 (DESIGN.md section 6).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -104,5 +105,12 @@ def validate(cfg: DictConfig, *, families: list[str], sources: list[str], polici
 
 
 def run_name(override_dirname: str) -> str:
-    """Directory name of a run inside its experiment folder: the overrides, or 'base' for none."""
-    return override_dirname.replace("/", "_") or "base"
+    """Directory name of a run inside its experiment folder: the overrides, or 'base' for none.
+
+    Names longer than 200 characters keep their first 180 and a hash of the whole, so they stay
+    deterministic (the same command finds the same run) and within file-system limits.
+    """
+    name = override_dirname.replace("/", "_") or "base"
+    if len(name) > 200:
+        name = f"{name[:180]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+    return name

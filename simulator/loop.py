@@ -166,7 +166,7 @@ def generation_loop(
         clock = time.perf_counter()
         if t == 0 and model.parameters_vector() is not None:
             params0 = params_star = model.parameters_vector().detach().cpu()
-            if init_checkpoint:  # theta* is then the fit to real data, needed by Bertrand's bound
+            if init_checkpoint and "param_dist" in metrics:  # theta*: the fit to real data (Bertrand)
                 ref = make_model()
                 ref.reset(gen("init"))
                 ref.fit(data.train, steps=steps_gen0 or steps, generator=gen("fit"), progress=False)

@@ -61,6 +61,19 @@ def metric_names() -> list[str]:
     return sorted(METRICS)
 
 
+def check_metric_options(cfg: DictConfig) -> None:
+    """Fail before any work when a metric cannot run as configured (e.g. FID weights missing offline)."""
+    if "fid" in cfg.eval.metrics:
+        from simulator.metrics import features, fid
+
+        try:
+            opts = fid.FIDOptions.parse(_options(cfg.eval.options))
+            if opts.extractor == "inception":
+                features.resolve_weights(opts.weights_path, opts.allow_download)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
 def resolve_device(name: str) -> str:
     """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a config error."""
     if name == "auto":

@@ -175,13 +175,16 @@ def _seedless(config: dict[str, Any]) -> str:
     return json.dumps(c, sort_keys=True, default=str)
 
 
-def report(runs: list[Path], out: Path, metric: str | None = None) -> Path:
-    """Stability figure (metric vs generation, one line per regime, band over seeds) and summary tables."""
+def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -> Path:
+    """Stability figure (one panel per metric: metric vs generation, one line per regime, 95% band
+    over seeds) and summary tables (CSV and markdown) of the first metric's contraction and verdict."""
     loaded = [(p, *load_run(p)) for p in runs]
     if metric is None:
         metric = loaded[0][1].get("eval", {}).get("stability_metric") or numeric_columns(loaded[0][2])[0]
-    if not any(metric in r for _, _, rows in loaded for r in rows):
-        raise ReportError(f"metric {metric!r} is in none of the runs' results")
+    asked = [metric] if isinstance(metric, str) else list(metric)
+    metrics = [m for m in asked if any(m in r for _, _, rows in loaded for r in rows)]
+    if not metrics:
+        raise ReportError(f"metric {', '.join(asked)!r} is in none of the runs' results")
     out.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[tuple[Path, dict, list]]] = defaultdict(list)
     for p, config, rows in loaded:
@@ -190,12 +193,14 @@ def report(runs: list[Path], out: Path, metric: str | None = None) -> Path:
     table = []
     for members in groups.values():
         for p, config, rows in members:
-            s = stability.summarize(rows, metric)
             last = rows[-1] if rows else {}
-            table.append({"run": str(p), "regime": regime_label(config), "seed": config.get("seed"),
-                          "generations": last.get("generation"), "status": _state(p).get("status"),
-                          f"{metric}_first": s.get("first"), f"{metric}_last": s.get("last"),
-                          "rho": s.get("rho"), "verdict": s.get("verdict")})  # fmt: skip
+            row = {"run": str(p), "regime": regime_label(config), "seed": config.get("seed"),
+                   "generations": last.get("generation"), "status": _state(p).get("status")}  # fmt: skip
+            for m in metrics:
+                s = stability.summarize(rows, m)
+                row.update({f"{m}_first": s["first"], f"{m}_last": s["last"], f"{m}_rho": s["rho"],
+                            f"{m}_verdict": s["verdict"]})  # fmt: skip
+            table.append(row)
     with open(out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
@@ -206,13 +211,26 @@ def report(runs: list[Path], out: Path, metric: str | None = None) -> Path:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.0 * len(metrics), 4.2), squeeze=False)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        _draw_metric(ax, m, groups)
+    fig.tight_layout()
+    fig.savefig(out / "stability.png", dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _draw_metric(ax: Any, metric: str, groups: dict[str, list[tuple[Path, dict, list]]]) -> None:
+    """One panel: metric vs generation, a line per regime (mean over seeds, 95% band when several)."""
+    positive = True
     for members in groups.values():
         curves: dict[int, list[float]] = defaultdict(list)
         for _, _, rows in members:
             for r in rows:
-                if isinstance(r.get(metric), (int, float)):
-                    curves[r["generation"]].append(r[metric])
+                v = r.get(metric)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    curves[r["generation"]].append(v)
+                    positive &= v > 0
         gens = sorted(curves)
         mean = [sum(curves[t]) / len(curves[t]) for t in gens]
         label = regime_label(members[0][1]) + (f" ({len(members)} seeds)" if len(members) > 1 else "")
@@ -224,13 +242,9 @@ def report(runs: list[Path], out: Path, metric: str | None = None) -> Path:
             ax.fill_between(gens, low, high, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("generation")
     ax.set_ylabel(metric)
-    ax.set_yscale("log" if all(r.get(metric, 1) > 0 for _, _, rows in loaded for r in rows) else "linear")
+    ax.set_yscale("log" if positive else "linear")
     ax.set_title(f"{metric} across generations")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "stability.png", dpi=120)
-    plt.close(fig)
-    return out
 
 
 def _sd(xs: list[float]) -> float:
