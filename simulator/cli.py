@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from simulator import registry, stability
 from simulator.config import ConfigError, run_name, validate
 from simulator.loop import generation_loop
+from simulator.models.base import world
 from simulator.run import RunDir, RunError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -49,6 +52,7 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     policy = registry.make_policy(cfg)
     data = registry.make_data(cfg)
     make_model = registry.make_model_factory(cfg, data.event_shape, device)
+    run_path = distributed_run_path(Path(run_path), device)
     with RunDir(run_path, durable=cfg.durable) as run:
         run.check_config(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         rows = generation_loop(
@@ -67,11 +71,39 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
         status = "diverged" if last["status"] == "diverged" else "complete"
         summary.update(policy=policy.describe(), generations=last["generation"], status=status)
         (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
-        if cfg.eval.figures:
+        if cfg.eval.figures and world()[0] == 0:
             from simulator import report
 
             report.draw_run(run.path)
     return summary
+
+
+def distributed_run_path(run_path: Path, device: str) -> Path:
+    """Under torchrun, join the process group; rank 0 owns run_path, rank r > 0 a mirror in .rank<r>/.
+
+    Every rank computes the same generations (data-parallel training keeps the models equal); only
+    rank 0's directory is the record. A mirror starts as a copy of rank 0's committed generations,
+    so all ranks resume from the same point.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return run_path
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rank = dist.get_rank()
+    if rank == 0:
+        with RunDir(run_path) as run:
+            run.repair()
+    dist.barrier()
+    if rank == 0:
+        return run_path
+    mirror = run_path / f".rank{rank}"
+    shutil.rmtree(mirror, ignore_errors=True)
+    shutil.copytree(run_path, mirror, ignore=shutil.ignore_patterns(".rank*", ".lock"))
+    return mirror
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")

@@ -22,6 +22,7 @@ FAMILIES: dict[str, str] = {
     "gmm": "simulator.models.gmm:GMMFamily",
     "kde": "simulator.models.kde:KDEFamily",
     "flow": "simulator.models.flow:FlowFamily",
+    "flow_ensemble": "simulator.models.flow_ensemble:FlowEnsembleFamily",
     "glow": "simulator.models.glow:GlowFamily",
     "diffusion": "simulator.models.diffusion:DiffusionFamily",
 }

@@ -71,3 +71,38 @@ def broadcast_chains(x: torch.Tensor, chains: int, event_dims: int) -> torch.Ten
     if x.dim() != event_dims + 2 or x.shape[0] not in (1, chains):
         raise ValueError(f"expected (n, *event) or ({chains}, n, *event), got {tuple(x.shape)}")
     return x.expand(chains, *x.shape[1:])
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, or (0, 1) when it is not initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def local_rows(size: int) -> slice:
+    """This rank's rows of a global minibatch of `size` rows (data parallel: the ranks split it evenly)."""
+    rank, world_size = world()
+    if size % world_size:
+        raise ValueError(f"batch_size {size} must be divisible by the number of processes ({world_size})")
+    per = size // world_size
+    return slice(rank * per, (rank + 1) * per)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """All-reduce gradients to their mean over ranks: with local_rows, the gradient of the global batch."""
+    rank, world_size = world()
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

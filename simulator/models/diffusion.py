@@ -21,7 +21,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from tqdm import tqdm
 
-from simulator.models.base import check_finite
+from simulator.models.base import average_gradients, check_finite, local_rows
 from simulator.seeding import derive_seed
 
 SAMPLERS = ("ddpm", "ddim")
@@ -239,6 +239,10 @@ class DiffusionFamily:
                 idx, pos = perm[pos : pos + size].to(self.device), pos + size
                 t = torch.randint(0, self.train_timesteps, (size,), generator=generator, device=gd)
                 noise = torch.randn(size, *self.event_shape, generator=generator, device=gd).to(self.device)
+                # data parallel (torchrun): every rank draws the same global batch and takes its rows,
+                # so with gradients averaged the step equals a single process's on the whole batch
+                rows = local_rows(size)
+                idx, t, noise = idx[rows], t[rows], noise[rows]
                 t, yb = t.to(self.device), None if y is None else y[idx]
                 xt = self.noise_scheduler.add_noise(x8[idx].float() / 127.5 - 1, noise, t)
                 with self._autocast():
@@ -246,6 +250,7 @@ class DiffusionFamily:
                 check_finite(loss, step)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                average_gradients(params)
                 scaler.unscale_(opt)
                 if self.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
