@@ -17,7 +17,8 @@ STEPS = 6
 
 def train(out: str | None = None) -> dict[str, torch.Tensor]:
     torch.set_num_threads(1)
-    data = torch.randint(0, 256, (1, 32, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (1, 32, 1, 8, 8), generator=g, dtype=torch.uint8)
     model = DiffusionFamily(**TINY)
     model.reset(torch.Generator().manual_seed(1))
     model.fit(data, steps=STEPS, generator=torch.Generator().manual_seed(2))
