@@ -212,6 +212,8 @@ def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -
         lines.append("| " + " | ".join(_fmt(v) for v in row.values()) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
+    _write_tidy(loaded, out)
+
     plt = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.0 * len(metrics), 4.2), squeeze=False)
     for ax, m in zip(axes[0], metrics, strict=True):
@@ -220,6 +222,30 @@ def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -
     fig.savefig(out / "stability.png", dpi=120)
     plt.close(fig)
     return out
+
+
+def _write_tidy(loaded: list[tuple[Path, dict, list]], out: Path) -> None:
+    """results.csv (and results.parquet when pyarrow is installed): one row per run and generation."""
+    records = []
+    for p, config, rows in loaded:
+        for r in rows:
+            flat = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
+            records.append({"run": str(p), "regime": regime_label(config), "seed": config.get("seed"), **flat})
+    columns = list(dict.fromkeys(k for rec in records for k in rec))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return
+    try:
+        table = pa.table({c: [rec.get(c) for rec in records] for c in columns})
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a column mixing types: the CSV is the record
+        return
+    pq.write_table(table, out / "results.parquet")
 
 
 def _draw_metric(ax: Any, metric: str, groups: dict[str, list[tuple[Path, dict, list]]]) -> None:
