@@ -230,7 +230,8 @@ def _write_tidy(loaded: list[tuple[Path, dict, list]], out: Path) -> None:
     for p, config, rows in loaded:
         for r in rows:
             flat = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
-            records.append({"run": str(p), "regime": regime_label(config), "seed": config.get("seed"), **flat})
+            head = {"run": str(p), "regime": regime_label(config), "seed": config.get("seed")}
+            records.append({**head, **flat})
     columns = list(dict.fromkeys(k for rec in records for k in rec))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
