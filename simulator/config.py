@@ -84,6 +84,8 @@ def validate(cfg: DictConfig, *, families: list[str], sources: list[str], polici
     check_int(cfg, "train.steps", 1, optional=True)
     check_int(cfg, "train.steps_gen0", 1, optional=True)
     check_bool(cfg, "train.warm_start")
+    if _get(cfg, "train.epochs") is not None:
+        check_float(cfg, "train.epochs", 0.0, strict=True)
     check_int(cfg, "sample.n", 1, optional=True)
     check_float(cfg, "sample.temperature", 0.0, strict=True)
     check_int(cfg, "sample.curation_k", 1)

@@ -58,6 +58,7 @@ def generation_loop(
     warm_start: bool = True,  # fine-tune G_{t-1} (Bertrand et al.) or refit from scratch
     steps: int | None = None,  # training steps per generation (neural families)
     steps_gen0: int | None = None,  # training steps of generation 0 (default: steps)
+    epochs: float | None = None,  # when set, steps per generation = ceil(epochs * rows / batch_size)
     init_checkpoint: str | None = None,  # load G_0 from here instead of fitting it (pretrained start)
     n_samples: int | None = None,  # samples per generation (default: what the policy needs)
     temperature: float = 1.0,  # sampling bias s: s < 1 narrows the samples
@@ -144,8 +145,10 @@ def generation_loop(
                     train = assemble(parts, pool, chains)
                     labels = assemble(parts, pool_labels, chains) if conditional else None
                 n_train = train.shape[1]
-                stats = model.fit(train, labels, steps=steps_gen0 if t == 0 and steps_gen0 else steps,
-                                  generator=gen("fit"), progress=progress)  # fmt: skip
+                n_steps = steps_gen0 if t == 0 and steps_gen0 else steps
+                if epochs and not (t == 0 and steps_gen0):  # about `epochs` passes over D_t (Bertrand)
+                    n_steps = math.ceil(epochs * n_train / getattr(model, "batch_size", n_train))
+                stats = model.fit(train, labels, steps=n_steps, generator=gen("fit"), progress=progress)
                 del train, labels
         except Diverged as e:
             row.update(status="diverged", error=str(e))
