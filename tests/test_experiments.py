@@ -54,7 +54,8 @@ def test_ffhq_smoke_two_generations(tmp_path):
         (folder / str(i % 2)).mkdir(exist_ok=True)
         Image.fromarray(pixels).save(folder / str(i % 2) / f"{i:05d}.png")
     cfg = experiment("ffhq_bertrand_smoke", f"data.options.root={folder}", "data.n_test=8",
-                     "+data.options.labels=true", f"++eval.options.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+                     "+data.options.labels=true",
+                     f"++eval.options.cache_dir={tmp_path / 'cache'}")  # fmt: skip
     summary = run_config(cfg, tmp_path / "run")
     assert summary["status"] == "complete"
     samples = torch.load(tmp_path / "run" / "gen_002" / "samples.pt", weights_only=True)
