@@ -55,6 +55,7 @@ def test_default_sweep_draws_the_comparison(tmp_path):
     assert "mix λ=0.25" in table and "replace" in table
 
 
+# caught by the preflight check of the command line (before hydra starts)
 BAD = [
     (["model.family=nope"], "model.family: must be one of"),
     (["policy.name=nope"], "policy.name: must be one of"),
@@ -65,6 +66,17 @@ BAD = [
     (["init.checkpoint=/no/such/model.pt"], "init.checkpoint: file not found"),
     (["sample.temperature=0"], "sample.temperature: must be a number > 0"),
     (["eval.metrics=[nope]"], "eval.metrics: unknown metric"),
+    (["generatons=3"], "command line: Could not override 'generatons'"),
+    (["policy=nope"], "command line: In 'config': Could not find 'policy/nope'"),
+    (["policy=mix=3,"], "command line: mismatched input"),
+    (["-m", "policy=mix", "policy.lam=0.5,-1"], "policy.lam: must be a number >= 0, got -1"),
+    (["eval=image", "eval.options.weights_path=/no/weights.pth"], "eval.options.weights_path"),
+    (["durable=maybe"], "durable: must be true or false"),
+    (["threads=0"], "threads: must be an integer >= 1"),
+    (["train.epochs=-1"], "train.epochs: must be a number > 0"),
+]
+# caught when the run starts (they need the data's shape or the machine): the real command line
+BAD_AT_START = [
     (["model.options.arch=nope"], "model.options (flow)"),
     (["chains=4"], "model.options (flow)"),
     (["+model.options.nope=1"], "model.options (flow)"),
@@ -72,7 +84,20 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("args,message", BAD, ids=[b[1].split(":")[0] for b in BAD])
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_command_line_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    from simulator.cli import preflight
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        preflight(["experiment=single", *TINY, *args])
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert tree(tmp_path) == {}, "a bad command must not write anything"
+
+
+@pytest.mark.parametrize("args,message", BAD_AT_START, ids=[b[1] + " " + b[0][0] for b in BAD_AT_START])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     out = simulate("experiment=single", *TINY, *args, cwd=tmp_path)
     assert out.returncode == 2, out.stderr
