@@ -68,7 +68,10 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """Keys (dotted) whose values differ, ignoring keys that start with any of `ignore`."""
-    a, b = _flatten(old), _flatten(new)
+    # a key absent on one side and null on the other is no difference: options added to the
+    # project later default to null ("off"), and must not lock older runs out of resuming
+    a = {k: v for k, v in _flatten(old).items() if v is not None}
+    b = {k: v for k, v in _flatten(new).items() if v is not None}
     keys = sorted(set(a) | set(b))
     return [
         f"{k} ({a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r})"

@@ -137,3 +137,12 @@ def test_warm_start_and_scratch_differ_for_flows(tmp_path):
     b = torch.load(tmp_path / "c" / "gen_001" / "model.pt", weights_only=True)
     assert warm["status"] == cold["status"] == "complete"
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_differences_ignore_new_null_options():
+    from simulator.run import config_differences
+
+    old = {"train": {"steps": 5}, "seed": 0}
+    assert config_differences(old, {"train": {"steps": 5, "epochs": None}, "seed": 0}) == []
+    assert config_differences(old, {"train": {"steps": 5, "epochs": 1}, "seed": 0}) != []
+    assert config_differences(old, {"train": {"steps": 6}, "seed": 0}) == ["train.steps (5 -> 6)"]
