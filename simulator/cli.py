@@ -181,7 +181,10 @@ def simulate_report(argv: list[str] | None = None) -> None:
     parser.add_argument("dirs", nargs="+", help="run directories, or sweep directories holding runs")
     parser.add_argument("--out", default=None, help="where figures and tables go (default: DIR/figures)")
     parser.add_argument(
-        "--metric", default=None, help="metric for the stability curves (default: from config)"
+        "--metric",
+        action="append",
+        default=None,
+        help="metric for the stability curves, repeatable (default: eval.stability_metric)",
     )
     args = parser.parse_args(argv)
     try:

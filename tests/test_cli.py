@@ -132,9 +132,12 @@ def test_lambda_by_seed_sweep_and_report(tmp_path):
     assert len(table) == 1 + 4
     # simulate-report redraws from the run directories alone, grouping seeds into one regime
     code = "from simulator.cli import simulate_report; simulate_report()"
-    rep = subprocess.run([sys.executable, "-c", code, str(sweep), "--out", str(tmp_path / "rep")],
-                         capture_output=True, text=True)  # fmt: skip
+    args = [str(sweep), "--out", str(tmp_path / "rep"), "--metric", "var_ratio", "--metric", "mean_drift"]
+    rep = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     assert rep.returncode == 0, rep.stderr
     assert (tmp_path / "rep" / "stability.png").stat().st_size > 0
+    header = (tmp_path / "rep" / "summary.csv").read_text().splitlines()[0]
+    assert "var_ratio_rho" in header and "mean_drift_rho" in header
+    assert len((tmp_path / "rep" / "results.csv").read_text().splitlines()) == 1 + 4 * 3  # runs x generations
     bad = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
