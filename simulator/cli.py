@@ -188,8 +188,15 @@ def simulate_report(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
+        from simulator.contamination import report as contamination_report
+
         runs = report.find_runs([Path(d) for d in args.dirs])
         out = Path(args.out) if args.out else (Path(args.dirs[0]) / "figures")
-        print(report.report(runs, out, metric=args.metric))
+        grids = [r for r in runs if contamination_report.is_contamination_run(r)]
+        if grids:  # simulate-contaminate's grids: accuracy, robustness and bias figures
+            print(contamination_report.report(grids, out))
+        loops = [r for r in runs if r not in grids]
+        if loops:
+            print(report.report(loops, out, metric=args.metric))
     except report.ReportError as e:
         fail(str(e))

@@ -31,6 +31,7 @@ FAMILIES: dict[str, str] = {
 SOURCE_MODULES = {
     "simulator.data.toy": ("TOY_SOURCES", "make_toy"),
     "simulator.data.images": ("IMAGE_SOURCES", "make_image"),
+    "simulator.data.colored": ("COLORED_SOURCES", "make_colored"),
 }
 
 # modules whose import registers metrics

@@ -1,0 +1,162 @@
+"""Print the numbers behind the contamination findings, from run directories alone; copy the figures.
+
+    python experiments/contamination/analyze.py replace RUN         # accuracy vs alpha, generated vs control
+    python experiments/contamination/analyze.py robustness RUN      # effective robustness per mode and ratio
+    python experiments/contamination/analyze.py bias RUN [RUN ...]  # bias per generation (a run per loop)
+    python experiments/contamination/analyze.py figures NAME RUN... # -> figures/contamination_NAME_*.png
+
+Means are over seeds with a 95% Student-t half-width; "paired" differences are taken seed by seed (replace
+and its control remove the same real images and train from the same initialisation).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from simulator.contamination.report import draw, mean_ci, run_label, with_robustness
+from simulator.report import load_run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _rows(run: Path) -> tuple[dict, list[dict[str, Any]], dict]:
+    config, rows = load_run(run)
+    rows, fits = with_robustness([r for r in rows if r.get("status") == "ok"])
+    return config, rows, fits
+
+
+def _cell(values: list[float]) -> str:
+    m, h = mean_ci(values)
+    return f"{m:.4f} ± {h:.4f}" if m == m else "-"
+
+
+def _by(rows: list[dict], mode: str, ratio: float, gen_t: Any = "any") -> dict[int, dict]:
+    return {
+        r["seed"]: r
+        for r in rows
+        if r.get("kind") == "contaminated"
+        and r["mode"] == mode
+        and r["ratio"] == ratio
+        and (gen_t == "any" or r.get("gen_t") == gen_t)
+    }
+
+
+def replace(run: Path) -> None:
+    """Clean accuracy vs alpha with generated substitutes and with shifted real ones, and their paired gap."""
+    _, rows, _ = _rows(run)
+    alphas = sorted({r["ratio"] for r in rows if r.get("mode") in ("replace", "real_shifted")})
+    print(f"## {run}\n\n| alpha | replace (generated) | real_shifted (control) | replace - control, paired |")
+    print("|---|---|---|---|")
+    zero = _by(rows, "replace", 0.0)
+    for a in alphas:
+        gen = _by(rows, "replace", a)
+        ctl = _by(rows, "real_shifted", a) if a > 0 else zero
+        diff = [gen[s]["acc_clean"] - ctl[s]["acc_clean"] for s in gen if s in ctl]
+        print(
+            f"| {a:g} | {_cell([r['acc_clean'] for r in gen.values()])} | "
+            f"{_cell([r['acc_clean'] for r in ctl.values()])} | {_cell(diff)} |"
+        )
+    ref = [r for r in rows if r.get("kind") == "reference"][0]
+    gen_acc = [r["gen_ref_acc"] for r in rows if r.get("gen_ref_acc") is not None]
+    if gen_acc:
+        print(
+            f"\nreal-trained reference classifier: {ref['acc_clean']:.4f} on the real test set, "
+            f"{gen_acc[0]:.4f} on the generated pool (drop {ref['acc_clean'] - gen_acc[0]:.4f})"
+        )
+
+
+def robustness(run: Path) -> None:
+    """Clean and mean shifted accuracy and effective robustness per mode and ratio, with the baseline fit."""
+    _, rows, fits = _rows(run)
+    fit = fits.get("acc_shift_mean")
+    if not fit:
+        print(f"{run}: no effective-robustness fit (fewer than 6 real-only baselines)")
+        return
+    print(
+        f"## {run}\n\nbaseline fit over {fit['points']} real-only classifiers: "
+        f"logit(shifted) = {fit['w']:.3f} logit(clean) + {fit['b']:.3f}\n"
+    )
+    base = [r["er_shift_mean"] for r in rows if r.get("kind") in ("reference", "baseline")]
+    print(f"baselines: effective robustness {_cell(base)} (0 by construction of the fit, on average)\n")
+    print("| mode | ratio | clean | mean shifted | effective robustness | ER - ER(real only), paired |")
+    print("|---|---|---|---|---|---|")
+    zero = _by(rows, "replace", 0.0)
+    for mode in ("replace", "augment", "real_shifted"):
+        for ratio in sorted(
+            {r["ratio"] for r in rows if r.get("mode") == mode and r.get("kind") == "contaminated"}
+        ):
+            sel = _by(rows, mode, ratio)
+            gain = [sel[s]["er_shift_mean"] - zero[s]["er_shift_mean"] for s in sel if s in zero]
+            print(
+                f"| {mode} | {ratio:g} | {_cell([r['acc_clean'] for r in sel.values()])} | "
+                f"{_cell([r['acc_shift_mean'] for r in sel.values()])} | "
+                f"{_cell([r['er_shift_mean'] for r in sel.values()])} | {_cell(gain)} |"
+            )
+
+
+BIAS = (
+    "acc_clean",
+    "worst_group_acc",
+    "align_gap",
+    "dp_diff",
+    "eo_diff",
+    "biasamp",
+    "biasamp_at",
+    "gen_aligned_frac",
+    "gen_attr_tv",
+    "gen_class_tv",
+    "gen_ref_acc",
+    "gen_biasamp",
+)
+
+
+def bias(runs: list[Path]) -> None:
+    """Bias metrics per generator generation and alpha (mean ± 95% over seeds), one table per run."""
+    for run in runs:
+        config, rows, _ = _rows(run)
+        real = [
+            r for r in rows if r.get("kind") == "contaminated" and r["mode"] == "replace" and r["ratio"] == 0
+        ]
+        print(f"## {run_label(run, config)} ({run})\n")
+        print("| alpha | generation | " + " | ".join(BIAS) + " |")
+        print("|---|---|" + "---|" * len(BIAS))
+        if real:
+            print("| 0 (real only) | - | " + " | ".join(_cell([r.get(m) for r in real]) for m in BIAS) + " |")
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for r in rows:
+            if r.get("mode") == "generations":
+                groups[r["ratio"], r["gen_t"]].append(r)
+        for (alpha, t), rs in sorted(groups.items()):
+            print(f"| {alpha:g} | {t} | " + " | ".join(_cell([r.get(m) for r in rs]) for m in BIAS) + " |")
+        real_frac = next(
+            (r.get("real_aligned_frac") for r in rows if r.get("real_aligned_frac") is not None), None
+        )
+        if real_frac is not None:
+            print(f"\nreal training images aligned with their class's colour: {real_frac:.4f}\n")
+
+
+def figures(name: str, runs: list[Path]) -> None:
+    """Draw the runs' figures and copy them to figures/contamination_<name>_<figure>.png."""
+    out = ROOT / "figures"
+    for path in draw(runs, runs[0] / "figures"):
+        target = out / f"contamination_{name}_{path.name}"
+        shutil.copyfile(path, target)
+        print(target.relative_to(ROOT))
+
+
+if __name__ == "__main__":
+    command, *args = sys.argv[1:]
+    if command == "replace":
+        replace(Path(args[0]))
+    elif command == "robustness":
+        robustness(Path(args[0]))
+    elif command == "bias":
+        bias([Path(a) for a in args])
+    elif command == "figures":
+        figures(args[0], [Path(a) for a in args[1:]])
+    else:
+        sys.exit(f"unknown command {command!r}; use replace, robustness, bias or figures")

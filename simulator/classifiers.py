@@ -1,0 +1,188 @@
+"""Downstream classifiers of the contamination paths: an MLP, a small CNN and a ResNet-18 for small images.
+
+Images enter as uint8 (n, ch, h, w) (the image contract) and are scaled to [-1, 1]; vectors (n, d) enter as
+float. Training is a fixed number of minibatch steps (epochs = successive random permutations) with AdamW
+or SGD with momentum, a cosine learning-rate decay, and optional crop/flip augmentation for natural
+images. Every draw -- initialisation, minibatch order, augmentation -- comes from the generator passed in,
+so a classifier is a deterministic function of (data, options, seed) on the CPU.
+
+- mlp:      flatten, `hidden` ReLU layers: the classifier of toy vectors and a weak baseline on images.
+- cnn:      three 3x3 convolutions (width w, 2w, 2w) with one 2x2 max-pool and global average pooling.
+- resnet18: torchvision's ResNet-18 adapted to small images as in the CIFAR literature: a 3x3 stride-1
+            stem and no max-pool (the ImageNet stem would shrink 32x32 inputs to 8x8 before any block).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+ARCHS = ("mlp", "cnn", "resnet18")
+OPTIMIZERS = ("adamw", "sgd")
+AUGMENTS = ("none", "crop", "crop_flip")
+
+
+class SmallCNN(nn.Module):
+    """conv-relu x2, max-pool, conv-relu, global average pool, linear: enough for 8x8 digits."""
+
+    def __init__(self, channels: int, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def _mlp(in_features: int, num_classes: int, hidden: list[int]) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    for h in hidden:
+        layers += [nn.Linear(in_features, h), nn.ReLU()]
+        in_features = h
+    return nn.Sequential(*layers, nn.Linear(in_features, num_classes))
+
+
+def _resnet18(channels: int, num_classes: int) -> nn.Module:
+    from torchvision.models import resnet18
+
+    net = resnet18(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+def make_classifier(
+    arch: str,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    generator: torch.Generator,
+    width: int = 32,
+    hidden: tuple[int, ...] | list[int] = (256, 256),
+    device: str = "cpu",
+) -> nn.Module:
+    """A freshly initialised classifier; the weights are a function of generator's seed alone."""
+    if arch not in ARCHS:
+        raise ValueError(f"classifier.arch: must be one of {', '.join(ARCHS)}; got {arch!r}")
+    if num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    # Layers initialise through the global CPU RNG; fork it so nobody else's draws move.
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        if arch == "mlp":
+            net = _mlp(math.prod(in_shape), num_classes, list(hidden))
+        elif len(in_shape) != 3:
+            raise ValueError(f"classifier.arch={arch} needs images (ch, h, w); got shape {tuple(in_shape)}")
+        elif arch == "cnn":
+            net = SmallCNN(in_shape[0], num_classes, width)
+        else:
+            net = _resnet18(in_shape[0], num_classes)
+    return net.to(device)
+
+
+def to_input(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1] on device; float vectors pass through."""
+    x = x.to(device)
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+
+
+def _augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Random 4-pixel-padded crops (reflect) and, for crop_flip, horizontal flips, drawn per image."""
+    n, _, h, w = x.shape
+    pad = 4 if min(h, w) >= 16 else 1  # a 4-pixel shift would move an 8x8 digit half out of view
+    g = generator.device
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=g).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=g).to(x.device)
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect").permute(0, 2, 3, 1)  # (n, H, W, ch)
+    rows = (oy.view(-1, 1) + torch.arange(h, device=x.device)).view(n, h, 1)
+    cols = (ox.view(-1, 1) + torch.arange(w, device=x.device)).view(n, 1, w)
+    out = xp[torch.arange(n, device=x.device).view(n, 1, 1), rows, cols].permute(0, 3, 1, 2)
+    if mode == "crop_flip":
+        flip = (torch.rand(n, generator=generator, device=g) < 0.5).to(x.device)
+        out = torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)
+    return out
+
+
+def train_classifier(
+    net: nn.Module,
+    x: torch.Tensor,  # uint8 images (n, ch, h, w) or float vectors (n, d)
+    y: torch.Tensor,  # int64 labels (n,)
+    *,
+    steps: int,  # optimiser steps
+    generator: torch.Generator,  # minibatch order and augmentation
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 5e-4,
+    optimizer: str = "adamw",  # "adamw" or "sgd" (momentum 0.9, nesterov)
+    augment: str = "none",  # "none", "crop" or "crop_flip" (images only)
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Cross-entropy training for `steps` minibatches with cosine decay; returns loss and timing stats."""
+    if optimizer not in OPTIMIZERS or augment not in AUGMENTS:
+        raise ValueError(f"optimizer must be in {OPTIMIZERS} and augment in {AUGMENTS}")
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"need as many labels as inputs (> 0), got {len(x)} and {len(y)}")
+    device = next(net.parameters()).device
+    params = [p for p in net.parameters() if p.requires_grad]
+    if optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(steps, 1)))
+    )
+    x_dev, y_dev = x.to(device), y.to(device)
+    n, size, gd = len(x), min(batch_size, len(x)), generator.device
+    perm, pos, losses = torch.randperm(n, generator=generator, device=gd), 0, []
+    start = time.perf_counter()
+    net.train()
+    for _ in tqdm(range(steps), desc="classifier", leave=False, disable=not progress):
+        if pos + size > n:
+            perm, pos = torch.randperm(n, generator=generator, device=gd), 0
+        idx, pos = perm[pos : pos + size].to(device), pos + size
+        xb = to_input(x_dev[idx], device)
+        if augment != "none" and xb.dim() == 4:
+            xb = _augment(xb, augment, generator)
+        loss = F.cross_entropy(net(xb), y_dev[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.detach())
+    net.eval()
+    losses_t = torch.stack(losses).float().cpu() if losses else torch.zeros(0)
+    k = min(10, steps)
+    return {
+        "loss_first": float(losses_t[:k].mean()) if k else math.nan,
+        "loss_last": float(losses_t[-k:].mean()) if k else math.nan,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+@torch.no_grad()
+def predict(net: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Predicted labels (n,) on the CPU, in evaluation mode, batch by batch."""
+    net.eval()
+    device = next(net.parameters()).device
+    out = [net(to_input(x[i : i + batch_size], device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of x the classifier labels as y."""
+    return float((predict(net, x) == y.cpu()).float().mean()) if len(x) else math.nan

@@ -1,0 +1,347 @@
+"""The contamination grid: one classifier per cell, each cell committed whole like a loop generation.
+
+    cells = reference, baselines x seeds, then mode x ratio (x generator generation) x seeds
+    for cell i (skipping committed ones):
+        D_i   = mix(mode, ratio, real split, generated pool | shifted reserve)
+        f_i   = train(classifier, D_i)                      # seeded by (seed, replicate)
+        row_i = accuracy on clean and shifted test sets, bias metrics, generator statistics
+        commit(i)                                           # gen_XXX/ = cell XXX; results.jsonl row
+
+Cell i lives in RunDir's gen_{i:03d}/ and its row's "generation" key is i (RunDir's resume key); the
+generator generation a cell's images come from is "gen_t". Cell 0 is the reference: the standard
+real-trained classifier, whose weights are kept to score generated images and see their classes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from simulator import bias, classifiers, seeding, shifts
+from simulator.contamination.mixing import (
+    GENERATED,
+    MODES,
+    REAL,
+    SHIFTED,
+    ContaminationError,
+    Pool,
+    class_orders,
+    class_sizes,
+    extra_per_class,
+    mix,
+    split_real,
+)
+from simulator.contamination.sources import GeneratorSource
+from simulator.data.base import Dataset
+from simulator.run import RunDir, RunError, write_atomic
+
+TRAIN_KEYS = ("batch_size", "lr", "weight_decay", "optimizer", "augment")
+NET_KEYS = ("width", "hidden")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One classifier to train: what data (mode, ratio, generator generation) and which replicate seed."""
+
+    kind: str  # "reference" (real only, the main classifier), "baseline" (real only) or "contaminated"
+    mode: str  # a mixing mode; reference and baselines are replace at ratio 0
+    ratio: float
+    seed: int  # replicate seed
+    classifier: tuple = ()  # (key, value) pairs overriding the main classifier config (baselines)
+    gen_t: int | None = None  # generator generation of its generated images (None: no generator or spot)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "mode": self.mode,
+            "ratio": self.ratio,
+            "seed": self.seed,
+            "gen_t": self.gen_t,
+            **dict(self.classifier),
+        }
+
+
+def plan(
+    modes: dict[str, list[float]],
+    seeds: list[int],
+    baselines: list[dict],
+    default_t: int | None,
+    generations: list[int],
+) -> list[Cell]:
+    """Every cell of the grid, in the order they are trained (the reference first)."""
+    cells = [Cell("reference", "replace", 0.0, seeds[0])]
+    for spec in baselines:
+        for s in seeds:
+            cell = Cell("baseline", "replace", 0.0, s, tuple(sorted(spec.items())))
+            if cell not in cells:
+                cells.append(cell)
+    for mode in MODES:
+        for r in modes.get(mode) or []:
+            for t in generations if mode == "generations" else [default_t]:
+                for s in seeds:
+                    gen_t = t if mode != "real_shifted" else None
+                    cells.append(Cell("contaminated", mode, float(r), s, gen_t=gen_t))
+    return cells
+
+
+@dataclass
+class Setup:
+    """The real data of a grid: classifier split, shifted reserve, test sets, attribute bookkeeping."""
+
+    full: Pool  # every real training image (what generators trained on)
+    real: Pool  # the classifier's real training split
+    reserve: Pool  # held-out real images after the control shift (the real_shifted substitutes)
+    test: Pool
+    test_sets: dict[str, torch.Tensor]  # shift name -> shifted copy of test.images
+    num_classes: int
+    num_attrs: int = 0
+    aligned: torch.Tensor | None = None
+    attribute_of: Any = None
+    sizes: list[int] = field(default_factory=list)  # real split's class sizes
+
+
+def prepare(
+    data: Dataset,
+    *,
+    seed: int,
+    split_fraction: float,
+    control_shift: str | None,
+    control_severity: int,
+    shift_names: list[str],
+    severity: int,
+) -> Setup:
+    """Split the real training images, shift the reserve and the test set; all from seed's streams."""
+    if data.train_labels is None or data.test_labels is None:
+        raise ContaminationError(
+            "data: the contamination paths need a labelled source (train and test labels)"
+        )
+    attrs = getattr(data, "train_attrs", None)
+    full = Pool(data.train[0], data.train_labels[0].long(), None if attrs is None else attrs[0].long())
+    num_classes = int(max(full.labels.max(), data.test_labels.max())) + 1
+    keep, rest = split_real(full.labels, split_fraction, seeding.generator(seed, "split"))
+    reserve = full.take(rest)
+    if control_shift and len(reserve) and reserve.images.dim() == 4:
+        reserve.images = shifts.apply(
+            control_shift, reserve.images, control_severity, seeding.generator(seed, "control")
+        )
+    test_attrs = getattr(data, "test_attrs", None)
+    test = Pool(data.test, data.test_labels.long(), test_attrs)
+    images = data.test.dim() == 4
+    sets = (
+        shifts.shifted_sets(data.test, shift_names, severity, seeding.generator(seed, "test-shifts"))
+        if images
+        else {}
+    )
+    real = full.take(keep)
+    return Setup(
+        full=full,
+        real=real,
+        reserve=reserve,
+        test=test,
+        test_sets=sets,
+        num_classes=num_classes,
+        num_attrs=getattr(data, "num_attrs", 0) if attrs is not None else 0,
+        aligned=getattr(data, "aligned", None),
+        attribute_of=getattr(data, "attribute_of", None),
+        sizes=class_sizes(real.labels, num_classes),
+    )
+
+
+def pool_needs(cells: list[Cell], sizes: list[int]) -> dict[int | None, list[int]]:
+    """Per generator generation, the generated images of each class its largest cell needs."""
+    need: dict[int | None, list[int]] = {}
+    for c in cells:
+        if c.kind == "contaminated" and c.mode != "real_shifted":
+            k = extra_per_class(c.mode, c.ratio, sizes)
+            need[c.gen_t] = [max(a, b) for a, b in zip(need.get(c.gen_t, [0] * len(sizes)), k, strict=True)]
+    return need
+
+
+def check_plan(run: RunDir, cells: list[Cell]) -> None:
+    """Keep the grid's cell list in cells.json; refuse to resume when it changed (cell i must stay cell i).
+
+    The config alone does not pin the grid: mode generations walks every committed generation of the loop
+    run, which may have grown since.
+    """
+    plan_text = json.dumps([c.describe() for c in cells], indent=0)
+    path = run.path / "cells.json"
+    if path.exists() and path.read_text() != plan_text:
+        raise RunError(
+            f"run directory {run.path} holds another grid (cells.json differs: e.g. the loop run has more "
+            "generations now); list generator.generations explicitly or use another run directory"
+        )
+    write_atomic(path, plan_text)
+
+
+def evaluate(net: torch.nn.Module, setup: Setup) -> tuple[dict[str, float], torch.Tensor]:
+    """Clean and shifted test accuracies (and their mean over shifts); returns the clean predictions too."""
+    pred = classifiers.predict(net, setup.test.images)
+    row = {"acc_clean": float((pred == setup.test.labels).double().mean())}
+    for name, images in setup.test_sets.items():
+        row[f"acc_{name}"] = classifiers.accuracy(net, images, setup.test.labels)
+    if setup.test_sets:
+        row["acc_shift_mean"] = sum(row[f"acc_{n}"] for n in setup.test_sets) / len(setup.test_sets)
+    return row, pred
+
+
+def generator_stats(pool: Pool, reference: torch.nn.Module, setup: Setup) -> dict[str, Any]:
+    """What a real-trained classifier makes of generated images, and how their bias drifts from the real."""
+    seen = classifiers.predict(reference, pool.images)
+    row: dict[str, Any] = {"gen_ref_acc": float((seen == pool.labels).double().mean()), "gen_pool": len(pool)}
+    if pool.attrs is not None and setup.full.attrs is not None and setup.aligned is not None:
+        row.update(
+            bias.generator_bias(
+                pool.labels,
+                pool.attrs,
+                setup.full.labels,
+                setup.full.attrs,
+                setup.aligned,
+                setup.num_classes,
+                setup.num_attrs,
+                seen_y=seen,
+            )
+        )
+    else:
+        seen_p = bias.proportions(seen, setup.num_classes)
+        row["gen_class_props"] = seen_p.tolist()
+        row["gen_class_tv"] = bias.total_variation(
+            seen_p, bias.proportions(setup.full.labels, setup.num_classes)
+        )
+    return row
+
+
+def run_grid(
+    run: RunDir,  # contamination run directory, already locked and config-checked
+    setup: Setup,  # the real data (prepare)
+    cells: list[Cell],  # plan(...)
+    source: GeneratorSource | None,  # generated images (None when no cell needs them)
+    classifier: dict[str, Any],  # the main classifier: arch, steps and the training options
+    seed: int = 0,  # root of the replicate streams
+    device: str = "cpu",
+    save_models: bool = False,  # keep every cell's classifier (the reference's is always kept)
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train and evaluate every cell not yet committed in run; returns all rows."""
+    needs = pool_needs(cells, setup.sizes)
+    shape = tuple(setup.test.images.shape[1:])
+    check_plan(run, cells)
+    done = run.repair()
+    rows = run.rows()
+    gen_rows: dict[int | None, dict[str, Any]] = {}  # generator statistics, once per pool
+    reference = None
+
+    def build(opts: dict[str, Any], gen: torch.Generator) -> torch.nn.Module:
+        net_opts = {k: opts[k] for k in NET_KEYS if k in opts}
+        return classifiers.make_classifier(
+            opts["arch"], shape, setup.num_classes, generator=gen, device=device, **net_opts
+        )
+
+    if done:  # the reference classifier of an interrupted grid
+        reference = build(dict(classifier), torch.Generator().manual_seed(0))
+        reference.load_state_dict(
+            torch.load(run.gen_dir(0) / "model.pt", map_location=device, weights_only=True)
+        )
+    bar = tqdm(
+        range(len(done), len(cells)), desc="cells", disable=not progress, initial=len(done), total=len(cells)
+    )
+    for i in bar:
+        cell = cells[i]
+        stream = partial(seeding.generator, seed, "replicate", cell.seed)  # this replicate's streams
+        tmp = run.begin(i)
+        clock = time.perf_counter()
+        extra = order = None
+        if cell.kind == "contaminated" and cell.ratio > 0:
+            if cell.mode == "real_shifted":
+                extra = setup.reserve
+            else:
+                extra = source.pool(cell.gen_t, needs[cell.gen_t])  # type: ignore[union-attr]
+            key = "reserve" if cell.mode == "real_shifted" else f"pool-{cell.gen_t}"
+            order = class_orders(extra.labels, setup.num_classes, stream("extra", key))
+        data = mix(
+            cell.mode,
+            cell.ratio,
+            setup.real,
+            class_orders(setup.real.labels, setup.num_classes, stream("replaced")),
+            extra,
+            order,
+        )
+        opts = {**classifier, **dict(cell.classifier)}
+        net = build(opts, stream("init"))
+        stats = classifiers.train_classifier(
+            net,
+            data.images,
+            data.labels,
+            steps=opts["steps"],
+            generator=stream("fit"),
+            progress=False,
+            **{k: opts[k] for k in TRAIN_KEYS if k in opts},
+        )
+        row: dict[str, Any] = {
+            "generation": i,
+            "cell": i,
+            "status": "ok",
+            **cell.describe(),
+            "arch": opts["arch"],
+            "steps": opts["steps"],
+            "n_train": len(data.labels),
+            "n_real": data.count(REAL),
+            "n_generated": data.count(GENERATED),
+            "n_shifted": data.count(SHIFTED),
+        }
+        metrics, pred = evaluate(net, setup)
+        row.update(metrics)
+        if i == 0:
+            reference = net
+        if setup.test.attrs is not None and data.attrs is not None:
+            row.update(
+                bias.classifier_bias(
+                    setup.test.labels,
+                    setup.test.attrs,
+                    pred,
+                    data.labels,
+                    data.attrs,
+                    setup.aligned,
+                    setup.num_classes,
+                    setup.num_attrs,
+                )
+            )
+        if (
+            cell.kind == "contaminated"
+            and cell.mode != "real_shifted"
+            and cell.ratio > 0
+            and source is not None
+        ):
+            if cell.gen_t not in gen_rows:
+                pool = source.pool(cell.gen_t, needs[cell.gen_t])
+                gen_rows[cell.gen_t] = generator_stats(pool, reference, setup)  # type: ignore[arg-type]
+            row.update(gen_rows[cell.gen_t])
+        row["train"] = stats
+        row["seconds"] = time.perf_counter() - clock
+        if i == 0 or save_models:
+            torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp / "model.pt")
+        run.commit(i, _clean(row), status="complete" if i == len(cells) - 1 else "running")
+        rows.append(_clean(row))
+        bar.set_postfix(acc=f"{row['acc_clean']:.3f}", mode=cell.mode, ratio=cell.ratio)
+    return rows
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN -> None, so results.jsonl is strict JSON."""
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        return v
+
+    return {k: fix(v) for k, v in row.items()}

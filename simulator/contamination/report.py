@@ -1,0 +1,348 @@
+"""Tables and figures of contamination runs, from their run directories alone (results.jsonl, config.yaml).
+
+summarize: effective robustness (fit over the run's real-only classifiers) added to every cell, then one
+  table row per (kind, mode, ratio, generator generation, classifier) with the mean over seeds and a 95%
+  Student-t half-width: summary.json / summary.csv / summary.md.
+draw: accuracy vs ratio per mode with the real_shifted control (bands over seeds); the effective
+  robustness scatter in logit axes with the baseline fit; bias metrics vs generator generation.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simulator.contamination.robustness import add_effective_robustness, logit, predicted
+from simulator.report import _plt, load_run
+
+GROUP_KEYS = ("kind", "mode", "ratio", "gen_t", "arch", "steps", "hidden", "width")
+METRICS = (
+    "acc_clean",
+    "acc_shift_mean",
+    "er_shift_mean",
+    "gen_ref_acc",
+    "worst_group_acc",
+    "align_gap",
+    "aligned_acc",
+    "conflicting_acc",
+    "dp_diff",
+    "eo_diff",
+    "biasamp",
+    "biasamp_at",
+    "train_aligned_frac",
+    "gen_aligned_frac",
+    "gen_attr_tv",
+    "gen_class_tv",
+    "gen_biasamp",
+    "gen_biasamp_ta",
+)
+BIAS_PANELS = (
+    "acc_clean",
+    "worst_group_acc",
+    "align_gap",
+    "dp_diff",
+    "eo_diff",
+    "biasamp_at",
+    "biasamp",
+    "gen_aligned_frac",
+    "gen_attr_tv",
+    "gen_class_tv",
+    "gen_ref_acc",
+    "gen_biasamp_ta",
+)
+
+
+def is_contamination_run(path: Path) -> bool:
+    """True for a run directory written by simulate-contaminate (config task: contaminate)."""
+    cfg = path / "config.yaml"
+    return cfg.exists() and (yaml.safe_load(cfg.read_text()) or {}).get("task") == "contaminate"
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and 95% Student-t half-width (0 for a single value) of the finite values."""
+    xs = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not xs:
+        return math.nan, math.nan
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    from scipy.stats import t
+
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return m, float(t.ppf(0.975, len(xs) - 1)) * sd / math.sqrt(len(xs))
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return tuple(json.dumps(row.get(k), sort_keys=True) for k in GROUP_KEYS)
+
+
+def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per cell configuration: mean and 95% half-width over seeds of every metric present."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[_key(r)].append(r)
+    out = []
+    for members in groups.values():
+        first = members[0]
+        entry: dict[str, Any] = {k: first.get(k) for k in GROUP_KEYS if first.get(k) is not None}
+        entry["seeds"] = len(members)
+        for m in METRICS:
+            if any(r.get(m) is not None for r in members):
+                entry[m], entry[f"{m}_ci"] = mean_ci([r.get(m) for r in members])
+        out.append(entry)
+    return out
+
+
+def with_robustness(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A copy of the rows with er_* columns, and the baseline fits."""
+    rows = copy.deepcopy(rows)
+    return rows, add_effective_robustness(rows)
+
+
+def summarize(run_path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write summary.json, summary.csv and summary.md of a contamination run; returns the summary."""
+    rows, fits = with_robustness(rows)
+    tab = table(rows)
+    state = json.loads((run_path / "state.json").read_text()) if (run_path / "state.json").exists() else {}
+    summary = {"cells": len(rows), "status": state.get("status"), "fits": fits, "table": tab}
+    (run_path / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    cols = list(dict.fromkeys(k for t in tab for k in t))
+    with open(run_path / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(tab)
+    main = [c for c in cols if not c.endswith("_ci")]
+    lines = ["| " + " | ".join(main) + " |", "|" + "---|" * len(main)]
+    for t in tab:
+        lines.append("| " + " | ".join(_fmt(t.get(c), t.get(f"{c}_ci")) for c in main) + " |")
+    (run_path / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def _fmt(v: Any, ci: Any = None) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" + (f" ± {ci:.2g}" if isinstance(ci, float) and math.isfinite(ci) and ci > 0 else "")
+    return "" if v is None else str(v)
+
+
+def run_label(path: Path, config: dict[str, Any]) -> str:
+    """A short label: the loop policy of a run-dir generator (e.g. 'mix λ=1'), else the directory name."""
+    gen = config.get("generator") or {}
+    loop_cfg = Path(str(gen.get("run_dir") or "")) / "config.yaml"
+    if gen.get("kind") == "run" and loop_cfg.is_file():
+        policy = (yaml.safe_load(loop_cfg.read_text()) or {}).get("policy", {})
+        name = policy.get("name", "?")
+        return f"{name} λ={policy['lam']:g}" if name == "mix" else name
+    return f"{config.get('name', '')}/{path.name}" if path.name == "base" else path.name
+
+
+def _curve(rows: list[dict[str, Any]], metric: str, x_key: str = "ratio") -> tuple[list, list, list]:
+    groups: dict[float, list[float]] = defaultdict(list)
+    for r in rows:
+        if r.get(metric) is not None and r.get(x_key) is not None:
+            groups[r[x_key]].append(r[metric])
+    xs = sorted(groups)
+    stats = [mean_ci(groups[x]) for x in xs]
+    return xs, [s[0] for s in stats], [s[1] for s in stats]
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _band(ax: Any, xs: list, mean: list, half: list, label: str, style: str = "-", color: Any = None) -> Any:
+    (line,) = ax.plot(xs, mean, style, marker="o", ms=3, label=label, color=color)
+    lo = [m - (h if math.isfinite(h) else 0) for m, h in zip(mean, half, strict=True)]
+    hi = [m + (h if math.isfinite(h) else 0) for m, h in zip(mean, half, strict=True)]
+    ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.18)
+    return line
+
+
+def _accuracy_figure(loaded: list, out: Path, plt: Any) -> Path | None:
+    """Clean (solid) and mean shifted (dashed) accuracy vs alpha (replace, control) and vs r (augment)."""
+    if not any(
+        r.get("mode") in ("replace", "augment", "real_shifted")
+        and r.get("kind") == "contaminated"
+        and r.get("ratio", 0) > 0
+        for _, _, rows, _ in loaded
+        for r in rows
+    ):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for path, config, rows, _ in loaded:
+        prefix = f"{run_label(path, config)}: " if len(loaded) > 1 else ""
+        cont = [r for r in rows if r.get("kind") == "contaminated"]
+        zero = [r for r in cont if r["mode"] == "replace" and r["ratio"] == 0]  # alpha = r = 0: real only
+        for ax, modes in ((axes[0], ("replace", "real_shifted")), (axes[1], ("augment",))):
+            for mode in modes:
+                sel = [r for r in cont if r["mode"] == mode] + [
+                    dict(r, mode=mode) for r in zero if mode != "replace"
+                ]
+                if not [r for r in sel if r["ratio"] > 0]:
+                    continue
+                label = {
+                    "replace": "generated (replace)",
+                    "real_shifted": "shifted real (control)",
+                    "augment": "real + generated (augment)",
+                }[mode]
+                line = _band(ax, *_curve(sel, "acc_clean"), f"{prefix}{label}, clean")
+                if any(r.get("acc_shift_mean") is not None for r in sel):
+                    _band(
+                        ax,
+                        *_curve(sel, "acc_shift_mean"),
+                        f"{prefix}{label}, shifted",
+                        "--",
+                        line.get_color(),
+                    )
+    axes[0].set_xlabel("alpha: fraction of each class's real images replaced")
+    axes[1].set_xlabel("r: generated images added per real image")
+    for ax in axes:
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    axes[0].set_title("replace vs the real_shifted control (95% bands over seeds)", fontsize=9)
+    axes[1].set_title("augment", fontsize=9)
+    fig.tight_layout()
+    path = out / "accuracy_vs_ratio.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _robustness_figure(loaded: list, out: Path, plt: Any) -> Path | None:
+    """Per run: logit shifted vs logit clean accuracy with the baseline fit; and ER vs ratio per mode."""
+    with_fit = [x for x in loaded if "acc_shift_mean" in x[3]]
+    if not with_fit:
+        return None
+    fig, axes = plt.subplots(len(with_fit), 2, figsize=(11, 4.2 * len(with_fit)), squeeze=False)
+    for (path, config, rows, fits), (ax, ax2) in zip(with_fit, axes, strict=True):
+        fit = (fits["acc_shift_mean"]["w"], fits["acc_shift_mean"]["b"])
+        base = [r for r in rows if r.get("kind") in ("reference", "baseline")]
+        ax.scatter(
+            [logit(r["acc_clean"]) for r in base],
+            [logit(r["acc_shift_mean"]) for r in base],
+            c="gray",
+            s=14,
+            label=f"real-only baselines ({len(base)})",
+        )
+        lo = min(logit(r["acc_clean"]) for r in rows) - 0.2
+        hi = max(logit(r["acc_clean"]) for r in rows) + 0.2
+        ax.plot(
+            [lo, hi],
+            [logit(predicted(fit, 1 / (1 + math.exp(-x)))) for x in (lo, hi)],
+            "k--",
+            lw=1,
+            label=f"fit: w={fit[0]:.2f}, b={fit[1]:.2f}",
+        )
+        zero = [
+            r for r in rows if r.get("kind") == "contaminated" and r["mode"] == "replace" and r["ratio"] == 0
+        ]
+        for mode in ("replace", "augment", "real_shifted", "generations"):
+            sel = [
+                r for r in rows if r.get("kind") == "contaminated" and r["mode"] == mode and r["ratio"] > 0
+            ]
+            if sel and mode != "generations":  # ratio 0 (real only) anchors every mode's curve
+                _band(ax2, *_curve(sel + zero, "er_shift_mean"), mode)
+            if sel:
+                ax.scatter(
+                    [logit(r["acc_clean"]) for r in sel],
+                    [logit(r["acc_shift_mean"]) for r in sel],
+                    s=[12 + 18 * r["ratio"] for r in sel],
+                    alpha=0.7,
+                    label=mode,
+                )
+        ax.set_xlabel("logit(clean accuracy)")
+        ax.set_ylabel("logit(mean shifted accuracy)")
+        ax.set_title(f"{run_label(path, config)}: effective robustness (marker size ~ ratio)", fontsize=9)
+        _legend(ax)
+        ax2.axhline(0, color="k", lw=0.8)
+        ax2.set_xlabel("ratio (alpha or r; 0: real only)")
+        ax2.set_ylabel("effective robustness (mean shifted accuracy)")
+        _legend(ax2)
+        for a in (ax, ax2):
+            a.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "effective_robustness.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _bias_figure(loaded: list, out: Path, plt: Any) -> Path | None:
+    """Bias metrics (classifier and generator) vs generator generation, one line per run and alpha."""
+    series = []
+    for path, config, rows, _ in loaded:
+        gen_rows = [r for r in rows if r.get("mode") == "generations" and r.get("kind") == "contaminated"]
+        for alpha in sorted({r["ratio"] for r in gen_rows}):
+            series.append(
+                (f"{run_label(path, config)} (alpha={alpha:g})", [r for r in gen_rows if r["ratio"] == alpha])
+            )
+    if not series:
+        return None
+    panels = [m for m in BIAS_PANELS if any(r.get(m) is not None for _, rs in series for r in rs)]
+    ncol = 4
+    fig, axes = plt.subplots(
+        math.ceil(len(panels) / ncol),
+        ncol,
+        figsize=(3.4 * ncol, 2.8 * math.ceil(len(panels) / ncol)),
+        squeeze=False,
+    )
+    rows = loaded[0][2]
+    real_only = [
+        r for r in rows if r.get("kind") == "contaminated" and r["mode"] == "replace" and r["ratio"] == 0
+    ]
+    reference = {  # what real data gives, drawn as a dashed line: the level a generation is compared with
+        **{m: mean_ci([r.get(m) for r in real_only])[0] for m in panels if not m.startswith("gen_")},
+        "gen_aligned_frac": next((r["real_aligned_frac"] for r in rows if r.get("real_aligned_frac")), None),
+        "gen_ref_acc": next((r["acc_clean"] for r in rows if r.get("kind") == "reference"), None),
+    }
+    for ax, metric in zip(axes.flat, panels, strict=False):
+        for label, rs in series:
+            _band(ax, *_curve(rs, metric, "gen_t"), label)
+        level = reference.get(metric)
+        if level is not None and math.isfinite(level):
+            ax.axhline(level, color="gray", ls="--", lw=1, label="real data (alpha = 0)")
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("generator generation", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    _legend(axes.flat[0])
+    fig.tight_layout()
+    path = out / "bias_vs_generation.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def draw(runs: list[Path], out: Path) -> list[Path]:
+    """Every contamination figure the runs have data for, written to out."""
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = []
+    for p in runs:
+        config, rows = load_run(p)
+        rows, fits = with_robustness([r for r in rows if r.get("status") == "ok"])
+        loaded.append((p, config, rows, fits))
+    plt = _plt()
+    made = [
+        _accuracy_figure(loaded, out, plt),
+        _robustness_figure(loaded, out, plt),
+        _bias_figure(loaded, out, plt),
+    ]
+    return [m for m in made if m is not None]
+
+
+def report(runs: list[Path], out: Path) -> Path:
+    """simulate-report's entry for contamination runs: summaries per run and the figures over all of them."""
+    for p in runs:
+        summarize(p, load_run(p)[1])
+    draw(runs, out)
+    return out

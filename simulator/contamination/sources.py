@@ -1,0 +1,263 @@
+"""Labelled synthetic images for the contamination paths, and where they come from.
+
+A generator is either
+- generation t of a loop run (`kind: run`): a class-conditional family in `run_dir`, or one unconditional
+  run per class in `run_dirs` (list position = class). Its images are the loop's own saved samples
+  (gen_XXX/samples.pt + labels.pt) when they hold enough of every class, else fresh draws from
+  gen_XXX/model.pt, the family rebuilt from the run's config.yaml through registry.make_model_factory;
+- or trained on the spot (`kind: train`) on the real training images: one class-conditional model, or one
+  unconditional model per class (`per_class: true`), saved under <run>/generator/ once and reused.
+A pool holds exactly `need[y]` images of every class y (the most any cell asks of that generator) and is
+saved as <run>/pools/<name>.pt: a resumed grid reads it back rather than sampling again. Every draw comes
+from a stream named by (seed, "pool", generation), and the families seed every sample on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from simulator import registry, seeding
+from simulator.contamination.mixing import ContaminationError, Pool
+from simulator.models.base import GenerativeModel
+from simulator.run import RunDir
+
+SAMPLES = ("auto", "saved", "model")
+
+
+def _load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def loop_generations(run_dir: str | Path, field: str = "generator.run_dir") -> list[int]:
+    """Committed generations of a loop run directory; a one-line error when it is not one."""
+    path = Path(os.path.expanduser(str(run_dir)))
+    if not path.is_dir():
+        raise ContaminationError(f"{field}: no such run directory: {path}")
+    if not (path / "config.yaml").is_file() or not (path / "gen_000").is_dir():
+        raise ContaminationError(
+            f"{field}: {path} is not a loop run directory (needs config.yaml and gen_000/)"
+        )
+    return RunDir(path).committed()
+
+
+def pick_generation(spec: Any, committed: list[int], field: str) -> int:
+    """'last' or an integer generation that the run has committed."""
+    if spec == "last":
+        return committed[-1]
+    if isinstance(spec, bool) or not isinstance(spec, int) or spec not in committed:
+        raise ContaminationError(
+            f"{field}: generation {spec!r} is not committed (the run has 0..{committed[-1]})"
+        )
+    return spec
+
+
+def _model_factory(model_cfg: dict, event_shape: tuple[int, ...], device: str) -> Any:
+    cfg = OmegaConf.create({"model": model_cfg, "chains": 1})
+    return registry.make_model_factory(cfg, event_shape, device)
+
+
+def load_loop_model(run_dir: Path, t: int, event_shape: tuple[int, ...], device: str) -> GenerativeModel:
+    """Generation t's model of a loop run, its family rebuilt from the run's own config.yaml."""
+    cfg: DictConfig = OmegaConf.load(run_dir / "config.yaml")  # type: ignore[assignment]
+    model = _model_factory(OmegaConf.to_container(cfg.model), event_shape, device)()  # type: ignore[arg-type]
+    model.load_state_dict(_load(run_dir / f"gen_{t:03d}" / "model.pt"))
+    return model
+
+
+def draw(
+    models: list[GenerativeModel], need: list[int], generator: torch.Generator, temperature: float
+) -> Pool:
+    """need[y] samples of each class y: from one class-conditional model, or from models[y] per class."""
+    if len(models) == 1 and getattr(models[0], "num_classes", None) is not None:
+        labels = torch.repeat_interleave(torch.arange(len(need)), torch.tensor(need))
+        images = models[0].sample(len(labels), labels, generator=generator, temperature=temperature)[0]
+        return Pool(images.cpu(), labels)
+    if len(models) != len(need):
+        raise ContaminationError(
+            f"labelled samples need a class-conditional model (num_classes) or one model per class; "
+            f"got {len(models)} unconditional model(s) for {len(need)} classes"
+        )
+    parts = [
+        m.sample(n, generator=seeding.child(generator, y), temperature=temperature)[0].cpu()
+        for y, (m, n) in enumerate(zip(models, need, strict=True))
+    ]
+    return Pool(torch.cat(parts), torch.repeat_interleave(torch.arange(len(need)), torch.tensor(need)))
+
+
+def saved(run_dir: Path, t: int, need: list[int], label: int | None = None) -> Pool | None:
+    """The first need[y] saved samples of each class of generation t (i.i.d., so a uniform subset);
+    None when the run kept no samples or too few of some class. `label` labels an unconditional run."""
+    gen = run_dir / f"gen_{t:03d}"
+    if not (gen / "samples.pt").exists():
+        return None
+    images = _load(gen / "samples.pt")[0]
+    if label is not None:
+        return (
+            Pool(images[: need[label]], torch.full((need[label],), label))
+            if len(images) >= need[label]
+            else None
+        )
+    if not (gen / "labels.pt").exists():
+        return None
+    labels = _load(gen / "labels.pt")[0].long()
+    picks = []
+    for y, n in enumerate(need):
+        idx = (labels == y).nonzero().squeeze(1)[:n]
+        if len(idx) < n:
+            return None
+        picks.append(idx)
+    idx = torch.cat(picks)
+    return Pool(images[idx], labels[idx])
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class GeneratorSource:
+    """The generated images of one contamination run, pooled per generation and cached in the run dir."""
+
+    def __init__(
+        self,
+        spec: dict,
+        run_path: Path,
+        real: Pool,
+        num_classes: int,
+        event_shape: tuple[int, ...],
+        *,
+        device: str,
+        seed: int,
+        attribute_of: Any = None,
+        progress: bool = False,
+    ) -> None:
+        self.spec, self.run_path, self.real = spec, run_path, real
+        self.num_classes, self.event_shape, self.device = num_classes, tuple(event_shape), device
+        self.seed, self.attribute_of, self.progress = seed, attribute_of, progress
+        self.kind = spec.get("kind", "train")
+        self._cache: dict[int | None, Pool] = {}
+        self.run_dirs: list[Path] = []
+        if self.kind == "run":
+            dirs = spec.get("run_dirs") or [spec.get("run_dir")]
+            if dirs == [None]:
+                raise ContaminationError("generator.run_dir: a loop run directory is needed (kind: run)")
+            fields = (
+                ["generator.run_dir"]
+                if spec.get("run_dirs") is None
+                else [f"generator.run_dirs[{i}]" for i in range(len(dirs))]
+            )
+            committed = [loop_generations(d, f) for d, f in zip(dirs, fields, strict=True)]
+            self.committed = sorted(set.intersection(*(set(c) for c in committed)))
+            self.run_dirs = [Path(os.path.expanduser(str(d))) for d in dirs]
+            if len(self.run_dirs) > 1 and len(self.run_dirs) != num_classes:
+                raise ContaminationError(
+                    f"generator.run_dirs: need one run per class ({num_classes}), got {len(self.run_dirs)}"
+                )
+        elif self.kind != "train":
+            raise ContaminationError(f"generator.kind: must be train or run, got {self.kind!r}")
+
+    def default_generation(self) -> int | None:
+        """The generation replace/augment cells use: None for a generator trained on the spot."""
+        if self.kind == "train":
+            return None
+        return pick_generation(self.spec.get("generation", "last"), self.committed, "generator.generation")
+
+    def generations(self) -> list[int]:
+        """Generations the `generations` mode walks through (all committed ones unless listed)."""
+        if self.kind != "run":
+            raise ContaminationError("modes.generations needs generator.kind=run (a loop run directory)")
+        wanted = self.spec.get("generations")
+        if wanted is None:
+            return list(self.committed)
+        return [pick_generation(t, self.committed, "generator.generations") for t in wanted]
+
+    def _spot_models(self) -> list[GenerativeModel]:
+        """The on-the-spot generator(s), trained once and saved under <run>/generator/."""
+        per_class = bool(self.spec.get("per_class", False))
+        options = dict(self.spec.get("options") or {})
+        if not per_class:
+            options["num_classes"] = self.num_classes
+        factory = _model_factory(
+            {"family": self.spec["family"], "options": options}, self.event_shape, self.device
+        )
+        names = [f"class_{y:02d}.pt" for y in range(self.num_classes)] if per_class else ["model.pt"]
+        final = self.run_path / "generator"
+        if not final.is_dir():  # train, then rename the whole directory: a crash leaves nothing half-made
+            tmp = self.run_path / "generator.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for y, name in enumerate(names):
+                rows = (self.real.labels == y) if per_class else torch.ones(len(self.real), dtype=torch.bool)
+                model = factory()
+                model.reset(seeding.generator(self.seed, "generator", name, "init"))
+                model.fit(
+                    self.real.images[rows].unsqueeze(0),
+                    None if per_class else self.real.labels.unsqueeze(0),
+                    steps=self.spec.get("steps"),
+                    generator=seeding.generator(self.seed, "generator", name),
+                    progress=self.progress,
+                )
+                torch.save(model.state_dict(), tmp / name)
+            os.replace(tmp, final)
+        models = []
+        for name in names:
+            model = factory()
+            model.load_state_dict(_load(final / name))
+            models.append(model)
+        return models
+
+    def pool(self, t: int | None, need: list[int]) -> Pool:
+        """need[y] generated images of every class y from generation t (None: the on-the-spot generator)."""
+        if t in self._cache:
+            return self._cache[t]
+        path = self.run_path / "pools" / ("spot.pt" if t is None else f"gen_{t:03d}.pt")
+        stored = _load(path) if path.exists() else None
+        if stored is not None and stored["need"].tolist() == list(need):
+            pool = Pool(stored["images"], stored["labels"])
+        else:
+            pool = self._make(t, need)
+            _save_atomic({"images": pool.images, "labels": pool.labels, "need": torch.tensor(need)}, path)
+        if tuple(pool.images.shape[1:]) != self.event_shape:
+            raise ContaminationError(
+                f"generator images have shape {tuple(pool.images.shape[1:])}, the data {self.event_shape}: "
+                "the loop run was trained on another data source"
+            )
+        if self.attribute_of is not None:
+            pool.attrs = self.attribute_of(pool.images)
+        self._cache[t] = pool
+        return pool
+
+    def _make(self, t: int | None, need: list[int]) -> Pool:
+        mode = self.spec.get("samples", "auto")
+        if mode not in SAMPLES:
+            raise ContaminationError(f"generator.samples: must be one of {', '.join(SAMPLES)}, got {mode!r}")
+        g = seeding.generator(self.seed, "pool", "spot" if t is None else t)
+        temperature = float(self.spec.get("temperature", 1.0))
+        if t is None:
+            return draw(self._spot_models(), need, g, temperature)
+        if mode != "model":
+            if len(self.run_dirs) == 1:
+                got = saved(self.run_dirs[0], t, need)
+            else:
+                parts = [saved(d, t, need, label=y) for y, d in enumerate(self.run_dirs)]
+                got = (
+                    None
+                    if any(p is None for p in parts)
+                    else Pool(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
+                )
+            if got is not None:
+                return got
+            if mode == "saved":
+                raise ContaminationError(
+                    f"generator.samples=saved: generation {t} kept too few samples of some class; use auto"
+                )
+        models = [load_loop_model(d, t, self.event_shape, self.device) for d in self.run_dirs]
+        return draw(models, need, g, temperature)

@@ -1,0 +1,264 @@
+"""The contamination grid end to end: loop runs as generator sources, resume, spot generators, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from simulator.cli import CONFIG_DIR
+from simulator.config import ConfigError
+from simulator.contamination import cli, grid, report
+from simulator.data.images import make_image
+from simulator.models.diffusion import DiffusionFamily
+from simulator.run import RunError
+
+TINY_DIFFUSION = {"block_out_channels": [8, 16], "num_classes": 10, "sample_steps": 2, "train_timesteps": 10}
+
+
+def config(*overrides: str) -> DictConfig:
+    """The composed simulate-contaminate config with the tiny debug group."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("contaminate", overrides=["contaminate/debug=tiny", *overrides])
+
+
+def fake_loop_run(path: Path, per_class: int = 80, model_only: tuple[int, ...] = ()) -> Path:
+    """A loop run directory with generations 0 and 1: noisy real digits as 'samples' with labels, or (for
+    generations in model_only) just an untrained tiny class-conditional diffusion model."""
+    data = make_image("digits").load(generator=torch.Generator().manual_seed(0))
+    x, y = data.train[0], data.train_labels[0]
+    g = torch.Generator().manual_seed(1)
+    (path / "gen_000").mkdir(parents=True)
+    (path / "gen_001").mkdir()
+    model_cfg = {"family": "diffusion", "options": TINY_DIFFUSION}
+    (path / "config.yaml").write_text(
+        yaml.safe_dump({"model": model_cfg, "policy": {"name": "replace"}, "chains": 1})
+    )
+    (path / "results.jsonl").write_text("".join(json.dumps({"generation": t}) + "\n" for t in (0, 1)))
+    model = DiffusionFamily(chains=1, event_shape=(1, 8, 8), **TINY_DIFFUSION)
+    for t in (0, 1):
+        torch.save(model.state_dict(), path / f"gen_{t:03d}" / "model.pt")
+        if t in model_only:
+            continue
+        idx = torch.cat(
+            [
+                (y == c).nonzero().squeeze(1)[torch.randint(0, 100, (per_class,), generator=g)]
+                for c in range(10)
+            ]
+        )
+        noisy = (x[idx].float() + (20 + 20 * t) * torch.randn(len(idx), 1, 8, 8, generator=g)).clamp(0, 255)
+        torch.save(noisy.round().to(torch.uint8).unsqueeze(0), path / f"gen_{t:03d}" / "samples.pt")
+        torch.save(y[idx].unsqueeze(0), path / f"gen_{t:03d}" / "labels.pt")
+    return path
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("seconds", "train")} for r in rows]
+
+
+def results(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+
+
+def test_a_half_finished_grid_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    loop = fake_loop_run(tmp_path / "loop")
+    cfg = config("contaminate/generator=run", f"generator.run_dir={loop}", "generator.samples=saved")
+    cli.run_contaminate(cfg, tmp_path / "whole")
+    whole = results(tmp_path / "whole")
+    assert [r["generation"] for r in whole] == list(range(5))
+    assert [(r["kind"], r["mode"], r["ratio"]) for r in whole] == [
+        ("reference", "replace", 0.0),
+        ("contaminated", "replace", 0.0),
+        ("contaminated", "replace", 0.5),
+        ("contaminated", "augment", 1.0),
+        ("contaminated", "real_shifted", 0.5),
+    ]
+    assert whole[2]["n_generated"] + whole[2]["n_real"] == whole[0]["n_train"] == whole[4]["n_train"]
+    assert whole[3]["n_train"] == 2 * whole[0]["n_train"] and whole[4]["n_shifted"] == whole[2]["n_generated"]
+    assert whole[2]["gen_t"] == 1 and 0 < whole[2]["gen_ref_acc"] <= 1
+
+    real_train = grid.classifiers.train_classifier
+    calls = []
+
+    def dies_at_cell_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("killed")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(grid.classifiers, "train_classifier", dies_at_cell_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        cli.run_contaminate(cfg, tmp_path / "resumed")
+    part = tmp_path / "resumed"
+    assert [r["generation"] for r in results(part)] == [0, 1, 2] and (part / "gen_003.tmp").is_dir()
+    monkeypatch.setattr(grid.classifiers, "train_classifier", real_train)
+    cli.run_contaminate(cfg, part)
+    assert comparable(results(part)) == comparable(whole)
+    assert not (part / "gen_003.tmp").exists()
+    a = torch.load(tmp_path / "whole" / "gen_000" / "model.pt", weights_only=True)
+    b = torch.load(part / "gen_000" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((part / "summary.json").read_text())
+    assert summary["cells"] == 5 and summary["status"] == "complete"
+    assert [p.name for p in report.draw([part], tmp_path / "figures")] == ["accuracy_vs_ratio.png"]
+
+
+def test_generations_mode_walks_the_loop_run_and_falls_back_to_its_model(tmp_path):
+    loop = fake_loop_run(tmp_path / "loop", model_only=(1,))
+    cfg = config(
+        "contaminate/generator=run",
+        f"generator.run_dir={loop}",
+        "modes.replace=[]",
+        "modes.augment=[]",
+        "modes.real_shifted=[]",
+        "modes.generations=[0.5]",
+    )
+    cli.run_contaminate(cfg, tmp_path / "gens")
+    rows = results(tmp_path / "gens")
+    assert [(r["mode"], r["gen_t"]) for r in rows[1:]] == [("generations", 0), ("generations", 1)]
+    assert (tmp_path / "gens" / "pools" / "gen_000.pt").exists() and (
+        tmp_path / "gens" / "pools" / "gen_001.pt"
+    ).exists()
+    # generation 1 kept no samples: its pool was drawn from its model.pt, so it is no copy of noisy digits
+    assert rows[2]["gen_ref_acc"] < rows[1]["gen_ref_acc"]
+    assert report.is_contamination_run(tmp_path / "gens") and not report.is_contamination_run(loop)
+    shutil.copytree(loop / "gen_000", loop / "gen_002")  # the loop run grew: the grid would renumber cells
+    with pytest.raises(RunError, match="holds another grid"):
+        cli.run_contaminate(cfg, tmp_path / "gens")
+    assert [p.name for p in report.draw([tmp_path / "gens"], tmp_path / "figures")] == [
+        "bias_vs_generation.png"
+    ]
+
+
+def test_a_generator_trained_on_the_spot_is_trained_once(tmp_path):
+    cfg = config(
+        "generator.steps=2",
+        "generator.options.block_out_channels=[8,16]",
+        "generator.options.sample_steps=2",
+        "modes.augment=[]",
+        "modes.real_shifted=[]",
+    )
+    cli.run_contaminate(cfg, tmp_path / "spot")
+    model = tmp_path / "spot" / "generator" / "model.pt"
+    stamp = model.stat().st_mtime_ns
+    assert (tmp_path / "spot" / "pools" / "spot.pt").exists()
+    cli.run_contaminate(cfg, tmp_path / "spot")  # complete: nothing is retrained
+    assert model.stat().st_mtime_ns == stamp
+
+
+def test_one_generator_per_class_trained_on_the_spot_or_read_from_one_loop_run_per_class(tmp_path):
+    tiny = ["modes.augment=[]", "modes.real_shifted=[]", "modes.replace=[1.0]"]
+    cfg = config(
+        "generator.per_class=true",
+        "generator.steps=1",
+        "generator.options.block_out_channels=[8,16]",
+        "generator.options.sample_steps=2",
+        "+generator.options.train_timesteps=10",
+        *tiny,
+    )
+    cli.run_contaminate(cfg, tmp_path / "spot")
+    assert sorted(p.name for p in (tmp_path / "spot" / "generator").iterdir()) == [
+        f"class_{y:02d}.pt" for y in range(10)
+    ]
+    data = make_image("digits").load(generator=torch.Generator().manual_seed(0))
+    dirs = []
+    for y in range(10):  # an unconditional 'loop run' per class whose samples are that class's digits
+        run = tmp_path / f"class_{y}"
+        (run / "gen_000").mkdir(parents=True)
+        (run / "config.yaml").write_text("{}")
+        torch.save(data.train[:, data.train_labels[0] == y], run / "gen_000" / "samples.pt")
+        dirs.append(str(run))
+    cfg = config("contaminate/generator=run", f"generator.run_dirs=[{','.join(dirs)}]", *tiny)
+    cli.run_contaminate(cfg, tmp_path / "runs")
+    rows = results(tmp_path / "runs")
+    assert rows[-1]["n_generated"] == rows[0]["n_train"]
+    pool = torch.load(tmp_path / "runs" / "pools" / "gen_000.pt", weights_only=True)
+    for y, n in enumerate(pool["need"].tolist()):  # class y's images are run y's first samples
+        assert torch.equal(pool["images"][pool["labels"] == y], data.train[0, data.train_labels[0] == y][:n])
+
+
+@pytest.mark.parametrize("experiment", ["digits_alpha", "digits_alpha_cnn", "colored_generations", "cifar10"])
+def test_every_named_experiment_composes_and_validates(experiment, tmp_path):
+    extra = (
+        [f"generator.run_dir={fake_loop_run(tmp_path / 'loop')}"]
+        if experiment == "colored_generations"
+        else []
+    )
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("contaminate", overrides=[f"contaminate/experiment={experiment}", *extra])
+    cli.validate(cfg)
+    assert cfg.name == experiment and cfg.task == "contaminate"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["modes.replace=[0.5,1.5]"], "modes.replace: alpha must be a number in [0, 1], got 1.5"),
+        (["modes.real_shifted=[-0.2]"], "modes.real_shifted: alpha must be"),
+        (["modes.augment=[-1]"], "modes.augment: r must be a finite number >= 0, got -1"),
+        (
+            ["contaminate/generator=run", "generator.run_dir=/no/such/run"],
+            "generator.run_dir: no such run directory",
+        ),
+        (["contaminate/generator=run"], "generator.run_dir: a loop run directory is needed"),
+        (["modes.generations=[0.5]"], "modes.generations: needs generator.kind=run"),
+        (["eval.shifts=[fog]"], "eval.shifts: unknown shift 'fog'"),
+        (["seeds=[]"], "seeds: must be a non-empty list"),
+        (["eval.baselines=[{arch: mlp, steps: 5}]", "seeds=[0]"], "effective robustness needs >= 6"),
+    ],
+)
+def test_bad_configs_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        cli.validate(config(*overrides))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_generation_the_loop_has_not_committed_is_an_error(tmp_path):
+    loop = fake_loop_run(tmp_path / "loop")
+    with pytest.raises(ConfigError, match="generator.generation: generation 7 is not committed"):
+        cli.validate(
+            config("contaminate/generator=run", f"generator.run_dir={loop}", "generator.generation=7")
+        )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="is not a loop run directory"):
+        cli.validate(config("contaminate/generator=run", f"generator.run_dir={tmp_path / 'empty'}"))
+
+
+def test_the_command_line_reports_a_missing_run_directory_in_one_line_and_writes_nothing(tmp_path):
+    code = "from simulator.contamination.cli import simulate_contaminate; simulate_contaminate()"
+    args = ["contaminate/generator=run", "generator.run_dir=/no/such/run", f"run_root={tmp_path / 'runs'}"]
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: generator.run_dir: no such run directory: /no/such/run"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_the_cifar10_configuration_runs_a_two_cell_smoke_grid_on_cpu(tmp_path, shared_dir):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "contaminate",
+            overrides=[
+                "contaminate/experiment=cifar10",
+                "contaminate/debug=smoke",
+                f"data.options.root={shared_dir / 'data'}",
+                "device=cpu",
+            ],
+        )
+    cli.run_contaminate(cfg, tmp_path / "cifar")
+    rows = results(tmp_path / "cifar")
+    assert [(r["kind"], r["mode"], r["ratio"]) for r in rows] == [
+        ("reference", "replace", 0.0),
+        ("contaminated", "replace", 0.5),
+    ]
+    assert rows[0]["arch"] == "resnet18" and rows[1]["n_generated"] + rows[1]["n_real"] == rows[0]["n_train"]
+    assert abs(rows[1]["n_generated"] - rows[0]["n_train"] / 2) <= 5  # round(n_y / 2) per class
+    assert {"acc_clean", "acc_grayscale", "acc_jpeg", "gen_ref_acc"} <= set(rows[1])

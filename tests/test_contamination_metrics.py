@@ -1,0 +1,207 @@
+"""Effective robustness, bias metrics against hand-computed tables, shifted test sets, coloured digits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from simulator import bias, classifiers, shifts
+from simulator.contamination import robustness as rb
+from simulator.data.colored import color_attribute, make_colored
+
+# ---- effective robustness ------------------------------------------------------------------------
+
+W, B = 1.3, -0.4
+CLEAN = [0.55, 0.62, 0.7, 0.78, 0.85, 0.9, 0.95]
+
+
+def on_line(clean: float) -> float:
+    return rb.sigmoid(W * rb.logit(clean) + B)
+
+
+def test_fit_recovers_a_logit_line_and_baselines_on_it_have_zero_effective_robustness():
+    fit = rb.fit_line(CLEAN, [on_line(c) for c in CLEAN])
+    assert fit == pytest.approx((W, B), abs=1e-9)
+    for c in CLEAN:
+        assert abs(rb.effective_robustness(fit, c, on_line(c))) < 1e-12
+
+
+def test_points_above_the_line_have_positive_effective_robustness():
+    fit = rb.fit_line(CLEAN, [on_line(c) for c in CLEAN])
+    assert rb.effective_robustness(fit, 0.8, on_line(0.8) + 0.05) == pytest.approx(0.05, abs=1e-12)
+    assert rb.effective_robustness(fit, 0.8, on_line(0.8) - 0.03) == pytest.approx(-0.03, abs=1e-12)
+
+
+def test_rows_get_er_columns_only_with_six_baselines():
+    rows = [{"kind": "baseline", "acc_clean": c, "acc_shift_mean": on_line(c)} for c in CLEAN[:5]]
+    rows.append({"kind": "contaminated", "acc_clean": 0.8, "acc_shift_mean": on_line(0.8) + 0.1})
+    assert rb.add_effective_robustness(rows) == {} and "er_shift_mean" not in rows[-1]
+    rows.insert(0, {"kind": "reference", "acc_clean": CLEAN[5], "acc_shift_mean": on_line(CLEAN[5])})
+    fits = rb.add_effective_robustness(rows)
+    assert fits["acc_shift_mean"]["points"] == 6
+    assert rows[-1]["er_shift_mean"] == pytest.approx(0.1, abs=1e-9)
+    assert all(abs(r["er_shift_mean"]) < 1e-9 for r in rows if r["kind"] != "contaminated")
+
+
+# ---- bias metrics: a hand-computed example --------------------------------------------------------
+# Two classes, two attributes, class y aligned with attribute y. Test rows (y, a, prediction):
+#   (0,0,0) (0,0,0) (0,1,1) (0,1,1) (1,0,0) (1,0,1) (1,1,1) (1,1,1)
+# Group accuracies: (0,0) 1, (0,1) 0, (1,0) 1/2, (1,1) 1 -> worst group 0.
+# Aligned rows {0,1,6,7} all right (1.0); conflicting rows {2,3,4,5}: only row 5 right (0.25).
+# P(p=0 | a=0) = 3/4, P(p=0 | a=1) = 0 -> DP gap 3/4 for class 0, and 3/4 for class 1: DP = 0.75.
+# Class 0: TPR 1 vs 0 (gap 1), FPR 1/2 vs 0; class 1: TPR 1/2 vs 1, FPR 0 vs 1 (gap 1): EO = 1.
+# Training counts n(y, a): [[6, 2], [3, 9]] -> b*(0,0) = b*(1,1) = 3/4; predicted b~(0,0) = 3/3,
+# b~(1,1) = 4/5: BiasAmp = ((1 - 3/4) + (4/5 - 3/4)) / 2 = 0.15.
+# Directional (a -> t): y_ac = 1 for (0,0) and (1,1) (P(y,a) > P(y)P(a) in training); D = P(p=c|a) -
+# P(y=c|a): D(a0,c0) = 3/4 - 1/2, D(a0,c1) = -1/4, D(a1,c0) = -1/2, D(a1,c1) = 1/2
+# -> (1/4 + 1/2 + 1/4 + 1/2) / 4 = 0.375.
+Y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+A = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+P = torch.tensor([0, 0, 1, 1, 0, 1, 1, 1])
+TRAIN_Y = torch.tensor([0] * 8 + [1] * 12)
+TRAIN_A = torch.tensor([0] * 6 + [1] * 2 + [0] * 3 + [1] * 9)
+ALIGNED = torch.tensor([0, 1])
+
+
+def test_bias_metrics_match_the_hand_computed_table():
+    m = bias.classifier_bias(Y, A, P, TRAIN_Y, TRAIN_A, ALIGNED, 2, 2)
+    assert m["worst_group_acc"] == 0.0
+    assert (m["aligned_acc"], m["conflicting_acc"], m["align_gap"]) == (1.0, 0.25, 0.75)
+    assert m["dp_diff"] == pytest.approx(0.75)
+    assert m["eo_diff"] == pytest.approx(1.0)
+    assert m["biasamp"] == pytest.approx(0.15)
+    assert m["biasamp_at"] == pytest.approx(0.375)
+    assert m["train_aligned_frac"] == pytest.approx(15 / 20)
+    acc = bias.group_accuracy(Y, A, P, 2, 2)
+    assert acc.tolist() == [[1.0, 0.0], [0.5, 1.0]]
+
+
+def test_a_perfect_classifier_has_no_gaps_and_no_amplification():
+    m = bias.classifier_bias(Y, A, Y, TRAIN_Y, TRAIN_A, ALIGNED, 2, 2)
+    assert m["worst_group_acc"] == 1.0 and m["align_gap"] == 0.0 and m["eo_diff"] == 0.0
+    assert m["biasamp_at"] == 0.0
+    assert m["dp_diff"] == 0.0  # the test set is balanced: P(y = c | a) is the same for every a
+
+
+def _draw_generated(
+    real: torch.Tensor, n_per_class: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels n per class, attributes drawn from real's conditionals P(a | y): a generator that keeps the
+    real bias exactly in expectation (neither amplifies nor dampens it)."""
+    cond = real / real.sum(1, keepdim=True)
+    y = torch.arange(len(real)).repeat_interleave(n_per_class)
+    a = torch.multinomial(cond[y], 1, generator=g).squeeze(1)
+    return y, a
+
+
+@pytest.mark.parametrize("table", [[[20, 20, 20], [20, 20, 20]], [[30, 6, 4], [5, 25, 10]]])
+def test_a_generator_that_keeps_the_real_proportions_leaves_biasamp_near_zero(table):
+    real = torch.tensor(table)
+    real_y = torch.arange(2).repeat_interleave(real.sum(1))
+    real_a = torch.cat([torch.arange(3).repeat_interleave(row) for row in real])
+    g = torch.Generator().manual_seed(0)
+    zhao, directional = [], []
+    for _ in range(400):
+        y, a = _draw_generated(real.double(), 50, g)
+        out = bias.generator_bias(y, a, real_y, real_a, torch.tensor([0, 1]), 2, 3)
+        zhao.append(out["gen_biasamp"])
+        directional.append(out["gen_biasamp_ta"])
+    for values in (zhao, directional):
+        v = torch.tensor(values, dtype=torch.float64)
+        se = float(v.std() / math.sqrt(len(v)))
+        assert abs(float(v.mean())) < 4 * se + 1e-12  # zero within four standard errors of these draws
+    exact = bias.generator_bias(real_y, real_a, real_y, real_a, torch.tensor([0, 1]), 2, 3)
+    assert exact["gen_biasamp"] == 0.0 and exact["gen_biasamp_ta"] == 0.0 and exact["gen_attr_tv"] == 0.0
+
+
+def test_a_generator_that_drops_minority_attributes_amplifies_bias():
+    real = torch.tensor([[30, 10], [10, 30]])
+    real_y = torch.arange(2).repeat_interleave(real.sum(1))
+    real_a = torch.cat([torch.arange(2).repeat_interleave(row) for row in real])
+    gen_y, gen_a = torch.tensor([0] * 40 + [1] * 40), torch.tensor([0] * 40 + [1] * 40)  # only aligned
+    out = bias.generator_bias(gen_y, gen_a, real_y, real_a, torch.tensor([0, 1]), 2, 2, seen_y=gen_y)
+    assert out["gen_aligned_frac"] == 1.0 and out["real_aligned_frac"] == 0.75
+    assert out["gen_biasamp"] == pytest.approx(0.25)  # b~ = 1 against b* = 3/4 in both classes
+    assert out["gen_biasamp_ta"] == pytest.approx(0.25)  # |D| = 1/4 in all four (class, attribute) pairs
+    assert out["gen_class_tv"] == 0.0
+
+
+# ---- shifted test sets ---------------------------------------------------------------------------
+
+
+def gray_images(n: int = 64, value: int = 128, ch: int = 3) -> torch.Tensor:
+    return torch.full((n, ch, 8, 8), value, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("name", list(shifts.SHIFTS))
+def test_shifts_keep_shape_dtype_and_are_reproducible(name):
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    a = shifts.apply(name, x, 3, torch.Generator().manual_seed(1))
+    b = shifts.apply(name, x, 3, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and a.dtype == torch.uint8 and torch.equal(a, b)
+    assert not torch.equal(a, x)
+
+
+def test_gaussian_noise_has_the_cifar10c_standard_deviation():
+    x = gray_images(200)
+    y = shifts.apply("gaussian_noise", x, 5, torch.Generator().manual_seed(0)).double() - 128
+    n = y.numel()
+    sigma = math.sqrt((0.10 * 255) ** 2 + 1 / 12)  # plus the rounding to integers (uniform, var 1/12)
+    assert abs(float(y.std()) - sigma) < 4 * sigma / math.sqrt(2 * n)
+    assert abs(float(y.mean())) < 4 * sigma / math.sqrt(n)
+
+
+def test_contrast_severity_is_monotone_and_grayscale_removes_colour():
+    x = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator()
+    spread = [float(shifts.apply("contrast", x, s, g).double().std()) for s in range(1, 6)]
+    assert spread == sorted(spread, reverse=True)
+    gray = shifts.apply("grayscale", x, 5, g).int()
+    assert (gray.max(1).values - gray.min(1).values).max() <= 1
+    assert shifts.shifted_sets(x[:, :1], ["grayscale", "contrast"], 2, g).keys() == {"contrast"}
+    with pytest.raises(ValueError, match="unknown shift 'fog'"):
+        shifts.apply("fog", x, 1, g)
+    with pytest.raises(ValueError, match="severity must be an integer in 1..5"):
+        shifts.apply("contrast", x, 6, g)
+
+
+# ---- coloured digits and classifiers --------------------------------------------------------------
+
+
+def test_colored_digits_have_the_exact_correlation_a_balanced_test_set_and_a_readable_colour():
+    d = make_colored("colored_digits", colors=3, strength=0.7, imbalance=3.0).load(
+        generator=torch.Generator().manual_seed(0)
+    )
+    y, a = d.train_labels[0], d.train_attrs[0]
+    for c in range(10):
+        rows = y == c
+        assert int((a[rows] == c % 3).sum()) == int(0.7 * int(rows.sum()) + 0.5)
+        tc = torch.bincount(d.test_attrs[d.test_labels == c], minlength=3)
+        assert int(tc.max() - tc.min()) <= 1
+    sizes = torch.bincount(y, minlength=10)
+    assert sizes[0] / sizes[9] == pytest.approx(3.0, rel=0.1)
+    assert torch.equal(color_attribute(d.train[0], 3), a) and torch.equal(
+        d.attribute_of(d.test), d.test_attrs
+    )
+    with pytest.raises(ValueError, match="options.strength"):
+        make_colored("colored_digits", strength=1.5)
+
+
+@pytest.mark.parametrize(("arch", "shape"), [("mlp", (1, 8, 8)), ("cnn", (3, 8, 8)), ("resnet18", (3, 8, 8))])
+def test_classifiers_are_seeded_and_train(arch, shape):
+    x = torch.randint(0, 256, (16, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(16) % 2
+    nets = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(5)
+        net = classifiers.make_classifier(arch, shape, 2, generator=g, width=8, hidden=[16])
+        stats = classifiers.train_classifier(
+            net, x, y, steps=2, generator=g, batch_size=8, augment="crop_flip"
+        )
+        nets.append(net)
+        assert math.isfinite(stats["loss_last"])
+    for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert classifiers.predict(nets[0], x).shape == (16,)
