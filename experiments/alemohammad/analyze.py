@@ -1,0 +1,244 @@
+"""Alemohammad et al. (ICLR 2024, "Self-consuming generative models go MAD") reproduced from run dirs.
+
+1. Sampling bias (runs/alemohammad_bias): E tr Sigma_t / tr Sigma_0 and the mean drift from
+   gen_XXX/model.pt against stability.gaussian_expected(..., tempered_real=False); precision and
+   recall from results.jsonl.
+2. 25-mode GMM (runs/alemohammad_gmm, runs/alemohammad_fresh): modes kept, counted from
+   gen_XXX/samples.pt -- a mode is kept when at least 10% of its fair share of the samples
+   (0.1 m / 25 of m) lie within 3 standard deviations of its mean -- and KL(truth || model).
+3. Fresh-data loop from two initial models: the level each settles at (per chain, the mean KL
+   over the last third of the generations; mean and SE over chains) and their difference.
+
+Usage: python experiments/alemohammad/analyze.py [--runs runs] [--out figures]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+
+from simulator.data.toy import make_toy
+from simulator.report import find_runs, load_run
+from simulator.stability import gaussian_expected
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+KEEP_SHARE = 0.1  # a mode is kept with at least this fraction of its fair share of samples within 3 std
+
+
+def gens_of(run: Path) -> list[Path]:
+    return sorted(run.glob("gen_[0-9][0-9][0-9]*"), key=lambda p: int(p.name[4:]))
+
+
+def mean_sem(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    return x.mean(axis), x.std(axis, ddof=1) / math.sqrt(x.shape[axis])
+
+
+# -- 1. sampling bias ---------------------------------------------------------------------------
+
+
+def bias_part(runs: list[Path], axes: list, lines: list[str]) -> None:
+    """Variance and mean drift under temperature s < 1 vs closed form; precision/recall vs generation."""
+    loaded = []
+    for run in runs:
+        config, rows = load_run(run)
+        states = [torch.load(g / "model.pt", weights_only=True) for g in gens_of(run)]
+        mean = torch.stack([s["mean"] for s in states]).double().numpy()  # (T, C, d)
+        cov = torch.stack([s["cov"] for s in states]).double().numpy()
+        loaded.append((float(config["sample"]["temperature"]), config, rows, mean, cov))
+    loaded.sort(key=lambda r: -r[0])
+    lines += [
+        "| s | t | E tr Σ_t / tr Σ_0 (mean ± SE) | closed form s^(t-1) | z | E‖μ_t-μ_0‖²/tr Σ_0 | "
+        "closed form | z | precision | recall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, (s, config, rows, mean, cov) in enumerate(loaded):
+        n, d = int(config["data"]["n_train"]), mean.shape[-1]
+        tr0 = float(config["data"]["options"]["std"]) ** 2 * d  # Sigma_0 = std^2 I
+        mu0 = float(config["data"]["options"]["mean"])
+        t = np.arange(1, mean.shape[0] + 1)
+        th = gaussian_expected(
+            "replace",
+            n,
+            t,
+            d=d,
+            ddof=int(config["model"]["options"]["ddof"]),
+            temperature=s,
+            tempered_real=False,
+        )
+        var = np.trace(cov, axis1=-2, axis2=-1) / tr0
+        drift = ((mean - mu0) ** 2).sum(-1) / tr0
+        color = f"C{i}"
+        for ax, q, key in ((axes[0], var, "var_ratio"), (axes[1], drift, "mean_sq_per_var")):
+            m, se = mean_sem(q)
+            ax.plot(t, m, color=color, label=f"s = {s:g}")
+            ax.fill_between(t, m - 2 * se, m + 2 * se, color=color, alpha=0.25, lw=0)
+            ax.plot(t, th[key], "k--", lw=0.8)
+        gens = [r["generation"] + 1 for r in rows]
+        axes[2].plot(gens, [r["precision"] for r in rows], color=color, label=f"precision, s = {s:g}")
+        axes[2].plot(gens, [r["recall"] for r in rows], color=color, ls=":", label=f"recall, s = {s:g}")
+        for tc in sorted({min(10, len(t)), len(t)}):
+            mv, sv = mean_sem(var[tc - 1])
+            md, sd = mean_sem(drift[tc - 1])
+            zv, zd = (mv - th["var_ratio"][tc - 1]) / sv, (md - th["mean_sq_per_var"][tc - 1]) / sd
+            r = rows[tc - 1]
+            lines.append(
+                f"| {s:g} | {tc} | {mv:.4g} ± {sv:.2g} | {th['var_ratio'][tc - 1]:.4g} | {zv:+.1f} | "
+                f"{md:.4g} ± {sd:.2g} | {th['mean_sq_per_var'][tc - 1]:.4g} | {zd:+.1f} | "
+                f"{r['precision']:.3f} | {r['recall']:.3f} |"
+            )
+    axes[0].set_yscale("log")
+    axes[0].set_title("E tr Σ_t / tr Σ_0 (dashed: s^(t-1), real data untempered)", fontsize=9)
+    axes[1].set_title("E‖μ_t − μ_0‖² / tr Σ_0 (dashed: closed form)", fontsize=9)
+    axes[2].set_title("k-NN precision (solid) and recall (dotted), k = 3", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("fit t")
+        ax.legend(fontsize=7)
+
+
+# -- 2. modes -----------------------------------------------------------------------------------
+
+
+def mode_stats(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per generation and chain: modes kept (T, C), fraction of samples within 3 std of a mode (T, C); and
+    generations (T,)."""
+    config, _ = load_run(run)
+    opts = config["data"]["options"]
+    truth = make_toy("gmm", **opts).params()
+    means, stds = truth["means"].double(), truth["stds"].double()
+    k = means.shape[0]
+    kept, quality, gens = [], [], []
+    for g in gens_of(run):
+        x = torch.load(g / "samples.pt", weights_only=True).double()  # (C, m, d)
+        dist = torch.cdist(x, means.expand(x.shape[0], k, -1))  # (C, m, K)
+        near = dist.min(-1)
+        inside = near.values < 3 * stds[near.indices]
+        counts = torch.nn.functional.one_hot(near.indices, k).mul(inside.unsqueeze(-1)).sum(1)  # (C, K)
+        kept.append((counts >= KEEP_SHARE * x.shape[1] / k).sum(1).numpy())
+        quality.append(inside.double().mean(1).numpy())
+        gens.append(int(g.name[4:]))
+    return np.array(kept), np.array(quality), np.array(gens)
+
+
+def chain_metric(run: Path, name: str) -> np.ndarray:
+    """Per-chain values (T, C) of a metric column from gen_XXX/chain_metrics.pt."""
+    return np.stack(
+        [torch.load(g / "chain_metrics.pt", weights_only=True)[name].numpy() for g in gens_of(run)]
+    )
+
+
+def label(run: Path) -> str:
+    config, _ = load_run(run)
+    p = config["policy"]
+    name = {"replace": "fully synthetic (replace)", "accumulate": "synthetic augm. (accumulate)"}.get(
+        p["name"]
+    )
+    if p["name"] == "mix":
+        name = f"synthetic augm. (mix λ={p['lam']:g})"
+    if p["name"] == "fresh":
+        start = "bad start" if "bad" in str(config["init"]["checkpoint"]) else "fitted start"
+        name = f"fresh data ({p['n_real']} real + {p['n_syn']} syn.), {start}"
+    return name
+
+
+def gmm_part(runs: list[Path], axes: list, lines: list[str]) -> list[tuple[str, np.ndarray]]:
+    """Modes kept and KL per loop; returns (label, KL (T, C)) of every run for the fresh-data panel."""
+    lines += [
+        "| loop | modes kept: gen 0 | gen 20 | last gen | KL(truth‖model): gen 0 | last gen | "
+        "samples within 3σ of a mode (last) | precision (last) | recall (last) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    out = []
+    for i, run in enumerate(runs):
+        _, rows = load_run(run)
+        kept, quality, gens = mode_stats(run)
+        kl = chain_metric(run, "kl_truth")
+        name = label(run)
+        m, se = mean_sem(kept)
+        axes[0].plot(gens, m, color=f"C{i}", label=name)
+        axes[0].fill_between(gens, m - 2 * se, m + 2 * se, color=f"C{i}", alpha=0.2, lw=0)
+        axes[1].plot(gens, np.median(kl, 1), color=f"C{i}", label=name)
+        g20 = min(20, len(gens) - 1)
+        last = rows[-1]
+        lines.append(
+            f"| {name} | {m[0]:.1f} | {m[g20]:.1f} | {m[-1]:.1f} ± {se[-1]:.1f} | "
+            f"{kl[0].mean():.3g} | {kl[-1].mean():.3g} | {quality[-1].mean():.3f} | "
+            f"{last['precision']:.3f} | {last['recall']:.3f} |"
+        )
+        out.append((name, kl))
+    axes[0].set_title(f"modes kept (≥{KEEP_SHARE:.0%} of fair share within 3σ), mean ± 2 SE", fontsize=9)
+    axes[0].set_ylim(0, 26)
+    axes[1].set_yscale("log")
+    axes[1].set_title("KL(truth ‖ model), median over chains", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("generation")
+        ax.legend(fontsize=6)
+    return out
+
+
+def fresh_part(fresh: list[tuple[str, np.ndarray]], ax, lines: list[str]) -> None:
+    """The fresh-data loop from two starts: the level each settles at, and their difference."""
+    levels = {}
+    for i, (name, kl) in enumerate(fresh):
+        gens = np.arange(kl.shape[0])
+        m, se = mean_sem(kl)
+        ax.plot(gens, m, color=f"C{i + 3}", label=name)
+        ax.fill_between(gens, m - 2 * se, m + 2 * se, color=f"C{i + 3}", alpha=0.2, lw=0)
+        tail = kl[-(kl.shape[0] // 3) :].mean(0)  # per chain: mean over the last third
+        levels[name] = mean_sem(tail)
+        ax.axhline(levels[name][0], color=f"C{i + 3}", ls=":", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("generation")
+    ax.set_title("fresh-data loop: KL(truth ‖ model) from two starts (mean ± 2 SE)", fontsize=9)
+    ax.legend(fontsize=6)
+    lines += [
+        "| fresh-data loop start | KL at gen 0 | settled level (mean over last third of gens, ± SE) |",
+        "|---|---|---|",
+    ]
+    for name, kl in fresh:
+        lines.append(f"| {name} | {kl[0].mean():.3g} | {levels[name][0]:.4f} ± {levels[name][1]:.4f} |")
+    if len(levels) == 2:
+        (a, (ma, sa)), (b, (mb, sb)) = levels.items()
+        diff, se = ma - mb, math.hypot(sa, sb)
+        lines.append(f"\nDifference of the settled levels: {diff:+.4f} ± {se:.4f} (z = {diff / se:+.1f}).")
+
+
+def main() -> None:
+    """Draw figures/alemohammad.png and write figures/alemohammad.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="runs", type=Path)
+    parser.add_argument("--out", default="figures", type=Path)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9.5))
+    text = [
+        "# Alemohammad et al.: self-consuming loops go MAD (`experiments/alemohammad/run.sh`)",
+        "",
+        "## Gaussian with sampling bias s (replace, ddof 1, fit t = loop generation + 1)",
+        "",
+    ]
+    bias_part(find_runs([args.runs / "alemohammad_bias"]), list(axes[0]), text)
+    text += ["", "## 25-mode GMM fitted by a 25-component GMM (EM)", ""]
+    runs = find_runs([args.runs / "alemohammad_gmm"]) + find_runs([args.runs / "alemohammad_fresh"])
+    curves = gmm_part(runs, [axes[1, 0], axes[1, 1]], text)
+    text += [""]
+    fresh_part([c for c in curves if c[0].startswith("fresh")], axes[1, 2], text)
+    fig.suptitle(
+        "MAD: sampling bias on a Gaussian (top); 25-mode GMM under fully synthetic, augmentation "
+        "and fresh-data loops (bottom)"
+    )
+    fig.tight_layout()
+    fig.savefig(args.out / "alemohammad.png", dpi=110)
+    plt.close(fig)
+    (args.out / "alemohammad.md").write_text("\n".join(text) + "\n")
+    print(f"wrote {args.out}/alemohammad.png, alemohammad.md")
+
+
+if __name__ == "__main__":
+    main()
