@@ -7,6 +7,7 @@ tensor program; neural families run one chain (C = 1). Data is (C, n, *event).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -62,6 +63,17 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
     """Raise Diverged when a training loss stops being finite."""
     if not torch.isfinite(loss).all():
         raise Diverged(f"non-finite loss at step {step}")
+
+
+def epoch_batches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Minibatch indices: successive random permutations (epochs) of n rows, min(size, n) at a time."""
+    size = min(size, n)
+    perm, pos = torch.randperm(n, generator=generator, device=generator.device), 0
+    while True:
+        if pos + size > n:
+            perm, pos = torch.randperm(n, generator=generator, device=generator.device), 0
+        yield perm[pos : pos + size]
+        pos += size
 
 
 def broadcast_chains(x: torch.Tensor, chains: int, event_dims: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from tqdm import tqdm
 
-from simulator.models.base import average_gradients, check_finite, local_rows
+from simulator.models.base import average_gradients, check_finite, epoch_batches, local_rows
 from simulator.seeding import derive_seed
 
 SAMPLERS = ("ddpm", "ddim")
@@ -229,14 +229,12 @@ class DiffusionFamily:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(self.warmup, 1)))
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")  # a no-op unless fp16
         n, size, gd = x8.shape[0], min(self.batch_size, x8.shape[0]), generator.device
-        perm, pos, losses = torch.randperm(n, generator=generator, device=gd), 0, []
+        batches, losses = epoch_batches(n, size, generator), []
         start = time.perf_counter()
         self.unet.train()
         try:
             for step in tqdm(range(steps), desc="diffusion fit", leave=False, disable=not progress):
-                if pos + size > n:  # successive random permutations (epochs)
-                    perm, pos = torch.randperm(n, generator=generator, device=gd), 0
-                idx, pos = perm[pos : pos + size].to(self.device), pos + size
+                idx = next(batches).to(self.device)
                 t = torch.randint(0, self.train_timesteps, (size,), generator=generator, device=gd)
                 noise = torch.randn(size, *self.event_shape, generator=generator, device=gd).to(self.device)
                 # data parallel (torchrun): every rank draws the same global batch and takes its rows,

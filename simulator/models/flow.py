@@ -17,7 +17,7 @@ import normflows as nf
 import torch
 from tqdm import tqdm
 
-from simulator.models.base import check_finite
+from simulator.models.base import check_finite, epoch_batches
 
 ARCHS = ("realnvp", "nsf")
 LOG_SCALE_BOUND = 3.0  # |log scale| per RealNVP coupling; e^3 per layer is ample with ActNorm
@@ -123,16 +123,6 @@ class FlowFamily:
 
     # -- training -----------------------------------------------------------------------------
 
-    def _batches(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """Minibatch indices: successive random permutations (epochs), batch_size rows at a time."""
-        size = min(self.batch_size, n)
-        perm, pos = torch.randperm(n, generator=generator, device=generator.device), 0
-        while True:
-            if pos + size > n:
-                perm, pos = torch.randperm(n, generator=generator, device=generator.device), 0
-            yield perm[pos : pos + size]
-            pos += size
-
     def fit(
         self,
         data: torch.Tensor,
@@ -150,7 +140,7 @@ class FlowFamily:
         x = self._check_data(data)[0].to(self.device, self.dtype)
         steps = self.steps if steps is None else int(steps)
         opt = torch.optim.Adam(self.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        batches = self._batches(x.shape[0], generator)
+        batches = epoch_batches(x.shape[0], self.batch_size, generator)
         losses: list[float] = []
         start = time.perf_counter()
         self.flow.train()

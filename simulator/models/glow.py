@@ -24,7 +24,7 @@ import normflows as nf
 import torch
 from tqdm import tqdm
 
-from simulator.models.base import check_finite
+from simulator.models.base import check_finite, epoch_batches
 from simulator.seeding import derive_seed
 
 PREPROCESS = ("logit", "shift")  # logit(alpha + (1 - 2 alpha) x) as RealNVP, or x - 0.5 as Glow
@@ -176,16 +176,6 @@ class GlowFamily:
 
     # -- training -----------------------------------------------------------------------------
 
-    def _batches(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """Minibatch indices: successive random permutations (epochs), batch_size rows at a time."""
-        size = min(self.batch_size, n)
-        perm, pos = torch.randperm(n, generator=generator, device=generator.device), 0
-        while True:
-            if pos + size > n:
-                perm, pos = torch.randperm(n, generator=generator, device=generator.device), 0
-            yield perm[pos : pos + size]
-            pos += size
-
     def fit(
         self,
         data: torch.Tensor,
@@ -205,7 +195,7 @@ class GlowFamily:
         y_all = self._labels(labels, len(u))
         steps = self.steps if steps is None else int(steps)
         opt = torch.optim.Adam(self.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        batches = self._batches(len(u), generator)
+        batches = epoch_batches(len(u), self.batch_size, generator)
         bits = self.dim * math.log(2)  # nats per image -> bits per dimension
         losses: list[float] = []
         start = time.perf_counter()
