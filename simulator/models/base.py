@@ -8,6 +8,8 @@ tensor program; neural families run one chain (C = 1). Data is (C, n, *event).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -15,6 +17,22 @@ import torch
 
 class Diverged(RuntimeError):
     """Training produced a NaN or infinite loss; the loop records the generation as diverged."""
+
+
+@dataclass
+class FitCheckpoint:
+    """Where and how often a neural family's fit saves its training state inside a generation.
+
+    The loop passes one to `fit(..., checkpoint=...)` of families whose `resumable_fit` is True, with
+    `path` inside gen_XXX.tmp/. Every `every_steps` steps or `every_seconds` seconds (whichever comes
+    first; None: never by that measure) the fit writes model, optimizer, EMA, grad scaler, step and RNG
+    states to `path` atomically. When `path` exists as fit starts, fit resumes from it, and the finished
+    fit equals an uninterrupted one (bit for bit on the CPU).
+    """
+
+    path: Path
+    every_steps: int | None = None
+    every_seconds: float | None = None
 
 
 @runtime_checkable
@@ -87,11 +105,9 @@ def broadcast_chains(x: torch.Tensor, chains: int, event_dims: int) -> torch.Ten
 
 def world() -> tuple[int, int]:
     """(rank, world size) of torch.distributed, or (0, 1) when it is not initialised."""
-    import torch.distributed as dist
+    from simulator.distributed import world as _world
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return _world()
 
 
 def local_rows(size: int) -> slice:
