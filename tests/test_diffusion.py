@@ -164,6 +164,14 @@ def test_samples_are_seeded_per_sample(opts: dict) -> None:
     fam.sample_batch = 100  # other chunks: the same samples
     assert torch.equal(a, fam.sample(70, generator=gen(1)))
     assert torch.equal(a[:, :4], fam.sample(4, generator=gen(1)))  # sample i does not depend on n
+    idx = [69, 3, 64, 3, 0]  # rows by index, in any order and chunking: the rows of sample(n)
+    assert torch.equal(fam.sample(70, generator=gen(1), indices=idx), a[:, idx])
+    fam.sample_batch = 2
+    shards = [fam.sample(70, generator=gen(1), indices=range(r, 70, 3)) for r in range(3)]  # 3 "ranks"
+    assert all(torch.equal(shards[r], a[:, r::3]) for r in range(3))
+    assert fam.sample(70, generator=gen(1), indices=[]).shape == (1, 0, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"indices must be ints in \[0, 70\)"):
+        fam.sample(70, generator=gen(1), indices=[70])
     assert not torch.equal(a, fam.sample(70, generator=gen(2)))
     assert len({bytes(s.numpy()) for s in a[0]}) == 70 and a.min() < a.max()
 
@@ -208,6 +216,7 @@ def test_class_conditional_fit_and_sample() -> None:
     assert torch.equal(a, fam.sample(5, fam.sample_labels(5, generator=gen(2)), generator=gen(2)))
     fam.sample_batch = 2
     assert torch.equal(a, fam.sample(5, generator=gen(2)))
+    assert torch.equal(a[:, [4, 1]], fam.sample(5, generator=gen(2), indices=[4, 1]))  # labels of all 5
     with pytest.raises(ValueError, match="labels"):
         fam.sample(2, torch.tensor([0, 10]), generator=gen(1))
     # log_prob without labels bounds the marginal: log mean_y exp(-L(x | y)).
