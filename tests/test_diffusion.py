@@ -316,3 +316,39 @@ def test_bound_decreases_after_training_on_a_fixed_batch() -> None:
     fam.fit(x, steps=150, generator=gen(0))
     after = fam.log_prob(x)  # same internal noise before and after: the difference is the model's
     assert bpd(after, 64).mean() < bpd(before, 64).mean()
+
+
+# -- device hot paths ---------------------------------------------------------------------------
+
+
+def test_sampling_and_bound_copy_to_the_cpu_once_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Noise is drawn on the model's device and the bound's float64 arithmetic stays there: .cpu() is
+    called a fixed number of times per chunk (hash the chunk's bytes, return its terms), not per network
+    call. On the CPU .cpu() is a no-op, but the calls are what a GPU would pay for."""
+    calls = []
+    real = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: calls.append(t.shape) or real(t, *a, **k))
+    x, _ = digits(70)  # two chunks: on the CPU a chunk is CPU_ROWS = 64 images
+    for K in (1, 3):  # the network runs K + 1 times per chunk
+        fam = make(likelihood_timesteps=K, sample_batch=4, sampler="ddpm", sample_steps=2)
+        calls.clear()
+        fam.bound_terms(x)
+        # once: the betas for the schedule; per chunk: its bytes (for the seeds) and its terms
+        assert len(calls) == 1 + 2 * 2 and calls[-1] == (3, 6)
+        calls.clear()
+        fam.sample(70, generator=gen(0))
+        assert calls == []  # 2 chunks x 2 steps of network calls, and not one copy to the CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sampling_by_index_and_bound_match_the_cpu() -> None:
+    x, _ = digits(8)
+    cpu = make(sampler="ddpm")
+    cpu.fit(x, steps=3, generator=gen(0))
+    dev = make(sampler="ddpm", device="cuda")
+    dev.load_state_dict(cpu.state_dict())
+    a = dev.sample(9, generator=gen(1))
+    assert torch.equal(dev.sample(9, generator=gen(1), indices=[8, 2]).cpu(), a[:, [8, 2]].cpu())
+    # the same draws (image-seeded, on the device) and float64 arithmetic: equal up to the network's
+    # float32 rounding on another device, far below the bound's size (tens of nats per image)
+    torch.testing.assert_close(dev.log_prob(x).cpu(), cpu.log_prob(x), rtol=0, atol=0.5)
