@@ -6,6 +6,8 @@ average (EMA) of the weights is what `sample` and `log_prob` use. `log_prob` is 
 variational bound of Ho et al. (L_T + sum_t L_{t-1} + L_0, discretized Gaussian decoder for 8-bit
 data), a lower bound on log p(x), so `exact_likelihood = False`. The bound is that of the full T-step
 ancestral reverse process with sigma_t^2 = beta_t; samples come from the strided DDIM/DDPM chain.
+`pretrained` starts from a diffusers directory (its UNet and schedule; see diffusers_io), and
+`export` writes a generation as a DDPMPipeline directory.
 """
 
 from __future__ import annotations
