@@ -7,6 +7,7 @@ such as google/ddpm-cifar10-32 are distributed (a pipeline directory with unet/ 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -118,6 +119,10 @@ def test_bad_directories_are_one_line_errors(pipeline_dir: Path, tmp_path: Path)
         with pytest.raises(ConfigError, match="^init.pretrained: " + match):
             run_config(compose_config("data=digits", "model=diffusion_tiny", f"init.pretrained={bad}"),
                        tmp_path / "run")  # fmt: skip
+    both = ("data=digits", "model=diffusion_tiny", f"init.pretrained={pipeline_dir}",
+            f"init.checkpoint={pipeline_dir / 'model_index.json'}")  # fmt: skip
+    with pytest.raises(ConfigError, match="^init.pretrained: give either init.pretrained or init.checkpoint"):
+        run_config(compose_config(*both), tmp_path / "run")
     with pytest.raises(ConfigError, match="^init.pretrained: .*family=gaussian"):
         run_config(compose_config("data=digits", "model=gaussian", f"init.pretrained={pipeline_dir}"),
                    tmp_path / "run2")  # fmt: skip
@@ -132,11 +137,18 @@ def loop_config(pipeline: Path, *extra: str):
     )  # fmt: skip
 
 
-def test_two_generations_from_a_checkpoint_export_pipelines(pipeline_dir: Path, tmp_path: Path) -> None:
+def test_two_generations_from_a_checkpoint_export_pipelines(
+    pipeline_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     ckpt, run = tmp_path / "ckpt", tmp_path / "run"
     shutil.copytree(pipeline_dir, ckpt)
-    summary = run_config(loop_config(ckpt), run)
+    with caplog.at_level(logging.INFO, logger="simulator"):
+        summary = run_config(loop_config(ckpt), run)
     assert summary["status"] == "complete"
+    assert (
+        "model.options attention, block_out_channels, layers_per_block, num_classes are ignored"
+        in caplog.text
+    )
     rows = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
     assert rows[0]["train"] == {"loaded": str(ckpt)} and rows[1]["n_train"] == 48 + 24
     recorded = (run / "config.yaml").read_text()
@@ -155,8 +167,7 @@ def test_two_generations_from_a_checkpoint_export_pipelines(pipeline_dir: Path, 
     # the exported files are checksummed with the generation, so a damaged one is caught on resume
     state = json.loads((run / "state.json").read_text())
     assert "gen_001/pipeline/unet/config.json" in state["files"]
-    assert run_config(loop_config(ckpt, "generations=2"), run)["generations"] == 2  # resumes
     # other weights under the same directory name are refused on resume (their hash differs)
     DDPMPipeline(unet=tiny_unet(1), scheduler=DDPMScheduler(num_train_timesteps=T)).save_pretrained(ckpt)
     with pytest.raises(RunError, match="pretrained_sha256"):
-        run_config(loop_config(ckpt, "generations=3"), run)
+        run_config(loop_config(ckpt, "generations=2"), run)
