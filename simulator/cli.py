@@ -60,7 +60,7 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
             generations=cfg.generations, seed=cfg.seed,
             warm_start=cfg.train.warm_start, steps=cfg.train.steps, steps_gen0=cfg.train.steps_gen0,
             epochs=cfg.train.get("epochs"),
-            init_checkpoint=cfg.init.checkpoint,
+            init_checkpoint=cfg.init.checkpoint, init_pretrained=cfg.init.get("pretrained"),
             n_samples=cfg.sample.n, temperature=cfg.sample.temperature,
             curation_k=cfg.sample.curation_k, curation_reward=cfg.sample.curation_reward,
             save_samples=cfg.sample.save,

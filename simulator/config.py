@@ -94,6 +94,16 @@ def validate(cfg: DictConfig, *, families: list[str], sources: list[str], polici
     checkpoint = _get(cfg, "init.checkpoint")
     if checkpoint is not None and not Path(str(checkpoint)).is_file():
         raise ConfigError(f"init.checkpoint: file not found: {checkpoint}")
+    pretrained = _get(cfg, "init.pretrained")
+    if pretrained is not None:
+        if checkpoint is not None:
+            raise ConfigError("init.pretrained: give either init.pretrained or init.checkpoint, not both")
+        from simulator.models import diffusers_io
+
+        try:
+            diffusers_io.read(str(pretrained))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     names = _get(cfg, "eval.metrics")
     if names is None or not OmegaConf.is_list(names):
         raise ConfigError(f"eval.metrics: must be a list of metric names, got {names!r}")

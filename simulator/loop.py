@@ -60,6 +60,7 @@ def generation_loop(
     steps_gen0: int | None = None,  # training steps of generation 0 (default: steps)
     epochs: float | None = None,  # when set, steps per generation = ceil(epochs * rows / batch_size)
     init_checkpoint: str | None = None,  # load G_0 from here instead of fitting it (pretrained start)
+    init_pretrained: str | None = None,  # G_0 is make_model()'s pretrained network as built (no fit)
     n_samples: int | None = None,  # samples per generation (default: what the policy needs)
     temperature: float = 1.0,  # sampling bias s: s < 1 narrows the samples
     curation_k: int = 1,  # keep the best of k candidates per sample (1: no curation)
@@ -136,6 +137,8 @@ def generation_loop(
             if t == 0 and init_checkpoint:
                 model.load_state_dict(_load(Path(init_checkpoint)))
                 stats, n_train = {"loaded": str(init_checkpoint)}, 0
+            elif t == 0 and init_pretrained:  # make_model built G_0 from the diffusers directory itself
+                stats, n_train = {"loaded": str(init_pretrained)}, 0
             else:
                 if t == 0 or not warm_start:
                     model.reset(gen("init"))
@@ -188,6 +191,8 @@ def generation_loop(
         row["seconds_eval"] = time.perf_counter() - clock
 
         torch.save(model.state_dict(), tmp / "model.pt")
+        if hasattr(model, "export"):  # e.g. a diffusers pipeline directory, where the family is asked to
+            model.export(tmp)
         if save_samples:
             torch.save(samples, tmp / "samples.pt")
             if cache[t][1] is not None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from simulator import policies, seeding
 from simulator.config import ConfigError
@@ -26,6 +27,11 @@ FAMILIES: dict[str, str] = {
     "glow": "simulator.models.glow:GlowFamily",
     "diffusion": "simulator.models.diffusion:DiffusionFamily",
 }
+
+# model options that a pretrained diffusers directory decides instead of the config
+PRETRAINED_OVERRIDES = ("block_out_channels", "layers_per_block", "attention", "num_classes",
+                        "train_timesteps", "beta_schedule", "prediction_type")  # fmt: skip
+log = logging.getLogger("simulator")
 
 # modules holding a name -> source-class table, and their factory
 SOURCE_MODULES = {
@@ -107,12 +113,37 @@ def make_model_factory(
     options = _options(cfg.model.options)
     if "device" in inspect.signature(cls).parameters:
         options.setdefault("device", device)
+    pretrained = OmegaConf.select(cfg, "init.pretrained", default=None)
+    if pretrained is not None:
+        _pretrained(cfg, cls, options, str(pretrained))
     factory = partial(cls, chains=cfg.chains, event_shape=tuple(event_shape), **options)
     try:
         factory()
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"model.options ({cfg.model.family}): {e}") from None
+        message = str(e)
+        raise ConfigError(message if message.startswith("init.") else
+                          f"model.options ({cfg.model.family}): {message}") from None  # fmt: skip
     return factory
+
+
+def _pretrained(cfg: DictConfig, cls: type, options: dict[str, Any], directory: str) -> None:
+    """Point the family at a diffusers directory and record its weights' hash in cfg (so in config.yaml:
+    resuming from a different checkpoint is refused as a changed config)."""
+    from simulator.models import diffusers_io
+
+    if "pretrained" not in inspect.signature(cls).parameters:
+        raise ConfigError(f"init.pretrained: model.family={cfg.model.family} cannot start from a diffusers "
+                          "directory; use model=diffusion")  # fmt: skip
+    try:
+        pre = diffusers_io.read(directory)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    ignored = sorted(k for k in options if k in PRETRAINED_OVERRIDES)
+    log.info("init.pretrained=%s: UNet architecture and noise schedule come from the directory; "
+             "model.options %s are ignored", directory, ", ".join(ignored) or "(none set)")  # fmt: skip
+    options["pretrained"] = directory
+    with open_dict(cfg):
+        cfg.init.pretrained_sha256 = diffusers_io.weights_sha256(pre)
 
 
 def make_policy(cfg: DictConfig) -> policies.Policy:

@@ -214,12 +214,14 @@ class RunDir:
         tmp = self.path / f"gen_{t:03d}.tmp"
         (tmp / "metrics.json").write_text(json.dumps(row, indent=1))
         checksums = {}
-        for f in sorted(tmp.iterdir()):
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):  # sub-folders too (pipeline/)
             if self.durable:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            checksums[f"{self.gen_dir(t).name}/{f.name}"] = sha256(f)
+            checksums[f"{self.gen_dir(t).name}/{f.relative_to(tmp).as_posix()}"] = sha256(f)
         if self.durable:
+            for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+                _fsync_dir(d)
             _fsync_dir(tmp)
         os.replace(tmp, self.gen_dir(t))
         if self.durable:

@@ -164,6 +164,14 @@ def test_samples_are_seeded_per_sample(opts: dict) -> None:
     fam.sample_batch = 100  # other chunks: the same samples
     assert torch.equal(a, fam.sample(70, generator=gen(1)))
     assert torch.equal(a[:, :4], fam.sample(4, generator=gen(1)))  # sample i does not depend on n
+    idx = [69, 3, 64, 3, 0]  # rows by index, in any order and chunking: the rows of sample(n)
+    assert torch.equal(fam.sample(70, generator=gen(1), indices=idx), a[:, idx])
+    fam.sample_batch = 2
+    shards = [fam.sample(70, generator=gen(1), indices=range(r, 70, 3)) for r in range(3)]  # 3 "ranks"
+    assert all(torch.equal(shards[r], a[:, r::3]) for r in range(3))
+    assert fam.sample(70, generator=gen(1), indices=[]).shape == (1, 0, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"indices must be ints in \[0, 70\)"):
+        fam.sample(70, generator=gen(1), indices=[70])
     assert not torch.equal(a, fam.sample(70, generator=gen(2)))
     assert len({bytes(s.numpy()) for s in a[0]}) == 70 and a.min() < a.max()
 
@@ -208,6 +216,7 @@ def test_class_conditional_fit_and_sample() -> None:
     assert torch.equal(a, fam.sample(5, fam.sample_labels(5, generator=gen(2)), generator=gen(2)))
     fam.sample_batch = 2
     assert torch.equal(a, fam.sample(5, generator=gen(2)))
+    assert torch.equal(a[:, [4, 1]], fam.sample(5, generator=gen(2), indices=[4, 1]))  # labels of all 5
     with pytest.raises(ValueError, match="labels"):
         fam.sample(2, torch.tensor([0, 10]), generator=gen(1))
     # log_prob without labels bounds the marginal: log mean_y exp(-L(x | y)).
@@ -307,3 +316,39 @@ def test_bound_decreases_after_training_on_a_fixed_batch() -> None:
     fam.fit(x, steps=150, generator=gen(0))
     after = fam.log_prob(x)  # same internal noise before and after: the difference is the model's
     assert bpd(after, 64).mean() < bpd(before, 64).mean()
+
+
+# -- device hot paths ---------------------------------------------------------------------------
+
+
+def test_sampling_and_bound_copy_to_the_cpu_once_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Noise is drawn on the model's device and the bound's float64 arithmetic stays there: .cpu() is
+    called a fixed number of times per chunk (hash the chunk's bytes, return its terms), not per network
+    call. On the CPU .cpu() is a no-op, but the calls are what a GPU would pay for."""
+    calls = []
+    real = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: calls.append(t.shape) or real(t, *a, **k))
+    x, _ = digits(70)  # two chunks: on the CPU a chunk is CPU_ROWS = 64 images
+    for K in (1, 3):  # the network runs K + 1 times per chunk
+        fam = make(likelihood_timesteps=K, sample_batch=4, sampler="ddpm", sample_steps=2)
+        calls.clear()
+        fam.bound_terms(x)
+        # once: the betas for the schedule; per chunk: its bytes (for the seeds) and its terms
+        assert len(calls) == 1 + 2 * 2 and calls[-1] == (3, 6)
+        calls.clear()
+        fam.sample(70, generator=gen(0))
+        assert calls == []  # 2 chunks x 2 steps of network calls, and not one copy to the CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sampling_by_index_and_bound_match_the_cpu() -> None:
+    x, _ = digits(8)
+    cpu = make(sampler="ddpm")
+    cpu.fit(x, steps=3, generator=gen(0))
+    dev = make(sampler="ddpm", device="cuda")
+    dev.load_state_dict(cpu.state_dict())
+    a = dev.sample(9, generator=gen(1))
+    assert torch.equal(dev.sample(9, generator=gen(1), indices=[8, 2]).cpu(), a[:, [8, 2]].cpu())
+    # the same draws (image-seeded, on the device) and float64 arithmetic: equal up to the network's
+    # float32 rounding on another device, far below the bound's size (tens of nats per image)
+    torch.testing.assert_close(dev.log_prob(x).cpu(), cpu.log_prob(x), rtol=0, atol=0.5)

@@ -188,3 +188,85 @@ def test_cifar10_missing_root_is_one_line_error(tmp_path: Path) -> None:
     msg = str(err.value)
     assert msg.startswith("data.options.root: CIFAR-10 not found in " + str(tmp_path))
     assert "download=true" in msg and "\n" not in msg
+
+
+# -- FFHQ-shaped folders (flat, unlabelled) -------------------------------------------------------------
+
+
+def ffhq_folder(root: Path, n: int, size: int = 8) -> Path:
+    """n random size x size RGB PNGs in one flat folder, named like FFHQ's (00000.png, ...), no labels."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"{i:05d}.png")
+    return root
+
+
+def check_ffhq_holdout(root: Path, n: int, overrides: tuple[str, ...] = ()) -> None:
+    """The FFHQ configs' data on an n-image folder: test = the held-out 10%, asking for more is one line."""
+    from simulator import registry
+    from simulator.config import ConfigError
+    from tests.test_experiments import experiment
+
+    cfg = experiment("ffhq_bertrand", f"data.options.root={root}", "data.options.resolution=8", *overrides)
+    d = registry.make_data(cfg)
+    n_test = round(0.1 * n)
+    check_contract(d, n - n_test, n_test, (3, 8, 8), labels=False)
+    cfg = experiment("ffhq_bertrand", f"data.options.root={root}", f"data.n_test={n_test + 1}", *overrides)
+    with pytest.raises(ConfigError) as err:
+        registry.make_data(cfg)
+    msg = str(err.value)
+    assert f"asks for {n_test + 1} images but the split holds {n_test}" in msg and "\n" not in msg
+    assert f"({n} images under {root}, data.options.test_fraction=0.1 held out" in msg
+
+
+def test_ffhq_holdout_fast(tmp_path: Path) -> None:
+    check_ffhq_holdout(ffhq_folder(tmp_path / "ffhq", 300), 300)
+    d = make_image("ffhq", root=str(tmp_path / "ffhq"), resolution=8, limit=100).load(generator=gen(0))
+    check_contract(d, 90, 10, (3, 8, 8), labels=False)  # limit reads 100 files, then holds out 10%
+    with pytest.raises(ValueError, match=r"100 images read \(data.options.limit=100\)"):
+        make_image("ffhq", root=str(tmp_path / "ffhq"), resolution=8, limit=100).load(
+            n_test=11, generator=gen(0)
+        )
+
+
+@pytest.mark.slow
+def test_ffhq_shaped_folder_70k_configs_run(tmp_path: Path) -> None:
+    """70,000 tiny PNGs: ffhq_bertrand holds out 7,000 test images, the smoke config runs end to end
+    through the real `simulate` command (self-supervised tiny extractor: the folder has no labels)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = ffhq_folder(tmp_path / "ffhq", 70_000)
+    check_ffhq_holdout(root, 70_000)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", "from simulator.cli import simulate; simulate()",
+           "experiment=ffhq_bertrand_smoke", f"data.options.root={root}", f"run_root={tmp_path / 'runs'}",
+           f"++eval.options.cache_dir={tmp_path / 'cache'}", "progress=false"]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    rows = [
+        json.loads(x) for p in (tmp_path / "runs").rglob("results.jsonl") for x in p.read_text().splitlines()
+    ]
+    assert [r["generation"] for r in rows] == [0, 1, 2] and all(r["fid"] > 0 for r in rows)
+
+
+def test_tiny_extractor_without_labels_learns_rotations(tmp_path: Path) -> None:
+    from simulator.metrics import features as fx
+
+    x = (
+        torch.from_numpy(np.stack([np.asarray(Image.new("RGB", (8, 8)))] * 2))
+        .permute(0, 3, 1, 2)
+        .contiguous()
+    )
+    x[:, :, :2] = 255  # a bright top band: its rotations are four different images
+    rotated, labels = fx.rotations(x)
+    assert rotated.shape == (8, 3, 8, 8) and labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.equal(rotated[2], torch.rot90(x[0], 1, dims=(-2, -1)))
+    net = fx.get_extractor("tiny", "bands", x, None, tmp_path, steps=25, seed=0)
+    assert net.classes == 4 and fx.accuracy(net, rotated, labels) == 1.0
+    assert (tmp_path / "extractors" / f"bands-{fx.TinyCNN.ARCH}-rot4-s25-seed0.pt").is_file()
+    with pytest.raises(ValueError, match="square"):
+        fx.rotations(x[..., :6])

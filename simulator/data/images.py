@@ -96,6 +96,10 @@ class ImageSource:
         """Per-image processing done after subsetting, so a small subset of a large split stays cheap."""
         return images
 
+    def _holdout(self, total: int) -> str:
+        """How the split was made, for the error when n_train / n_test ask for more than it holds."""
+        return ""
+
     def load(
         self, *, chains: int = 1, n_train: int | None = None, n_test: int | None = None,
         generator: torch.Generator,
@@ -105,8 +109,9 @@ class ImageSource:
             raise _error("chains", f"image sources hold one real dataset; chains must be 1, got {chains}")
         train, train_labels, test, test_labels = self._splits()
         # Separate child streams: changing n_test never changes which training images are drawn.
-        keep = _subset("n_train", n_train, len(train), child(generator, "train"))
-        keep_test = _subset("n_test", n_test, len(test), child(generator, "test"))
+        hint = self._holdout(len(train) + len(test))
+        keep = _subset("n_train", n_train, len(train), child(generator, "train"), hint)
+        keep_test = _subset("n_test", n_test, len(test), child(generator, "test"), hint)
         if keep is not None:
             train = train[keep]
             train_labels = None if train_labels is None else train_labels[keep]
@@ -120,13 +125,15 @@ class ImageSource:
         )  # fmt: skip
 
 
-def _subset(field: str, n: int | None, available: int, generator: torch.Generator) -> torch.Tensor | None:
+def _subset(
+    field: str, n: int | None, available: int, generator: torch.Generator, hint: str = ""
+) -> torch.Tensor | None:
     """Indices of a random n-subset (None: keep all, in stored order); one-line error when n is too large."""
     if n is None:
         return None
     n = _integer(field, n, 1 if field == "n_train" else 0)
     if n > available:
-        raise _error(field, f"asks for {n} images but the split holds {available}")
+        raise _error(field, f"asks for {n} images but the split holds {available}{hint}")
     if n == available:
         return None
     return torch.randperm(available, generator=generator, device=generator.device)[:n].cpu()
@@ -260,6 +267,11 @@ class ImageFolder(ImageSource):
 
     def _missing(self) -> ValueError:
         return _error("options.root", f"image folder {self.root} does not exist or is not a directory")
+
+    def _holdout(self, total: int) -> str:
+        read = f"{total} images read (data.options.limit={self.limit})" if self.limit else f"{total} images"
+        held = f"data.options.test_fraction={self.test_fraction:g} held out as the test split"
+        return f" ({read} under {self.root}, {held}); ask for fewer (null: the whole split) or change it"
 
     def _files(self) -> list[Path]:
         if not self.root.is_dir():

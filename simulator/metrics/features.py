@@ -2,8 +2,9 @@
 
 Every extractor takes uint8 images (n, ch, h, w) and gives features (n, F); `features` batches them.
 
-- tiny: a small CNN classifier trained on the domain's own labelled training images; its penultimate
-  layer (64 SiLU units feeding the linear classifier) gives the features. It
+- tiny: a small CNN classifier trained on the domain's own labelled training images (unlabelled ones,
+  e.g. FFHQ: trained to tell the image's four 90-degree rotations apart, a self-supervised task); its
+  penultimate layer (64 SiLU units feeding the linear classifier) gives the features. It
   serves domains where Inception is meaningless (8x8 digits) and fast tests. Training is deterministic
   given the generator (initialisation and batches both come from it), and `get_extractor` caches the
   trained weights under cache_dir/extractors, named by (data id, architecture, steps, seed).
@@ -117,6 +118,21 @@ def train_extractor(
     return net.eval().requires_grad_(False)
 
 
+def rotations(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unlabelled square uint8 images (n, ch, s, s) -> their 4n rotations by k x 90 degrees, labels k.
+
+    The self-supervised task of Gidaris et al. (ICLR 2018): telling the rotations apart needs features
+    of the image's content (faces: where eyes, mouth and hair are), so the tiny extractor serves
+    unlabelled domains such as FFHQ, where its class-label task cannot be set.
+    """
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(
+            f"eval.options.extractor: 'tiny' without labels needs square images, got {images.shape}"
+        )
+    rotated = torch.cat([torch.rot90(images, k, dims=(-2, -1)) for k in range(4)])
+    return rotated, torch.arange(4).repeat_interleave(len(images))
+
+
 def accuracy(net: TinyCNN, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
     """Classification accuracy of a tiny extractor on uint8 images, a sanity check of its features."""
     images, labels = images.reshape(-1, *images.shape[-3:]), labels.reshape(-1)
@@ -143,21 +159,19 @@ def get_extractor(
     """The tiny extractor of a dataset: trained once (seeded), then read from cache_dir/extractors/."""
     if name != "tiny":
         raise ValueError(f"eval.options.extractor: get_extractor trains only 'tiny', got {name!r}")
-    if labels is None:
-        raise ValueError(
-            "eval.options.extractor: 'tiny' is a classifier and needs class labels in the training data "
-            "(e.g. data.options.labels=true for image folders), or use 'inception'"
-        )
+    task = "-rot4" if labels is None else ""  # no labels: trained to predict rotations (see rotations)
     safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(data_id))
     path = (
         Path(os.path.expanduser(str(cache_dir)))
         / "extractors"
-        / f"{safe_id}-{TinyCNN.ARCH}-s{steps}-seed{seed}.pt"
+        / f"{safe_id}-{TinyCNN.ARCH}{task}-s{steps}-seed{seed}.pt"
     )
     memo = (str(path), str(device))
     if memo in _LOADED:
         return _LOADED[memo]
     images = images.reshape(-1, *images.shape[-3:])
+    if labels is None:
+        images, labels = rotations(images)
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         net = TinyCNN(saved["channels"], saved["classes"], saved["size"])

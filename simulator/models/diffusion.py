@@ -6,21 +6,25 @@ average (EMA) of the weights is what `sample` and `log_prob` use. `log_prob` is 
 variational bound of Ho et al. (L_T + sum_t L_{t-1} + L_0, discretized Gaussian decoder for 8-bit
 data), a lower bound on log p(x), so `exact_likelihood = False`. The bound is that of the full T-step
 ancestral reverse process with sigma_t^2 = beta_t; samples come from the strided DDIM/DDPM chain.
+`pretrained` starts from a diffusers directory (its UNet and schedule; see diffusers_io), and
+`export` writes a generation as a DDPMPipeline directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from tqdm import tqdm
 
+from simulator.models import diffusers_io
+from simulator.models import diffusion_bound as bound
 from simulator.models.base import average_gradients, check_finite, epoch_batches, local_rows
 from simulator.seeding import derive_seed
 
@@ -32,18 +36,11 @@ CPU_ROWS = 64  # rows per network call on the CPU in sample/log_prob, padded: se
 BOUND_BYTES = 2**27  # noise held per log_prob chunk (rows x (K+1) x D floats); bounds memory, not results
 
 
-def _log_bin(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """log(Phi(hi) - Phi(lo)) for lo < hi, stable in both tails (mirror into the lower tail first)."""
-    flip = lo + hi > 0
-    a, b = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
-    la, lb = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
-    return lb + torch.log(-torch.expm1(la - lb))
-
-
 class DiffusionFamily:
     """A diffusers UNet2DModel behind the GenerativeModel protocol (uint8 images, one chain)."""
 
     exact_likelihood = False
+    per_sample_seeds = True  # sample(n, ..., indices=...) gives rows of sample(n): the loop shards it
 
     def __init__(
         self,
@@ -71,9 +68,20 @@ class DiffusionFamily:
         device: str = "cpu",
         likelihood_timesteps: int = 100,  # K timesteps per image in the bound (stratified; see log_prob)
         sample_batch: int = 256,  # rows per network call in sample/log_prob: bounds memory, not results
+        pretrained: str | None = None,  # a diffusers directory: its UNet and schedule replace the options
+        export_pipeline: bool | None = False,  # export(dir) writes dir/pipeline/ when true (null: off)
     ) -> None:
-        ch_list = tuple(int(c) for c in block_out_channels)
         ch, h, w = (int(s) for s in event_shape) if len(event_shape) == 3 else (0, 0, 0)
+        schedule: dict[str, Any] = {"num_train_timesteps": train_timesteps, "beta_schedule": beta_schedule}
+        self.pretrained = None if pretrained is None else diffusers_io.read(pretrained)
+        if self.pretrained is not None:  # the directory decides the architecture and the noise schedule
+            arch, read = diffusers_io.family_options(self.pretrained, (ch, h, w))
+            block_out_channels, layers_per_block, attention, num_classes = arch
+            schedule = read or schedule
+            train_timesteps = int(schedule.get("num_train_timesteps", 1000))
+            beta_schedule = str(schedule.get("beta_schedule", "linear"))
+            prediction_type = str(schedule.get("prediction_type", "epsilon"))
+        ch_list = tuple(int(c) for c in block_out_channels)
         scale = 2 ** max(len(ch_list) - 1, 0)
         checks = [  # (bad, one-line message naming the option), checked in order before any work
             (chains != 1, "model.family=diffusion runs one chain (chains=1); use seeds for replicates"),
@@ -81,7 +89,8 @@ class DiffusionFamily:
             (not ch_list or min(ch_list) < 1 or h % scale or w % scale,
              f"block_out_channels {ch_list} needs h, w divisible by {scale}; got {h}x{w}"),
             (num_classes is not None and num_classes < 1, f"num_classes must be >= 1 or None: {num_classes}"),
-            (beta_schedule not in SCHEDULES, f"beta_schedule must be one of {SCHEDULES}: {beta_schedule!r}"),
+            (self.pretrained is None and beta_schedule not in SCHEDULES,
+             f"beta_schedule must be one of {SCHEDULES}: {beta_schedule!r}"),
             (prediction_type != "epsilon", f"prediction_type must be 'epsilon', got {prediction_type!r}"),
             (sampler not in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {sampler!r}"),
             (train_timesteps < 2, f"train_timesteps must be >= 2, got {train_timesteps}"),
@@ -110,12 +119,14 @@ class DiffusionFamily:
         self.device = torch.device(device)
         self.likelihood_timesteps, self.sample_batch = likelihood_timesteps, sample_batch
         self.losses = torch.zeros(0)  # per-step training losses of the last fit (diagnostics, tests)
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=train_timesteps, beta_schedule=beta_schedule)
-        # "trailing" spacing starts the reverse chain at t = T-1, where x_T ~ N(0, I) matches the prior.
-        self.sample_scheduler = DDIMScheduler(
-            num_train_timesteps=train_timesteps, beta_schedule=beta_schedule, clip_sample=True,
-            set_alpha_to_one=True, timestep_spacing="trailing",
-        )  # fmt: skip
+        self.export_pipeline = bool(export_pipeline)
+        try:
+            self.noise_scheduler = DDPMScheduler(**schedule)
+            # "trailing" spacing starts the reverse chain at t = T-1, where x_T ~ N(0, I) matches the prior.
+            self.sample_scheduler = DDIMScheduler(**schedule, clip_sample=True, set_alpha_to_one=True,
+                                                  timestep_spacing="trailing")  # fmt: skip
+        except (NotImplementedError, ValueError) as e:  # e.g. a beta_schedule diffusers does not know
+            raise ValueError(f"init.pretrained: unsupported noise schedule {schedule}: {e}") from None
         self.sample_scheduler.set_timesteps(sample_steps)
         self.reset(torch.Generator().manual_seed(0))  # a fresh object is reproducible
 
@@ -141,12 +152,16 @@ class DiffusionFamily:
         )
 
     def reset(self, generator: torch.Generator) -> None:
-        """Re-initialise the network and its EMA from scratch, deterministically from generator."""
+        """Re-initialise the network and its EMA from scratch, deterministically from generator.
+
+        With `pretrained`, "from scratch" is the pretrained checkpoint: its weights are read again.
+        """
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         # Layers initialise through the global CPU RNG; fork it so the caller's RNG is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)
-            self.unet = self._build().to(self.device).eval()
+            unet = diffusers_io.load_unet(self.pretrained) if self.pretrained else self._build()
+            self.unet = unet.to(self.device).eval()
         self.ema = copy.deepcopy(self.unet).requires_grad_(False) if self.ema_decay else None
         self.ema_steps = 0  # EMA updates so far, across fits: drives the EMA warm-up
 
@@ -280,14 +295,16 @@ class DiffusionFamily:
 
     # -- sampling -----------------------------------------------------------------------------
 
-    def _sample_noise(self, seed: int, rows: range, stochastic: bool) -> tuple[torch.Tensor, Any]:
-        """Row i's x_T (and per-step noises when stochastic), drawn on the CPU from derive_seed(seed, i)."""
-        xs, zs = [], []
+    def _sample_noise(self, seed: int, rows: list[int], stochastic: bool) -> tuple[torch.Tensor, Any]:
+        """Row i's x_T (and per-step noises when stochastic), from a generator on the model's device
+        seeded with derive_seed(seed, i): drawn where they are used, never copied from the CPU (on the
+        CPU, the same numbers as ever; on CUDA, CUDA's Philox stream of the same seed)."""
+        xs, zs, dev = [], [], self.device
         for i in rows:
-            g = torch.Generator().manual_seed(derive_seed(seed, i))
-            xs.append(torch.randn(self.event_shape, generator=g))
+            g = torch.Generator(device=dev).manual_seed(derive_seed(seed, i))
+            xs.append(torch.randn(self.event_shape, generator=g, device=dev))
             if stochastic:
-                zs.append(torch.randn(self.sample_steps, *self.event_shape, generator=g))
+                zs.append(torch.randn(self.sample_steps, *self.event_shape, generator=g, device=dev))
         return torch.stack(xs), torch.stack(zs) if stochastic else None
 
     def sample_labels(self, n: int, *, generator: torch.Generator) -> torch.Tensor:
@@ -308,16 +325,23 @@ class DiffusionFamily:
         *,
         generator: torch.Generator,
         temperature: float = 1.0,
+        indices: Any = None,
     ) -> torch.Tensor:
         """Draw uint8 (1, n, ch, h, w) with `sample_steps` DDIM steps (ancestral for sampler="ddpm").
 
         Sample i's noise comes from derive_seed(generator.initial_seed(), i), so it does not depend on
-        sample_batch. Temperature s scales the initial and per-step noise by sqrt(s) (s < 1: the sampling
-        bias of Alemohammad et al.; a heuristic for diffusion, not an exact variance scaling of p).
+        sample_batch. With `indices` (ints in [0, n)), only those rows of sample(n) are drawn and
+        returned, (1, len(indices), ch, h, w), in that order: on the CPU bit for bit the same rows (the
+        network sees padded CPU_ROWS batches), so ranks can each draw a shard. Temperature s scales the
+        initial and per-step noise by sqrt(s) (s < 1: the sampling bias of Alemohammad et al.; a
+        heuristic for diffusion, not an exact variance scaling of p).
         Class-conditional models draw missing labels uniformly, per sample, from its own seed.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        order = list(range(n)) if indices is None else [int(i) for i in indices]
+        if any(not 0 <= i < n for i in order):
+            raise ValueError(f"sample indices must be ints in [0, {n}), got {min(order)}..{max(order)}")
         seed = generator.initial_seed()
         if self.num_classes is not None and labels is None:
             labels = self.sample_labels(n, generator=generator)
@@ -326,15 +350,16 @@ class DiffusionFamily:
         use_clipped = self.sampler == "ddpm"  # eps re-derived from the clipped x_0: DDPMScheduler's update
         out = []
         size = self._rows(self.sample_batch)
-        for lo in range(0, n, size):
-            rows = range(lo, min(n, lo + size))
+        for lo in range(0, len(order), size):
+            rows = order[lo : lo + size]
             x, z = self._sample_noise(seed, rows, self.eta > 0)
-            x = (x * root).to(self.device)
-            yb = None if y is None else y[lo : lo + len(rows)]
+            x = x * root
+            yb = None if y is None else y[torch.tensor(rows, device=y.device)]
+            steps = sched.timesteps.to(self.device)
             for j, t in enumerate(sched.timesteps):
                 with self._autocast():
-                    eps = self._eps(net, x, t.expand(len(rows)).to(self.device), yb)
-                noise = None if z is None else (z[:, j] * root).to(self.device)
+                    eps = self._eps(net, x, steps[j].expand(len(rows)), yb)
+                noise = None if z is None else z[:, j] * root
                 x = sched.step(eps, int(t), x, eta=self.eta, use_clipped_model_output=use_clipped,
                                variance_noise=noise).prev_sample  # fmt: skip
             out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
@@ -342,36 +367,13 @@ class DiffusionFamily:
 
     # -- likelihood bound ---------------------------------------------------------------------
 
-    def _schedule(self) -> dict[str, torch.Tensor]:
-        """Float64 schedule (index k = Ho's t - 1): posterior q(x_{k-1} | x_k, x_0) and reverse variances."""
-        b = self.noise_scheduler.betas.double().cpu()
-        ab = torch.cumprod(1 - b, 0)
-        ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])
-        post_var = b * (1 - ab_prev) / (1 - ab)
-        # Reverse variance sigma_t^2 = beta_t ("fixedlarge", Ho et al.'s CIFAR-10 likelihood setting);
-        # the decoder's sigma_1^2 is the posterior variance at t = 2, since beta~_1 = 0.
-        model_var = torch.cat([post_var[1:2], b[1:]])
-        return {"ab": ab, "c0": ab_prev.sqrt() * b / (1 - ab), "post_var": post_var, "model_var": model_var}
-
-    def _draws(self, x8: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per image (seeded by its bytes): K stratified timesteps in 1..T-1, their weights, K+1 noises."""
-        T, K = self.train_timesteps, min(self.likelihood_timesteps, self.train_timesteps - 1)
-        edges = 1 + (torch.arange(K + 1) * (T - 1)) // K  # strictly increasing since (T-1)/K >= 1
-        width = edges[1:] - edges[:-1]
-        ts, noises = [], []
-        for row in x8.cpu():
-            g = torch.Generator().manual_seed(
-                derive_seed(seed, hashlib.sha256(row.numpy().tobytes()).hexdigest())
-            )
-            ts.append(edges[:-1] + (torch.rand(K, generator=g, dtype=torch.float64) * width).long())
-            noises.append(torch.randn(K + 1, *self.event_shape, generator=g))
-        return torch.stack(ts), width.double(), torch.stack(noises)
-
     @torch.no_grad()
     def bound_terms(
         self, x: torch.Tensor, labels: torch.Tensor | None = None, *, seed: int = LIKELIHOOD_SEED
     ) -> dict[str, torch.Tensor]:
         """The bound's parts in nats, (n,) float64 on the CPU: prior L_T, diffusion sum L_{t-1}, decoder L_0.
+
+        The arithmetic runs in float64 on the model's device; each chunk comes back to the CPU once.
 
         The T-1 KL terms are estimated by stratified sampling: K = likelihood_timesteps strata of
         {2..T}, one uniform timestep per stratum weighted by its size (exact when K >= T-1), with one
@@ -380,35 +382,38 @@ class DiffusionFamily:
         function of the image alone (on the CPU, bit for bit whatever the batch it comes in).
         """
         x8 = self._check(x)
-        n, s, D = x8.shape[0], self._schedule(), math.prod(self.event_shape)
+        n, D, dev = x8.shape[0], math.prod(self.event_shape), self.device
+        s = bound.schedule(self.noise_scheduler.betas, dev)
         y = self._labels(labels, n, "log_prob")
         net, K = self._net(), min(self.likelihood_timesteps, self.train_timesteps - 1)
         chunk = self._rows(max(1, min(self.sample_batch, BOUND_BYTES // (4 * (K + 1) * D))))
-        x0_all = x8.cpu().double() / 127.5 - 1  # the bound's arithmetic runs in float64 on the CPU
         ab_T = s["ab"][-1]  # L_T = KL(q(x_T | x_0) || N(0, I)) in closed form
-        prior = 0.5 * (ab_T * x0_all.pow(2) - ab_T - torch.log1p(-ab_T)).flatten(1).sum(1)
-        diff, dec = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        prior, diff, dec = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
         for lo in range(0, n, chunk):
             rows = slice(lo, min(n, lo + chunk))
-            ts, width, noises = self._draws(x8[rows], seed)
-            x0, xi = x0_all[rows], x8[rows].cpu()
+            ts, width, noises = bound.draws(x8[rows], seed, self.train_timesteps, K, dev)
+            xi = x8[rows].to(dev)
+            x0 = xi.double() / 127.5 - 1
             yb = None if y is None else y[rows]
+            d_diff = torch.zeros(len(x0), dtype=torch.float64, device=dev)
             for j in range(K + 1):  # j < K: the KL term at stratum j's timestep; j = K: the decoder at t = 1
-                k = ts[:, j] if j < K else torch.zeros(len(x0), dtype=torch.long)
+                k = ts[:, j] if j < K else torch.zeros(len(x0), dtype=torch.long, device=dev)
                 ab, c0 = s["ab"][k].view(-1, 1, 1, 1), s["c0"][k].view(-1, 1, 1, 1)
                 xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noises[:, j].double()
-                eps = self._eps(net, xt.float().to(self.device), k.to(self.device), yb).cpu().double()
+                eps = self._eps(net, xt.float(), k, yb).double()
                 x0_hat = ((xt - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)  # clipped, as in sampling
                 if j < K:  # KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)): the means differ by c0 (x_0 - x0_hat)
                     pv, mv = s["post_var"][k].view(-1, 1, 1, 1), s["model_var"][k].view(-1, 1, 1, 1)
                     kl = 0.5 * (torch.log(mv / pv) + (pv + (c0 * (x0 - x0_hat)).pow(2)) / mv - 1)
-                    diff[rows] += width[j] * kl.flatten(1).sum(1)
+                    d_diff += width[j] * kl.flatten(1).sum(1)
                 else:  # -log of the discretized Gaussian N(x0_hat, sigma_1^2) mass of x_0's 8-bit bin
                     sd = s["model_var"][0].sqrt()
                     lo_in, hi_in = (x0 - 1 / 255 - x0_hat) / sd, (x0 + 1 / 255 - x0_hat) / sd
-                    top = torch.where(xi == 255, torch.special.log_ndtr(-lo_in), _log_bin(lo_in, hi_in))
+                    top = torch.where(xi == 255, torch.special.log_ndtr(-lo_in), bound.log_bin(lo_in, hi_in))
                     lp = torch.where(xi == 0, torch.special.log_ndtr(hi_in), top)  # edge bins run to +-inf
-                    dec[rows] = -lp.flatten(1).sum(1)
+                    d_dec = -lp.flatten(1).sum(1)
+            d_prior = 0.5 * (ab_T * x0.pow(2) - ab_T - torch.log1p(-ab_T)).flatten(1).sum(1)
+            prior[rows], diff[rows], dec[rows] = torch.stack([d_prior, d_diff, d_dec]).cpu()  # one transfer
         return {"prior": prior, "diffusion": diff, "decoder": dec}
 
     @torch.no_grad()
@@ -449,6 +454,13 @@ class DiffusionFamily:
             self.ema.load_state_dict(part["ema"] or part["unet"])
         self.ema_steps = int(state.get("ema_steps", 0))
         return out
+
+    def export(self, directory: str | Path) -> Path | None:
+        """With export_pipeline: directory/pipeline/, a DDPMPipeline (the EMA weights as its unet, the
+        training noise schedule as its scheduler) that diffusers' DDPMPipeline and DDIMPipeline load."""
+        if not self.export_pipeline:
+            return None
+        return diffusers_io.export_pipeline(self._net(), self.noise_scheduler, Path(directory) / "pipeline")
 
     def parameters_vector(self) -> torch.Tensor:
         """The weights used for sampling (the EMA when there is one) flattened to (1, P) on the CPU."""
