@@ -195,12 +195,12 @@ def _read_extractor(path: Path, device: str | torch.device) -> TinyCNN | None:
         net = TinyCNN(saved["channels"], saved["classes"], saved["size"])
         net.load_state_dict(saved["state"])
     except Exception as e:  # truncated, foreign or not tensors-only: retrain rather than trust it
-        warnings.warn(f"tiny extractor cache {path} unreadable ({_first_line(e)}); retraining", stacklevel=3)
+        warnings.warn(f"tiny extractor cache {path} unreadable ({one_line(e)}); retraining", stacklevel=3)
         return None
     return net.to(device).eval().requires_grad_(False)
 
 
-def _first_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """'Type: first line of the message' of an exception, cut to 160 characters: for one-line errors."""
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0][:160] if msg else ''}".rstrip(": ")
@@ -235,7 +235,7 @@ def load_inception_state(weights_path: str | None) -> dict[str, torch.Tensor]:
     except Exception as e:  # weights_only refuses any pickled object that is not a tensor or a container
         raise ValueError(
             f"eval.options.weights_path: cannot read {where} as a tensors-only state dict, refusing to "
-            f"unpickle it ({_first_line(e)})"
+            f"unpickle it ({one_line(e)})"
         ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()
@@ -262,7 +262,7 @@ def inception_extractor(weights_path: str | None, device: str | torch.device = "
         except RuntimeError as e:  # load_state_dict: missing or unexpected names, wrong shapes
             raise ValueError(
                 f"eval.options.weights_path: {weights_path or 'the download'} does not hold the "
-                f"{INCEPTION} weights ({_first_line(e)})"
+                f"{INCEPTION} weights ({one_line(e)})"
             ) from None
         _LOADED[memo] = fe.to(device).eval()
     return _LOADED[memo]

@@ -171,9 +171,7 @@ def _read_reference(path: Path, fields_json: str, key: str) -> Reference | None:
         if saved["fields"] != fields_json:
             raise ValueError("made for another reference")
     except Exception as e:  # unreadable, not tensors-only, truncated, edited: recompute, never trust it
-        warnings.warn(
-            f"fid: reference cache {path} rejected ({fx._first_line(e)}); recomputing", stacklevel=3
-        )
+        warnings.warn(f"fid: reference cache {path} rejected ({fx.one_line(e)}); recomputing", stacklevel=3)
         return None
     return Reference(saved["features"], saved["mu"], saved["sigma"], key)
 
