@@ -207,7 +207,7 @@ def one_line(e: BaseException) -> str:
 
 
 def resolve_weights(weights_path: str | None, allow_download: bool) -> str | None:
-    """The Inception weights file to use; None lets torch-fidelity download; one-line error offline."""
+    """The Inception weights file to use; None: fetch torch-fidelity's file; one-line error offline."""
     path = Path(os.path.expanduser(weights_path or DEFAULT_WEIGHTS))
     if path.is_file():
         return str(path)
