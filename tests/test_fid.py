@@ -206,6 +206,7 @@ def test_bad_options_and_samples(digits: Dataset, cache: Path) -> None:
         (dict(extractor="vgg"), "extractor"),
         (dict(kid="yes"), "kid"),
         (dict(n_real=0), "n_real"),
+        (dict(backend="pure"), "backend"),  # removed: one path
     ):
         with pytest.raises(ValueError, match=f"eval.options.{field}"):
             get("fid")(ctx_for(digits, digits.train[:, :10], cache_dir=str(cache), **options))
