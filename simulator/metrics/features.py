@@ -1,39 +1,45 @@
 """Feature extractors for the image metrics: a tiny in-project CNN and torch-fidelity's FID Inception-v3.
 
-Every extractor takes uint8 images (n, ch, h, w) and gives features (n, F); `features` batches them.
+Every extractor takes uint8 images (n, ch, h, w) and gives float32 features (n, F). `features` batches
+them; `sharded_features` extracts this rank's rows shard(n) under torch.distributed and gathers them, so
+every rank holds all n rows (the identity in one process). fid.py turns the features into FID, KID and
+precision/recall with torch-fidelity's features-to-metric functions, whichever extractor made them.
 
 - tiny: a small CNN classifier trained on the domain's own labelled training images (unlabelled ones,
   e.g. FFHQ: trained to tell the image's four 90-degree rotations apart, a self-supervised task); its
   penultimate layer (64 SiLU units feeding the linear classifier) gives the features. It
   serves domains where Inception is meaningless (8x8 digits) and fast tests. Training is deterministic
   given the generator (initialisation and batches both come from it), and `get_extractor` caches the
-  trained weights under cache_dir/extractors, named by (data id, architecture, steps, seed).
+  trained weights under cache_dir/extractors, named by (data id, architecture, steps, seed), read back
+  with weights_only=True (an unreadable file is retrained); under torch.distributed every rank uses
+  rank 0's weights.
 - inception: torch-fidelity's `inception-v3-compat` 2048-d pool3 features, from a weights file made
-  offline by ../shared/tools/make_fid_weights.py (default path DEFAULT_WEIGHTS), or downloaded by
-  torch-fidelity itself when allow_download is true and no path is given.
-
-`TinyFidelityExtractor` wraps a tiny extractor as a torch-fidelity FeatureExtractorBase, registered as
-"simulator-tiny", so torch-fidelity's calculate_metrics can run on it: `fidelity_kwargs` gives the
-arguments naming either extractor there.
+  offline by ../shared/tools/make_fid_weights.py (default path DEFAULT_WEIGHTS), or downloaded from
+  torch-fidelity's release URL when allow_download is true and no path is given. We read the weights
+  with torch.load(weights_only=True) (tensors only: a file that needs unpickling of anything else is a
+  one-line ValueError, never run) and hand torch-fidelity's FeatureExtractorInceptionV3 an in-memory
+  copy of that state dict, so torch-fidelity never opens the user's file.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simulator import distributed as D
 from simulator.seeding import child
 
 DEFAULT_WEIGHTS = "~/.cache/simulator/fid-inception-v3-pool3.pth"
 MAKE_WEIGHTS = "python ../shared/tools/make_fid_weights.py --out {path}"  # the offline recipe
-FIDELITY_TINY = "simulator-tiny"
 INCEPTION = "inception-v3-compat"
+INCEPTION_DIM = 2048  # pool3 features
 
 
 class TinyCNN(nn.Module):
@@ -169,15 +175,11 @@ def get_extractor(
     memo = (str(path), str(device))
     if memo in _LOADED:
         return _LOADED[memo]
-    images = images.reshape(-1, *images.shape[-3:])
-    if labels is None:
-        images, labels = rotations(images)
-    if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        net = TinyCNN(saved["channels"], saved["classes"], saved["size"])
-        net.load_state_dict(saved["state"])
-        net = net.to(device).eval().requires_grad_(False)
-    else:
+    net = _read_extractor(path, device)
+    if net is None:
+        images = images.reshape(-1, *images.shape[-3:])
+        if labels is None:
+            images, labels = rotations(images)
         g = torch.Generator().manual_seed(seed)
         net = train_extractor(images, labels, steps=steps, generator=g, device=device)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,15 +190,38 @@ def get_extractor(
             "size": images.shape[-1],
             "train_accuracy": accuracy(net, images, labels),
         }
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = path.with_suffix(f".tmp{os.getpid()}-{D.world()[0]}")
         torch.save(saved, tmp)
         os.replace(tmp, path)  # atomic: a concurrent run sees the whole file or none
+    if D.active():  # one extractor for all ranks (GPU training need not be bit-reproducible across ranks)
+        state = D.broadcast_object({k: v.cpu() for k, v in net.state_dict().items()})
+        net.load_state_dict(state)
     _LOADED[memo] = net
     return net
 
 
+def _read_extractor(path: Path, device: str | torch.device) -> TinyCNN | None:
+    """The cached tiny extractor at path (tensors-only load), or None when absent or unreadable (warned)."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        net = TinyCNN(saved["channels"], saved["classes"], saved["size"])
+        net.load_state_dict(saved["state"])
+    except Exception as e:  # truncated, foreign or not tensors-only: retrain rather than trust it
+        warnings.warn(f"tiny extractor cache {path} unreadable ({one_line(e)}); retraining", stacklevel=3)
+        return None
+    return net.to(device).eval().requires_grad_(False)
+
+
+def one_line(e: BaseException) -> str:
+    """'Type: first line of the message' of an exception, cut to 160 characters: for one-line errors."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:160] if msg else ''}".rstrip(": ")
+
+
 def resolve_weights(weights_path: str | None, allow_download: bool) -> str | None:
-    """The Inception weights file to use; None lets torch-fidelity download; one-line error offline."""
+    """The Inception weights file to use; None: fetch torch-fidelity's file; one-line error offline."""
     path = Path(os.path.expanduser(weights_path or DEFAULT_WEIGHTS))
     if path.is_file():
         return str(path)
@@ -209,14 +234,50 @@ def resolve_weights(weights_path: str | None, allow_download: bool) -> str | Non
     )
 
 
+def load_inception_state(weights_path: str | None) -> dict[str, torch.Tensor]:
+    """The Inception state dict of a resolved weights path (None: torch-fidelity's URL), tensors only."""
+    where = weights_path or "the torch-fidelity download"
+    try:
+        if weights_path is None:
+            from torch.hub import load_state_dict_from_url
+            from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+            state = load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", progress=False,
+                                             weights_only=True)  # fmt: skip
+        else:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses any pickled object that is not a tensor or a container
+        raise ValueError(
+            f"eval.options.weights_path: cannot read {where} as a tensors-only state dict, refusing to "
+            f"unpickle it ({one_line(e)})"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()
+    ):
+        raise ValueError(f"eval.options.weights_path: {where} is not a state dict (name -> tensor)")
+    return state
+
+
 def inception_extractor(weights_path: str | None, device: str | torch.device = "cpu") -> nn.Module:
     """torch-fidelity's FID Inception-v3 (2048-d pool3), from a resolved weights path (None: download)."""
     memo = (f"inception:{weights_path}", str(device))
     if memo not in _LOADED:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        fe = FeatureExtractorInceptionV3(INCEPTION, ["2048"], feature_extractor_weights_path=weights_path,
-                                         verbose=False)  # fmt: skip
+        # FeatureExtractorInceptionV3 torch.loads its weights argument with weights_only=False: it gets a
+        # buffer we serialised from the tensors-only state dict, never the user's file.
+        buffer = io.BytesIO()
+        torch.save(load_inception_state(weights_path), buffer)
+        buffer.seek(0)
+        try:
+            fe = FeatureExtractorInceptionV3(
+                INCEPTION, [str(INCEPTION_DIM)], feature_extractor_weights_path=buffer, verbose=False
+            )
+        except RuntimeError as e:  # load_state_dict: missing or unexpected names, wrong shapes
+            raise ValueError(
+                f"eval.options.weights_path: {weights_path or 'the download'} does not hold the "
+                f"{INCEPTION} weights ({one_line(e)})"
+            ) from None
         _LOADED[memo] = fe.to(device).eval()
     return _LOADED[memo]
 
@@ -228,76 +289,34 @@ def is_fidelity(extractor: nn.Module) -> bool:
     return isinstance(extractor, FeatureExtractorBase)
 
 
+def feature_dim(extractor: nn.Module) -> int:
+    """F, the width of the extractor's features."""
+    return INCEPTION_DIM if is_fidelity(extractor) else int(extractor.feature_dim)
+
+
 def features(extractor: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Features (n, F) float64 on CPU of uint8 images (n, ch, h, w), in batches on the extractor's device."""
+    """Features (n, F) float32 on CPU of uint8 images (n, ch, h, w), in batches on the extractor's device."""
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(
             f"features: expected uint8 images (n, ch, h, w), got {images.dtype} {tuple(images.shape)}"
         )
     fidelity = is_fidelity(extractor)
     dev = next(extractor.parameters()).device
-    out = []
+    out = [torch.empty(0, feature_dim(extractor))]  # an empty shard still has F columns
     with torch.no_grad():
         for batch in images.split(batch_size):
             batch = batch.to(dev)
             if fidelity:
                 # Inception takes RGB: grayscale is replicated, as torch-fidelity's PIL path converts it.
                 batch = batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
-                out.append(extractor(batch)[0].cpu())
+                out.append(extractor(batch)[0].float().cpu())
             else:
-                out.append(extractor(batch).cpu())
-    if not out:
-        return torch.empty(0, 0, dtype=torch.float64)
-    return torch.cat(out).double()  # float32 values, exactly representable
+                out.append(extractor(batch).float().cpu())
+    return torch.cat(out)
 
 
-def _fidelity_wrapper() -> type:
-    """The FeatureExtractorBase subclass around a tiny extractor, registered with torch-fidelity once."""
-    from torch_fidelity import registry
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-
-    if FIDELITY_TINY in registry.FEATURE_EXTRACTORS_REGISTRY:
-        return registry.FEATURE_EXTRACTORS_REGISTRY[FIDELITY_TINY]
-
-    class TinyFidelityExtractor(FeatureExtractorBase):
-        """torch-fidelity view of a tiny extractor passed as calculate_metrics(simulator_extractor=net)."""
-
-        def __init__(self, name: str, features_list: list[str], simulator_extractor: nn.Module = None,
-                     **kwargs: Any) -> None:  # fmt: skip
-            super().__init__(name, features_list)
-            if simulator_extractor is None:
-                raise ValueError(
-                    f"{FIDELITY_TINY}: pass the network as calculate_metrics(simulator_extractor=...)"
-                )
-            self.net = simulator_extractor
-
-        @staticmethod
-        def get_provided_features_list() -> tuple[str, ...]:
-            return ("features",)
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric: str) -> str:
-            return "features"
-
-        @staticmethod
-        def can_be_compiled() -> bool:
-            return False
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-            return (self.net(x).float(),)
-
-    registry.register_feature_extractor(FIDELITY_TINY, TinyFidelityExtractor)
-    return TinyFidelityExtractor
-
-
-def fidelity_kwargs(extractor: nn.Module, weights_path: str | None = None) -> dict[str, Any]:
-    """calculate_metrics arguments naming this extractor: Inception with its weights, or the tiny wrapper."""
-    if is_fidelity(extractor):
-        return {"feature_extractor": INCEPTION, "feature_extractor_weights_path": weights_path}
-    _fidelity_wrapper()
-    return {"feature_extractor": FIDELITY_TINY, "simulator_extractor": extractor}
-
-
-def fidelity_layer(extractor: nn.Module) -> str:
-    """The feature layer torch-fidelity uses for FID/KID/PRC with this extractor (names its cache files)."""
-    return "2048" if is_fidelity(extractor) else "features"
+def sharded_features(extractor: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """`features` of all n images on every rank, each rank extracting only its rows shard(n)."""
+    rows = D.shard(len(images))
+    local = features(extractor, images[rows.start : len(images) : rows.step], batch_size)
+    return D.gather_shards(local, len(images))
