@@ -193,8 +193,9 @@ def generation_loop(
                 train, labels = data.train, data.train_labels if conditional else None
                 if t > 0:
                     parts = policy.select(t, n_real, chains, gen("policy"))
-                    train = assemble(parts, pool, chains)
-                    labels = assemble(parts, pool_labels, chains) if conditional else None
+                    sizes = {REAL: n_real, **dict.fromkeys(range(t), n_pool)}  # rows of each member
+                    train = assemble(parts, pool, chains, sizes)
+                    labels = assemble(parts, pool_labels, chains, sizes) if conditional else None
                 n_train = train.shape[1]
                 n_steps = steps_gen0 if t == 0 and steps_gen0 else steps
                 if epochs and not (t == 0 and steps_gen0):  # about `epochs` passes over D_t (Bertrand)
