@@ -139,4 +139,5 @@ def write_shards(
 
 def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     """(C, n, ...) from every rank's `local` (C, len(distributed.shard(n)), ...): rows back in place."""
-    return distributed.gather_shards(local.movedim(1, 0).contiguous(), n).movedim(0, 1)
+    x = distributed.gather_shards(local.movedim(1, 0).contiguous(), n).movedim(0, 1)
+    return x.clone(memory_format=torch.contiguous_format)  # canonical strides: the same file bytes
