@@ -220,7 +220,7 @@ def generation_loop(
             make = partial(draw_rows, model, t)
             store.write_shards(tmp, n_draw, per_shard, make, write=main, durable=run.durable)
             distributed.barrier()  # the other ranks read what rank 0 wrote
-            samples = store.load(tmp, n_eval)
+            samples = store.load(tmp, n_eval if metrics else min(n_eval, 64))  # metrics or the grid
         else:  # cheap (toy) families: one draw on every rank
             held[t] = draw(model, t)
             samples = held[t][0][:, :n_eval]

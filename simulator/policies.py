@@ -185,6 +185,9 @@ def assemble(
     With `sizes` (rows of each member), the result is allocated once and filled one member at a time,
     so besides the training set only one member is ever in memory (pool may read it from disk).
     """
+    if len(parts) == 1 and len(parts[0].members) == 1 and parts[0].index is None:  # one member, as it is
+        x = pool(parts[0].members[0])
+        return x.expand(chains, *x.shape[1:])
     if sizes is None:
         sizes = {m: pool(m).shape[1] for part in parts for m in part.members}
     total = sum(part.size(sizes) for part in parts)

@@ -82,22 +82,27 @@ def load(directory: Path, rows: int | None = None, kind: str = SAMPLES) -> torch
     if whole.exists():
         x = _load(whole)
         return x if rows is None else x[:, :rows]
-    parts, have = [], 0
-    for path in shards(directory, kind):
+    paths, counts, have = [], [], 0
+    for path in shards(directory, kind):  # first pass: the row count of each shard needed
         if rows is not None and have >= rows:
             break
-        x = _load(path)
-        take = x.shape[1] if rows is None else min(x.shape[1], rows - have)
-        parts.append(x[:, :take].contiguous())  # a copy: the mapping is released with x
-        have += take
-    if not parts:
+        n = _load(path).shape[1]
+        paths.append(path)
+        counts.append(n if rows is None else min(n, rows - have))
+        have += counts[-1]
+    if not paths:
         return None
-    if len(parts) == 1:
-        return parts[0]
-    # labels are saved expanded over chains (stride 0): concatenate one chain and expand again
-    if kind == LABELS and parts[0].stride(0) == 0:
-        return torch.cat([p[:1] for p in parts], dim=1).expand(parts[0].shape[0], -1)
-    return torch.cat(parts, dim=1)
+    out, pos, chains = None, 0, 1
+    for path, take in zip(paths, counts, strict=True):  # copy shard by shard; each mapping is released
+        x = _load(path)
+        if out is None:
+            chains = x.shape[0]
+            expanded = chains > 1 and x.stride(0) == 0  # labels are saved expanded over the chains
+            out = x.new_empty(1 if expanded else chains, have, *x.shape[2:])
+        out[:, pos : pos + take] = x[: out.shape[0], :take]
+        pos += take
+        del x
+    return out.expand(chains, *out.shape[1:])
 
 
 def remove(directory: Path) -> None:
