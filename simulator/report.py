@@ -30,7 +30,9 @@ def find_runs(paths: list[Path]) -> list[Path]:
     for p in paths:
         if not p.is_dir():
             raise ReportError(f"{p}: no such directory")
-        found = [p] if (p / "results.jsonl").exists() else sorted(q.parent for q in p.rglob("results.jsonl"))
+        found = [p] if (p / "results.jsonl").exists() else sorted(
+            q.parent for q in p.rglob("results.jsonl") if not any(s.startswith(".rank") for s in q.parts)
+        )  # fmt: skip  # .rank<r>/: the mirrors older versions kept of a distributed run
         if not found:
             raise ReportError(f"{p}: no run directory (results.jsonl) in it")
         runs.extend(found)
