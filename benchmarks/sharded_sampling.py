@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-N, REPEATS = 512, 3
-GLOW = dict(chains=1, event_shape=(3, 8, 8), levels=2, blocks_per_level=4, hidden=64)
+N, REPEATS = 4096, 3
+GLOW = dict(chains=1, event_shape=(3, 8, 8), levels=2, blocks_per_level=4, hidden=128)
 
 
 def _model():
@@ -81,7 +81,7 @@ def main() -> None:
         two = torch.load(out, weights_only=True)
     assert torch.equal(two["samples"], one_x), "2 processes drew other samples than 1"
     write("sharded_sampling", {
-        "what": f"{N} glow samples (3x8x8, levels=2, 4 blocks/level, hidden 64), sharded over gloo processes",
+        "what": f"{N} glow samples (3x8x8, 2 levels x 4 blocks, hidden 128), sharded over gloo processes",
         "command": "python benchmarks/sharded_sampling.py",
         "torch_threads_per_process": 1,
         "cpu_cores": os.cpu_count(),
