@@ -115,7 +115,7 @@ GLOW = ["data=digits", "model=glow", "model.options.blocks_per_level=1", "model.
         "eval.n_samples=48", "eval.figures=false", "sample.shard_size=16"]  # fmt: skip
 
 
-@pytest.mark.slow  # about 30 s: four lives of a 3-generation glow run and the uninterrupted one
+@pytest.mark.slow  # 15-30 s: four lives of a 3-generation glow run and the uninterrupted one
 def test_sigkill_at_chosen_sample_shards_resumes_from_the_last_whole_shard(tmp_path):
     cfg = compose_config(*GLOW)
     run_config(cfg, tmp_path / "whole")

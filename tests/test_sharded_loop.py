@@ -44,7 +44,7 @@ def files(path):
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.glob("gen_*/*.pt"))}
 
 
-@pytest.mark.slow  # about 80 s on 2 busy cores: three interpreters import torch and run 3 generations
+@pytest.mark.slow  # 26-80 s on 2 shared cores: three interpreters import torch, 3 generations each
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
 def test_two_gloo_processes_give_the_one_process_run(tmp_path):
     run_config(compose_config(*GLOW), tmp_path / "one")
