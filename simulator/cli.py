@@ -7,10 +7,10 @@ starts and without touching an existing run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,10 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     data = registry.make_data(cfg)
     make_model = registry.make_model_factory(cfg, data.event_shape, device)
     run_path = distributed_run_path(Path(run_path), device)
-    with RunDir(run_path, durable=cfg.durable) as run:
-        run.check_config(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    gen0_cache = shared_gen0_path(run_path, config) if cfg.get("share_gen0") else None  # type: ignore[arg-type]
+    with RunDir(run_path, durable=cfg.durable, writer=world()[0] == 0) as run:
+        run.check_config(config)  # type: ignore[arg-type]
         rows = generation_loop(
             run, data, make_model, policy,
             generations=cfg.generations, seed=cfg.seed,
@@ -63,7 +65,7 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
             init_checkpoint=cfg.init.checkpoint, init_pretrained=cfg.init.get("pretrained"),
             n_samples=cfg.sample.n, temperature=cfg.sample.temperature,
             curation_k=cfg.sample.curation_k, curation_reward=cfg.sample.curation_reward,
-            save_samples=cfg.sample.save,
+            save_samples=cfg.sample.save, shard_size=cfg.sample.get("shard_size"), gen0_cache=gen0_cache,
             metrics=tuple(cfg.eval.metrics), metric_options=OmegaConf.to_container(cfg.eval.options),
             eval_samples=cfg.eval.n_samples, progress=cfg.progress,
         )  # fmt: skip
@@ -71,7 +73,8 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
         last = rows[-1]
         status = "diverged" if last["status"] == "diverged" else "complete"
         summary.update(policy=policy.describe(), generations=last["generation"], status=status)
-        (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
+        if world()[0] == 0:
+            (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
         if cfg.eval.figures and world()[0] == 0:
             from simulator import report
 
@@ -80,31 +83,29 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
 
 
 def distributed_run_path(run_path: Path, device: str) -> Path:
-    """Under torchrun, join the process group; rank 0 owns run_path, rank r > 0 a mirror in .rank<r>/.
+    """Under torchrun, join the process group; every rank then uses run_path (returned unchanged).
 
-    Every rank computes the same generations (data-parallel training keeps the models equal); only
-    rank 0's directory is the record. A mirror starts as a copy of rank 0's committed generations,
-    so all ranks resume from the same point.
+    Rank 0 alone writes the run directory (it holds the lock); the other ranks read what it committed
+    after a barrier, so the directory must be on a file system every rank sees (a node's disk under
+    one torchrun; a shared file system across nodes).
     """
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return run_path
-    if not dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    rank = dist.get_rank()
-    if rank == 0:
-        with RunDir(run_path) as run:
-            run.repair()
-    dist.barrier()
-    if rank == 0:
-        return run_path
-    mirror = run_path / f".rank{rank}"
-    shutil.rmtree(mirror, ignore_errors=True)
-    shutil.copytree(run_path, mirror, ignore=shutil.ignore_patterns(".rank*", ".lock"))
-    return mirror
+    return run_path
+
+
+def shared_gen0_path(run_path: Path, config: dict[str, Any]) -> Path:
+    """<run_root>/<name>/_gen0/<hash>: generation 0's home for every run of config's sweep that differs
+    only in keys that cannot change generation 0 (the policy, and keys that never change results)."""
+    ignore = (*RunDir.RESUMABLE_KEYS, "policy", "share_gen0", "name", "eval.report_metrics")
+    science = {k: v for k, v in config.items() if k not in ignore}
+    science["eval"] = {k: v for k, v in config.get("eval", {}).items() if f"eval.{k}" not in ignore}
+    digest = hashlib.sha256(json.dumps(science, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return run_path.parent / "_gen0" / digest
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")

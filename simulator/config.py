@@ -70,6 +70,8 @@ def validate(cfg: DictConfig, *, families: list[str], sources: list[str], polici
     check_bool(cfg, "progress")
     check_int(cfg, "threads", 1, optional=True)
     check_bool(cfg, "durable")
+    if _get(cfg, "share_gen0") is not None:
+        check_bool(cfg, "share_gen0")
     check_choice(cfg, "data.source", sources)
     check_int(cfg, "data.n_train", 1, optional=True)  # null: all the source has (image sources)
     check_int(cfg, "data.n_test", 1, optional=True)
@@ -91,6 +93,7 @@ def validate(cfg: DictConfig, *, families: list[str], sources: list[str], polici
     check_int(cfg, "sample.curation_k", 1)
     check_choice(cfg, "sample.curation_reward", REWARDS)
     check_bool(cfg, "sample.save")
+    check_int(cfg, "sample.shard_size", 1, optional=True)
     checkpoint = _get(cfg, "init.checkpoint")
     if checkpoint is not None and not Path(str(checkpoint)).is_file():
         raise ConfigError(f"init.checkpoint: file not found: {checkpoint}")

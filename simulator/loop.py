@@ -8,11 +8,17 @@
 
 Every draw comes from a generator named by (seed, generation, purpose), and a
 generation is committed whole or not at all, so running the same command again
-after any interruption resumes and ends with the same results.
+after any interruption resumes and ends with the same results. Inside a generation,
+the fitted model and whole sample shards survive an interruption too (gen_XXX.tmp/).
+
+Under torch.distributed every rank runs this function: families with per-sample
+seeds draw their samples sharded across ranks (simulator.samples), rank 0 alone
+writes the run directory, and the other ranks read what it committed.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -23,17 +29,24 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from simulator import seeding
+from simulator import distributed, seeding
+from simulator import samples as store
 from simulator.data.base import Dataset
 from simulator.metrics import registry as metric_registry
 from simulator.models.base import Diverged, GenerativeModel
 from simulator.policies import REAL, Policy, assemble, curate
 from simulator.report import save_grid
-from simulator.run import RunDir
+from simulator.run import RunDir, SharedGen0, write_atomic
 
 
 def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _fitted(tmp: Path) -> dict[str, Any] | None:
+    """The training stats of a fit finished before an interruption (its model is tmp/model.pt)."""
+    path = tmp / "fit.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _aggregate(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -65,7 +78,9 @@ def generation_loop(
     temperature: float = 1.0,  # sampling bias s: s < 1 narrows the samples
     curation_k: int = 1,  # keep the best of k candidates per sample (1: no curation)
     curation_reward: str = "model",  # "model" (own log-likelihood) or "truth" (exact log-density)
-    save_samples: bool = True,  # keep samples.pt per generation (else regenerated on resume)
+    save_samples: bool = True,  # keep the samples per generation (else regenerated on resume)
+    shard_size: int | None = None,  # samples per shard file of per-sample-seeded families (None: 5000)
+    gen0_cache: Path | None = None,  # share generation 0 with the sweep's other policies (SharedGen0)
     metrics: tuple[str, ...] = (),  # metric names from simulator.metrics.registry
     metric_options: dict | None = None,  # options passed to metrics (projections, k, ...)
     eval_samples: int | None = None,  # number of samples metrics see (default: all)
@@ -76,45 +91,77 @@ def generation_loop(
     n_real = data.n_train
     n_pool = policy.n_synthetic(n_real)  # samples per generation that enter training sets
     n_draw = max(n_pool, n_samples or 0, (eval_samples or 0) if metrics else 0, 1)
+    n_eval = min(eval_samples or n_draw, n_draw)
+    per_shard = shard_size or store.DEFAULT_SHARD_SIZE
     model = make_model()
     conditional = data.train_labels is not None and getattr(model, "num_classes", None) is not None
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # generation -> (samples, labels)
+    sharded = bool(getattr(model, "per_sample_seeds", False))  # samples drawn by index, in shards
+    main = distributed.is_main()  # rank 0 writes the run directory
+    held: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # samples not on disk (toy, unsaved)
+
+    def class_labels(t: int, n: int) -> torch.Tensor | None:
+        """Classes of the n candidates of S_t, in the proportions of the real training set."""
+        if not conditional:
+            return None
+        real = data.train_labels[0]
+        return real[torch.randint(len(real), (n,), generator=seeding.generator(seed, t, "labels"))]
+
+    def keep_best(m: GenerativeModel, x: torch.Tensor, y: torch.Tensor | None):
+        """Curation: the best of each k consecutive candidates by the reward."""
+        reward = m.log_prob(x) if curation_reward == "model" else data.truth.log_prob(x)
+        keep = curate(reward.cpu(), curation_k)
+        return x[torch.arange(x.shape[0]).unsqueeze(1), keep], None if y is None else y[keep[0]]
 
     def draw(m: GenerativeModel, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """S_t: n_draw samples of m (with their class labels for a class-conditional family)."""
         g = seeding.generator(seed, t, "sample")
-        n = n_draw * curation_k
-        y = None
-        if conditional:  # classes in the proportions of the real training set
-            real = data.train_labels[0]
-            y = real[torch.randint(len(real), (n,), generator=seeding.generator(seed, t, "labels"))]
-        x = m.sample(n, y, generator=g, temperature=temperature).cpu()
+        y = class_labels(t, n_draw * curation_k)
+        x = m.sample(n_draw * curation_k, y, generator=g, temperature=temperature).cpu()
         if curation_k > 1:
-            reward = m.log_prob(x) if curation_reward == "model" else data.truth.log_prob(x)
-            keep = curate(reward.cpu(), curation_k)
-            x = x[torch.arange(x.shape[0]).unsqueeze(1), keep]
-            y = None if y is None else y[keep[0]]
+            x, y = keep_best(m, x, y)
         return x, None if y is None else y.unsqueeze(0).expand(x.shape[0], -1)
 
-    def samples_of(t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if t not in cache:  # after a resume: read them back, or regenerate them exactly
-            path = run.gen_dir(t) / "samples.pt"
-            if path.exists() and run.verify(t, "samples.pt"):
-                labels = run.gen_dir(t) / "labels.pt"
-                cache[t] = (_load(path), _load(labels) if labels.exists() else None)
-            else:
-                m = make_model()
-                m.load_state_dict(_load(run.gen_dir(t) / "model.pt"))
-                cache[t] = draw(m, t)
-        return cache[t]
+    def draw_rows(m: GenerativeModel, t: int, rows: range) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows `rows` of S_t (equal to draw(m, t)[:, rows]) for a per-sample-seeded family; each rank
+        draws its round-robin part (with its curation candidates) and the parts are gathered."""
+        k, mine = curation_k, [rows[i] for i in distributed.shard(len(rows))]
+        candidates = [i * k + j for i in mine for j in range(k)]
+        y_all = class_labels(t, n_draw * k)
+        x = m.sample(n_draw * k, y_all, generator=seeding.generator(seed, t, "sample"),
+                     temperature=temperature, indices=candidates).cpu()  # fmt: skip
+        y = None if y_all is None else y_all[candidates]
+        if k > 1:
+            x, y = keep_best(m, x, y)
+        x = store.gather_rows(x, len(rows))
+        y = None if y is None else distributed.gather_shards(y, len(rows))
+        return x, None if y is None else y.unsqueeze(0).expand(x.shape[0], -1)
+
+    def samples_of(t: int, rows: int | None = None, kind: str = store.SAMPLES) -> torch.Tensor:
+        """The first `rows` samples (or labels) of S_t: from disk when saved, else kept or redrawn."""
+        if t not in held and store.exists(run.gen_dir(t)):
+            return store.load(run.gen_dir(t), rows, kind)
+        if t not in held:  # sample.save=false: regenerate them exactly from the saved model
+            m = make_model()
+            m.load_state_dict(_load(run.gen_dir(t) / "model.pt"))
+            held[t] = draw_rows(m, t, range(n_draw)) if sharded else draw(m, t)
+        x = held[t][0 if kind == store.SAMPLES else 1]
+        return x if rows is None else x[:, :rows]
 
     def pool(member: int) -> torch.Tensor:
-        return data.train if member == REAL else samples_of(member)[0][:, :n_pool]
+        return data.train if member == REAL else samples_of(member, n_pool)
 
     def pool_labels(member: int) -> torch.Tensor:
-        return data.train_labels if member == REAL else samples_of(member)[1][:, :n_pool]
+        return data.train_labels if member == REAL else samples_of(member, n_pool, store.LABELS)
 
-    done = run.repair()
+    done = run.repair() if main else None
+    shared = None  # generation 0 shared by the sweep's policies: held (locked) until published
+    if gen0_cache is not None and main and not done:
+        shared = SharedGen0(gen0_cache / f"n{n_draw}").acquire()  # the number of samples may differ
+        if shared.ready():
+            shared.adopt(run, policy.describe())
+            done, shared = [0], shared.release()
+    distributed.barrier()
+    done = distributed.broadcast_object(done)
     rows = run.rows()
     if rows and rows[-1].get("status") == "diverged":
         return rows
@@ -130,11 +177,15 @@ def generation_loop(
                initial=len(done), total=generations + 1)  # fmt: skip
     for t in bar:
         gen = partial(seeding.generator, seed, t)  # gen(purpose): this generation's stream
-        tmp = run.begin(t)
+        tmp = run.begin(t)  # may hold this generation's fitted model and sample shards (a resume)
         row: dict[str, Any] = {"generation": t, "status": "ok", "policy": policy.describe()}
         clock = time.perf_counter()
+        fitted = distributed.broadcast_object(_fitted(tmp) if main else None)
         try:
-            if t == 0 and init_checkpoint:
+            if fitted is not None:  # fitted before an interruption: the model waits in gen_XXX.tmp
+                model.load_state_dict(_load(tmp / "model.pt"))
+                stats, n_train = fitted["train"], fitted["n_train"]
+            elif t == 0 and init_checkpoint:
                 model.load_state_dict(_load(Path(init_checkpoint)))
                 stats, n_train = {"loaded": str(init_checkpoint)}, 0
             elif t == 0 and init_pretrained:  # make_model built G_0 from the diffusers directory itself
@@ -145,8 +196,9 @@ def generation_loop(
                 train, labels = data.train, data.train_labels if conditional else None
                 if t > 0:
                     parts = policy.select(t, n_real, chains, gen("policy"))
-                    train = assemble(parts, pool, chains)
-                    labels = assemble(parts, pool_labels, chains) if conditional else None
+                    sizes = {REAL: n_real, **dict.fromkeys(range(t), n_pool)}  # rows of each member
+                    train = assemble(parts, pool, chains, sizes)
+                    labels = assemble(parts, pool_labels, chains, sizes) if conditional else None
                 n_train = train.shape[1]
                 n_steps = steps_gen0 if t == 0 and steps_gen0 else steps
                 if epochs and not (t == 0 and steps_gen0):  # about `epochs` passes over D_t (Bertrand)
@@ -155,18 +207,32 @@ def generation_loop(
                 del train, labels
         except Diverged as e:
             row.update(status="diverged", error=str(e))
-            run.commit(t, row, status="diverged")
+            if main:
+                run.commit(t, row, status="diverged")
             rows.append(row)
             break
         row["n_train"] = n_train
         row["train"] = stats
         row["seconds_fit"] = time.perf_counter() - clock
+        if main and fitted is None:  # the model first, then the marker that says the fit is done
+            store.save_atomic(model.state_dict(), tmp / "model.pt", run.durable)
+            write_atomic(tmp / "fit.json", json.dumps({"train": stats, "n_train": n_train}), run.durable)
 
         clock = time.perf_counter()
-        cache[t] = draw(model, t)
-        samples = cache[t][0]
-        for old in [g for g in cache if g not in policy.needs(t + 1) and g != t]:
-            del cache[old]
+        if sharded:  # resumable shards in gen_XXX.tmp, each drawn across the ranks
+            make = partial(draw_rows, model, t)
+            store.write_shards(tmp, n_draw, per_shard, make, write=main, durable=run.durable)
+            distributed.barrier()  # the other ranks read what rank 0 wrote
+            samples = store.load(tmp, n_eval if metrics else min(n_eval, 64))  # metrics or the grid
+        else:  # cheap (toy) families: one draw on every rank
+            held[t] = draw(model, t)
+            samples = held[t][0][:, :n_eval]
+            if main and save_samples:
+                torch.save(held[t][0], tmp / "samples.pt")
+                if held[t][1] is not None:
+                    torch.save(held[t][1], tmp / "labels.pt")
+        for old in [g for g in held if g not in policy.needs(t + 1) or (save_samples and g < t)]:
+            del held[old]  # saved samples are read back from disk, unsaved ones kept while needed
         row["seconds_sample"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -177,9 +243,10 @@ def generation_loop(
                 ref.reset(gen("init"))
                 ref.fit(data.train, steps=steps_gen0 or steps, generator=gen("fit"), progress=False)
                 params_star = ref.parameters_vector().detach().cpu()
-                torch.save(params_star, tmp / "params_star.pt")
+                if main:
+                    torch.save(params_star, tmp / "params_star.pt")
         ctx = metric_registry.MetricContext(
-            model=model, samples=samples[:, :eval_samples] if eval_samples else samples, data=data,
+            model=model, samples=samples, data=data,
             generation=t, generator=gen("metrics"), params0=params0, params_star=params_star,
             options=dict(metric_options or {}),
         )  # fmt: skip
@@ -190,18 +257,24 @@ def generation_loop(
         row.update(_aggregate(values))
         row["seconds_eval"] = time.perf_counter() - clock
 
-        torch.save(model.state_dict(), tmp / "model.pt")
-        if hasattr(model, "export"):  # e.g. a diffusers pipeline directory, where the family is asked to
-            model.export(tmp)
-        if save_samples:
-            torch.save(samples, tmp / "samples.pt")
-            if cache[t][1] is not None:
-                torch.save(cache[t][1], tmp / "labels.pt")
-        if samples.dim() == 5:  # images (C, n, ch, h, w): a sample grid per generation
-            save_grid(samples[0, :64], tmp / "samples.png")
-        if chains > 1 and values:
-            torch.save({k: v.detach().cpu() for k, v in values.items()}, tmp / "chain_metrics.pt")
-        run.commit(t, row, status="complete" if t == generations else "running")
+        if main:
+            if hasattr(model, "export"):  # e.g. a diffusers pipeline directory (export_pipeline)
+                model.export(tmp)
+            if sharded and not save_samples:
+                store.remove(tmp)  # redrawn from model.pt when a later generation needs them
+            if samples.dim() == 5:  # images (C, n, ch, h, w): a sample grid per generation
+                save_grid(samples[0, :64], tmp / "samples.png")
+            if chains > 1 and values:
+                torch.save({k: v.detach().cpu() for k, v in values.items()}, tmp / "chain_metrics.pt")
+            run.commit(t, row, status="complete" if t == generations else "running")
+            if t == 0 and shared is not None:
+                shared.publish(run)
+        if shared is not None:
+            shared = shared.release()
+        distributed.barrier()  # the other ranks read the committed generation from here on
+        del samples
         rows.append(row)
         bar.set_postfix({k: f"{row[k]:.3g}" for k in list(values)[:2]})
+    if shared is not None:  # generation 0 diverged: nothing to share
+        shared.release()
     return rows

@@ -178,18 +178,39 @@ def assemble(
     parts: list[Part],
     pool: Callable[[int], torch.Tensor],
     chains: int,
+    sizes: dict[int, int] | None = None,
 ) -> torch.Tensor:
-    """Gather the training set (C, N, *event) from parts; pool(member) gives (C or 1, n, *event)."""
-    pieces = []
+    """Gather the training set (C, N, *event) from parts; pool(member) gives (C or 1, n, *event).
+
+    With `sizes` (rows of each member), the result is allocated once and filled one member at a time,
+    so besides the training set only one member is ever in memory (pool may read it from disk).
+    """
+    if len(parts) == 1 and len(parts[0].members) == 1 and parts[0].index is None:  # one member, as it is
+        x = pool(parts[0].members[0])
+        return x.expand(chains, *x.shape[1:])
+    if sizes is None:
+        sizes = {m: pool(m).shape[1] for part in parts for m in part.members}
+    total = sum(part.size(sizes) for part in parts)
+    out: torch.Tensor | None = None
+    pos = 0
     for part in parts:
-        tensors = [pool(m) for m in part.members]
-        tensors = [x.expand(chains, *x.shape[1:]) for x in tensors]
-        block = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
-        if part.index is not None:
-            rows = torch.arange(chains).unsqueeze(1)
-            block = block[rows, part.index]
-        pieces.append(block)
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        offset = 0
+        for m in part.members:
+            x = pool(m)
+            x = x.expand(chains, *x.shape[1:])
+            if out is None:
+                out = x.new_empty(chains, total, *x.shape[2:])
+            if part.index is None:
+                out[:, pos + offset : pos + offset + x.shape[1]] = x
+            else:  # the part's rows that fall into this member
+                hit = (part.index >= offset) & (part.index < offset + sizes[m])
+                rows, cols = hit.nonzero(as_tuple=True)
+                out[rows, pos + cols] = x[rows, part.index[rows, cols] - offset]
+            offset += sizes[m]
+            del x
+        pos += part.size(sizes)
+    assert out is not None, "assemble needs at least one member"
+    return out
 
 
 def curate(reward: torch.Tensor, k: int) -> torch.Tensor:

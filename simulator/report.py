@@ -1,4 +1,4 @@
-"""Tables and figures drawn from run directories alone (results.jsonl, config.yaml, gen_*/samples.pt).
+"""Tables and figures drawn from run directories alone (results.jsonl, config.yaml, gen_*/ samples).
 
 Runs whose configs differ only in the seed are one regime: their curves are
 drawn as a mean with a 95% band over seeds.
@@ -32,7 +32,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
             raise ReportError(f"{p}: no such directory")
         found = [p] if (p / "results.jsonl").exists() else sorted(
             q.parent for q in p.rglob("results.jsonl") if not any(s.startswith(".rank") for s in q.parts)
-        )  # .rank<r>/ are the mirrors of a distributed run
+        )  # fmt: skip  # .rank<r>/: the mirrors older versions kept of a distributed run
         if not found:
             raise ReportError(f"{p}: no run directory (results.jsonl) in it")
         runs.extend(found)
@@ -132,13 +132,13 @@ def draw_run(path: Path) -> list[Path]:
 
 
 def _draw_scatter(path: Path, rows: list[dict[str, Any]], out: Path, plt) -> list[Path]:
-    import torch
+    from simulator import samples
 
-    files = [(r["generation"], path / f"gen_{r['generation']:03d}" / "samples.pt") for r in rows]
-    files = [(t, f) for t, f in files if f.exists()]
+    files = [(r["generation"], path / f"gen_{r['generation']:03d}") for r in rows]
+    files = [(t, f) for t, f in files if samples.exists(f)]
     if not files:
         return []
-    first = torch.load(files[0][1], weights_only=True)
+    first = samples.load(files[0][1], 1)
     if first.dim() != 3 or first.shape[-1] != 2:
         return []  # scatter plots are for 2-D vectors
     ncol = min(6, len(files))
@@ -148,7 +148,7 @@ def _draw_scatter(path: Path, rows: list[dict[str, Any]], out: Path, plt) -> lis
     )
     lim = None
     for ax, (t, f) in zip(axes.flat, files, strict=False):
-        x = torch.load(f, weights_only=True)[0, :2000].numpy()
+        x = samples.load(f, 2000)[0].numpy()
         if lim is None:
             lo, hi = x.min(0), x.max(0)
             pad = 0.25 * (hi - lo)

@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from simulator import samples as store
 from simulator.cli import CONFIG_DIR, _validate, run_config
 from simulator.config import ConfigError
 
@@ -43,7 +44,7 @@ def test_cifar10_smoke_two_generations(tmp_path, shared_dir):
     rows = [json.loads(x) for x in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert summary["status"] == "complete" and [r["generation"] for r in rows] == [0, 1, 2]
     assert all(r["fid"] > 0 and r["bpd_bound"] > 0 for r in rows)
-    samples = torch.load(tmp_path / "run" / "gen_002" / "samples.pt", weights_only=True)
+    samples = store.load(tmp_path / "run" / "gen_002")
     assert samples.dtype == torch.uint8 and samples.shape[2:] == (3, 8, 8)
     assert (tmp_path / "run" / "gen_002" / "samples.png").exists()
 
@@ -59,5 +60,5 @@ def test_ffhq_smoke_two_generations(tmp_path):
                      f"++eval.options.cache_dir={tmp_path / 'cache'}")  # fmt: skip
     summary = run_config(cfg, tmp_path / "run")
     assert summary["status"] == "complete"
-    samples = torch.load(tmp_path / "run" / "gen_002" / "samples.pt", weights_only=True)
+    samples = store.load(tmp_path / "run" / "gen_002")
     assert samples.shape[2:] == (3, 8, 8)

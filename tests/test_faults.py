@@ -26,6 +26,33 @@ def _child(cfg, path) -> None:
     run_config(cfg, path)
 
 
+def _killed_after(cfg, path, victim: str, log: str) -> None:
+    """Run cfg; SIGKILL this process right after it saves `victim` (gen dir/file name) in gen_XXX.tmp.
+    Every fit and every saved file is logged, so the test sees what a resumed life redoes."""
+    import simulator.samples as store
+    from simulator.models.glow import GlowFamily
+
+    save, fit = store.save_atomic, GlowFamily.fit
+
+    def logged(line: str) -> None:
+        with open(log, "a") as f:
+            f.write(line + "\n")
+
+    def save_then_die(obj, p, durable=True):
+        save(obj, p, durable)
+        logged(f"save {p.parent.name}/{p.name}")
+        if f"{p.parent.name}/{p.name}" == victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def logged_fit(self, *args, **kwargs):
+        logged("fit")
+        return fit(self, *args, **kwargs)
+
+    store.save_atomic = save_then_die
+    GlowFamily.fit = logged_fit
+    _child(cfg, path)
+
+
 def strip(rows):
     return [{k: v for k, v in r.items() if not k.startswith("seconds") and k != "train"} for r in rows]
 
@@ -80,6 +107,43 @@ def test_sigkill_25_times_gaussian_chains(tmp_path):
 @pytest.mark.slow
 def test_sigkill_25_times_flow(tmp_path):
     check_equal(tmp_path, compose_config(*FLOW, "generations=60"), kills=25)
+
+
+GLOW = ["data=digits", "model=glow", "model.options.blocks_per_level=1", "model.options.hidden=8",
+        "model.options.batch_size=16", "data.n_train=40", "data.n_test=16", "train.steps=3",
+        "train.steps_gen0=4", "generations=2", "policy=accumulate", "eval=digits", "eval.metrics=[bpd]",
+        "eval.n_samples=48", "eval.figures=false", "sample.shard_size=16"]  # fmt: skip
+
+
+@pytest.mark.slow  # 15-30 s: four lives of a 3-generation glow run and the uninterrupted one
+def test_sigkill_at_chosen_sample_shards_resumes_from_the_last_whole_shard(tmp_path):
+    cfg = compose_config(*GLOW)
+    run_config(cfg, tmp_path / "whole")
+    path, log = tmp_path / "killed", tmp_path / "log.txt"
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["simulator.cli", "tests.test_faults"])
+    # after gen 1's first shard; after its third (the second is then drawn anew); right after gen 2's fit
+    # saved its model (before the marker that says the fit is done); then a life that finishes
+    victims = ["gen_001.tmp/samples_00000.pt", "gen_001.tmp/samples_00002.pt", "gen_002.tmp/model.pt", ""]
+    lives = []
+    for victim in victims:
+        p = ctx.Process(target=_killed_after, args=(cfg, path, victim, str(log)))
+        p.start()
+        p.join()
+        lives.append(p.exitcode)
+        log.write_text(log.read_text() + "life\n")
+    assert lives == [-signal.SIGKILL] * 3 + [0]
+    events = [life.strip().splitlines() for life in log.read_text().split("life\n")[:-1]]
+    assert "save gen_001.tmp/model.pt" in events[0]
+    # the second life resumed gen 1 from gen_001.tmp: no fit, only the two missing shards
+    assert events[1] == ["save gen_001.tmp/samples_00001.pt", "save gen_001.tmp/samples_00002.pt"]
+    # the third finished gen 1 without drawing again; gen 2, killed before its fit was marked done, is refit
+    assert events[2] == ["fit", "save gen_002.tmp/model.pt"]
+    assert events[3][:3] == ["fit", "save gen_002.tmp/model.pt", "save gen_002.tmp/samples_00000.pt"]
+    whole, killed = RunDir(tmp_path / "whole"), RunDir(path)
+    assert strip(killed.rows()) == strip(whole.rows())
+    assert files(killed.path) == files(whole.path), "files differ from the uninterrupted run"
+    assert not list(killed.path.glob("gen_*.tmp")) and not list(killed.path.glob("gen_*/fit*"))
 
 
 @pytest.mark.parametrize("victim", ["model.pt", "samples.pt", "metrics.json"])

@@ -4,7 +4,7 @@
    gen_XXX/model.pt against stability.gaussian_expected(..., tempered_real=False); precision and
    recall from results.jsonl.
 2. 25-mode GMM (runs/alemohammad_gmm, runs/alemohammad_fresh): modes kept, counted from
-   gen_XXX/samples.pt -- a mode is kept when at least 10% of its fair share of the samples
+   gen_XXX samples -- a mode is kept when at least 10% of its fair share of the samples
    (0.1 m / 25 of m) lie within 3 standard deviations of its mean -- and KL(truth || model).
 3. Fresh-data loop from two initial models: the level each settles at (per chain, the mean KL
    over the last third of the generations; mean and SE over chains) and their difference.
@@ -22,6 +22,7 @@ import matplotlib
 import numpy as np
 import torch
 
+from simulator import samples
 from simulator.data.toy import make_toy
 from simulator.report import find_runs, load_run
 from simulator.stability import gaussian_expected
@@ -115,7 +116,7 @@ def mode_stats(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     k = means.shape[0]
     kept, quality, gens = [], [], []
     for g in gens_of(run):
-        x = torch.load(g / "samples.pt", weights_only=True).double()  # (C, m, d)
+        x = samples.load(g).double()  # (C, m, d)
         dist = torch.cdist(x, means.expand(x.shape[0], k, -1))  # (C, m, K)
         near = dist.min(-1)
         inside = near.values < 3 * stds[near.indices]

@@ -27,6 +27,7 @@ import matplotlib
 import numpy as np
 import torch
 
+from simulator import samples
 from simulator.data.toy import make_toy
 from simulator.report import find_runs, load_run
 from simulator.stability import accumulate_limit, gaussian_expected, summarize
@@ -206,7 +207,7 @@ def kde_part(runs: list[Path], out: Path) -> list[str]:
             f"[{s['rho_low']:.4f}, {s['rho_high']:.4f}] | {s['verdict']} | "
             f"{m[-1]:.4g} ± {se[-1]:.2g} | {exact_cell} |"
         )
-        x = torch.load(gens_of(run)[-1] / "samples.pt", weights_only=True)[0].numpy()
+        x = samples.load(gens_of(run)[-1])[0].numpy()
         ax = axes[0, 2 + k]
         ax.scatter(x[:, 0], x[:, 1], s=4, alpha=0.6, color=COLORS[policy])
         ax.set_title(f"{policy}: chain 0, generation {gens[-1]}", fontsize=9)

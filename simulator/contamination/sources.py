@@ -3,7 +3,7 @@
 A generator is either
 - generation t of a loop run (`kind: run`): a class-conditional family in `run_dir`, or one unconditional
   run per class in `run_dirs` (list position = class). Its images are the loop's own saved samples
-  (gen_XXX/samples.pt + labels.pt) when they hold enough of every class, else fresh draws from
+  (gen_XXX samples and labels, simulator.samples) when they hold enough of every class, else fresh draws from
   gen_XXX/model.pt, the family rebuilt from the run's config.yaml through registry.make_model_factory;
 - or trained on the spot (`kind: train`) on the real training images: one class-conditional model, or one
   unconditional model per class (`per_class: true`), saved under <run>/generator/ once and reused.
@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from simulator import registry, seeding
+from simulator import samples as store
 from simulator.contamination.mixing import ContaminationError, Pool
 from simulator.models.base import GenerativeModel
 from simulator.run import RunDir
@@ -94,18 +95,19 @@ def saved(run_dir: Path, t: int, need: list[int], label: int | None = None) -> P
     """The first need[y] saved samples of each class of generation t (i.i.d., so a uniform subset);
     None when the run kept no samples or too few of some class. `label` labels an unconditional run."""
     gen = run_dir / f"gen_{t:03d}"
-    if not (gen / "samples.pt").exists():
+    if not store.exists(gen):
         return None
-    images = _load(gen / "samples.pt")[0]
+    images = store.load(gen)[0]
     if label is not None:
         return (
             Pool(images[: need[label]], torch.full((need[label],), label))
             if len(images) >= need[label]
             else None
         )
-    if not (gen / "labels.pt").exists():
+    labels = store.load(gen, kind=store.LABELS)
+    if labels is None:
         return None
-    labels = _load(gen / "labels.pt")[0].long()
+    labels = labels[0].long()
     picks = []
     for y, n in enumerate(need):
         idx = (labels == y).nonzero().squeeze(1)[:n]

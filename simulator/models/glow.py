@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import normflows as nf
@@ -37,6 +37,7 @@ class GlowFamily:
     """A normflows MultiscaleFlow behind the GenerativeModel protocol (uint8 images, one chain)."""
 
     exact_likelihood = True
+    per_sample_seeds = True  # sample(n, ..., indices=...) gives rows `indices` of the n-sample draw
 
     def __init__(
         self,
@@ -252,21 +253,53 @@ class GlowFamily:
         # ClassCondDiagGaussian: per-dimension parameters (*shape, K), picked by each sample's class
         return q.loc[..., y].movedim(-1, 0), q.log_scale[..., y].movedim(-1, 0)
 
-    def _noise(self, n: int, labels: torch.Tensor | None, generator: torch.Generator):
-        """Per-sample draws: sample i's latent noise (D values, all levels), then its class if unlabelled,
-        from a generator seeded by derive_seed(generator.initial_seed(), i): independent of batching."""
+    def _noise(self, rows: torch.Tensor, labels: torch.Tensor | None, n: int, generator: torch.Generator):
+        """Per-sample draws for sample indices `rows` of n: sample i's latent noise (D values, all levels),
+        then its class if unlabelled, from a generator seeded by derive_seed(generator.initial_seed(), i):
+        independent of batching and of which other rows are drawn. `labels` are the n labels of all rows."""
         root = generator.initial_seed()
-        eps = torch.empty(n, self.dim)
-        y = torch.empty(n, dtype=torch.long) if self.num_classes is not None else None
+        eps = torch.empty(len(rows), self.dim)
+        y = torch.empty(len(rows), dtype=torch.long) if self.num_classes is not None else None
         g = torch.Generator()
-        for i in range(n):
+        for j, i in enumerate(rows.tolist()):
             g.manual_seed(derive_seed(root, i))
-            eps[i] = torch.randn(self.dim, generator=g)
+            eps[j] = torch.randn(self.dim, generator=g)
             if y is not None:
-                y[i] = torch.randint(self.num_classes, (1,), generator=g)
+                y[j] = torch.randint(self.num_classes, (1,), generator=g)
         if labels is not None and y is not None:
-            y = self._labels(labels, n).cpu()
+            y = self._labels(labels, n).cpu()[rows]
         return eps, y
+
+    def _rows(self, n: int, indices: Sequence[int] | None) -> torch.Tensor:
+        """The sample indices to draw: all of 0..n-1, or `indices` (each in [0, n))."""
+        if indices is None:
+            return torch.arange(n)
+        rows = torch.as_tensor(list(indices), dtype=torch.long).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= n):
+            raise ValueError(f"glow sample indices must lie in [0, {n}), got {rows.min()}..{rows.max()}")
+        return rows
+
+    def _decode_chunks(
+        self, n: int, labels: torch.Tensor | None, generator: torch.Generator, temperature: float,
+        indices: Sequence[int] | None,
+    ) -> Iterator[torch.Tensor]:  # fmt: skip
+        """Continuous samples in data space (about [0, 1]), `self.chunk` rows at a time: the noise of one
+        chunk is drawn right before its forward pass, so memory does not grow with n."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        sizes = [math.prod(s) for s in self.latent_shapes()]
+        with torch.no_grad(), self._frozen_actnorm():
+            for rows in self._rows(n, indices).split(self.chunk):
+                eps, y = self._noise(rows, labels, n, generator)
+                e = eps.to(self.device, self.dtype).split(sizes, dim=1)
+                yc = None if y is None else y.to(self.device)
+                z = []
+                for level, shape in enumerate(self.latent_shapes()):
+                    loc, log_scale = self.base_moments(level, yc)
+                    # temperature s scales the base covariance: std times sqrt(s)
+                    z.append(loc + torch.exp(log_scale) * math.sqrt(temperature) * e[level].view(-1, *shape))
+                x = self.flow.forward_and_log_det(z)[0]
+                yield x + 0.5 if self.preprocess == "shift" else x
 
     def sample_continuous(
         self,
@@ -275,24 +308,10 @@ class GlowFamily:
         *,
         generator: torch.Generator,
         temperature: float = 1.0,
+        indices: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Continuous samples (n, ch, h, w) in data space (about [0, 1]) before quantization."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        eps, y = self._noise(n, labels, generator)
-        sizes = [math.prod(s) for s in self.latent_shapes()]
-        out = []
-        with torch.no_grad(), self._frozen_actnorm():
-            for rows in torch.arange(n).split(self.chunk):
-                e = eps[rows].to(self.device, self.dtype).split(sizes, dim=1)
-                yc = None if y is None else y[rows].to(self.device)
-                z = []
-                for level, shape in enumerate(self.latent_shapes()):
-                    loc, log_scale = self.base_moments(level, yc)
-                    # temperature s scales the base covariance: std times sqrt(s)
-                    z.append(loc + torch.exp(log_scale) * math.sqrt(temperature) * e[level].view(-1, *shape))
-                x = self.flow.forward_and_log_det(z)[0]
-                out.append(x + 0.5 if self.preprocess == "shift" else x)
+        """Continuous samples (n or len(indices), ch, h, w) in data space (about [0, 1]), unquantized."""
+        out = list(self._decode_chunks(n, labels, generator, temperature, indices))
         return torch.cat(out) if out else torch.empty(0, *self.event_shape, device=self.device)
 
     @torch.no_grad()
@@ -303,11 +322,21 @@ class GlowFamily:
         *,
         generator: torch.Generator,
         temperature: float = 1.0,
+        indices: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Draw uint8 images (1, n, ch, h, w); labels (n,) fix the classes of a conditional flow."""
-        x = self.sample_continuous(n, labels, generator=generator, temperature=temperature)
-        x = torch.nan_to_num(x, nan=0.0).clamp(0, 1 - 1e-6)  # the bin of 1.0 would be 256
-        return torch.floor(x * 256).to(torch.uint8).unsqueeze(0)
+        """Draw uint8 images (1, n, ch, h, w); labels (n,) fix the classes of a conditional flow.
+
+        With `indices`, only those rows of the n-sample draw: (1, len(indices), ch, h, w), equal to
+        sample(n, ...)[:, indices] (per-sample seeds). Each chunk is quantized as soon as it is decoded,
+        so no float32 copy of all samples is ever held.
+        """
+        out = [
+            # the bin of 1.0 would be 256
+            torch.floor(torch.nan_to_num(x, nan=0.0).clamp(0, 1 - 1e-6) * 256).to(torch.uint8)
+            for x in self._decode_chunks(n, labels, generator, temperature, indices)
+        ]
+        empty = torch.empty(0, *self.event_shape, dtype=torch.uint8, device=self.device)
+        return (torch.cat(out) if out else empty).unsqueeze(0)
 
     @torch.no_grad()
     def log_prob(
