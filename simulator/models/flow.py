@@ -155,6 +155,7 @@ class FlowFamily:
         checkpoint: FitCheckpoint | None = None,
         optimizer_state: dict[str, Any] | None = None,
         warmup: int | None = None,
+        ema: str = "carry",  # no EMA in this family: accepted for the protocol, nothing to carry
     ) -> dict[str, Any]:
         """Maximum likelihood on data (1, n, d) with Adam; labels are ignored (unconditional flow).
 

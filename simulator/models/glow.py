@@ -214,6 +214,7 @@ class GlowFamily:
         checkpoint: FitCheckpoint | None = None,
         optimizer_state: dict[str, Any] | None = None,
         warmup: int | None = None,
+        ema: str = "carry",  # no EMA in this family: accepted for the protocol, nothing to carry
     ) -> dict[str, Any]:
         """Maximum likelihood on dequantized uint8 images (1, n, ch, h, w) with Adam.
 

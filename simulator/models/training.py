@@ -150,10 +150,10 @@ class EMA(EMAModel):
     """diffusers' EMAModel with the decay schedule the project has always used, updated in place.
 
     The shadow parameters alias the parameters of `target` (a copy of the trained module that sampling
-    uses), so the module is the average. Decay at update k (0-based) is min(decay, (1 + k) / (10 + k)):
-    EMAModel's own schedule (update_after_step=0) is the same shifted by one update -- its first update
-    copies the weights (decay 0) where ours keeps 0.1 of the start -- so `get_decay` is overridden, and
-    `step` uses one fused lerp as before, which keeps earlier CPU results bit for bit.
+    uses), so the module is the average. Decay at update k (0-based) is min(decay, (1 + k) / (10 + k)).
+    EMAModel's own schedule (update_after_step=0) is the same except at the first update, which copies
+    the weights (decay 0) where ours keeps 0.1 of the start; so `get_decay` is overridden, and `step` is
+    one fused lerp as before (EMAModel subtracts): both keep earlier CPU results bit for bit.
     """
 
     def __init__(self, target: nn.Module, decay: float) -> None:
