@@ -169,7 +169,9 @@ def generation_loop(
                     if checkpoint_every or seconds:  # outside gen_XXX.tmp, which begin() empties
                         path = run.path / f"gen_{t:03d}.fit_state.pt"
                         extra["checkpoint"] = FitCheckpoint(path, checkpoint_every, seconds)
-                stats = model.fit(train, labels, steps=n_steps, generator=gen("fit"), progress=progress, **extra)
+                stats = model.fit(
+                    train, labels, steps=n_steps, generator=gen("fit"), progress=progress, **extra
+                )
                 if getattr(model, "resumable_fit", False) and carry_optimizer and warm_start:
                     opt_state = model.optimizer_state
                     torch.save(opt_state, tmp / "optimizer.pt")

@@ -112,11 +112,20 @@ def test_non_finite_loss_raises_before_the_update_or_at_the_next_check():
         before = obj.net.weight.detach().clone()
 
     with pytest.raises(Diverged, match="non-finite loss at step 3"):
-        train(obj, steps=10, generator=gen(1), options=TrainOptions(), device=torch.device("cpu"), on_step=snapshot)
+        train(
+            obj,
+            steps=10,
+            generator=gen(1),
+            options=TrainOptions(),
+            device=torch.device("cpu"),
+            on_step=snapshot,
+        )
     assert torch.equal(obj.net.weight, before), "on the CPU the bad step must not update the weights"
     obj = Regression(poison=3)
     with pytest.raises(Diverged, match="at or before step 4"):  # a deferred check (as on CUDA)
-        train(obj, steps=10, generator=gen(1), options=TrainOptions(check_every=5), device=torch.device("cpu"))
+        train(
+            obj, steps=10, generator=gen(1), options=TrainOptions(check_every=5), device=torch.device("cpu")
+        )
 
 
 def test_uneven_batch_is_refused(monkeypatch):
@@ -179,7 +188,9 @@ def test_interrupted_fit_resumes_bit_for_bit(family, tmp_path, monkeypatch):
     again = resumed.fit(data, steps=steps, generator=gen(2), optimizer_state=opt, checkpoint=ckpt)
     a, b = whole.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert {k: v for k, v in stats.items() if k != "seconds"} == {k: v for k, v in again.items() if k != "seconds"}
+    assert {k: v for k, v in stats.items() if k != "seconds"} == {
+        k: v for k, v in again.items() if k != "seconds"
+    }
     sa, sb = whole.optimizer_state["state"], resumed.optimizer_state["state"]
     assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
     assert not ckpt.path.exists(), "a finished fit removes its checkpoint"
@@ -201,7 +212,9 @@ def test_timed_checkpoints_and_restarted_ema(tmp_path, monkeypatch):
     assert model.ema_steps == 3
     saved = []
     real = training._save
-    monkeypatch.setattr(training, "_save", lambda path, state: (saved.append(state["step"]), real(path, state)))
+    monkeypatch.setattr(
+        training, "_save", lambda path, state: (saved.append(state["step"]), real(path, state))
+    )
     model.fit(data, steps=4, generator=gen(2), ema="restart",
               checkpoint=FitCheckpoint(tmp_path / "s.pt", every_seconds=0.0))  # fmt: skip
     assert saved == [1, 2, 3, 4]

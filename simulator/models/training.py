@@ -68,7 +68,8 @@ class TrainOptions:
     def check(self, device: torch.device) -> None:
         """Raise ValueError naming the first bad field."""
         checks = [
-            (self.optimizer not in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (self.optimizer not in OPTIMIZERS,
+             f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
             (self.schedule not in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.amp not in AMP or (self.amp == "fp16" and device.type != "cuda"),
              f"amp must be one of {tuple(AMP)} (fp16 only on CUDA), got {self.amp!r}"),
@@ -183,7 +184,8 @@ class EMA(EMAModel):
         if shadow is not None:  # copy into the aliased tensors rather than replacing them
             with torch.no_grad():
                 torch._foreach_copy_(
-                    self.shadow_params, [s.to(p.device) for s, p in zip(shadow, self.shadow_params)]
+                    self.shadow_params,
+                    [s.to(p.device) for s, p in zip(shadow, self.shadow_params, strict=True)],
                 )
 
 
@@ -307,7 +309,8 @@ def train(
         _save(checkpoint.path, {
             "steps": steps, "step": step, "objective": objective.state_dict(), "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "generator": generator.get_state(), "draws": draws.get_state() if draws is not generator else None,
+            "generator": generator.get_state(),
+            "draws": draws.get_state() if draws is not generator else None,
             "batches": objective.batches.state_dict(), "losses": losses[:step].cpu(),
         })  # fmt: skip
         last_save = time.monotonic()
