@@ -78,7 +78,7 @@ def test_ema_updates_its_module_in_place_restarts_and_round_trips():
 @pytest.mark.parametrize(
     "field, value, match",
     [("optimizer", "lion", "optimizer must be one of"), ("schedule", "step", "schedule must be one of"),
-     ("amp", "fp16", r"amp must be one of .*fp16 only on CUDA"), ("lr", 0.0, "lr must be > 0"),
+     ("amp", "fp16", r"amp must be one of .*fp16 only on CUDA"), ("lr", -1.0, "lr must be >= 0"),
      ("warmup", -1, "warmup must be >= 0"), ("check_every", 0, "check_every must be >= 1")],
 )  # fmt: skip
 def test_bad_options_are_one_line_errors_naming_the_field(field, value, match):
@@ -219,3 +219,94 @@ def test_timed_checkpoints_and_restarted_ema(tmp_path, monkeypatch):
               checkpoint=FitCheckpoint(tmp_path / "s.pt", every_seconds=0.0))  # fmt: skip
     assert saved == [1, 2, 3, 4]
     assert model.ema_steps == 4, "restart: the EMA counts this fit's updates only"
+
+
+# -- the generation loop's fine-tuning protocol ------------------------------------------------
+
+FLOW_RUN = ["data=two_moons", "model=flow", "model.options.blocks=2", "model.options.hidden=16", "debug=tiny",
+            "generations=2", "eval.metrics=[nll,moments]"]  # fmt: skip
+
+
+def _steps(path) -> list[float]:
+    from simulator.run import RunDir
+
+    return [r["train"]["steps"] for r in RunDir(path).rows()]
+
+
+def test_image_budget_gives_every_lambda_the_same_steps(tmp_path):
+    from simulator.cli import run_config
+    from tests.conftest import compose_config
+
+    for name, lam in (("real", 0.0), ("syn", 1.0)):
+        run_config(compose_config(*FLOW_RUN, "policy=mix", f"policy.lam={lam}", "train.images=600"),
+                   tmp_path / name)  # fmt: skip
+    # gen 0: steps_gen0; then ceil(600 / batch_size 256) = 3 whatever the training set's size
+    assert _steps(tmp_path / "real") == _steps(tmp_path / "syn") == [20.0, 3.0, 3.0]
+    run_config(compose_config(*FLOW_RUN, "policy=mix", "policy.lam=1.0", "train.epochs=2"), tmp_path / "ep")
+    assert _steps(tmp_path / "ep") == [20.0, 4.0, 4.0]  # epochs: ceil(2 x 400 rows / 256), twice lambda = 0's
+
+
+def test_killed_mid_fit_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    from simulator.cli import run_config
+    from simulator.run import RunDir
+    from tests.conftest import compose_config
+
+    cfg = compose_config(*FLOW_RUN, "policy=mix", "train.carry_optimizer=true", "train.warmup=3",
+                         "train.checkpoint_every=4", "train.steps=10")  # fmt: skip
+    run_config(cfg, tmp_path / "whole")
+    _kill_at(monkeypatch, draw=20 + 6)  # generation 1's seventh step: after its checkpoint at step 4
+    with pytest.raises(Killed):
+        run_config(cfg, tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "gen_001.fit_state.pt").exists()
+    assert (tmp_path / "resumed" / "gen_000" / "optimizer.pt").exists()
+    run_config(cfg, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "gen_001.fit_state.pt").exists()
+    whole, resumed = RunDir(tmp_path / "whole"), RunDir(tmp_path / "resumed")
+    strip = [
+        {k: v for k, v in r.items() if not k.startswith("seconds") and k != "train"} for r in whole.rows()
+    ]
+    assert strip == [{k: v for k, v in r.items() if not k.startswith("seconds") and k != "train"}
+                     for r in resumed.rows()]  # fmt: skip
+    for t in range(3):
+        for name in ("model.pt", "optimizer.pt"):
+            a, b = (
+                torch.load(p / f"gen_{t:03d}" / name, weights_only=True) for p in (whole.path, resumed.path)
+            )
+            assert same(a, b), (t, name)
+
+
+def same(a, b) -> bool:
+    """Nested dicts/lists of tensors and numbers equal bit for bit."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
+def test_carried_optimizer_changes_the_fine_tuning(tmp_path):
+    from simulator.cli import run_config
+    from tests.conftest import compose_config
+
+    run_config(compose_config(*FLOW_RUN, "policy=mix"), tmp_path / "fresh")
+    run_config(compose_config(*FLOW_RUN, "policy=mix", "train.carry_optimizer=true"), tmp_path / "carry")
+    a, b = (torch.load(tmp_path / p / "gen_001" / "model.pt", weights_only=True) for p in ("fresh", "carry"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    x, y = (torch.load(tmp_path / p / "gen_000" / "model.pt", weights_only=True) for p in ("fresh", "carry"))
+    assert all(torch.equal(x[k], y[k]) for k in x), "generation 0 has no optimizer to carry"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("train.images=0", "train.images: must be an integer >= 1"),
+     ("train.ema=keep", "train.ema: must be one of"),
+     ("train.carry_optimizer=3", "train.carry_optimizer: must be true or false"),
+     ("train.checkpoint_minutes=-1", "train.checkpoint_minutes: must be a number > 0")],
+)  # fmt: skip
+def test_bad_train_options_are_one_line_errors(tmp_path, override, message):
+    from simulator.cli import run_config
+    from simulator.config import ConfigError
+    from tests.conftest import compose_config
+
+    with pytest.raises(ConfigError, match=message):
+        run_config(compose_config(*FLOW_RUN, override), tmp_path)

@@ -73,7 +73,7 @@ class TrainOptions:
             (self.schedule not in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.amp not in AMP or (self.amp == "fp16" and device.type != "cuda"),
              f"amp must be one of {tuple(AMP)} (fp16 only on CUDA), got {self.amp!r}"),
-            (not self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (not self.lr >= 0, f"lr must be >= 0, got {self.lr}"),
             (not self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.warmup < 0, f"warmup must be >= 0, got {self.warmup}"),
             ((self.grad_clip or 0) < 0, f"grad_clip must be > 0 or None, got {self.grad_clip}"),
