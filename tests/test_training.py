@@ -310,3 +310,18 @@ def test_bad_train_options_are_one_line_errors(tmp_path, override, message):
 
     with pytest.raises(ConfigError, match=message):
         run_config(compose_config(*FLOW_RUN, override), tmp_path)
+
+
+def test_channels_last_trains_the_same_model_up_to_rounding():
+    make, data_of = FAMILIES["diffusion"]
+    data, runs = data_of(gen(0)), []
+    for channels_last in (False, True):
+        model = DiffusionFamily(chains=1, event_shape=(1, 8, 8), block_out_channels=(4, 8), batch_size=8,
+                                channels_last=channels_last)  # fmt: skip
+        model.reset(gen(1))
+        runs.append((model.fit(data, steps=3, generator=gen(2)), model.parameters_vector()))
+    (a, pa), (b, pb) = runs
+    assert runs[1][1].shape == runs[0][1].shape
+    # measured: loss_last identical, weights 4e-5 relative (convolutions summed in another order)
+    assert b["loss_last"] == pytest.approx(a["loss_last"], rel=1e-5)
+    assert float((pb - pa).norm() / pa.norm()) < 1e-3
