@@ -325,3 +325,14 @@ def test_channels_last_trains_the_same_model_up_to_rounding():
     # measured: loss_last identical, weights 4e-5 relative (convolutions summed in another order)
     assert b["loss_last"] == pytest.approx(a["loss_last"], rel=1e-5)
     assert float((pb - pa).norm() / pa.norm()) < 1e-3
+
+
+def test_a_carried_optimizer_state_is_not_modified_by_the_fit():
+    make, data_of = FAMILIES["flow"]
+    model, data = make(), data_of(gen(0))
+    model.fit(data, steps=2, generator=gen(1))
+    carried = model.optimizer_state
+    before = {i: {k: v.clone() for k, v in s.items()} for i, s in carried["state"].items()}
+    model.fit(data, steps=3, generator=gen(2), optimizer_state=carried)
+    assert same(carried["state"], before), "fit must not write into the state it was given"
+    assert not same(model.optimizer_state["state"], before)

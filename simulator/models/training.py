@@ -28,6 +28,7 @@ bit for bit where the uninterrupted fit would (CPU).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -260,8 +261,8 @@ def train(
     ddp_on = distributed.active()
     params = [p for p in objective.net.parameters() if p.requires_grad]
     opt = make_optimizer(options, params)
-    if optimizer_state is not None:
-        opt.load_state_dict(optimizer_state)
+    if optimizer_state is not None:  # a copy: load_state_dict would alias the caller's tensors
+        opt.load_state_dict(copy.deepcopy(optimizer_state))
     scaler = torch.amp.GradScaler(device.type, enabled=options.amp == "fp16")
     draws = device_generator(generator, device)
     losses = torch.zeros(steps, device=device)
