@@ -288,7 +288,7 @@ def test_carried_optimizer_changes_the_fine_tuning(tmp_path):
     from simulator.cli import run_config
     from tests.conftest import compose_config
 
-    run_config(compose_config(*FLOW_RUN, "policy=mix"), tmp_path / "fresh")
+    run_config(compose_config(*FLOW_RUN, "policy=mix", "train.carry_optimizer=false"), tmp_path / "fresh")
     run_config(compose_config(*FLOW_RUN, "policy=mix", "train.carry_optimizer=true"), tmp_path / "carry")
     a, b = (torch.load(tmp_path / p / "gen_001" / "model.pt", weights_only=True) for p in ("fresh", "carry"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
