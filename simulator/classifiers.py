@@ -15,13 +15,14 @@ so a classifier is a deterministic function of (data, options, seed) on the CPU.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from simulator.models.base import FitCheckpoint
+from simulator.models.training import EpochBatches, Objective, TrainOptions, train
 
 ARCHS = ("mlp", "cnn", "resnet18")
 OPTIMIZERS = ("adamw", "sgd")
@@ -101,21 +102,52 @@ def to_input(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
 
 
-def _augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Random 4-pixel-padded crops (reflect) and, for crop_flip, horizontal flips, drawn per image."""
+def _pad(h: int, w: int) -> int:
+    return 4 if min(h, w) >= 16 else 1  # a 4-pixel shift would move an 8x8 digit half out of view
+
+
+def _apply_augment(
+    x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor | None
+) -> torch.Tensor:
+    """Random 4-pixel-padded crops (reflect) at offsets (oy, ox) and, given flip, horizontal flips."""
     n, _, h, w = x.shape
-    pad = 4 if min(h, w) >= 16 else 1  # a 4-pixel shift would move an 8x8 digit half out of view
-    g = generator.device
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=g).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=g).to(x.device)
+    pad = _pad(h, w)
+    oy, ox = oy.to(x.device), ox.to(x.device)
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect").permute(0, 2, 3, 1)  # (n, H, W, ch)
     rows = (oy.view(-1, 1) + torch.arange(h, device=x.device)).view(n, h, 1)
     cols = (ox.view(-1, 1) + torch.arange(w, device=x.device)).view(n, 1, w)
     out = xp[torch.arange(n, device=x.device).view(n, 1, 1), rows, cols].permute(0, 3, 1, 2)
-    if mode == "crop_flip":
-        flip = (torch.rand(n, generator=generator, device=g) < 0.5).to(x.device)
-        out = torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)
+    if flip is not None:
+        out = torch.where(flip.to(x.device).view(n, 1, 1, 1), out.flip(-1), out)
     return out
+
+
+class _ClassifierObjective(Objective):
+    """Cross-entropy of a minibatch, with its crop/flip augmentation drawn per image."""
+
+    def __init__(
+        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, augment: str
+    ) -> None:
+        super().__init__(net)
+        self.x, self.y, self.batches = x, y, EpochBatches(len(x), batch_size)
+        self.augment = augment if x.dim() == 4 else "none"
+        self.pad = _pad(*x.shape[2:]) if x.dim() == 4 else 0
+
+    def draw(self, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        idx = self.batches.next(generator).to(self.x.device)
+        if self.augment == "none":
+            return (idx,)
+        g, n = generator.device, len(idx)
+        draws = [torch.randint(0, 2 * self.pad + 1, (n,), generator=generator, device=g) for _ in range(2)]
+        if self.augment == "crop_flip":
+            draws.append(torch.rand(n, generator=generator, device=g) < 0.5)
+        return (idx, *draws)
+
+    def forward(self, idx: torch.Tensor, *aug: torch.Tensor) -> torch.Tensor:
+        xb = to_input(self.x[idx], self.x.device)
+        if aug:
+            xb = _apply_augment(xb, aug[0], aug[1], aug[2] if len(aug) > 2 else None)
+        return F.cross_entropy(self.net(self.images(xb)), self.y[idx])
 
 
 def train_classifier(
@@ -131,47 +163,26 @@ def train_classifier(
     optimizer: str = "adamw",  # "adamw" or "sgd" (momentum 0.9, nesterov)
     augment: str = "none",  # "none", "crop" or "crop_flip" (images only)
     progress: bool = False,
+    checkpoint: FitCheckpoint | None = None,  # resumable training (simulator.models.training)
 ) -> dict[str, Any]:
-    """Cross-entropy training for `steps` minibatches with cosine decay; returns loss and timing stats."""
+    """Cross-entropy training for `steps` minibatches with cosine decay; returns loss and timing stats.
+
+    Trains through simulator.models.training: data parallel under torch.distributed, resumable with a
+    checkpoint; a non-finite loss raises Diverged.
+    """
     if optimizer not in OPTIMIZERS or augment not in AUGMENTS:
         raise ValueError(f"optimizer must be in {OPTIMIZERS} and augment in {AUGMENTS}")
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"need as many labels as inputs (> 0), got {len(x)} and {len(y)}")
     device = next(net.parameters()).device
-    params = [p for p in net.parameters() if p.requires_grad]
-    if optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(steps, 1)))
-    )
-    x_dev, y_dev = x.to(device), y.to(device)
-    n, size, gd = len(x), min(batch_size, len(x)), generator.device
-    perm, pos, losses = torch.randperm(n, generator=generator, device=gd), 0, []
-    start = time.perf_counter()
-    net.train()
-    for _ in tqdm(range(steps), desc="classifier", leave=False, disable=not progress):
-        if pos + size > n:
-            perm, pos = torch.randperm(n, generator=generator, device=gd), 0
-        idx, pos = perm[pos : pos + size].to(device), pos + size
-        xb = to_input(x_dev[idx], device)
-        if augment != "none" and xb.dim() == 4:
-            xb = _augment(xb, augment, generator)
-        loss = F.cross_entropy(net(xb), y_dev[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.detach())
-    net.eval()
-    losses_t = torch.stack(losses).float().cpu() if losses else torch.zeros(0)
-    k = min(10, steps)
-    return {
-        "loss_first": float(losses_t[:k].mean()) if k else math.nan,
-        "loss_last": float(losses_t[-k:].mean()) if k else math.nan,
-        "seconds": time.perf_counter() - start,
-    }
+    options = TrainOptions(optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule="cosine")
+    objective = _ClassifierObjective(net, x.to(device), y.to(device), batch_size, augment)
+    result = train(
+        objective, steps=steps, generator=generator, options=options, device=device, checkpoint=checkpoint,
+        progress=progress, desc="classifier",
+    )  # fmt: skip
+    first, last = result.mean_first_last(10)
+    return {"loss_first": first, "loss_last": last, "seconds": result.seconds}
 
 
 @torch.no_grad()

@@ -88,6 +88,15 @@ def validate(cfg: DictConfig, *, families: list[str], sources: list[str], polici
     check_bool(cfg, "train.warm_start")
     if _get(cfg, "train.epochs") is not None:
         check_float(cfg, "train.epochs", 0.0, strict=True)
+    check_int(cfg, "train.images", 1, optional=True)
+    check_int(cfg, "train.warmup", 0, optional=True)
+    check_int(cfg, "train.checkpoint_every", 1, optional=True)
+    if _get(cfg, "train.checkpoint_minutes") is not None:
+        check_float(cfg, "train.checkpoint_minutes", 0.0, strict=True)
+    if _get(cfg, "train.carry_optimizer") is not None:
+        check_bool(cfg, "train.carry_optimizer")
+    if _get(cfg, "train.ema") is not None:
+        check_choice(cfg, "train.ema", ("carry", "restart"))
     check_int(cfg, "sample.n", 1, optional=True)
     check_float(cfg, "sample.temperature", 0.0, strict=True)
     check_int(cfg, "sample.curation_k", 1)

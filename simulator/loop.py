@@ -33,7 +33,7 @@ from simulator import distributed, seeding
 from simulator import samples as store
 from simulator.data.base import Dataset
 from simulator.metrics import registry as metric_registry
-from simulator.models.base import Diverged, GenerativeModel
+from simulator.models.base import Diverged, FitCheckpoint, GenerativeModel
 from simulator.policies import REAL, Policy, assemble, curate
 from simulator.report import save_grid
 from simulator.run import RunDir, SharedGen0, write_atomic
@@ -72,6 +72,12 @@ def generation_loop(
     steps: int | None = None,  # training steps per generation (neural families)
     steps_gen0: int | None = None,  # training steps of generation 0 (default: steps)
     epochs: float | None = None,  # when set, steps per generation = ceil(epochs * rows / batch_size)
+    images: int | None = None,  # when set, steps per generation = ceil(images / batch_size), any lambda
+    warmup: int | None = None,  # learning-rate warm-up steps of every fit (None: the family's option)
+    carry_optimizer: bool = False,  # fine-tune with the optimizer state of generation t-1 (optimizer.pt)
+    ema: str = "carry",  # the EMA of the weights across generations: "carry" or "restart"
+    checkpoint_every: int | None = None,  # save the fit's state every this many steps (resumable fits)
+    checkpoint_minutes: float | None = None,  # ... and every this many minutes
     init_checkpoint: str | None = None,  # load G_0 from here instead of fitting it (pretrained start)
     init_pretrained: str | None = None,  # G_0 is make_model()'s pretrained network as built (no fit)
     n_samples: int | None = None,  # samples per generation (default: what the policy needs)
@@ -166,6 +172,7 @@ def generation_loop(
     if rows and rows[-1].get("status") == "diverged":
         return rows
     params0 = params_star = None  # parameters of G_0 and of the fit to real data (theta*)
+    opt_state = None  # optimizer state of the last fit (carry_optimizer)
     if done:  # repair() has checked every committed file against its checksum
         model.load_state_dict(_load(run.gen_dir(done[-1]) / "model.pt"))
         first = make_model()
@@ -201,9 +208,28 @@ def generation_loop(
                     labels = assemble(parts, pool_labels, chains, sizes) if conditional else None
                 n_train = train.shape[1]
                 n_steps = steps_gen0 if t == 0 and steps_gen0 else steps
-                if epochs and not (t == 0 and steps_gen0):  # about `epochs` passes over D_t (Bertrand)
-                    n_steps = math.ceil(epochs * n_train / getattr(model, "batch_size", n_train))
-                stats = model.fit(train, labels, steps=n_steps, generator=gen("fit"), progress=progress)
+                batch = getattr(model, "batch_size", n_train)
+                if images and not (t == 0 and steps_gen0):  # a fixed image budget, the same for every lambda
+                    n_steps = math.ceil(images / batch)
+                elif epochs and not (t == 0 and steps_gen0):  # about `epochs` passes over D_t (Bertrand)
+                    n_steps = math.ceil(epochs * n_train / batch)
+                extra: dict[str, Any] = {}
+                if getattr(model, "resumable_fit", False):
+                    carry = carry_optimizer and warm_start and t > 0
+                    if carry and opt_state is None and (run.gen_dir(t - 1) / "optimizer.pt").exists():
+                        opt_state = _load(run.gen_dir(t - 1) / "optimizer.pt")  # after a resume
+                    seconds = checkpoint_minutes * 60 if checkpoint_minutes else None
+                    extra = dict(optimizer_state=opt_state if carry else None, warmup=warmup,
+                                 ema=ema if t > 0 and warm_start else "carry")  # fmt: skip
+                    if checkpoint_every or seconds:  # kept in gen_XXX.tmp until the commit
+                        extra["checkpoint"] = FitCheckpoint(tmp / "fit_state.pt", checkpoint_every, seconds)
+                stats = model.fit(
+                    train, labels, steps=n_steps, generator=gen("fit"), progress=progress, **extra
+                )
+                if getattr(model, "resumable_fit", False) and carry_optimizer and warm_start:
+                    opt_state = model.optimizer_state
+                    if main:  # before fit.json: a finished fit always has its optimizer state beside it
+                        store.save_atomic(opt_state, tmp / "optimizer.pt", run.durable)
                 del train, labels
         except Diverged as e:
             row.update(status="diverged", error=str(e))

@@ -7,7 +7,6 @@ tensor program; neural families run one chain (C = 1). Data is (C, n, *event).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -33,6 +32,11 @@ class FitCheckpoint:
     path: Path
     every_steps: int | None = None
     every_seconds: float | None = None
+    # Implemented by simulator.models.training.train (the file also holds the minibatch sampler's
+    # state and the losses so far); a finished fit removes the file. Families with resumable_fit = True
+    # also take fit(..., optimizer_state=dict | None (carry an earlier fit's optimizer), warmup=int | None
+    # (learning-rate warm-up steps; None: the family's option), ema="carry" | "restart") and keep their
+    # last fit's optimizer state in `optimizer_state`.
 
 
 @runtime_checkable
@@ -83,17 +87,6 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
         raise Diverged(f"non-finite loss at step {step}")
 
 
-def epoch_batches(n: int, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Minibatch indices: successive random permutations (epochs) of n rows, min(size, n) at a time."""
-    size = min(size, n)
-    perm, pos = torch.randperm(n, generator=generator, device=generator.device), 0
-    while True:
-        if pos + size > n:
-            perm, pos = torch.randperm(n, generator=generator, device=generator.device), 0
-        yield perm[pos : pos + size]
-        pos += size
-
-
 def broadcast_chains(x: torch.Tensor, chains: int, event_dims: int) -> torch.Tensor:
     """Give x of shape (n, *event) a chain dimension; leave (C, n, *event) unchanged."""
     if x.dim() == event_dims + 1:
@@ -108,29 +101,3 @@ def world() -> tuple[int, int]:
     from simulator.distributed import world as _world
 
     return _world()
-
-
-def local_rows(size: int) -> slice:
-    """This rank's rows of a global minibatch of `size` rows (data parallel: the ranks split it evenly)."""
-    rank, world_size = world()
-    if size % world_size:
-        raise ValueError(f"batch_size {size} must be divisible by the number of processes ({world_size})")
-    per = size // world_size
-    return slice(rank * per, (rank + 1) * per)
-
-
-def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """All-reduce gradients to their mean over ranks: with local_rows, the gradient of the global batch."""
-    rank, world_size = world()
-    if world_size == 1:
-        return
-    import torch.distributed as dist
-
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()

@@ -15,17 +15,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from tqdm import tqdm
 
 from simulator.models import diffusers_io
 from simulator.models import diffusion_bound as bound
-from simulator.models.base import average_gradients, check_finite, epoch_batches, local_rows
+from simulator.models.base import FitCheckpoint
+from simulator.models.training import EMA, EpochBatches, Objective, TrainOptions, train
 from simulator.seeding import derive_seed
 
 SAMPLERS = ("ddpm", "ddim")
@@ -36,11 +35,33 @@ CPU_ROWS = 64  # rows per network call on the CPU in sample/log_prob, padded: se
 BOUND_BYTES = 2**27  # noise held per log_prob chunk (rows x (K+1) x D floats); bounds memory, not results
 
 
+class _DiffusionObjective(Objective):
+    """Ho et al.'s L_simple on a minibatch: mean squared error of the predicted noise."""
+
+    def __init__(self, family: DiffusionFamily, x8: torch.Tensor, y: torch.Tensor | None) -> None:
+        super().__init__(family.unet)
+        self.family, self.x8, self.y = family, x8, y
+        self.batches = EpochBatches(len(x8), family.batch_size)
+
+    def draw(self, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        f, g, size = self.family, generator, self.batches.size
+        idx = self.batches.next(g).to(f.device)
+        t = torch.randint(0, f.train_timesteps, (size,), generator=g, device=g.device)
+        return idx, t, torch.randn(size, *f.event_shape, generator=g, device=g.device).to(f.device)
+
+    def forward(self, idx: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        f, t = self.family, t.to(self.family.device)
+        xt = self.images(f.noise_scheduler.add_noise(self.x8[idx].float() / 127.5 - 1, noise, t))
+        y = None if self.y is None else self.y[idx]
+        return torch.nn.functional.mse_loss(f._eps(self.net, xt, t, y, pad=False), noise)
+
+
 class DiffusionFamily:
     """A diffusers UNet2DModel behind the GenerativeModel protocol (uint8 images, one chain)."""
 
     exact_likelihood = False
     per_sample_seeds = True  # sample(n, ..., indices=...) gives rows of sample(n): the loop shards it
+    resumable_fit = True  # fit(..., checkpoint=FitCheckpoint) resumes an interrupted fit
 
     def __init__(
         self,
@@ -65,6 +86,8 @@ class DiffusionFamily:
         grad_clip: float | None = 1.0,  # max gradient norm; None or 0 disables clipping
         warmup: int = 0,  # linear learning-rate warm-up steps at the start of every fit
         amp: str = "none",  # "bf16" or "fp16" autocast (fp16 needs CUDA); sampling too, not log_prob
+        compile: bool = False,  # torch.compile the training objective
+        channels_last: bool = False,  # channels_last memory format for the UNet in training
         device: str = "cpu",
         likelihood_timesteps: int = 100,  # K timesteps per image in the bound (stratified; see log_prob)
         sample_batch: int = 256,  # rows per network call in sample/log_prob: bounds memory, not results
@@ -116,6 +139,8 @@ class DiffusionFamily:
         self.lr, self.weight_decay, self.batch_size, self.steps = lr, weight_decay, batch_size, steps
         self.ema_decay = ema_decay or None
         self.grad_clip, self.warmup, self.amp = grad_clip or None, warmup, amp
+        self.compile, self.channels_last = compile, channels_last
+        self.optimizer_state: dict[str, Any] | None = None  # the last fit's optimizer (carry_optimizer)
         self.device = torch.device(device)
         self.likelihood_timesteps, self.sample_batch = likelihood_timesteps, sample_batch
         self.losses = torch.zeros(0)  # per-step training losses of the last fit (diagnostics, tests)
@@ -163,7 +188,8 @@ class DiffusionFamily:
             unet = diffusers_io.load_unet(self.pretrained) if self.pretrained else self._build()
             self.unet = unet.to(self.device).eval()
         self.ema = copy.deepcopy(self.unet).requires_grad_(False) if self.ema_decay else None
-        self.ema_steps = 0  # EMA updates so far, across fits: drives the EMA warm-up
+        # diffusers' EMAModel, its shadow parameters aliasing self.ema's (so self.ema is the average)
+        self.ema_tracker = EMA(self.ema, self.ema_decay) if self.ema is not None else None
 
     def _net(self) -> torch.nn.Module:
         """The weights used for sampling and likelihood: the EMA when there is one."""
@@ -227,71 +253,47 @@ class DiffusionFamily:
         steps: int | None = None,
         generator: torch.Generator,
         progress: bool = False,
+        checkpoint: FitCheckpoint | None = None,
+        optimizer_state: dict[str, Any] | None = None,
+        warmup: int | None = None,
+        ema: str = "carry",
     ) -> dict[str, Any]:
         """Denoising score matching (Ho et al.'s L_simple) on uint8 images (1, n, ch, h, w) with AdamW.
 
-        A warm start carries the weights and the EMA over from the previous fit but not the optimiser:
-        every call builds a fresh AdamW (and warm-up), so a resumed run needs only the checkpoint.
-        loss_first / loss_last are means over the first / last min(10, steps) steps (one step is noisy).
+        Trains through simulator.models.training (DDP, resumable with a checkpoint). A warm start carries
+        the weights over, and the EMA too unless ema="restart" (the average then starts again from the
+        current weights, with its warm-up); the optimiser state only when passed as `optimizer_state`
+        (the previous fit's is `self.optimizer_state`). `warmup` (learning-rate warm-up steps) overrides
+        the family's. loss_first / loss_last are means over the first / last min(10, steps) steps.
         """
+        if ema not in ("carry", "restart"):
+            raise ValueError(f"ema must be 'carry' or 'restart', got {ema!r}")
         x8 = self._check(data).to(self.device)  # uint8 on the device; scaled per minibatch
         if x8.shape[0] == 0:
             raise ValueError("diffusion fit needs at least one image")
         y = self._labels(labels, x8.shape[0], "fit")
         steps = self.steps if steps is None else int(steps)
-        params = list(self.unet.parameters())
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(self.warmup, 1)))
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")  # a no-op unless fp16
-        n, size, gd = x8.shape[0], min(self.batch_size, x8.shape[0]), generator.device
-        batches, losses = epoch_batches(n, size, generator), []
-        start = time.perf_counter()
-        self.unet.train()
-        try:
-            for step in tqdm(range(steps), desc="diffusion fit", leave=False, disable=not progress):
-                idx = next(batches).to(self.device)
-                t = torch.randint(0, self.train_timesteps, (size,), generator=generator, device=gd)
-                noise = torch.randn(size, *self.event_shape, generator=generator, device=gd).to(self.device)
-                # data parallel (torchrun): every rank draws the same global batch and takes its rows,
-                # so with gradients averaged the step equals a single process's on the whole batch
-                rows = local_rows(size)
-                idx, t, noise = idx[rows], t[rows], noise[rows]
-                t, yb = t.to(self.device), None if y is None else y[idx]
-                xt = self.noise_scheduler.add_noise(x8[idx].float() / 127.5 - 1, noise, t)
-                with self._autocast():
-                    loss = torch.nn.functional.mse_loss(self._eps(self.unet, xt, t, yb, pad=False), noise)
-                check_finite(loss, step)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                average_gradients(params)
-                scaler.unscale_(opt)
-                if self.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                self._update_ema()
-                losses.append(loss.detach())
-        finally:
-            self.unet.eval()
-        self.losses = torch.stack(losses).float().cpu() if losses else torch.zeros(0)
-        k = min(10, steps)
-        return {
-            "loss_first": float(self.losses[:k].mean()) if k else math.nan,
-            "loss_last": float(self.losses[-k:].mean()) if k else math.nan,
-            "steps": float(steps),
-            "seconds": time.perf_counter() - start,
-        }
+        options = TrainOptions(
+            optimizer="adamw", lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+            warmup=self.warmup if warmup is None else warmup, amp=self.amp, compile=self.compile,
+            channels_last=self.channels_last,
+        )  # fmt: skip
+        if ema == "restart" and self.ema_tracker is not None:
+            self.ema_tracker.restart(self.unet.parameters())
+        result = train(
+            _DiffusionObjective(self, x8, y), steps=steps, generator=generator, options=options,
+            device=self.device, ema=self.ema_tracker, checkpoint=checkpoint, optimizer_state=optimizer_state,
+            progress=progress, desc="diffusion fit",
+        )  # fmt: skip
+        self.optimizer_state = result.optimizer_state
+        self.losses = result.losses
+        first, last = result.mean_first_last(10)
+        return {"loss_first": first, "loss_last": last, "steps": float(steps), "seconds": result.seconds}
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        """ema <- d ema + (1 - d) weights, d = min(ema_decay, (1 + k) / (10 + k)): the usual warm-up, so
-        short fits are not dominated by the initial weights (k counts updates across warm-started fits)."""
-        if self.ema is None:
-            return
-        d = min(self.ema_decay, (1 + self.ema_steps) / (10 + self.ema_steps))
-        torch._foreach_lerp_(list(self.ema.parameters()), list(self.unet.parameters()), 1 - d)
-        self.ema_steps += 1
+    @property
+    def ema_steps(self) -> int:
+        """EMA updates so far, across warm-started fits: drives the EMA warm-up."""
+        return self.ema_tracker.optimization_step if self.ema_tracker is not None else 0
 
     # -- sampling -----------------------------------------------------------------------------
 
@@ -452,7 +454,8 @@ class DiffusionFamily:
         out = self.unet.load_state_dict(part["unet"])
         if self.ema is not None:
             self.ema.load_state_dict(part["ema"] or part["unet"])
-        self.ema_steps = int(state.get("ema_steps", 0))
+        if self.ema_tracker is not None:
+            self.ema_tracker.optimization_step = int(state.get("ema_steps", 0))
         return out
 
     def export(self, directory: str | Path) -> Path | None:

@@ -9,24 +9,42 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import normflows as nf
 import torch
-from tqdm import tqdm
 
-from simulator.models.base import check_finite, epoch_batches
+from simulator.models.base import FitCheckpoint
+from simulator.models.training import EpochBatches, Objective, TrainOptions, train
 
 ARCHS = ("realnvp", "nsf")
 LOG_SCALE_BOUND = 3.0  # |log scale| per RealNVP coupling; e^3 per layer is ample with ActNorm
+
+
+class _FlowObjective(Objective):
+    """Mean negative log-likelihood (nats per sample) of a minibatch of rows of x."""
+
+    def __init__(self, flow: nf.NormalizingFlow, x: torch.Tensor, batch_size: int) -> None:
+        super().__init__(flow)
+        self.x, self.batches = x, EpochBatches(len(x), batch_size)
+
+    def draw(self, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (self.batches.next(generator).to(self.x.device),)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_kld(self.x[idx])
+
+    @torch.no_grad()
+    def initialize(self, idx: torch.Tensor) -> None:
+        self.net.forward_kld(self.x[idx])  # ActNorm's first-batch initialisation sees the global batch
 
 
 class FlowFamily:
     """A normflows NormalizingFlow behind the GenerativeModel protocol (vectors, one chain)."""
 
     exact_likelihood = True
+    resumable_fit = True  # fit(..., checkpoint=FitCheckpoint) resumes an interrupted fit
 
     def __init__(
         self,
@@ -45,6 +63,8 @@ class FlowFamily:
         batch_size: int = 256,
         steps: int = 1000,  # default optimiser steps per fit; fit(steps=...) overrides
         grad_clip: float | None = 10.0,  # max gradient norm; None disables clipping
+        warmup: int = 0,  # linear learning-rate warm-up steps at the start of every fit
+        compile: bool = False,  # torch.compile the training objective
         device: str = "cpu",
     ) -> None:
         if chains != 1:
@@ -59,7 +79,8 @@ class FlowFamily:
         self.arch, self.blocks, self.hidden, self.layers = arch, blocks, hidden, layers
         self.bins, self.tail_bound, self.actnorm = bins, tail_bound, actnorm
         self.lr, self.weight_decay, self.batch_size = lr, weight_decay, batch_size
-        self.steps, self.grad_clip = steps, grad_clip
+        self.steps, self.grad_clip, self.warmup, self.compile = steps, grad_clip, warmup, compile
+        self.optimizer_state: dict[str, Any] | None = None  # the last fit's optimizer (carry_optimizer)
         self.device = torch.device(device)
         self.chunk = 4096  # rows per forward pass in sample/log_prob: bounds memory, not results
         # The constructor builds a deterministic network (seed 0) so a fresh object is reproducible.
@@ -131,38 +152,36 @@ class FlowFamily:
         steps: int | None = None,
         generator: torch.Generator,
         progress: bool = False,
+        checkpoint: FitCheckpoint | None = None,
+        optimizer_state: dict[str, Any] | None = None,
+        warmup: int | None = None,
+        ema: str = "carry",  # no EMA in this family: accepted for the protocol, nothing to carry
     ) -> dict[str, Any]:
         """Maximum likelihood on data (1, n, d) with Adam; labels are ignored (unconditional flow).
 
-        A warm start carries the parameters over from the previous fit but not the optimiser
-        state: every call builds a fresh Adam, so a resumed run needs only the model checkpoint.
+        Trains through simulator.models.training (DDP under torch.distributed, resumable with a
+        checkpoint). A warm start carries the parameters over; the optimiser state only when passed
+        as `optimizer_state` (the previous fit's is `self.optimizer_state`). `warmup` (steps of linear
+        learning-rate warm-up) overrides the family's.
         """
         x = self._check_data(data)[0].to(self.device, self.dtype)
         steps = self.steps if steps is None else int(steps)
-        opt = torch.optim.Adam(self.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        batches = epoch_batches(x.shape[0], self.batch_size, generator)
-        losses: list[float] = []
-        start = time.perf_counter()
-        self.flow.train()
-        try:
-            for step in tqdm(range(steps), desc="flow fit", leave=False, disable=not progress):
-                idx = next(batches).to(self.device)
-                loss = self.flow.forward_kld(x[idx])  # mean negative log-likelihood, nats per sample
-                check_finite(loss, step)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.grad_clip)
-                opt.step()
-                if step == 0 or step == steps - 1:
-                    losses.append(float(loss.detach()))
-        finally:
-            self.flow.eval()
+        options = TrainOptions(
+            optimizer="adam", lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+            warmup=self.warmup if warmup is None else warmup, compile=self.compile,
+        )  # fmt: skip
+        result = train(
+            _FlowObjective(self.flow, x, self.batch_size), steps=steps, generator=generator, options=options,
+            device=self.device, checkpoint=checkpoint, optimizer_state=optimizer_state, progress=progress,
+            desc="flow fit",
+        )  # fmt: skip
+        self.optimizer_state = result.optimizer_state
+        losses = result.losses
         return {
-            "loss_first": losses[0] if losses else math.nan,
-            "loss_last": losses[-1] if losses else math.nan,
+            "loss_first": float(losses[0]) if steps else math.nan,
+            "loss_last": float(losses[-1]) if steps else math.nan,
             "steps": float(steps),
-            "seconds": time.perf_counter() - start,
+            "seconds": result.seconds,
         }
 
     # -- sampling and likelihood --------------------------------------------------------------

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import normflows as nf
 import torch
-from tqdm import tqdm
 
-from simulator.models.base import check_finite, epoch_batches
+from simulator.models.base import FitCheckpoint
+from simulator.models.training import EpochBatches, Objective, TrainOptions, train
 from simulator.seeding import derive_seed
 
 PREPROCESS = ("logit", "shift")  # logit(alpha + (1 - 2 alpha) x) as RealNVP, or x - 0.5 as Glow
@@ -33,11 +32,34 @@ SPLIT_MODES = ("channel", "channel_inv", "checkerboard")
 EVAL_NOISE_SEED = 256  # fixed dequantization field of log_prob: the same noise for every image
 
 
+class _GlowObjective(Objective):
+    """Mean negative continuous log-density (nats per image) of a dequantized minibatch."""
+
+    def __init__(self, family: GlowFamily, u: torch.Tensor, y: torch.Tensor | None) -> None:
+        super().__init__(family.flow)
+        self.family, self.u, self.y = family, u, y
+        self.batches = EpochBatches(len(u), family.batch_size)
+
+    def draw(self, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        idx = self.batches.next(generator).to(self.u.device)
+        shape = self.family.event_shape
+        return idx, torch.rand(len(idx), *shape, generator=generator, device=generator.device)
+
+    def forward(self, idx: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        x = self.images(self.family.dequantize(self.u[idx], noise))
+        return -self.family.continuous_log_prob(x, None if self.y is None else self.y[idx]).mean()
+
+    @torch.no_grad()
+    def initialize(self, idx: torch.Tensor, noise: torch.Tensor) -> None:
+        self.forward(idx, noise)  # ActNorm's first-batch initialisation sees the global batch
+
+
 class GlowFamily:
     """A normflows MultiscaleFlow behind the GenerativeModel protocol (uint8 images, one chain)."""
 
     exact_likelihood = True
     per_sample_seeds = True  # sample(n, ..., indices=...) gives rows `indices` of the n-sample draw
+    resumable_fit = True  # fit(..., checkpoint=FitCheckpoint) resumes an interrupted fit
 
     def __init__(
         self,
@@ -58,6 +80,9 @@ class GlowFamily:
         batch_size: int = 64,
         steps: int = 1000,  # default optimiser steps per fit; fit(steps=...) overrides
         grad_clip: float | None = 100.0,  # max gradient norm; None disables clipping
+        warmup: int = 0,  # linear learning-rate warm-up steps at the start of every fit
+        compile: bool = False,  # torch.compile the training objective
+        channels_last: bool = False,  # channels_last memory format for the conv nets in training
         device: str = "cpu",
     ) -> None:
         if chains != 1:
@@ -86,6 +111,8 @@ class GlowFamily:
         self.preprocess, self.logit_alpha, self.dequantization = preprocess, logit_alpha, dequantization
         self.lr, self.weight_decay, self.batch_size = lr, weight_decay, batch_size
         self.steps, self.grad_clip = steps, grad_clip
+        self.warmup, self.compile, self.channels_last = warmup, compile, channels_last
+        self.optimizer_state: dict[str, Any] | None = None  # the last fit's optimizer (carry_optimizer)
         self.device = torch.device(device)
         self.chunk = 1024  # images per forward pass in sample/log_prob: bounds memory, not results
         g = torch.Generator().manual_seed(EVAL_NOISE_SEED)
@@ -185,47 +212,41 @@ class GlowFamily:
         steps: int | None = None,
         generator: torch.Generator,
         progress: bool = False,
+        checkpoint: FitCheckpoint | None = None,
+        optimizer_state: dict[str, Any] | None = None,
+        warmup: int | None = None,
+        ema: str = "carry",  # no EMA in this family: accepted for the protocol, nothing to carry
     ) -> dict[str, Any]:
         """Maximum likelihood on dequantized uint8 images (1, n, ch, h, w) with Adam.
 
         Labels train the class-conditional base; a conditional flow given no labels maximises the class
-        marginal instead. Warm start carries the weights (and the fitted ActNorm) but not the optimiser:
-        every call builds a fresh Adam. ActNorm initialises from the first batch after a reset only.
+        marginal instead. Trains through simulator.models.training (DDP, resumable with a checkpoint). A
+        warm start carries the weights (and the fitted ActNorm); the optimiser state only when passed as
+        `optimizer_state` (the previous fit's is `self.optimizer_state`). ActNorm initialises from the
+        first batch after a reset only. `warmup` (learning-rate warm-up steps) overrides the family's.
         """
         u = self._images(data).to(self.device)
-        y_all = self._labels(labels, len(u))
         steps = self.steps if steps is None else int(steps)
-        opt = torch.optim.Adam(self.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        batches = epoch_batches(len(u), self.batch_size, generator)
+        options = TrainOptions(
+            optimizer="adam", lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+            warmup=self.warmup if warmup is None else warmup, compile=self.compile,
+            channels_last=self.channels_last,
+        )  # fmt: skip
+        objective = _GlowObjective(self, u, self._labels(labels, len(u)))
+        result = train(
+            objective, steps=steps, generator=generator, options=options, device=self.device,
+            checkpoint=checkpoint, optimizer_state=optimizer_state, progress=progress, desc="glow fit",
+        )  # fmt: skip
+        self.optimizer_state = result.optimizer_state
         bits = self.dim * math.log(2)  # nats per image -> bits per dimension
-        losses: list[float] = []
-        start = time.perf_counter()
-        self.flow.train()
-        try:
-            for step in tqdm(range(steps), desc="glow fit", leave=False, disable=not progress):
-                idx = next(batches).to(self.device)
-                noise = torch.rand(len(idx), *self.event_shape, generator=generator, device=generator.device)
-                x = self.dequantize(u[idx], noise)
-                y = None if y_all is None else y_all[idx]
-                loss = -self.continuous_log_prob(x, y).mean()  # nats per image, continuous [0, 1] data
-                check_finite(loss, step)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.grad_clip)
-                opt.step()
-                if step == 0 or step == steps - 1:
-                    losses.append(float(loss.detach()))
-        finally:
-            self.flow.eval()
-        first, last = (losses[0], losses[-1]) if losses else (math.nan, math.nan)
+        first, last = (float(result.losses[0]), float(result.losses[-1])) if steps else (math.nan, math.nan)
         return {
             "loss_first": first,
             "loss_last": last,
             "bpd_first": first / bits + 8.0,  # + log2(256): the discrete 8-bit bits/dim
             "bpd_last": last / bits + 8.0,
             "steps": float(steps),
-            "seconds": time.perf_counter() - start,
+            "seconds": result.seconds,
         }
 
     # -- sampling and likelihood --------------------------------------------------------------
