@@ -171,3 +171,48 @@ def test_nan_loss_gives_a_diverged_row(tmp_path):
     assert all(r["status"] == "ok" for r in rows[:-1])
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(lines) == len(rows)  # every line is a whole JSON row
+
+
+def _killed_in_fit(cfg, path, victim: tuple[str, int], log: str) -> None:
+    """Run cfg; SIGKILL this process right after the fit of generation dir victim[0] checkpoints its state
+    at step victim[1]. Every checkpoint is logged as '<gen dir> <step>'."""
+    import simulator.models.training as training
+
+    save = training._save
+
+    def save_then_die(path_, state):
+        save(path_, state)
+        where = (path_.parent.name, int(state["step"]))
+        with open(log, "a") as f:
+            f.write(f"{where[0]} {where[1]}\n")
+        if where == victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    training._save = save_then_die
+    _child(cfg, path)
+
+
+@pytest.mark.slow  # 15-30 s: three lives of a 3-generation glow run and the uninterrupted one
+def test_sigkill_at_chosen_training_steps_resumes_from_the_fit_checkpoint(tmp_path):
+    cfg = compose_config(*GLOW, "train.steps=6", "train.checkpoint_every=1", "train.carry_optimizer=true")
+    run_config(cfg, tmp_path / "whole")
+    path, log = tmp_path / "killed", tmp_path / "log.txt"
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["simulator.cli", "tests.test_faults"])
+    lives = []
+    for victim in [("gen_001.tmp", 2), ("gen_001.tmp", 4), ("", -1)]:  # mid-fit twice, then to the end
+        p = ctx.Process(target=_killed_in_fit, args=(cfg, path, victim, str(log)))
+        p.start()
+        p.join()
+        lives.append(p.exitcode)
+        log.write_text(log.read_text() + "life\n")
+    assert lives == [-signal.SIGKILL, -signal.SIGKILL, 0]
+    events = [life.strip().splitlines() for life in log.read_text().split("life\n")[:-1]]
+    assert events[0][-1] == "gen_001.tmp 2"
+    # the second life went on from step 2's checkpoint (steps 3, 4), not from the start of the fit
+    assert events[1] == ["gen_001.tmp 3", "gen_001.tmp 4"]
+    assert events[2][:2] == ["gen_001.tmp 5", "gen_001.tmp 6"]
+    whole, killed = RunDir(tmp_path / "whole"), RunDir(path)
+    assert strip(killed.rows()) == strip(whole.rows())
+    assert files(killed.path) == files(whole.path), "files differ from the uninterrupted run"
+    assert not list(killed.path.glob("gen_*.tmp")) and not list(killed.path.glob("gen_*/fit*"))
