@@ -58,9 +58,10 @@ def timed(m) -> tuple[float, torch.Tensor]:
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
+    model = _model()  # fitted before the process group exists: the one-process weights (no DDP rounding)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        seconds, x = timed(_model())
+        seconds, x = timed(model)
         if rank == 0:
             torch.save({"seconds": seconds, "samples": x}, out)
     finally:

@@ -46,7 +46,8 @@ def test_cuda_fit_moves_weights_and_checkpoints_resume(tmp_path):
 
     opts = dict(chains=1, event_shape=(3, 8, 8), block_out_channels=(8, 16), batch_size=16, device="cuda",
                 amp="bf16", channels_last=True)  # fmt: skip
-    data = torch.randint(0, 256, (1, 64, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (1, 64, 3, 8, 8), generator=g, dtype=torch.uint8)
     whole = DiffusionFamily(**opts)
     start = {k: v.clone() for k, v in whole.state_dict().items()}
     stats = whole.fit(data, steps=6, generator=torch.Generator().manual_seed(1))

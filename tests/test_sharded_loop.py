@@ -21,7 +21,8 @@ from tests.conftest import compose_config
 # that); to compare sampling and evaluation bit for bit the weights are held still with lr 0 (Adam's update
 # is then exactly zero), while ActNorm's data-dependent start on the global batch, the minibatch draws and
 # the run directory protocol run as usual.
-GLOW = ["model.options.lr=0", "data=digits", "model=glow", "model.options.blocks_per_level=1", "model.options.hidden=8",
+GLOW = ["model.options.lr=0", "data=digits", "model=glow", "model.options.blocks_per_level=1",
+        "model.options.hidden=8",
         "model.options.batch_size=16", "model.options.num_classes=10", "data.n_train=40", "data.n_test=16",
         "train.steps=3", "train.steps_gen0=4", "generations=2", "policy=accumulate", "eval=digits",
         "eval.metrics=[bpd]", "eval.n_samples=48", "eval.figures=false", "sample.shard_size=16",
