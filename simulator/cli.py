@@ -7,11 +7,14 @@ starts and without touching an existing run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +156,39 @@ def preflight(args: list[str]) -> None:
         fail(f"command line: {(str(e).strip() or type(e).__name__).splitlines()[0]}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a SLURM preemption, `kill`): ends the run like Ctrl-C, with its own exit code."""
+
+
+@contextlib.contextmanager
+def stoppable() -> Iterator[None]:
+    """Ctrl-C and SIGTERM end the command with one line on stderr (exit 130 / 143), not a traceback.
+
+    Nothing is lost that a rerun needs: committed generations, sample shards and fit checkpoints are
+    written atomically, so the same command resumes from them.
+    """
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"{what}: what was committed is kept; run the same command again to resume", file=sys.stderr)
+        sys.exit(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def simulate() -> None:
     """Console entry point of `simulate`."""
-    if not any(a in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--info")
-               for a in sys.argv[1:]):  # fmt: skip
-        preflight(sys.argv[1:])
-    _simulate()
+    with stoppable():
+        if not any(a in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--info")
+                   for a in sys.argv[1:]):  # fmt: skip
+            preflight(sys.argv[1:])
+        _simulate()
 
 
 class SweepReport(Callback):

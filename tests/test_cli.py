@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from simulator.run import RunDir
 from tests.conftest import compose_config
 
 TINY = ["debug=tiny", "model.options.blocks=2", "model.options.hidden=16"]
@@ -141,3 +144,22 @@ def test_lambda_by_seed_sweep_and_report(tmp_path):
     assert len((tmp_path / "rep" / "results.csv").read_text().splitlines()) == 1 + 4 * 3  # runs x generations
     bad = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_end_in_one_line_keeping_whole_generations(tmp_path, sig, code):
+    args = ["experiment=single", "data=gaussian", "model=gaussian", "eval=fast", "chains=4",
+            "generations=100000", "progress=false", "durable=false"]  # fmt: skip
+    cmd = [sys.executable, "-c", "from simulator.cli import simulate; simulate()", *args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "runs" / "default"
+    deadline = time.monotonic() + 120
+    while not list(run.glob("*/gen_002")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # until a few generations are committed
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code
+    assert len(err.strip().splitlines()) == 1 and "run the same command again" in err
+    (path,) = run.iterdir()
+    done = RunDir(path).repair()  # whatever was committed is whole and checksummed
+    assert len(done) >= 3 and all(RunDir(path).verify_all(t) for t in done)

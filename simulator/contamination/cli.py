@@ -249,12 +249,15 @@ def preflight(args: list[str]) -> None:
 
 def simulate_contaminate() -> None:
     """Console entry point of `simulate-contaminate`."""
-    if not any(
-        a in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--info")
-        for a in sys.argv[1:]
-    ):
-        preflight(sys.argv[1:])
-    _main()
+    from simulator.cli import stoppable
+
+    with stoppable():
+        if not any(
+            a in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--info")
+            for a in sys.argv[1:]
+        ):
+            preflight(sys.argv[1:])
+        _main()
 
 
 class SweepReport(Callback):
