@@ -10,6 +10,7 @@ line and exit code 2 (DESIGN.md section 6).
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,12 @@ def check_int(cfg: DictConfig, key: str, low: int | None = None, optional: bool 
 
 def check_float(cfg: DictConfig, key: str, low: float | None = None, strict: bool = False) -> None:
     v = _get(cfg, key)
-    bad = isinstance(v, bool) or not isinstance(v, (int, float)) or v != v
+    bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
     if not bad and low is not None:
         bad = v <= low if strict else v < low
     if bad:
         bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
-        raise ConfigError(f"{key}: must be a number{bound}, got {v!r}")
+        raise ConfigError(f"{key}: must be a finite number{bound}, got {v!r}")
 
 
 def check_choice(cfg: DictConfig, key: str, allowed: tuple[str, ...] | list[str]) -> None:
@@ -63,6 +64,9 @@ def check_bool(cfg: DictConfig, key: str) -> None:
 def validate(cfg: DictConfig, *, families: list[str], sources: list[str], policies: list[str],
              metrics: list[str]) -> None:  # fmt: skip
     """Raise ConfigError on the first bad field of a composed run config."""
+    name = _get(cfg, "name")
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"name: must be a folder name inside run_root (no '/', not '..'), got {name!r}")
     check_int(cfg, "generations", 1)
     check_int(cfg, "seed", 0)
     check_int(cfg, "chains", 1)

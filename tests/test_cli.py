@@ -62,21 +62,24 @@ def test_default_sweep_draws_the_comparison(tmp_path):
 BAD = [
     (["model.family=nope"], "model.family: must be one of"),
     (["policy.name=nope"], "policy.name: must be one of"),
-    (["policy=mix", "policy.lam=-1"], "policy.lam: must be a number >= 0"),
+    (["policy=mix", "policy.lam=-1"], "policy.lam: must be a finite number >= 0"),
+    (["policy=mix", "policy.lam=inf"], "policy.lam: must be a finite number >= 0, got inf"),
+    (["sample.temperature=inf"], "sample.temperature: must be a finite number > 0"),
+    (["name=../../escaped"], "name: must be a folder name inside run_root"),
     (["generations=0"], "generations: must be an integer >= 1"),
     (["chains=0"], "chains: must be an integer >= 1"),
     (["data.source=nope"], "data.source: must be one of"),
     (["init.checkpoint=/no/such/model.pt"], "init.checkpoint: file not found"),
-    (["sample.temperature=0"], "sample.temperature: must be a number > 0"),
+    (["sample.temperature=0"], "sample.temperature: must be a finite number > 0"),
     (["eval.metrics=[nope]"], "eval.metrics: unknown metric"),
     (["generatons=3"], "command line: Could not override 'generatons'"),
     (["policy=nope"], "command line: In 'config': Could not find 'policy/nope'"),
     (["policy=mix=3,"], "command line: mismatched input"),
-    (["-m", "policy=mix", "policy.lam=0.5,-1"], "policy.lam: must be a number >= 0, got -1"),
+    (["-m", "policy=mix", "policy.lam=0.5,-1"], "policy.lam: must be a finite number >= 0, got -1"),
     (["eval=image", "eval.options.weights_path=/no/weights.pth"], "eval.options.weights_path"),
     (["durable=maybe"], "durable: must be true or false"),
     (["threads=0"], "threads: must be an integer >= 1"),
-    (["train.epochs=-1"], "train.epochs: must be a number > 0"),
+    (["train.epochs=-1"], "train.epochs: must be a finite number > 0"),
 ]
 # caught when the run starts (they need the data's shape or the machine): the real command line
 BAD_AT_START = [

@@ -301,7 +301,7 @@ def test_carried_optimizer_changes_the_fine_tuning(tmp_path):
     [("train.images=0", "train.images: must be an integer >= 1"),
      ("train.ema=keep", "train.ema: must be one of"),
      ("train.carry_optimizer=3", "train.carry_optimizer: must be true or false"),
-     ("train.checkpoint_minutes=-1", "train.checkpoint_minutes: must be a number > 0")],
+     ("train.checkpoint_minutes=-1", "train.checkpoint_minutes: must be a finite number > 0")],
 )  # fmt: skip
 def test_bad_train_options_are_one_line_errors(tmp_path, override, message):
     from simulator.cli import run_config
