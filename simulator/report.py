@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -40,14 +41,31 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def load_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(config, rows) of a run directory; torn trailing lines are ignored."""
-    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
-    rows = []
-    for line in (path / "results.jsonl").read_text().splitlines():
+    """(config, rows) of a run directory. Undecodable lines are skipped (a torn last line is what a killed
+    process leaves; others are reported); an unreadable config.yaml is a ReportError naming the file."""
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ReportError(f"{path / 'config.yaml'}: unreadable ({type(e).__name__})") from None
+    if config is not None and not isinstance(config, dict):
+        raise ReportError(f"{path / 'config.yaml'}: not a mapping of config keys")
+    try:
+        lines = (path / "results.jsonl").read_text(errors="replace").splitlines()
+    except OSError as e:
+        raise ReportError(f"{path / 'results.jsonl'}: unreadable ({e.strerror})") from None
+    rows, bad = [], []
+    for i, line in enumerate(lines):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            break
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(i + 1)
+    if bad and bad != [len(lines)]:
+        print(f"warning: {path / 'results.jsonl'}: skipped undecodable line(s) {', '.join(map(str, bad))}",
+              file=sys.stderr)  # fmt: skip
     return config or {}, rows
 
 
@@ -166,8 +184,11 @@ def _draw_scatter(path: Path, rows: list[dict[str, Any]], out: Path, plt) -> lis
 
 
 def _state(path: Path) -> dict[str, Any]:
-    state = path / "state.json"
-    return json.loads(state.read_text()) if state.exists() else {}
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):  # absent or damaged: the table shows no status
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def _seedless(config: dict[str, Any]) -> str:
@@ -180,14 +201,24 @@ def _seedless(config: dict[str, Any]) -> str:
 def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -> Path:
     """Stability figure (one panel per metric: metric vs generation, one line per regime, 95% band
     over seeds) and summary tables (CSV and markdown) of the first metric's contraction and verdict."""
-    loaded = [(p, *load_run(p)) for p in runs]
+    loaded = []
+    for p in runs:  # a broken run is skipped with one line; the others are still reported
+        try:
+            loaded.append((p, *load_run(p)))
+        except ReportError as e:
+            print(f"warning: skipping {p}: {e}", file=sys.stderr)
+    if not loaded:
+        raise ReportError("no readable run directory among the given paths")
     if metric is None:
         metric = loaded[0][1].get("eval", {}).get("stability_metric") or numeric_columns(loaded[0][2])[0]
     asked = [metric] if isinstance(metric, str) else list(metric)
     metrics = [m for m in asked if any(m in r for _, _, rows in loaded for r in rows)]
     if not metrics:
         raise ReportError(f"metric {', '.join(asked)!r} is in none of the runs' results")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"--out {out}: cannot create it ({e.strerror})") from None
     groups: dict[str, list[tuple[Path, dict, list]]] = defaultdict(list)
     for p, config, rows in loaded:
         groups[_seedless(config)].append((p, config, rows))

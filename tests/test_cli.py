@@ -166,3 +166,32 @@ def test_ctrl_c_and_sigterm_end_in_one_line_keeping_whole_generations(tmp_path, 
     (path,) = run.iterdir()
     done = RunDir(path).repair()  # whatever was committed is whole and checksummed
     assert len(done) >= 3 and all(RunDir(path).verify_all(t) for t in done)
+
+
+def test_report_skips_broken_runs_with_one_line_each(tmp_path, capsys):
+    from simulator.cli import simulate_report
+    from simulator.run import write_atomic
+
+    def run(name: str, config: str, lines: list[str]) -> Path:
+        path = tmp_path / "sweep" / name
+        path.mkdir(parents=True)
+        write_atomic(path / "config.yaml", config)
+        write_atomic(path / "results.jsonl", "".join(x + "\n" for x in lines))
+        return path
+
+    rows = [json.dumps({"generation": t, "status": "ok", "kl": 1.0 / (t + 1)}) for t in range(3)]
+    run("good", "seed: 0\npolicy: {name: replace}\n", rows)
+    run("garbage_first_line", "seed: 1\npolicy: {name: replace}\n", ["{not json", *rows])
+    run("bad_config", "seed: [unclosed\n", rows)
+    simulate_report([str(tmp_path / "sweep"), "--out", str(tmp_path / "rep"), "--metric", "kl"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err
+    assert any("skipping" in x and "bad_config" in x and "config.yaml: unreadable" in x for x in err), err
+    assert any("garbage_first_line" in x and "line(s) 1" in x for x in err), err
+    # both readable runs are in the tidy table: the garbage first line hid none of the rows after it
+    assert len((tmp_path / "rep" / "results.csv").read_text().splitlines()) == 1 + 2 * 3
+    with pytest.raises(SystemExit) as stop:  # an output folder that cannot be made: one line, exit 2
+        blocked = tmp_path / "sweep" / "good" / "config.yaml" / "x"  # below a file
+        simulate_report([str(tmp_path / "sweep"), "--out", str(blocked), "--metric", "kl"])
+    assert stop.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 3  # the two skips again, then the error

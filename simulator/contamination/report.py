@@ -61,8 +61,11 @@ BIAS_PANELS = (
 
 def is_contamination_run(path: Path) -> bool:
     """True for a run directory written by simulate-contaminate (config task: contaminate)."""
-    cfg = path / "config.yaml"
-    return cfg.exists() and (yaml.safe_load(cfg.read_text()) or {}).get("task") == "contaminate"
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):  # absent or damaged: not one (the loop report says why it skips it)
+        return False
+    return isinstance(config, dict) and config.get("task") == "contaminate"
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
