@@ -14,14 +14,6 @@ from simulator.models.glow import GlowFamily
 from simulator.models.training import EMA, EpochBatches, Objective, TrainOptions, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
