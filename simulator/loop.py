@@ -50,7 +50,9 @@ def _fitted(tmp: Path) -> dict[str, Any] | None:
 
 
 def _aggregate(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Chain mean of each metric column, with its standard error when there are several chains."""
+    """Chain mean of each metric column over its finite chains; with several chains also its standard
+    error (`_sem`) and the number of chains whose value was not finite (`_nonfinite`), so a collapse in
+    some chains is counted, never averaged away (the verdict counts such a run as diverging)."""
     row: dict[str, float] = {}
     for name, v in values.items():
         v = v.detach().double().cpu().reshape(-1)
@@ -58,6 +60,7 @@ def _aggregate(values: dict[str, torch.Tensor]) -> dict[str, float]:
         row[name] = float(finite.mean()) if len(finite) else math.nan
         if v.numel() > 1:
             row[f"{name}_sem"] = float(finite.std() / math.sqrt(len(finite))) if len(finite) > 1 else math.nan
+            row[f"{name}_nonfinite"] = int(v.numel() - len(finite))
     return row
 
 

@@ -64,6 +64,7 @@ class FlowFamily:
         steps: int = 1000,  # default optimiser steps per fit; fit(steps=...) overrides
         grad_clip: float | None = 10.0,  # max gradient norm; None disables clipping
         warmup: int = 0,  # linear learning-rate warm-up steps at the start of every fit
+        schedule: str = "constant",  # learning rate within each fit: "constant" or "cosine" (decay to 0)
         compile: bool = False,  # torch.compile the training objective
         device: str = "cpu",
     ) -> None:
@@ -80,8 +81,10 @@ class FlowFamily:
         self.bins, self.tail_bound, self.actnorm = bins, tail_bound, actnorm
         self.lr, self.weight_decay, self.batch_size = lr, weight_decay, batch_size
         self.steps, self.grad_clip, self.warmup, self.compile = steps, grad_clip, warmup, compile
+        self.schedule = schedule
         self.optimizer_state: dict[str, Any] | None = None  # the last fit's optimizer (carry_optimizer)
         self.device = torch.device(device)
+        TrainOptions(lr=lr, warmup=warmup, schedule=schedule).check(self.device)  # bad options: one line now
         self.chunk = 4096  # rows per forward pass in sample/log_prob: bounds memory, not results
         # The constructor builds a deterministic network (seed 0) so a fresh object is reproducible.
         self.reset(torch.Generator().manual_seed(0))
@@ -168,7 +171,7 @@ class FlowFamily:
         steps = self.steps if steps is None else int(steps)
         options = TrainOptions(
             optimizer="adam", lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
-            warmup=self.warmup if warmup is None else warmup, compile=self.compile,
+            warmup=self.warmup if warmup is None else warmup, schedule=self.schedule, compile=self.compile,
         )  # fmt: skip
         result = train(
             _FlowObjective(self.flow, x, self.batch_size), steps=steps, generator=generator, options=options,
