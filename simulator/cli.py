@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import registry, stability
+from simulator import gaussian_stats_loop, registry, stability
 from simulator.config import ConfigError, run_name, validate
 from simulator.loop import generation_loop
 from simulator.models.base import world
@@ -60,7 +60,8 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     gen0_cache = shared_gen0_path(run_path, config) if cfg.get("share_gen0") else None  # type: ignore[arg-type]
     with RunDir(run_path, durable=cfg.durable, writer=world()[0] == 0) as run:
         run.check_config(config)  # type: ignore[arg-type]
-        rows = generation_loop(
+        stats_path = gaussian_stats_loop.wants_statistics(cfg)  # model.path=statistics: no samples drawn
+        rows = (gaussian_stats_loop.statistics_loop if stats_path else generation_loop)(
             run, data, make_model, policy,
             generations=cfg.generations, seed=cfg.seed,
             warm_start=cfg.train.warm_start, steps=cfg.train.steps, steps_gen0=cfg.train.steps_gen0,
@@ -128,6 +129,7 @@ def _validate(cfg: DictConfig) -> None:
     validate(cfg, families=sorted(registry.FAMILIES), sources=registry.source_names(),
              policies=sorted(registry.policies.POLICIES), metrics=registry.metric_names())  # fmt: skip
     registry.check_metric_options(cfg)
+    gaussian_stats_loop.check(cfg)
 
 
 def preflight(args: list[str]) -> None:
