@@ -34,7 +34,7 @@ from simulator import samples as store
 from simulator.data.base import Dataset
 from simulator.metrics import registry as metric_registry
 from simulator.models.base import Diverged, FitCheckpoint, GenerativeModel
-from simulator.policies import REAL, Policy, assemble, curate
+from simulator.policies import REAL, TRUTH, Policy, PolicyError, assemble, curate, draw_truth
 from simulator.report import save_grid
 from simulator.run import RunDir, SharedGen0, write_atomic
 
@@ -156,7 +156,15 @@ def generation_loop(
         x = held[t][0 if kind == store.SAMPLES else 1]
         return x if rows is None else x[:, :rows]
 
+    n_truth = policy.n_truth(n_real)  # rows drawn afresh from the exact sampler each generation
+    if n_truth and data.truth is None:
+        raise PolicyError(
+            f"policy {policy.describe()}: the data source has no exact sampler (toy sources only)"
+        )
+
     def pool(member: int) -> torch.Tensor:
+        if member == TRUTH:  # generation t's fresh real rows (t: the generation being assembled)
+            return draw_truth(data.truth, n_truth, chains, seed, t)
         return data.train if member == REAL else samples_of(member, n_pool)
 
     def pool_labels(member: int) -> torch.Tensor:
@@ -204,11 +212,13 @@ def generation_loop(
                 if t == 0 or not warm_start:
                     model.reset(gen("init"))
                 train, labels = data.train, data.train_labels if conditional else None
+                weights = None  # per-row weights (policy weight_real); generation 0 is unweighted
                 if t > 0:
                     parts = policy.select(t, n_real, chains, gen("policy"))
-                    sizes = {REAL: n_real, **dict.fromkeys(range(t), n_pool)}  # rows of each member
+                    sizes = {REAL: n_real, TRUTH: n_truth, **dict.fromkeys(range(t), n_pool)}  # rows of each
                     train = assemble(parts, pool, chains, sizes)
                     labels = assemble(parts, pool_labels, chains, sizes) if conditional else None
+                    weights = policy.weights(parts, sizes)
                 n_train = train.shape[1]
                 n_steps = steps_gen0 if t == 0 and steps_gen0 else steps
                 batch = getattr(model, "batch_size", n_train)
@@ -226,6 +236,8 @@ def generation_loop(
                                  ema=ema if t > 0 and warm_start else "carry")  # fmt: skip
                     if checkpoint_every or seconds:  # kept in gen_XXX.tmp until the commit
                         extra["checkpoint"] = FitCheckpoint(tmp / "fit_state.pt", checkpoint_every, seconds)
+                if weights is not None:
+                    extra["weights"] = weights
                 stats = model.fit(
                     train, labels, steps=n_steps, generator=gen("fit"), progress=progress, **extra
                 )

@@ -130,6 +130,29 @@ def gaussian_expected(
     return {key: val[ts] for key, val in out.items()}
 
 
+def golden_ratio_stationary(
+    w: ArrayLike, n: int, m: int, sigma2: float = 1.0, *, known_sigma: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stationary E[(mu_t - mu)^2] per coordinate, and E[Sigma_t], of the weighted fresh-data Gaussian loop.
+
+    Each generation fits mu_t = w mean(n fresh real rows) + (1 - w) mean(m samples of G_{t-1}),
+    G_{t-1} = N(mu_{t-1}, Sigma_{t-1}) (He, Xu and Cheng 2025); derivation in
+    experiments/golden_ratio/README.md. known_sigma: the samples' variance is sigma2 (their closed form,
+    V = sigma2/n (w^2 + (1-w)^2) / (w (2-w)), minimised at w = 1/phi). Otherwise Sigma_t is the weighted
+    maximum-likelihood variance (the gaussian family, ddof 0): E[Sigma] = S and V solve
+    V w(2-w) = w^2 sigma2/n + (1-w)^2 S/m and S (w m + (1-w)^2) / m = w sigma2 (n-w)/n + w (1-w) V,
+    exactly (no large-n approximation).
+    """
+    w = np.asarray(w, dtype=float)
+    if known_sigma:
+        return sigma2 / n * (w**2 + (1 - w) ** 2) / (w * (2 - w)), np.full_like(w, sigma2)
+    den = w * m + (1 - w) ** 2
+    a = m * w * sigma2 * (n - w) / (n * den)  # S = a + b V
+    b = m * w * (1 - w) / den
+    v = (w**2 * sigma2 / n + (1 - w) ** 2 * a / m) / (w * (2 - w) - (1 - w) ** 2 * b / m)
+    return v, a + b * v
+
+
 def bertrand_condition(lam: float, L: float = 0.0, eps: float = 0.0, alpha: float = 1.0) -> dict[str, Any]:
     """Bertrand et al.'s sufficient condition lam (1 + L eps/alpha) < 1/2 and the rate rho it guarantees."""
     if lam < 0 or L < 0 or eps < 0 or not alpha > 0:

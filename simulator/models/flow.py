@@ -15,7 +15,7 @@ from typing import Any
 import normflows as nf
 import torch
 
-from simulator.models.base import FitCheckpoint
+from simulator.models.base import FitCheckpoint, check_weights
 from simulator.models.training import EpochBatches, Objective, TrainOptions, train
 
 ARCHS = ("realnvp", "nsf")
@@ -25,9 +25,11 @@ LOG_SCALE_BOUND = 3.0  # |log scale| per RealNVP coupling; e^3 per layer is ampl
 class _FlowObjective(Objective):
     """Mean negative log-likelihood (nats per sample) of a minibatch of rows of x."""
 
-    def __init__(self, flow: nf.NormalizingFlow, x: torch.Tensor, batch_size: int) -> None:
+    def __init__(
+        self, flow: nf.NormalizingFlow, x: torch.Tensor, batch_size: int, weights: torch.Tensor | None = None
+    ) -> None:
         super().__init__(flow)
-        self.x, self.batches = x, EpochBatches(len(x), batch_size)
+        self.x, self.batches = x, EpochBatches(len(x), batch_size, weights)
 
     def draw(self, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         return (self.batches.next(generator).to(self.x.device),)
@@ -159,6 +161,7 @@ class FlowFamily:
         optimizer_state: dict[str, Any] | None = None,
         warmup: int | None = None,
         ema: str = "carry",  # no EMA in this family: accepted for the protocol, nothing to carry
+        weights: torch.Tensor | None = None,  # (1, n) or (n,) row weights: weighted minibatch sampling
     ) -> dict[str, Any]:
         """Maximum likelihood on data (1, n, d) with Adam; labels are ignored (unconditional flow).
 
@@ -168,15 +171,16 @@ class FlowFamily:
         learning-rate warm-up) overrides the family's.
         """
         x = self._check_data(data)[0].to(self.device, self.dtype)
+        w = check_weights(weights, 1, len(x))
         steps = self.steps if steps is None else int(steps)
         options = TrainOptions(
             optimizer="adam", lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
             warmup=self.warmup if warmup is None else warmup, schedule=self.schedule, compile=self.compile,
         )  # fmt: skip
+        objective = _FlowObjective(self.flow, x, self.batch_size, None if w is None else w[0])
         result = train(
-            _FlowObjective(self.flow, x, self.batch_size), steps=steps, generator=generator, options=options,
-            device=self.device, checkpoint=checkpoint, optimizer_state=optimizer_state, progress=progress,
-            desc="flow fit",
+            objective, steps=steps, generator=generator, options=options, device=self.device,
+            checkpoint=checkpoint, optimizer_state=optimizer_state, progress=progress, desc="flow fit",
         )  # fmt: skip
         self.optimizer_state = result.optimizer_state
         losses = result.losses
