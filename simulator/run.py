@@ -201,12 +201,15 @@ class RunDir:
     def manifest(self, t: int, state: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Gen t's manifest (generation, status, row, files) when every file of gen t matches its checksum;
         None when a file is missing or altered, or the manifest is missing or damaged and `state` (state.json,
-        which older versions kept the checksums in) does not cover gen t. A manifest rebuilt from `state`
-        comes back with "restored": True."""
+        which older versions kept the checksums in) does not cover gen t. Its "rewrite" says why repair()
+        writes it anew (None: it is whole)."""
         folder = self.gen_dir(t)
         prefix = f"{folder.name}/"
         m = read_manifest(folder / self.MANIFEST)
-        restored = m is None or m["row"] is None  # damaged, missing, or an older run's bare checksums
+        # why repair() rewrites it: None (whole), "upgraded" (an older run's bare checksums), "missing" or
+        # "damaged" (rebuilt from state.json's checksums)
+        why = "upgraded" if m is not None else "damaged" if (folder / self.MANIFEST).exists() else "missing"
+        why = None if m is not None and m["row"] is not None else why
         if m is None:
             files = (state or {}).get("files")
             files = (
@@ -237,7 +240,7 @@ class RunDir:
             m = {"generation": t, "status": status, "row": strict_row(row), "files": files}
         if m["generation"] != t or m["row"].get("generation") != t:
             return None
-        return {**m, "restored": restored}
+        return {**m, "rewrite": why}
 
     def verify_all(self, t: int) -> bool:
         """True when gen t has a manifest and every one of its files matches its checksum."""
@@ -267,8 +270,12 @@ class RunDir:
             m = self.manifest(t, state)
             if m is None:
                 break
-            if m.pop("restored"):
+            why = m.pop("rewrite")
+            if why:
                 self._write_durable(self.gen_dir(t) / self.MANIFEST, make_manifest(**m))
+            if why in ("missing", "damaged"):
+                print(f"warning: {self.gen_dir(t) / self.MANIFEST} was {why}; rewrote it from state.json's "
+                      "checksums", file=sys.stderr)  # fmt: skip
             manifests.append(m)
         good = len(manifests)
         later = sorted(int(p.name[4:]) for p in self.path.glob("gen_*") if p.is_dir() and _GEN.match(p.name))
