@@ -5,6 +5,7 @@ with one line -- never silently wrong."""
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -14,8 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from simulator.cli import run_config
+from simulator.metrics import registry as metric_registry
 from simulator.run import COMMIT_EVENTS, RunDir, RunError
 from tests.conftest import compose_config
 
@@ -308,3 +311,44 @@ def test_cli_resumes_after_the_damage_it_can_repair(tmp_path):
     out = _simulate(tmp_path / "runs")
     assert out.returncode == 0 and out.stderr.count("\n") == 1 and "restored it from" in out.stderr
     assert (path / "results.jsonl").read_text() == good["results.jsonl"]
+
+
+# ---- strict JSON ------------------------------------------------------------------------------------------
+@metric_registry.register("_nonfinite_for_tests")
+def _nonfinite(ctx):
+    """A metric that is never finite, and one that is infinite at generation 1 only."""
+    chains = ctx.samples.shape[0]
+    inf = float("inf") if ctx.generation == 1 else 1.0
+    return {"never_finite": torch.full((chains,), math.nan), "inf_at_gen1": torch.full((chains,), inf)}
+
+
+def _strict(text: str):
+    def refuse(name: str):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_values_are_null_and_named_everywhere(tmp_path, monkeypatch):
+    from simulator import report
+
+    cfg = compose_config(*GAUSS, "eval.metrics=[moments,_nonfinite_for_tests]")
+    _kill_before(monkeypatch, 2 * len(COMMIT_EVENTS) + 9)  # gen 2's append: its row comes from the manifest
+    with pytest.raises(Killed):
+        run_config(cfg, tmp_path / "run")
+    monkeypatch.undo()
+    run_config(cfg, tmp_path / "run")
+    written = [p for p in (tmp_path / "run").rglob("*") if p.suffix in (".json", ".jsonl")]
+    assert len(written) == 2 + 2 * (T + 1) + 1  # state, summary, metrics and manifest per gen, results
+    for p in written:
+        for line in p.read_text().splitlines() if p.suffix == ".jsonl" else [p.read_text()]:
+            _strict(line)  # no NaN, Infinity
+    rows = RunDir(tmp_path / "run").rows()
+    assert all(r["never_finite"] is None and r["never_finite_sem"] is None for r in rows)
+    assert [r["inf_at_gen1"] for r in rows] == [1.0, None, 1.0, 1.0]
+    assert rows[1]["nonfinite"] == ["never_finite", "never_finite_sem", "inf_at_gen1", "inf_at_gen1_sem"]
+    assert rows[0]["nonfinite"] == ["never_finite", "never_finite_sem"]
+    # readers take null as "not finite": the report's table and curves skip it
+    out = report.report([tmp_path / "run"], tmp_path / "figures", metric=["inf_at_gen1", "var_ratio"])
+    table = (out / "summary.csv").read_text().splitlines()
+    assert len(table) == 2 and ",1.0,1.0," in table[1]  # first and last finite values of inf_at_gen1
