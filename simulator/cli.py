@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import gaussian_stats_loop, registry, stability
+from simulator import gaussian_stats_loop, registry, stability, strict_json
 from simulator.config import ConfigError, run_name, validate
 from simulator.loop import generation_loop
 from simulator.models.base import world
@@ -81,7 +81,9 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
         status = "diverged" if last["status"] == "diverged" else "complete"
         summary.update(policy=policy.describe(), generations=last["generation"], status=status)
         if world()[0] == 0:
-            (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
+            (run.path / "summary.json").write_text(
+                strict_json.dumps(strict_json.strict_row(summary), indent=1)
+            )
         if cfg.eval.figures and world()[0] == 0:
             from simulator import report
 
@@ -122,7 +124,7 @@ def _simulate(cfg: DictConfig) -> None:
         summary = run_config(cfg, run_path)
     except USER_ERRORS as e:
         fail(str(e), run_path)
-    log.info("%s: %s", run_path, json.dumps(summary))
+    log.info("%s: %s", run_path, strict_json.dumps(summary))
 
 
 def _validate(cfg: DictConfig) -> None:

@@ -37,6 +37,7 @@ from simulator.models.base import Diverged, FitCheckpoint, GenerativeModel
 from simulator.policies import REAL, TRUTH, Policy, PolicyError, assemble, curate, draw_truth
 from simulator.report import save_grid
 from simulator.run import RunDir, SharedGen0, write_atomic
+from simulator.strict_json import strict_row
 
 
 def _load(path: Path) -> Any:
@@ -250,7 +251,7 @@ def generation_loop(
             row.update(status="diverged", error=str(e))
             if main:
                 run.commit(t, row, status="diverged")
-            rows.append(row)
+            rows.append(strict_row(row))  # as committed: non-finite values are None
             break
         row["n_train"] = n_train
         row["train"] = stats
@@ -314,7 +315,7 @@ def generation_loop(
             shared = shared.release()
         distributed.barrier()  # the other ranks read the committed generation from here on
         del samples
-        rows.append(row)
+        rows.append(strict_row(row))  # as committed: non-finite values are None
         bar.set_postfix({k: f"{row[k]:.3g}" for k in list(values)[:2]})
     if shared is not None:  # generation 0 diverged: nothing to share
         shared.release()

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from simulator import stability
+from simulator.strict_json import number
 
 SKIP_COLUMNS = {"generation", "status", "policy", "train", "error", "n_train"}
 
@@ -136,7 +137,7 @@ def draw_run(path: Path) -> list[Path]:
         fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), squeeze=False)
         gens = [r["generation"] for r in rows]
         for ax, c in zip(axes.flat, cols, strict=False):
-            ax.plot(gens, [r.get(c, math.nan) for r in rows], marker=".")
+            ax.plot(gens, [number(r.get(c)) for r in rows], marker=".")  # null: not finite
             ax.set_title(c, fontsize=9)
             ax.set_xlabel("generation", fontsize=8)
         for ax in list(axes.flat)[len(cols) :]:

@@ -28,6 +28,7 @@ import numpy as np
 
 from simulator.report import find_runs, load_run
 from simulator.stability import bertrand_condition, contraction_rate, t_interval, verdict
+from simulator.strict_json import number  # null (not finite) -> NaN
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -74,7 +75,7 @@ def main() -> None:
     real_only = next((groups[k] for k in keys if k[0] == 0), {})
     floors = {  # per metric and seed: the lambda = 0 run's error over its second half
         metric: {
-            seed: float(np.mean([r[metric] for r in rows][len(rows) // 2 :]))
+            seed: float(np.mean([number(r.get(metric)) for r in rows][len(rows) // 2 :]))
             for seed, rows in real_only.items()
         }
         for metric, _ in ERRORS
@@ -98,7 +99,7 @@ def main() -> None:
         color = "k" if math.isinf(lam) else f"C{i}"
         cells = []
         for ax, (metric, title) in zip(axes[:2], ERRORS, strict=True):
-            curves = np.array([[r[metric] for r in rows] for rows in runs])  # (seeds, T + 1)
+            curves = np.array([[number(r.get(metric)) for r in rows] for rows in runs])  # (seeds, T + 1)
             gens = np.arange(curves.shape[1])
             m = curves.mean(0)
             ax.plot(gens, m, color=color, marker=".", label=f"{name} ({len(runs)} seeds)")
@@ -114,7 +115,7 @@ def main() -> None:
             rates[metric][key] = mean_ci(per_seed)
             r, e = rates[metric][key]
             cells.append("— (floor after 1 generation)" if math.isnan(r) else f"{r:.3f} ± {e:.3f}")
-        kl = np.array([[r["kl_truth"] for r in rows] for rows in runs])
+        kl = np.array([[number(r.get("kl_truth")) for r in rows] for rows in runs])
         raw = mean_ci([contraction_rate(c, start=0)["rho"] for c in kl])
         cells.append(f"{raw[0]:.3f} ± {raw[1]:.3f}")
         verdicts = ", ".join(verdict(c, start=0) for c in kl)
