@@ -224,7 +224,8 @@ def _trajectory(rows: list[dict[str, Any]], metric: str, gens: list[int]) -> lis
     out, dead = [], False
     for t in gens:
         r = by_gen.get(t)
-        dead |= r is not None and (r.get("status") == "diverged" or bool(r.get(f"{metric}_nonfinite")))
+        dead |= r is not None and (r.get("status") == "diverged" or bool(r.get(f"{metric}_nonfinite"))
+                                   or metric in (r.get("nonfinite") or []))  # fmt: skip  # null: not finite
         v = r.get(metric) if r is not None else None
         out.append(math.inf if dead else (float(v) if isinstance(v, (int, float)) else math.nan))
     return out

@@ -356,14 +356,16 @@ def summarize(rows: list[dict[str, Any]], metric: str, *, start: int = 0) -> dic
     that diverged, or with a chain whose metric was non-finite at some generation (metric_nonfinite in
     a row), is 'diverging'; nonfinite_chains is the most chains non-finite at one generation.
     """
+    nulled = [r for r in rows if metric in (r.get("nonfinite") or [])]  # strict JSON: null = not finite
     pairs = sorted((int(r["generation"]), float(r[metric])) for r in rows if r.get(metric) is not None)
+    pairs = sorted(pairs + [(int(r["generation"]), math.inf) for r in nulled])
     gens = np.array([g for g, _ in pairs], dtype=float)
     vals = np.array([v for _, v in pairs], dtype=float)
     fit = contraction_rate(vals, start, generations=gens)
     seen = vals[(gens >= start) & np.isfinite(vals)]
     verdict_ = verdict(vals, rho_fit=fit, start=start, generations=gens)
     lost = max((r.get(f"{metric}_nonfinite") or 0 for r in rows), default=0)
-    if any(r.get("status") == "diverged" for r in rows) or lost:
+    if any(r.get("status") == "diverged" for r in rows) or lost or nulled:
         verdict_ = "diverging"
     return {
         "metric": metric,

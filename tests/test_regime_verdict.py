@@ -115,3 +115,12 @@ def test_summarize_counts_lost_chains_and_diverged_runs() -> None:
     # first is the first generation the verdict looks at (start=0 by default: generation 0)
     rows = [{"generation": g, "kl": 1.0 + g} for g in range(5)]
     assert st.summarize(rows, "kl")["first"] == 1.0 and st.summarize(rows, "kl", start=1)["first"] == 2.0
+
+
+def test_a_nulled_metric_counts_as_not_finite() -> None:
+    """Strict JSON writes a non-finite metric as null and names it in the row's `nonfinite` list."""
+    rows = [{"generation": g, "kl": 0.3} for g in range(4)] + [
+        {"generation": 4, "kl": None, "nonfinite": ["kl"]}
+    ]
+    out = st.summarize(rows, "kl")
+    assert out["verdict"] == "diverging" and out["last"] == 0.3
