@@ -147,9 +147,9 @@ def test_a_generator_trained_on_the_spot_is_trained_once(tmp_path):
         "modes.real_shifted=[]",
     )
     cli.run_contaminate(cfg, tmp_path / "spot")
-    model = tmp_path / "spot" / "generator" / "model.pt"
+    model = tmp_path / "spot" / "generator" / "seed_0" / "model.pt"
     stamp = model.stat().st_mtime_ns
-    assert (tmp_path / "spot" / "pools" / "spot.pt").exists()
+    assert (tmp_path / "spot" / "pools" / "spot_seed0.pt").exists()
     cli.run_contaminate(cfg, tmp_path / "spot")  # complete: nothing is retrained
     assert model.stat().st_mtime_ns == stamp
 
@@ -165,7 +165,7 @@ def test_one_generator_per_class_trained_on_the_spot_or_read_from_one_loop_run_p
         *tiny,
     )
     cli.run_contaminate(cfg, tmp_path / "spot")
-    assert sorted(p.name for p in (tmp_path / "spot" / "generator").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "spot" / "generator" / "seed_0").iterdir()) == [
         f"class_{y:02d}.pt" for y in range(10)
     ]
     data = make_image("digits").load(generator=torch.Generator().manual_seed(0))
@@ -183,6 +183,70 @@ def test_one_generator_per_class_trained_on_the_spot_or_read_from_one_loop_run_p
     pool = torch.load(tmp_path / "runs" / "pools" / "gen_000.pt", weights_only=True)
     for y, n in enumerate(pool["need"].tolist()):  # class y's images are run y's first samples
         assert torch.equal(pool["images"][pool["labels"] == y], data.train[0, data.train_labels[0] == y][:n])
+
+
+SPOT = (
+    "generator.steps=2",
+    "generator.options.block_out_channels=[8,16]",
+    "generator.options.sample_steps=2",
+)
+
+
+def test_every_replicate_trains_its_own_generator_and_the_data_seed_stays_apart(tmp_path):
+    only_replace = ("modes.augment=[]", "modes.real_shifted=[]", "modes.replace=[0.0,1.0]", "seeds=[0,1]")
+    cfg = config(*SPOT, *only_replace)
+    cli.run_contaminate(cfg, tmp_path / "own")
+    rows = results(tmp_path / "own")
+    gen = [r for r in rows if r["ratio"] == 1.0]
+    assert [(r["seed"], r["gen_seed"]) for r in gen] == [(0, 0), (1, 1)]
+    assert sorted(p.name for p in (tmp_path / "own" / "generator").iterdir()) == ["seed_0", "seed_1"]
+    pools = [torch.load(tmp_path / "own" / "pools" / f"spot_seed{g}.pt", weights_only=True) for g in (0, 1)]
+    assert not torch.equal(pools[0]["images"], pools[1]["images"])  # two generators, two pools
+    summary = json.loads((tmp_path / "own" / "summary.json").read_text())
+    assert any("generator" in c for c in summary["interval"]["covers"])
+    assert "generator training" in (tmp_path / "own" / "summary.md").read_text().splitlines()[0]
+
+    # one generator shared by both replicates (generator.seed): the interval no longer covers it
+    cli.run_contaminate(config(*SPOT, *only_replace, "generator.seed=7"), tmp_path / "shared")
+    shared = results(tmp_path / "shared")
+    assert [r["gen_seed"] for r in shared if r["ratio"] == 1.0] == [7, 7]
+    summary = json.loads((tmp_path / "shared" / "summary.json").read_text())
+    assert not any("generator" in c for c in summary["interval"]["covers"])
+    # the generator's seed moves neither the real split, nor the test sets, nor the classifiers: every
+    # real-only cell is the same classifier, and only the generated cells change
+    for a, b in zip(rows, shared, strict=True):
+        same = {k: a[k] for k in ("acc_clean", "acc_gaussian_noise", "n_train")} == {
+            k: b[k] for k in ("acc_clean", "acc_gaussian_noise", "n_train")
+        }
+        assert same == (a["ratio"] == 0.0), (a["ratio"], a["acc_clean"], b["acc_clean"])
+
+
+def test_loop_run_replicates_give_each_replicate_its_own_loop_run(tmp_path):
+    loops = [fake_loop_run(tmp_path / f"loop{i}") for i in range(2)]
+    torch.save(  # run 1's generation-1 samples: other images than run 0's
+        torch.load(loops[0] / "gen_001" / "samples.pt", weights_only=True).flip(-1),
+        loops[1] / "gen_001" / "samples.pt",
+    )
+    cfg = config(
+        "contaminate/generator=run",
+        f"generator.replicates=[{loops[0]},{loops[1]}]",
+        "seeds=[3,4]",
+        "modes.augment=[]",
+        "modes.real_shifted=[]",
+        "modes.replace=[1.0]",
+    )
+    cli.run_contaminate(cfg, tmp_path / "reps")
+    rows = results(tmp_path / "reps")
+    assert [(r["seed"], r["gen_seed"], r["gen_t"]) for r in rows if r["kind"] == "contaminated"] == [
+        (3, 3, 1),
+        (4, 4, 1),
+    ]
+    pools = [
+        torch.load(tmp_path / "reps" / "pools" / f"gen_001_seed{s}.pt", weights_only=True) for s in (3, 4)
+    ]
+    assert torch.equal(pools[0]["images"].flip(-1), pools[1]["images"])
+    with pytest.raises(ConfigError, match="generator.replicates"):
+        cli.validate(config("contaminate/generator=run", f"generator.replicates=[{loops[0]}]", "seeds=[3,4]"))
 
 
 @pytest.mark.parametrize("experiment", ["digits_alpha", "digits_alpha_cnn", "colored_generations", "cifar10"])

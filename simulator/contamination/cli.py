@@ -72,6 +72,7 @@ def validate(cfg: DictConfig) -> None:
     check_float(cfg, "classifier.weight_decay", 0.0)
     check_choice(cfg, "classifier.optimizer", classifiers.OPTIMIZERS)
     check_choice(cfg, "classifier.augment", classifiers.AUGMENTS)
+    check_int(cfg, "classifier.seed", 0, optional=True)
     check_float(cfg, "split.fraction", 0.0, strict=True)
     if cfg.split.fraction > 1:
         raise ConfigError(f"split.fraction: must be in (0, 1], got {cfg.split.fraction}")
@@ -110,6 +111,7 @@ def _validate_generator(cfg: DictConfig, modes: dict[str, list]) -> None:
         return
     gen = cfg.generator
     check_choice(cfg, "generator.kind", ("train", "run"))
+    check_int(cfg, "generator.seed", 0, optional=True)
     check_choice(cfg, "generator.samples", ("auto", "saved", "model"))
     check_float(cfg, "generator.temperature", 0.0, strict=True)
     if gen.kind == "train":
@@ -119,12 +121,25 @@ def _validate_generator(cfg: DictConfig, modes: dict[str, list]) -> None:
         if modes.get("generations"):
             raise ConfigError("modes.generations: needs generator.kind=run (a loop run directory)")
         return
-    dirs = _plain(gen.run_dirs) or [gen.run_dir]
-    if dirs == [None]:
-        raise ConfigError("generator.run_dir: a loop run directory is needed with generator.kind=run")
+    replicates = _plain(gen.get("replicates"))
+    if replicates is not None:
+        seeds = _plain(cfg.seeds)
+        if not isinstance(replicates, list) or len(replicates) != len(seeds):
+            raise ConfigError(
+                f"generator.replicates: must list one loop run directory per replicate seed ({len(seeds)}), "
+                f"got {replicates!r}"
+            )
+        pairs = [(d, f"generator.replicates[{i}]") for i, d in enumerate(replicates)]
+    else:
+        dirs = _plain(gen.run_dirs) or [gen.run_dir]
+        if dirs == [None]:
+            raise ConfigError("generator.run_dir: a loop run directory is needed with generator.kind=run")
+        pairs = [
+            (d, "generator.run_dir" if gen.run_dirs is None else f"generator.run_dirs[{i}]")
+            for i, d in enumerate(dirs)
+        ]
     try:
-        for i, d in enumerate(dirs):
-            field = "generator.run_dir" if gen.run_dirs is None else f"generator.run_dirs[{i}]"
+        for d, field in pairs:
             committed = loop_generations(d, field)
             pick_generation(_plain(gen.generation), committed, "generator.generation")
             for t in _plain(gen.generations) or []:
@@ -192,13 +207,20 @@ def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
             setup.num_classes,
             tuple(setup.test.images.shape[1:]),
             device=device,
-            seed=cfg.seed,
+            seeds=list(cfg.seeds),
             attribute_of=setup.attribute_of,
             progress=cfg.progress,
         )
     default_t = source.default_generation() if source else None
     generations = source.generations() if source and "generations" in modes else []
-    cells = grid.plan(modes, list(cfg.seeds), config["eval"]["baselines"] or [], default_t, generations)
+    cells = grid.plan(
+        modes,
+        list(cfg.seeds),
+        config["eval"]["baselines"] or [],
+        default_t,
+        generations,
+        gen_seed=source.gen_seed if source else None,
+    )
     with RunDir(run_path) as run:
         run.check_config(config)
         rows = grid.run_grid(
@@ -207,7 +229,7 @@ def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
             cells,
             source,
             config["classifier"],
-            seed=cfg.seed,
+            classifier_seed=cfg.classifier.seed,
             device=device,
             save_models=cfg.eval.save_models,
             progress=cfg.progress,

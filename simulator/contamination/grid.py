@@ -3,7 +3,7 @@
     cells = reference, baselines x seeds, then mode x ratio (x generator generation) x seeds
     for cell i (skipping committed ones):
         D_i   = mix(mode, ratio, real split, generated pool | shifted reserve)
-        f_i   = train(classifier, D_i)                      # seeded by (seed, replicate)
+        f_i   = train(classifier, D_i)                      # seeded by the replicate (classifier) seed
         row_i = accuracy on clean and shifted test sets, bias metrics, generator statistics
         commit(i)                                           # gen_XXX/ = cell XXX; results.jsonl row
 
@@ -56,6 +56,7 @@ class Cell:
     seed: int  # replicate seed
     classifier: tuple = ()  # (key, value) pairs overriding the main classifier config (baselines)
     gen_t: int | None = None  # generator generation of its generated images (None: no generator or spot)
+    gen_seed: int | None = None  # which generator replicate made them (None: the one shared loop run)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -64,6 +65,7 @@ class Cell:
             "ratio": self.ratio,
             "seed": self.seed,
             "gen_t": self.gen_t,
+            "gen_seed": self.gen_seed,
             **dict(self.classifier),
         }
 
@@ -74,8 +76,13 @@ def plan(
     baselines: list[dict],
     default_t: int | None,
     generations: list[int],
+    gen_seed: Any = None,  # replicate seed -> generator replicate of its cells (GeneratorSource.gen_seed)
 ) -> list[Cell]:
-    """Every cell of the grid, in the order they are trained (the reference first)."""
+    """Every cell of the grid, in the order they are trained (the reference first).
+
+    A contaminated cell of replicate s takes its generated images from generator replicate gen_seed(s): its
+    own generator when every replicate trains one (so an interval over seeds covers generator variance).
+    """
     cells = [Cell("reference", "replace", 0.0, seeds[0])]
     for spec in baselines:
         for s in seeds:
@@ -86,8 +93,17 @@ def plan(
         for r in modes.get(mode) or []:
             for t in generations if mode == "generations" else [default_t]:
                 for s in seeds:
-                    gen_t = t if mode != "real_shifted" else None
-                    cells.append(Cell("contaminated", mode, float(r), s, gen_t=gen_t))
+                    generated = mode != "real_shifted" and r > 0
+                    cells.append(
+                        Cell(
+                            "contaminated",
+                            mode,
+                            float(r),
+                            s,
+                            gen_t=t if mode != "real_shifted" else None,
+                            gen_seed=gen_seed(s) if generated and gen_seed is not None else None,
+                        )
+                    )
     return cells
 
 
@@ -110,7 +126,7 @@ class Setup:
 def prepare(
     data: Dataset,
     *,
-    seed: int,
+    seed: int,  # the data seed: the real split, the control's shift and the shifted test sets
     split_fraction: float,
     control_shift: str | None,
     control_severity: int,
@@ -223,7 +239,7 @@ def run_grid(
     cells: list[Cell],  # plan(...)
     source: GeneratorSource | None,  # generated images (None when no cell needs them)
     classifier: dict[str, Any],  # the main classifier: arch, steps and the training options
-    seed: int = 0,  # root of the replicate streams
+    classifier_seed: int | None = None,  # one seed for every classifier (None: each replicate's own seed)
     device: str = "cpu",
     save_models: bool = False,  # keep every cell's classifier (the reference's is always kept)
     progress: bool = True,
@@ -234,7 +250,7 @@ def run_grid(
     check_plan(run, cells)
     done = run.repair()
     rows = run.rows()
-    gen_rows: dict[int | None, dict[str, Any]] = {}  # generator statistics, once per pool
+    gen_rows: dict[tuple, dict[str, Any]] = {}  # generator statistics, once per pool
     reference = None
 
     def build(opts: dict[str, Any], gen: torch.Generator) -> torch.nn.Module:
@@ -253,7 +269,11 @@ def run_grid(
     )
     for i in bar:
         cell = cells[i]
-        stream = partial(seeding.generator, seed, "replicate", cell.seed)  # this replicate's streams
+        # this replicate's classifier-side streams (which images, initialisation, batches); the data seed and
+        # the generator's seed are not among their roots, so each can be resampled alone
+        stream = partial(
+            seeding.generator, cell.seed if classifier_seed is None else classifier_seed, "classifier"
+        )
         tmp = run.begin(i)
         clock = time.perf_counter()
         extra = order = None
@@ -261,8 +281,8 @@ def run_grid(
             if cell.mode == "real_shifted":
                 extra = setup.reserve
             else:
-                extra = source.pool(cell.gen_t, needs[cell.gen_t])  # type: ignore[union-attr]
-            key = "reserve" if cell.mode == "real_shifted" else f"pool-{cell.gen_t}"
+                extra = source.pool(cell.gen_t, cell.gen_seed, needs[cell.gen_t])  # type: ignore[union-attr]
+            key = "reserve" if cell.mode == "real_shifted" else f"pool-{cell.gen_t}-{cell.gen_seed}"
             order = class_orders(extra.labels, setup.num_classes, stream("extra", key))
         data = mix(
             cell.mode,
@@ -290,6 +310,7 @@ def run_grid(
             **cell.describe(),
             "arch": opts["arch"],
             "steps": opts["steps"],
+            **{k: opts[k] for k in TRAIN_KEYS + NET_KEYS if k in opts},
             "n_train": len(data.labels),
             "n_real": data.count(REAL),
             "n_generated": data.count(GENERATED),
@@ -318,10 +339,11 @@ def run_grid(
             and cell.ratio > 0
             and source is not None
         ):
-            if cell.gen_t not in gen_rows:
-                pool = source.pool(cell.gen_t, needs[cell.gen_t])
-                gen_rows[cell.gen_t] = generator_stats(pool, reference, setup)  # type: ignore[arg-type]
-            row.update(gen_rows[cell.gen_t])
+            key = (cell.gen_t, cell.gen_seed)
+            if key not in gen_rows:
+                pool = source.pool(cell.gen_t, cell.gen_seed, needs[cell.gen_t])
+                gen_rows[key] = generator_stats(pool, reference, setup)  # type: ignore[arg-type]
+            row.update(gen_rows[key])
         row["train"] = stats
         row["seconds"] = time.perf_counter() - clock
         if i == 0 or save_models:

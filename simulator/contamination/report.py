@@ -21,8 +21,24 @@ import yaml
 
 from simulator.contamination.robustness import add_effective_robustness, logit, predicted
 from simulator.report import _plt, load_run
+from simulator.stats import student_t_interval
 
-GROUP_KEYS = ("kind", "mode", "ratio", "gen_t", "arch", "steps", "hidden", "width")
+# every key that makes two cells different classifiers (seed and gen_seed are the replicates averaged over)
+GROUP_KEYS = (
+    "kind",
+    "mode",
+    "ratio",
+    "gen_t",
+    "arch",
+    "steps",
+    "hidden",
+    "width",
+    "lr",
+    "batch_size",
+    "optimizer",
+    "weight_decay",
+    "augment",
+)
 METRICS = (
     "acc_clean",
     "acc_shift_mean",
@@ -70,16 +86,24 @@ def is_contamination_run(path: Path) -> bool:
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and 95% Student-t half-width (0 for a single value) of the finite values."""
-    xs = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not xs:
-        return math.nan, math.nan
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, 0.0
-    from scipy.stats import t
+    m, half, _ = student_t_interval(values)
+    return m, half
 
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-    return m, float(t.ppf(0.975, len(xs) - 1)) * sd / math.sqrt(len(xs))
+
+def interval_covers(config: dict[str, Any]) -> list[str]:
+    """The sources of variance a summary interval (over replicate seeds) covers, from the run's config."""
+    seeds = config.get("seeds") or []
+    if len(seeds) < 2:
+        return []
+    gen = config.get("generator") or {}
+    out = []
+    if gen.get("kind", "train") == "train" and gen.get("seed") is None:
+        out.append("generator training (one generator per replicate seed)")
+    elif gen.get("kind") == "run" and gen.get("replicates"):
+        out.append("generator training (one loop run per replicate seed)")
+    if (config.get("classifier") or {}).get("seed") is None:
+        out.append("classifier initialisation, batch order and which real images are replaced")
+    return out
 
 
 def _key(row: dict[str, Any]) -> tuple:
@@ -114,7 +138,24 @@ def summarize(run_path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     rows, fits = with_robustness(rows)
     tab = table(rows)
     state = json.loads((run_path / "state.json").read_text()) if (run_path / "state.json").exists() else {}
-    summary = {"cells": len(rows), "status": state.get("status"), "fits": fits, "table": tab}
+    config_path = run_path / "config.yaml"
+    config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.exists() else {}
+    covers = interval_covers(config)
+    interval = {
+        "level": 0.95,
+        "kind": "Student-t over replicate seeds",
+        "covers": covers,
+        "note": "; ".join(covers)
+        if covers
+        else "nothing: one replicate or shared generator and classifier seed",
+    }
+    summary = {
+        "cells": len(rows),
+        "status": state.get("status"),
+        "interval": interval,
+        "fits": fits,
+        "table": tab,
+    }
     (run_path / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     cols = list(dict.fromkeys(k for t in tab for k in t))
     with open(run_path / "summary.csv", "w", newline="") as f:
@@ -122,7 +163,12 @@ def summarize(run_path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
         writer.writeheader()
         writer.writerows(tab)
     main = [c for c in cols if not c.endswith("_ci")]
-    lines = ["| " + " | ".join(main) + " |", "|" + "---|" * len(main)]
+    lines = [
+        f"Intervals: ±95% Student-t half-width over the replicate seeds; they cover: {interval['note']}.",
+        "",
+        "| " + " | ".join(main) + " |",
+        "|" + "---|" * len(main),
+    ]
     for t in tab:
         lines.append("| " + " | ".join(_fmt(t.get(c), t.get(f"{c}_ci")) for c in main) + " |")
     (run_path / "summary.md").write_text("\n".join(lines) + "\n")
