@@ -7,7 +7,7 @@ leaves it unchanged). Grayscale blends an RGB image towards its luminance (sever
 does not apply to one-channel images, so `applicable` leaves it out there rather than scoring a no-op.
 Randomness (only the noise) comes from the generator passed in, so a shifted test set is reproducible.
 
-The same functions make the `real_shifted` control of the contamination paths: real images of a shifted
+The same functions make the `control` control of the contamination paths: real images of a shifted
 source standing in for generated ones (Hataya et al. 2023 replaced them with other real web images).
 """
 

@@ -79,10 +79,10 @@ def test_a_half_finished_grid_resumes_to_the_uninterrupted_result(tmp_path, monk
         ("contaminated", "replace", 0.0),
         ("contaminated", "replace", 0.5),
         ("contaminated", "augment", 1.0),
-        ("contaminated", "real_shifted", 0.5),
+        ("contaminated", "control", 0.5),
     ]
     assert whole[2]["n_generated"] + whole[2]["n_real"] == whole[0]["n_train"] == whole[4]["n_train"]
-    assert whole[3]["n_train"] == 2 * whole[0]["n_train"] and whole[4]["n_shifted"] == whole[2]["n_generated"]
+    assert whole[3]["n_train"] == 2 * whole[0]["n_train"] and whole[4]["n_heldout"] == whole[2]["n_generated"]
     assert whole[2]["gen_t"] == 1 and 0 < whole[2]["gen_ref_acc"] <= 1
 
     real_train = grid.classifiers.train_classifier
@@ -118,7 +118,7 @@ def test_generations_mode_walks_the_loop_run_and_falls_back_to_its_model(tmp_pat
         f"generator.run_dir={loop}",
         "modes.replace=[]",
         "modes.augment=[]",
-        "modes.real_shifted=[]",
+        "modes.control=[]",
         "modes.generations=[0.5]",
     )
     cli.run_contaminate(cfg, tmp_path / "gens")
@@ -144,7 +144,7 @@ def test_a_generator_trained_on_the_spot_is_trained_once(tmp_path):
         "generator.options.block_out_channels=[8,16]",
         "generator.options.sample_steps=2",
         "modes.augment=[]",
-        "modes.real_shifted=[]",
+        "modes.control=[]",
     )
     cli.run_contaminate(cfg, tmp_path / "spot")
     model = tmp_path / "spot" / "generator" / "seed_0" / "model.pt"
@@ -155,7 +155,7 @@ def test_a_generator_trained_on_the_spot_is_trained_once(tmp_path):
 
 
 def test_one_generator_per_class_trained_on_the_spot_or_read_from_one_loop_run_per_class(tmp_path):
-    tiny = ["modes.augment=[]", "modes.real_shifted=[]", "modes.replace=[1.0]"]
+    tiny = ["modes.augment=[]", "modes.control=[]", "modes.replace=[1.0]"]
     cfg = config(
         "generator.per_class=true",
         "generator.steps=1",
@@ -193,7 +193,7 @@ SPOT = (
 
 
 def test_every_replicate_trains_its_own_generator_and_the_data_seed_stays_apart(tmp_path):
-    only_replace = ("modes.augment=[]", "modes.real_shifted=[]", "modes.replace=[0.0,1.0]", "seeds=[0,1]")
+    only_replace = ("modes.augment=[]", "modes.control=[]", "modes.replace=[0.0,1.0]", "seeds=[0,1]")
     cfg = config(*SPOT, *only_replace)
     cli.run_contaminate(cfg, tmp_path / "own")
     rows = results(tmp_path / "own")
@@ -232,7 +232,7 @@ def test_loop_run_replicates_give_each_replicate_its_own_loop_run(tmp_path):
         f"generator.replicates=[{loops[0]},{loops[1]}]",
         "seeds=[3,4]",
         "modes.augment=[]",
-        "modes.real_shifted=[]",
+        "modes.control=[]",
         "modes.replace=[1.0]",
     )
     cli.run_contaminate(cfg, tmp_path / "reps")
@@ -266,7 +266,7 @@ def test_every_named_experiment_composes_and_validates(experiment, tmp_path):
     ("overrides", "message"),
     [
         (["modes.replace=[0.5,1.5]"], "modes.replace: alpha must be a number in [0, 1], got 1.5"),
-        (["modes.real_shifted=[-0.2]"], "modes.real_shifted: alpha must be"),
+        (["modes.control=[-0.2]"], "modes.control: alpha must be"),
         (["modes.augment=[-1]"], "modes.augment: r must be a finite number >= 0, got -1"),
         (
             ["contaminate/generator=run", "generator.run_dir=/no/such/run"],
@@ -276,6 +276,9 @@ def test_every_named_experiment_composes_and_validates(experiment, tmp_path):
         (["modes.generations=[0.5]"], "modes.generations: needs generator.kind=run"),
         (["eval.shifts=[fog]"], "eval.shifts: unknown shift 'fog'"),
         (["seeds=[]"], "seeds: must be a non-empty list"),
+        (["split.fraction=1.0"], "split.fraction: 1.0 leaves no held-out real images for modes.control"),
+        (["generator.seed=-1"], "generator.seed: must be an integer >= 0 or null"),
+        (["classifier.seed=x"], "classifier.seed: must be an integer >= 0 or null"),
         (["eval.baselines=[{arch: mlp, steps: 5}]", "seeds=[0]"], "effective robustness needs >= 6"),
     ],
 )
@@ -283,6 +286,36 @@ def test_bad_configs_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as err:
         cli.validate(config(*overrides))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_default_control_is_plain_held_out_real_images_and_a_blurred_one_is_an_option():
+    data = cli.load_data(config())
+    setups = {}
+    for name in ("heldout", "blurred"):
+        cfg = config(f"contaminate/control={name}")
+        setups[name] = grid.prepare(
+            data,
+            seed=cfg.seed,
+            split_fraction=cfg.split.fraction,
+            control_shift=cfg.control.shift,
+            control_severity=cfg.control.severity,
+            shift_names=[],
+            severity=1,
+        )
+    plain, blurred = setups["heldout"], setups["blurred"]
+    real = {tuple(x.flatten().tolist()) for x in plain.real.images}
+    # Hataya et al.'s control: real training images the classifier never sees, unchanged
+    assert all(any(torch.equal(x, f) for f in plain.full.images) for x in plain.reserve.images[:50])
+    assert not any(tuple(x.flatten().tolist()) in real for x in plain.reserve.images)
+    assert torch.equal(blurred.reserve.labels, plain.reserve.labels)
+    assert not torch.equal(blurred.reserve.images, plain.reserve.images)
+
+
+def test_a_reserve_too_small_for_the_control_is_refused_before_any_cell(tmp_path):
+    cfg = config("split.fraction=0.9", "modes.replace=[]", "modes.augment=[]", "modes.control=[1.0]")
+    with pytest.raises(cli.ContaminationError, match="modes.control: alpha 1 needs .* held-out real images"):
+        cli.run_contaminate(cfg, tmp_path / "short")
+    assert not list((tmp_path / "short").glob("gen_*"))
 
 
 def test_a_generation_the_loop_has_not_committed_is_an_error(tmp_path):

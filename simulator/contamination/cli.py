@@ -30,6 +30,7 @@ from simulator.data.base import Dataset
 from simulator.run import RunDir, RunError
 
 CONFIG_NAME = "contaminate"
+RENAMED = {"real_shifted": "control"}  # old mode names -> new
 USER_ERRORS = (ConfigError, RunError, ContaminationError)
 log = logging.getLogger("simulator")
 
@@ -56,6 +57,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.source: must be one of {', '.join(sources())}; got {cfg.data.source!r}")
     modes = _plain(cfg.modes) or {}
     for mode, ratios in modes.items():
+        if mode in RENAMED:
+            raise ConfigError(f"modes.{mode}: renamed to modes.{RENAMED[mode]}")
         if mode not in MODES:
             raise ConfigError(f"modes.{mode}: unknown mode; known: {', '.join(MODES)}")
         if not isinstance(ratios, list):
@@ -76,6 +79,11 @@ def validate(cfg: DictConfig) -> None:
     check_float(cfg, "split.fraction", 0.0, strict=True)
     if cfg.split.fraction > 1:
         raise ConfigError(f"split.fraction: must be in (0, 1], got {cfg.split.fraction}")
+    if cfg.split.fraction == 1 and any(r > 0 for r in modes.get("control") or []):
+        raise ConfigError(
+            "split.fraction: 1.0 leaves no held-out real images for modes.control; use a fraction < 1 "
+            "or modes.control=[]"
+        )
     if cfg.control.shift is not None:
         check_choice(cfg, "control.shift", list(shifts.SHIFTS))
     check_int(cfg, "control.severity", 1)
@@ -104,7 +112,7 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_generator(cfg: DictConfig, modes: dict[str, list]) -> None:
     """The generator block, when some cell needs generated images (a missing run dir is caught here)."""
-    needs = any(r > 0 for m, rs in modes.items() if m != "real_shifted" for r in rs) or bool(
+    needs = any(r > 0 for m, rs in modes.items() if m != "control" for r in rs) or bool(
         modes.get("generations")
     )
     if not needs:
@@ -196,7 +204,7 @@ def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     modes = {m: [float(r) for r in rs] for m, rs in (config["modes"] or {}).items() if rs}
     run_path = Path(run_path)
     needs_generator = (
-        any(r > 0 for m, rs in modes.items() if m != "real_shifted" for r in rs) or "generations" in modes
+        any(r > 0 for m, rs in modes.items() if m != "control" for r in rs) or "generations" in modes
     )
     source = None
     if needs_generator:

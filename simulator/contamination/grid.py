@@ -2,7 +2,7 @@
 
     cells = reference, baselines x seeds, then mode x ratio (x generator generation) x seeds
     for cell i (skipping committed ones):
-        D_i   = mix(mode, ratio, real split, generated pool | shifted reserve)
+        D_i   = mix(mode, ratio, real split, generated pool | held-out reserve)
         f_i   = train(classifier, D_i)                      # seeded by the replicate (classifier) seed
         row_i = accuracy on clean and shifted test sets, bias metrics, generator statistics
         commit(i)                                           # gen_XXX/ = cell XXX; results.jsonl row
@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from simulator import bias, classifiers, seeding, shifts
 from simulator.contamination.mixing import (
     GENERATED,
+    HELDOUT,
     MODES,
     REAL,
-    SHIFTED,
     ContaminationError,
     Pool,
     class_orders,
@@ -93,14 +93,14 @@ def plan(
         for r in modes.get(mode) or []:
             for t in generations if mode == "generations" else [default_t]:
                 for s in seeds:
-                    generated = mode != "real_shifted" and r > 0
+                    generated = mode != "control" and r > 0
                     cells.append(
                         Cell(
                             "contaminated",
                             mode,
                             float(r),
                             s,
-                            gen_t=t if mode != "real_shifted" else None,
+                            gen_t=t if mode != "control" else None,
                             gen_seed=gen_seed(s) if generated and gen_seed is not None else None,
                         )
                     )
@@ -109,11 +109,11 @@ def plan(
 
 @dataclass
 class Setup:
-    """The real data of a grid: classifier split, shifted reserve, test sets, attribute bookkeeping."""
+    """The real data of a grid: classifier split, held-out reserve, test sets, attribute bookkeeping."""
 
     full: Pool  # every real training image (what generators trained on)
     real: Pool  # the classifier's real training split
-    reserve: Pool  # held-out real images after the control shift (the real_shifted substitutes)
+    reserve: Pool  # held-out real images after the control shift (the control substitutes)
     test: Pool
     test_sets: dict[str, torch.Tensor]  # shift name -> shifted copy of test.images
     num_classes: int
@@ -174,10 +174,25 @@ def pool_needs(cells: list[Cell], sizes: list[int]) -> dict[int | None, list[int
     """Per generator generation, the generated images of each class its largest cell needs."""
     need: dict[int | None, list[int]] = {}
     for c in cells:
-        if c.kind == "contaminated" and c.mode != "real_shifted":
+        if c.kind == "contaminated" and c.mode != "control":
             k = extra_per_class(c.mode, c.ratio, sizes)
             need[c.gen_t] = [max(a, b) for a, b in zip(need.get(c.gen_t, [0] * len(sizes)), k, strict=True)]
     return need
+
+
+def check_reserve(cells: list[Cell], setup: Setup) -> None:
+    """Refuse before any training when the held-out reserve lacks images some control cell needs."""
+    have = class_sizes(setup.reserve.labels, setup.num_classes)
+    for c in cells:
+        if c.kind == "contaminated" and c.mode == "control":
+            need = extra_per_class(c.mode, c.ratio, setup.sizes)
+            short = [y for y in range(setup.num_classes) if need[y] > have[y]]
+            if short:
+                y = short[0]
+                raise ContaminationError(
+                    f"modes.control: alpha {c.ratio:g} needs {need[y]} held-out real images of class {y}, "
+                    f"the reserve holds {have[y]}; lower split.fraction (the classifier's share) or the alpha"
+                )
 
 
 def check_plan(run: RunDir, cells: list[Cell]) -> None:
@@ -247,6 +262,7 @@ def run_grid(
     """Train and evaluate every cell not yet committed in run; returns all rows."""
     needs = pool_needs(cells, setup.sizes)
     shape = tuple(setup.test.images.shape[1:])
+    check_reserve(cells, setup)
     check_plan(run, cells)
     done = run.repair()
     rows = run.rows()
@@ -278,11 +294,11 @@ def run_grid(
         clock = time.perf_counter()
         extra = order = None
         if cell.kind == "contaminated" and cell.ratio > 0:
-            if cell.mode == "real_shifted":
+            if cell.mode == "control":
                 extra = setup.reserve
             else:
                 extra = source.pool(cell.gen_t, cell.gen_seed, needs[cell.gen_t])  # type: ignore[union-attr]
-            key = "reserve" if cell.mode == "real_shifted" else f"pool-{cell.gen_t}-{cell.gen_seed}"
+            key = "reserve" if cell.mode == "control" else f"pool-{cell.gen_t}-{cell.gen_seed}"
             order = class_orders(extra.labels, setup.num_classes, stream("extra", key))
         data = mix(
             cell.mode,
@@ -314,7 +330,7 @@ def run_grid(
             "n_train": len(data.labels),
             "n_real": data.count(REAL),
             "n_generated": data.count(GENERATED),
-            "n_shifted": data.count(SHIFTED),
+            "n_heldout": data.count(HELDOUT),
         }
         metrics, pred = evaluate(net, setup)
         row.update(metrics)
@@ -333,12 +349,7 @@ def run_grid(
                     setup.num_attrs,
                 )
             )
-        if (
-            cell.kind == "contaminated"
-            and cell.mode != "real_shifted"
-            and cell.ratio > 0
-            and source is not None
-        ):
+        if cell.kind == "contaminated" and cell.mode != "control" and cell.ratio > 0 and source is not None:
             key = (cell.gen_t, cell.gen_seed)
             if key not in gen_rows:
                 pool = source.pool(cell.gen_t, cell.gen_seed, needs[cell.gen_t])

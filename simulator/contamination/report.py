@@ -3,7 +3,7 @@
 summarize: effective robustness (fit over the run's real-only classifiers) added to every cell, then one
   table row per (kind, mode, ratio, generator generation, classifier) with the mean over seeds and a 95%
   Student-t half-width: summary.json / summary.csv / summary.md.
-draw: accuracy vs ratio per mode with the real_shifted control (bands over seeds); the effective
+draw: accuracy vs ratio per mode with the held-out real control (bands over seeds); the effective
   robustness scatter in logit axes with the baseline fit; bias metrics vs generator generation.
 """
 
@@ -218,7 +218,7 @@ def _band(ax: Any, xs: list, mean: list, half: list, label: str, style: str = "-
 def _accuracy_figure(loaded: list, out: Path, plt: Any) -> Path | None:
     """Clean (solid) and mean shifted (dashed) accuracy vs alpha (replace, control) and vs r (augment)."""
     if not any(
-        r.get("mode") in ("replace", "augment", "real_shifted")
+        r.get("mode") in ("replace", "augment", "control")
         and r.get("kind") == "contaminated"
         and r.get("ratio", 0) > 0
         for _, _, rows, _ in loaded
@@ -230,7 +230,7 @@ def _accuracy_figure(loaded: list, out: Path, plt: Any) -> Path | None:
         prefix = f"{run_label(path, config)}: " if len(loaded) > 1 else ""
         cont = [r for r in rows if r.get("kind") == "contaminated"]
         zero = [r for r in cont if r["mode"] == "replace" and r["ratio"] == 0]  # alpha = r = 0: real only
-        for ax, modes in ((axes[0], ("replace", "real_shifted")), (axes[1], ("augment",))):
+        for ax, modes in ((axes[0], ("replace", "control")), (axes[1], ("augment",))):
             for mode in modes:
                 sel = [r for r in cont if r["mode"] == mode] + [
                     dict(r, mode=mode) for r in zero if mode != "replace"
@@ -239,7 +239,7 @@ def _accuracy_figure(loaded: list, out: Path, plt: Any) -> Path | None:
                     continue
                 label = {
                     "replace": "generated (replace)",
-                    "real_shifted": "shifted real (control)",
+                    "control": "held-out real (control)",
                     "augment": "real + generated (augment)",
                 }[mode]
                 line = _band(ax, *_curve(sel, "acc_clean"), f"{prefix}{label}, clean")
@@ -257,7 +257,7 @@ def _accuracy_figure(loaded: list, out: Path, plt: Any) -> Path | None:
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
         _legend(ax)
-    axes[0].set_title("replace vs the real_shifted control (95% bands over seeds)", fontsize=9)
+    axes[0].set_title("replace vs the held-out real control (95% bands over seeds)", fontsize=9)
     axes[1].set_title("augment", fontsize=9)
     fig.tight_layout()
     path = out / "accuracy_vs_ratio.png"
@@ -294,7 +294,7 @@ def _robustness_figure(loaded: list, out: Path, plt: Any) -> Path | None:
         zero = [
             r for r in rows if r.get("kind") == "contaminated" and r["mode"] == "replace" and r["ratio"] == 0
         ]
-        for mode in ("replace", "augment", "real_shifted", "generations"):
+        for mode in ("replace", "augment", "control", "generations"):
             sel = [
                 r for r in rows if r.get("kind") == "contaminated" and r["mode"] == mode and r["ratio"] > 0
             ]
