@@ -12,6 +12,10 @@ Classifier metrics take the test labels y, attributes a and predictions p (all (
 - directional BiasAmp of Wang & Russakovsky (2021), attribute -> task:
   (1/(|A||C|)) sum_{a,c} [y_ac D_ac - (1 - y_ac) D_ac], y_ac = 1[P(a, c) > P(a) P(c)] on the training set,
   D_ac = P(p=c | a) - P(y=c | a) on the test set.
+Every classifier metric is also read against its reference (`classifier_bias_vs_perfect`): the value a
+perfect classifier (p = y) scores on the same test set against the same training set, and the difference
+from it. On a balanced test set a perfect classifier's Zhao BiasAmp is sum (1/2 - b*) over the aligned
+pairs, not 0: a BiasAmp moving towards 0 can be the training set's balance changing, not amplification.
 Generator metrics compare a generated set's (label, attribute) pairs with the real training set's: the
 task -> attribute direction (D_ac = P_gen(a | c) - P_real(a | c)), total-variation drift of the class and
 attribute proportions, and the fraction of aligned images (the realised correlation strength).
@@ -157,6 +161,29 @@ def classifier_bias(
         ),
         "train_aligned_frac": float((train_a.cpu() == aligned.cpu()[train_y.cpu()]).double().mean()),
     }
+
+
+REFERENCED = ("worst_group_acc", "align_gap", "dp_diff", "eo_diff", "biasamp", "biasamp_at")
+
+
+def classifier_bias_vs_perfect(
+    y: torch.Tensor,
+    a: torch.Tensor,
+    p: torch.Tensor,
+    train_y: torch.Tensor,
+    train_a: torch.Tensor,
+    aligned: torch.Tensor,
+    num_classes: int,
+    num_attrs: int,
+) -> dict[str, float]:
+    """classifier_bias plus, per metric m of REFERENCED, m_perfect (a perfect classifier's value on the same
+    test and training sets) and m_vs_perfect = m - m_perfect."""
+    out = classifier_bias(y, a, p, train_y, train_a, aligned, num_classes, num_attrs)
+    ref = classifier_bias(y, a, y, train_y, train_a, aligned, num_classes, num_attrs)
+    for m in REFERENCED:
+        out[f"{m}_perfect"] = ref[m]
+        out[f"{m}_vs_perfect"] = out[m] - ref[m]
+    return out
 
 
 def generator_bias(

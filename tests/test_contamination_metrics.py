@@ -85,6 +85,20 @@ def test_a_perfect_classifier_has_no_gaps_and_no_amplification():
     assert m["dp_diff"] == 0.0  # the test set is balanced: P(y = c | a) is the same for every a
 
 
+def test_each_bias_metric_is_read_against_a_perfect_classifier_on_the_same_sets():
+    m = bias.classifier_bias_vs_perfect(Y, A, P, TRAIN_Y, TRAIN_A, ALIGNED, 2, 2)
+    # b*(0, 0) = 6/8 and b*(1, 1) = 9/12 in training; a perfect classifier on the balanced test set has
+    # b~ = 1/2 there, so its Zhao BiasAmp is (1/|C|) sum (1/2 - b*) = (-1/4 - 1/4) / 2, not 0
+    assert m["biasamp_perfect"] == pytest.approx(-0.25)
+    assert m["biasamp_vs_perfect"] == pytest.approx(0.15 + 0.25)
+    assert (m["worst_group_acc_perfect"], m["align_gap_perfect"], m["eo_diff_perfect"]) == (1.0, 0.0, 0.0)
+    assert m["worst_group_acc_vs_perfect"] == -1.0 and m["align_gap_vs_perfect"] == pytest.approx(0.75)
+    for name in bias.REFERENCED:
+        assert m[f"{name}_vs_perfect"] == pytest.approx(m[name] - m[f"{name}_perfect"])
+    same = bias.classifier_bias_vs_perfect(Y, A, Y, TRAIN_Y, TRAIN_A, ALIGNED, 2, 2)
+    assert all(same[f"{name}_vs_perfect"] == 0 for name in bias.REFERENCED)
+
+
 def _draw_generated(
     real: torch.Tensor, n_per_class: int, g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:

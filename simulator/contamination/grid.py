@@ -338,7 +338,7 @@ def run_grid(
             reference = net
         if setup.test.attrs is not None and data.attrs is not None:
             row.update(
-                bias.classifier_bias(
+                bias.classifier_bias_vs_perfect(
                     setup.test.labels,
                     setup.test.attrs,
                     pred,

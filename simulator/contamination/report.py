@@ -52,6 +52,11 @@ METRICS = (
     "eo_diff",
     "biasamp",
     "biasamp_at",
+    *(
+        f"{m}_{s}"
+        for m in ("worst_group_acc", "align_gap", "dp_diff", "eo_diff", "biasamp", "biasamp_at")
+        for s in ("perfect", "vs_perfect")
+    ),
     "train_aligned_frac",
     "gen_aligned_frac",
     "gen_attr_tv",
@@ -66,7 +71,7 @@ BIAS_PANELS = (
     "dp_diff",
     "eo_diff",
     "biasamp_at",
-    "biasamp",
+    "biasamp_vs_perfect",
     "gen_aligned_frac",
     "gen_attr_tv",
     "gen_class_tv",
