@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,9 +164,56 @@ def test_gaussian_noise_has_the_cifar10c_standard_deviation():
     x = gray_images(200)
     y = shifts.apply("gaussian_noise", x, 5, torch.Generator().manual_seed(0)).double() - 128
     n = y.numel()
-    sigma = math.sqrt((0.10 * 255) ** 2 + 1 / 12)  # plus the rounding to integers (uniform, var 1/12)
+    sigma = math.sqrt((0.10 * 255) ** 2 + 1 / 12)  # plus the truncation to integers (uniform, var 1/12)
     assert abs(float(y.std()) - sigma) < 4 * sigma / math.sqrt(2 * n)
-    assert abs(float(y.mean())) < 4 * sigma / math.sqrt(n)
+    assert abs(float(y.mean()) + 0.5) < 4 * sigma / math.sqrt(n)  # truncation lowers the mean by 1/2
+
+
+# The published definitions (Hendrycks & Dietterich 2019, CIFAR-10-C), written here in numpy / scipy / PIL
+# from their formulas: x in [0, 1] float64, corrupt, clip, times 255, numpy uint8 cast.
+PUBLISHED = {
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),
+    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
+    "jpeg": (80, 65, 58, 50, 40),
+}
+
+
+def _published(name: str, img: np.ndarray, severity: int) -> np.ndarray:
+    """One (h, w, ch) uint8 image through the published corruption."""
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter
+
+    c = PUBLISHED[name][severity - 1]
+    x = img / 255.0
+    if name == "gaussian_blur":  # skimage.filters.gaussian(multichannel): no smoothing across channels
+        out = gaussian_filter(x, sigma=(c, c, 0), mode="nearest", truncate=4.0)
+    elif name == "contrast":
+        means = np.mean(x, axis=(0, 1), keepdims=True)
+        out = (x - means) * c + means
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=c)
+        return np.asarray(Image.open(buf))
+    return np.uint8(np.clip(out, 0, 1) * 255)
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+@pytest.mark.parametrize("severity", [1, 2, 3, 4, 5])
+def test_corruptions_match_the_published_cifar10c_definitions(name, severity):
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    ours = shifts.apply(name, x, severity, torch.Generator()).permute(0, 2, 3, 1).numpy()
+    ref = np.stack([_published(name, img, severity) for img in x.permute(0, 2, 3, 1).numpy()])
+    diff = np.abs(ours.astype(int) - ref.astype(int))
+    # float64 sums in another order can land a value on the other side of an integer before truncation:
+    # one grey level, on a handful of pixels, is the most that may differ
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+
+
+def test_every_severity_gets_its_own_shifted_set():
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    sets = shifts.shifted_sets(x, ["contrast", "grayscale"], [1, 5], torch.Generator().manual_seed(0))
+    assert sorted(sets) == ["contrast_s1", "contrast_s5"]  # grayscale does not apply to one channel
+    assert torch.equal(sets["contrast_s5"], shifts.apply("contrast", x, 5, torch.Generator()))
 
 
 def test_contrast_severity_is_monotone_and_grayscale_removes_colour():

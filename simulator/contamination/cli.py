@@ -87,9 +87,18 @@ def validate(cfg: DictConfig) -> None:
     if cfg.control.shift is not None:
         check_choice(cfg, "control.shift", list(shifts.SHIFTS))
     check_int(cfg, "control.severity", 1)
-    check_int(cfg, "eval.severity", 1)
-    if cfg.eval.severity > 5 or cfg.control.severity > 5:
-        raise ConfigError("eval.severity and control.severity: must be in 1..5")
+    if cfg.control.severity > 5:
+        raise ConfigError(f"control.severity: must be an integer in 1..5, got {cfg.control.severity}")
+    severity = _plain(cfg.eval.severity)
+    levels = severity if isinstance(severity, list) else [severity]
+    if (
+        not levels
+        or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5 for s in levels)
+        or len(set(levels)) != len(levels)
+    ):
+        raise ConfigError(
+            f"eval.severity: must be an integer in 1..5 or a list of distinct ones, got {severity!r}"
+        )
     for name in cfg.eval.shifts:
         if name not in shifts.SHIFTS:
             raise ConfigError(f"eval.shifts: unknown shift {name!r}; known: {', '.join(shifts.SHIFTS)}")
@@ -199,7 +208,7 @@ def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
         control_shift=cfg.control.shift,
         control_severity=cfg.control.severity,
         shift_names=list(cfg.eval.shifts),
-        severity=cfg.eval.severity,
+        severity=_plain(cfg.eval.severity),
     )
     modes = {m: [float(r) for r in rs] for m, rs in (config["modes"] or {}).items() if rs}
     run_path = Path(run_path)

@@ -131,7 +131,7 @@ def prepare(
     control_shift: str | None,
     control_severity: int,
     shift_names: list[str],
-    severity: int,
+    severity: int | list[int],  # one severity, or a list: a test set per (shift, severity)
 ) -> Setup:
     """Split the real training images, shift the reserve and the test set; all from seed's streams."""
     if data.train_labels is None or data.test_labels is None:

@@ -116,7 +116,8 @@ def _key(row: dict[str, Any]) -> tuple:
 
 
 def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per cell configuration: mean and 95% half-width over seeds of every metric present."""
+    """One row per cell configuration: mean and 95% half-width over seeds of every metric present, with the
+    accuracy and effective robustness on every shifted test set."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[_key(r)].append(r)
@@ -125,7 +126,8 @@ def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         first = members[0]
         entry: dict[str, Any] = {k: first.get(k) for k in GROUP_KEYS if first.get(k) is not None}
         entry["seeds"] = len(members)
-        for m in METRICS:
+        per_shift = [k for k in dict.fromkeys(k for r in members for k in r) if k.startswith(("acc_", "er_"))]
+        for m in dict.fromkeys([*METRICS, *sorted(per_shift)]):  # accuracy and ER per shift too
             if any(r.get(m) is not None for r in members):
                 entry[m], entry[f"{m}_ci"] = mean_ci([r.get(m) for r in members])
         out.append(entry)
