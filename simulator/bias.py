@@ -29,8 +29,10 @@ import torch
 
 
 def counts(y: torch.Tensor, a: torch.Tensor, num_classes: int, num_attrs: int) -> torch.Tensor:
-    """(num_classes, num_attrs) float64 table of how many rows have each (y, a) pair."""
-    flat = y.long().cpu() * num_attrs + a.long().cpu()
+    """(num_classes, num_attrs) float64 table of how many rows have each (y, a) pair; rows with no attribute
+    (a < 0, e.g. a grey image's colour) are left out."""
+    has = a.cpu() >= 0
+    flat = y.long().cpu()[has] * num_attrs + a.long().cpu()[has]
     return torch.bincount(flat, minlength=num_classes * num_attrs).double().view(num_classes, num_attrs)
 
 
@@ -61,7 +63,9 @@ def aligned_conflicting(
     """(accuracy on bias-aligned examples, accuracy on bias-conflicting ones); NaN when a side is empty."""
     is_aligned = a.cpu() == aligned.cpu()[y.cpu()]
     right = (p.cpu() == y.cpu()).double()
-    acc = [float(right[m].mean()) if m.any() else math.nan for m in (is_aligned, ~is_aligned)]
+    coloured = a.cpu() >= 0  # an image with no attribute is neither aligned nor conflicting
+    masks = (is_aligned, coloured & ~is_aligned)
+    acc = [float(right[m].mean()) if m.any() else math.nan for m in masks]
     return acc[0], acc[1]
 
 
@@ -211,8 +215,11 @@ def generator_bias(
         "gen_aligned_frac": float(gen_aligned.mean()),
         "real_aligned_frac": float((real_a.cpu() == aligned.cpu()[real_y.cpu()]).double().mean()),
         "gen_aligned_by_class": by_class,
-        "gen_attr_props": proportions(gen_a, num_attrs).tolist(),
-        "gen_attr_tv": total_variation(proportions(gen_a, num_attrs), proportions(real_a, num_attrs)),
+        "gen_attr_props": proportions(gen_a[gen_a >= 0], num_attrs).tolist(),
+        "gen_no_attr_frac": float((gen_a < 0).double().mean()),
+        "gen_attr_tv": total_variation(
+            proportions(gen_a[gen_a >= 0], num_attrs), proportions(real_a[real_a >= 0], num_attrs)
+        ),
         "gen_biasamp": bias_amp_zhao(real, gen),
         "gen_biasamp_ta": bias_amp_directional(real, real, gen, "t->a"),
     }

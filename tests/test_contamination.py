@@ -15,6 +15,7 @@ from simulator.contamination.mixing import (
     check_ratio,
     class_orders,
     class_sizes,
+    extra_per_class,
     mix,
     split_real,
 )
@@ -65,6 +66,13 @@ def test_replacement_keeps_size_and_replaces_round_alpha_n_per_class(mode, alpha
         sel = m.origin == o
         assert torch.equal(m.images[sel], pool.images[m.index[sel]])
         assert torch.equal(m.labels[sel], pool.labels[m.index[sel]])
+
+
+def test_counts_round_the_written_ratio_not_its_float_product():
+    assert 0.7 * 45 < 31.5  # the float product falls just short of the half
+    assert extra_per_class("replace", 0.7, [45]) == [32]
+    assert extra_per_class("augment", 0.5, [3, 5]) == [2, 3]  # halves round up, not to even
+    assert extra_per_class("replace", 0.1, [15]) == [2]  # 1.5 -> 2
 
 
 @pytest.mark.parametrize("r", [0.0, 0.5, 1.0, 2.0])

@@ -252,6 +252,19 @@ def test_colored_digits_have_the_exact_correlation_a_balanced_test_set_and_a_rea
         make_colored("colored_digits", strength=1.5)
 
 
+def test_a_grey_image_has_no_colour_and_is_left_out_of_the_bias_tables():
+    grey = torch.full((2, 3, 8, 8), 90, dtype=torch.uint8)
+    red = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    red[:, 0] = 200
+    attrs = color_attribute(torch.cat([grey, red]), 2)
+    assert attrs.tolist() == [-1, -1, 0]  # not colour 0: grey reads as no colour
+    y = torch.tensor([0, 1, 1])
+    assert bias.counts(y, attrs, 2, 2).tolist() == [[0.0, 0.0], [1.0, 0.0]]
+    out = bias.generator_bias(y, attrs, y, torch.tensor([0, 1, 1]), torch.tensor([0, 1]), 2, 2)
+    assert out["gen_no_attr_frac"] == pytest.approx(2 / 3) and out["gen_attr_props"] == [1.0, 0.0]
+    assert out["gen_aligned_frac"] == pytest.approx(0.0)  # the grey ones are not in their aligned colour
+
+
 @pytest.mark.parametrize(("arch", "shape"), [("mlp", (1, 8, 8)), ("cnn", (3, 8, 8)), ("resnet18", (3, 8, 8))])
 def test_classifiers_are_seeded_and_train(arch, shape):
     x = torch.randint(0, 256, (16, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -15,7 +15,9 @@ the very same real images -- paired comparisons, where only the substitute diffe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -69,9 +71,15 @@ def check_ratio(mode: str, ratio: float) -> float:
     return float(ratio)
 
 
-def rounded(x: float) -> int:
+def rounded(x: float | Fraction) -> int:
     """floor(x + 1/2): the rounding of every per-class count here (no banker's rounding)."""
-    return int(x + 0.5)
+    return math.floor(Fraction(x) + Fraction(1, 2))
+
+
+def share(ratio: float, n: int) -> int:
+    """round(ratio * n) with ratio read as the decimal it was written as: 0.7 * 45 is 31.5 -> 32, where
+    the float product 31.499999999999996 would round to 31."""
+    return rounded(Fraction(repr(float(ratio))) * n)
 
 
 def class_sizes(labels: torch.Tensor, num_classes: int) -> list[int]:
@@ -81,7 +89,7 @@ def class_sizes(labels: torch.Tensor, num_classes: int) -> list[int]:
 def extra_per_class(mode: str, ratio: float, sizes: list[int]) -> list[int]:
     """Non-real images each class receives in this mode at this ratio (the k_y above)."""
     check_ratio(mode, ratio)
-    return [rounded(ratio * n) for n in sizes]
+    return [share(ratio, n) for n in sizes]
 
 
 def split_real(
