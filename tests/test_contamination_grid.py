@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,7 +17,7 @@ from omegaconf import DictConfig
 
 from simulator.cli import CONFIG_DIR
 from simulator.config import ConfigError
-from simulator.contamination import cli, grid, report
+from simulator.contamination import cli, grid, report, sources
 from simulator.data.images import make_image
 from simulator.models.diffusion import DiffusionFamily
 from simulator.run import RunError
@@ -247,6 +248,44 @@ def test_loop_run_replicates_give_each_replicate_its_own_loop_run(tmp_path):
     assert torch.equal(pools[0]["images"].flip(-1), pools[1]["images"])
     with pytest.raises(ConfigError, match="generator.replicates"):
         cli.validate(config("contaminate/generator=run", f"generator.replicates=[{loops[0]}]", "seeds=[3,4]"))
+
+
+def test_external_images_from_a_class_folder_or_an_npz_are_a_source(tmp_path):
+    from PIL import Image
+
+    data = make_image("digits").load(generator=torch.Generator().manual_seed(0))
+    x, y = data.train[0][:300], data.train_labels[0][:300]
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):  # ImageFolder layout, 16x16 RGB files
+        folder = tmp_path / "folder" / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        big = Image.fromarray(img[0].numpy()).resize((16, 16), Image.Resampling.NEAREST).convert("RGB")
+        big.save(folder / f"{i:04d}.png")
+    np.savez(tmp_path / "gen.npz", images=x.permute(0, 2, 3, 1).numpy(), labels=y.numpy())
+
+    pool = sources.load_external(tmp_path / "gen.npz", 10, (1, 8, 8))
+    assert torch.equal(pool.images, x) and torch.equal(pool.labels, y)
+    pool = sources.load_external(tmp_path / "folder", 10, (1, 8, 8))
+    assert pool.images.shape == (300, 1, 8, 8) and sorted(pool.labels.tolist()) == sorted(y.tolist())
+    # file 0000.png of its class folder, converted to grey and resized to 8x8 as PIL does it
+    first = pool.images[pool.labels == int(y[0])][0]
+    with Image.open(tmp_path / "folder" / str(int(y[0])) / "0000.png") as img:
+        expected = np.asarray(img.convert("L").resize((8, 8), Image.Resampling.BICUBIC))
+    assert torch.equal(first[0], torch.from_numpy(expected.copy()))
+
+    tiny = ("modes.augment=[]", "modes.control=[]", "modes.replace=[0.25]", "seeds=[0,1]")
+    for source in ("folder", "gen.npz"):
+        cfg = config("contaminate/generator=external", f"generator.path={tmp_path / source}", *tiny)
+        cli.run_contaminate(cfg, tmp_path / f"run_{source}")
+        rows = results(tmp_path / f"run_{source}")
+        cell = [r for r in rows if r["ratio"] == 0.25]
+        assert [r["gen_seed"] for r in cell] == [None, None] and all(r["n_generated"] > 0 for r in cell)
+        summary = json.loads((tmp_path / f"run_{source}" / "summary.json").read_text())
+        assert not any("generator" in c for c in summary["interval"]["covers"])
+    with pytest.raises(ConfigError, match="generator.path: no such folder"):
+        cli.validate(config("contaminate/generator=external", f"generator.path={tmp_path / 'nope'}"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(cli.ContaminationError, match="no class subfolders"):
+        sources.load_external(tmp_path / "empty", 10, (1, 8, 8))
 
 
 @pytest.mark.parametrize("experiment", ["digits_alpha", "digits_alpha_cnn", "colored_generations", "cifar10"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from simulator.config import ConfigError, check_bool, check_choice, check_float,
 from simulator.contamination import grid, report
 from simulator.contamination.mixing import MODES, ContaminationError, check_ratio
 from simulator.contamination.robustness import MIN_POINTS
-from simulator.contamination.sources import GeneratorSource, loop_generations, pick_generation
+from simulator.contamination.sources import KINDS, GeneratorSource, loop_generations, pick_generation
 from simulator.data.base import Dataset
 from simulator.run import RunDir, RunError
 
@@ -127,10 +128,17 @@ def _validate_generator(cfg: DictConfig, modes: dict[str, list]) -> None:
     if not needs:
         return
     gen = cfg.generator
-    check_choice(cfg, "generator.kind", ("train", "run"))
+    check_choice(cfg, "generator.kind", KINDS)
     check_int(cfg, "generator.seed", 0, optional=True)
     check_choice(cfg, "generator.samples", ("auto", "saved", "model"))
     check_float(cfg, "generator.temperature", 0.0, strict=True)
+    if gen.kind == "external":
+        path = gen.get("path")
+        if not path or not Path(os.path.expanduser(str(path))).exists():
+            raise ConfigError(f"generator.path: no such folder or .npz file: {path}")
+        if modes.get("generations"):
+            raise ConfigError("modes.generations: needs generator.kind=run (a loop run directory)")
+        return
     if gen.kind == "train":
         check_choice(cfg, "generator.family", sorted(registry.FAMILIES))
         check_int(cfg, "generator.steps", 1, optional=True)

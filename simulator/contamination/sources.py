@@ -10,6 +10,10 @@ A generator is either
 - or trained on the spot (`kind: train`) on the real training images: one class-conditional model, or one
   unconditional model per class (`per_class: true`), saved under <run>/generator/seed_<g>/ once and reused.
   With `seed: null` every replicate seed g trains its own generator from g; an integer shares one.
+- or images made elsewhere (`kind: external`; e.g. Stable Diffusion's): a folder of class subfolders (the
+  ImageFolder layout; subfolders named 0..K-1 are those classes, other names are classes in sorted order) or
+  a `.npz` holding `images` (n, h, w, c or n, c, h, w; uint8) and `labels`. Images are converted to the
+  data's channels and resized to its size; a pool takes a uniform random subset of each class.
 A generator replicate is named by its seed g (None: the one shared loop run). A pool holds exactly `need[y]`
 images of every class y (the most any cell asks of that generator) and is saved as <run>/pools/<name>.pt: a
 resumed grid reads it back rather than sampling again. Every draw comes from a stream named by
@@ -23,6 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,6 +38,8 @@ from simulator.models.base import GenerativeModel
 from simulator.run import RunDir
 
 SAMPLES = ("auto", "saved", "model")
+KINDS = ("train", "run", "external")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 def _load(path: Path) -> Any:
@@ -122,6 +129,66 @@ def saved(run_dir: Path, t: int, need: list[int], label: int | None = None) -> P
     return Pool(images[idx], labels[idx])
 
 
+def _fit_image(img: Any, event_shape: tuple[int, ...]) -> torch.Tensor:
+    """A PIL image -> uint8 (ch, h, w) in the data's channels (L or RGB) and size (bicubic resize)."""
+    from PIL import Image
+
+    ch, h, w = event_shape
+    img = img.convert("L" if ch == 1 else "RGB")
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.Resampling.BICUBIC)
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return arr.unsqueeze(0) if ch == 1 else arr.permute(2, 0, 1)
+
+
+def load_external(path: str | Path, num_classes: int, event_shape: tuple[int, ...]) -> Pool:
+    """Labelled images made elsewhere: an ImageFolder-style folder or a .npz (images, labels)."""
+    from PIL import Image
+
+    path = Path(os.path.expanduser(str(path)))
+    field = "generator.path"
+    if path.is_file() and path.suffix == ".npz":
+        with np.load(path) as z:
+            if "images" not in z or "labels" not in z:
+                raise ContaminationError(f"{field}: {path} must hold arrays 'images' and 'labels'")
+            images, labels = z["images"], z["labels"]
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
+            raise ContaminationError(
+                f"{field}: 'images' must be uint8 (n, h, w, c) or (n, c, h, w) with one label each, "
+                f"got {images.dtype} {images.shape} and {len(labels)} labels"
+            )
+        channels_last = images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4)
+        hwc = images if channels_last else images.transpose(0, 2, 3, 1)
+        pics = [Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x) for x in hwc]
+        label_list = [int(v) for v in labels]
+    elif path.is_dir():
+        folders = sorted(p for p in path.iterdir() if p.is_dir())
+        if not folders:
+            raise ContaminationError(f"{field}: {path} has no class subfolders (ImageFolder layout)")
+        names = [f.name for f in folders]
+        numbered = all(n.isdigit() for n in names)
+        pics, label_list = [], []
+        for i, folder in enumerate(folders):
+            y = int(folder.name) if numbered else i
+            for f in sorted(folder.iterdir()):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    with Image.open(f) as img:
+                        pics.append(img.copy())
+                    label_list.append(y)
+    else:
+        raise ContaminationError(f"{field}: no such folder or .npz file: {path}")
+    bad = [y for y in label_list if not 0 <= y < num_classes]
+    if bad:
+        raise ContaminationError(
+            f"{field}: label {bad[0]} is outside the data's classes 0..{num_classes - 1}"
+        )
+    if not pics:
+        raise ContaminationError(f"{field}: {path} holds no images")
+    return Pool(torch.stack([_fit_image(p, event_shape) for p in pics]), torch.tensor(label_list))
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -172,8 +239,8 @@ class GeneratorSource:
                     else [f"generator.run_dirs[{i}]" for i in range(len(dirs))]
                 )
                 self.run_dirs[None] = self._dirs(dirs, fields)
-        elif self.kind != "train":
-            raise ContaminationError(f"generator.kind: must be train or run, got {self.kind!r}")
+        elif self.kind not in KINDS:
+            raise ContaminationError(f"generator.kind: must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
     def _dirs(self, dirs: list, fields: list[str]) -> list[Path]:
         """Check loop run directories; keep the generations all of them have committed."""
@@ -191,6 +258,8 @@ class GeneratorSource:
         """The generator replicate that replicate seed s draws from: its own unless one is shared."""
         if self.kind == "run":
             return s if self.spec.get("replicates") else None
+        if self.kind == "external":
+            return None  # one fixed set of images
         shared = self.spec.get("seed")
         return s if shared is None else int(shared)
 
@@ -199,8 +268,8 @@ class GeneratorSource:
         return len({self.gen_seed(s) for s in self.seeds}) == len(self.seeds) > 1
 
     def default_generation(self) -> int | None:
-        """The generation replace/augment cells use: None for a generator trained on the spot."""
-        if self.kind == "train":
+        """The generation replace/augment cells use: None for a generator trained on the spot or external."""
+        if self.kind != "run":
             return None
         return pick_generation(self.spec.get("generation", "last"), self.committed, "generator.generation")
 
@@ -253,7 +322,9 @@ class GeneratorSource:
         generator replicate g."""
         if (t, g) in self._cache:
             return self._cache[t, g]
-        name = ("spot" if t is None else f"gen_{t:03d}") + ("" if g is None else f"_seed{g}")
+        name = (("external" if self.kind == "external" else "spot") if t is None else f"gen_{t:03d}") + (
+            "" if g is None else f"_seed{g}"
+        )
         path = self.run_path / "pools" / f"{name}.pt"
         stored = _load(path) if path.exists() else None
         if stored is not None and stored["need"].tolist() == list(need):
@@ -271,6 +342,22 @@ class GeneratorSource:
         self._cache[t, g] = pool
         return pool
 
+    def _external(self, need: list[int], stream: torch.Generator) -> Pool:
+        """A uniform random need[y]-subset of each class of the external images."""
+        images = load_external(self.spec.get("path"), self.num_classes, self.event_shape)
+        order = [
+            (images.labels == y)
+            .nonzero()
+            .squeeze(1)[torch.randperm(int((images.labels == y).sum()), generator=stream)]
+            for y in range(len(need))
+        ]
+        for y, (o, n) in enumerate(zip(order, need, strict=True)):
+            if len(o) < n:
+                raise ContaminationError(
+                    f"generator.path: holds {len(o)} images of class {y}, the grid needs {n}"
+                )
+        return images.take(torch.cat([o[:n] for o, n in zip(order, need, strict=True)]))
+
     def _make(self, t: int | None, g: int | None, need: list[int]) -> Pool:
         mode = self.spec.get("samples", "auto")
         if mode not in SAMPLES:
@@ -278,6 +365,8 @@ class GeneratorSource:
         root = (self.spec.get("seed") or 0) if g is None else g  # a shared loop run: generator.seed or 0
         stream = seeding.generator(root, "pool", "spot" if t is None else t)
         temperature = float(self.spec.get("temperature", 1.0))
+        if self.kind == "external":
+            return self._external(need, stream)
         if t is None:
             return draw(self._spot_models(g), need, stream, temperature)  # type: ignore[arg-type]
         run_dirs = self.run_dirs[g]
