@@ -191,7 +191,7 @@ def _fmt(v: Any, ci: Any = None) -> str:
 def run_label(path: Path, config: dict[str, Any]) -> str:
     """A short label: the loop policy of a run-dir generator (e.g. 'mix λ=1'), else the directory name."""
     gen = config.get("generator") or {}
-    loop_cfg = Path(str(gen.get("run_dir") or "")) / "config.yaml"
+    loop_cfg = Path(str(gen.get("run_dir") or (gen.get("replicates") or [""])[0] or "")) / "config.yaml"
     if gen.get("kind") == "run" and loop_cfg.is_file():
         policy = (yaml.safe_load(loop_cfg.read_text()) or {}).get("policy", {})
         name = policy.get("name", "?")
