@@ -3,9 +3,10 @@
 A fully synthetic loop (policy replace) and a mixed one (policy mix, lambda = 1: all real images plus as
 many samples of the previous generation, Bertrand et al. 2024), both fine-tuned from the previous
 generation, written to runs/colored_loops/<policy>_s<seed>/ (resumable): one loop run per replicate seed
-(0, 1, 2), so the classifiers' intervals cover the loop's own variance (generator.replicates). Until simulator.data.colored is listed
-in registry.SOURCE_MODULES the source is added here at runtime; the data and model blocks below are what
-a configs/data/colored_digits.yaml and a class-conditional diffusion model config would hold.
+(0, 1, 2), so the classifiers' intervals cover the loop's own variance (generator.replicates). Until
+simulator.data.colored is listed in registry.SOURCE_MODULES the source is added here at runtime; the
+data and model blocks below are what a configs/data/colored_digits.yaml and a class-conditional
+diffusion model config would hold.
 
 Usage: python experiments/contamination/loop_colored.py [replace] [mix] [--tiny] [--seeds=0,1,2]
 """
