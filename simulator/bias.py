@@ -12,6 +12,10 @@ Classifier metrics take the test labels y, attributes a and predictions p (all (
 - directional BiasAmp of Wang & Russakovsky (2021), attribute -> task:
   (1/(|A||C|)) sum_{a,c} [y_ac D_ac - (1 - y_ac) D_ac], y_ac = 1[P(a, c) > P(a) P(c)] on the training set,
   D_ac = P(p=c | a) - P(y=c | a) on the test set.
+Every classifier metric is also read against its reference (`classifier_bias_vs_perfect`): the value a
+perfect classifier (p = y) scores on the same test set against the same training set, and the difference
+from it. On a balanced test set a perfect classifier's Zhao BiasAmp is sum (1/2 - b*) over the aligned
+pairs, not 0: a BiasAmp moving towards 0 can be the training set's balance changing, not amplification.
 Generator metrics compare a generated set's (label, attribute) pairs with the real training set's: the
 task -> attribute direction (D_ac = P_gen(a | c) - P_real(a | c)), total-variation drift of the class and
 attribute proportions, and the fraction of aligned images (the realised correlation strength).
@@ -25,8 +29,10 @@ import torch
 
 
 def counts(y: torch.Tensor, a: torch.Tensor, num_classes: int, num_attrs: int) -> torch.Tensor:
-    """(num_classes, num_attrs) float64 table of how many rows have each (y, a) pair."""
-    flat = y.long().cpu() * num_attrs + a.long().cpu()
+    """(num_classes, num_attrs) float64 table of how many rows have each (y, a) pair; rows with no attribute
+    (a < 0, e.g. a grey image's colour) are left out."""
+    has = a.cpu() >= 0
+    flat = y.long().cpu()[has] * num_attrs + a.long().cpu()[has]
     return torch.bincount(flat, minlength=num_classes * num_attrs).double().view(num_classes, num_attrs)
 
 
@@ -57,7 +63,9 @@ def aligned_conflicting(
     """(accuracy on bias-aligned examples, accuracy on bias-conflicting ones); NaN when a side is empty."""
     is_aligned = a.cpu() == aligned.cpu()[y.cpu()]
     right = (p.cpu() == y.cpu()).double()
-    acc = [float(right[m].mean()) if m.any() else math.nan for m in (is_aligned, ~is_aligned)]
+    coloured = a.cpu() >= 0  # an image with no attribute is neither aligned nor conflicting
+    masks = (is_aligned, coloured & ~is_aligned)
+    acc = [float(right[m].mean()) if m.any() else math.nan for m in masks]
     return acc[0], acc[1]
 
 
@@ -159,6 +167,29 @@ def classifier_bias(
     }
 
 
+REFERENCED = ("worst_group_acc", "align_gap", "dp_diff", "eo_diff", "biasamp", "biasamp_at")
+
+
+def classifier_bias_vs_perfect(
+    y: torch.Tensor,
+    a: torch.Tensor,
+    p: torch.Tensor,
+    train_y: torch.Tensor,
+    train_a: torch.Tensor,
+    aligned: torch.Tensor,
+    num_classes: int,
+    num_attrs: int,
+) -> dict[str, float]:
+    """classifier_bias plus, per metric m of REFERENCED, m_perfect (a perfect classifier's value on the same
+    test and training sets) and m_vs_perfect = m - m_perfect."""
+    out = classifier_bias(y, a, p, train_y, train_a, aligned, num_classes, num_attrs)
+    ref = classifier_bias(y, a, y, train_y, train_a, aligned, num_classes, num_attrs)
+    for m in REFERENCED:
+        out[f"{m}_perfect"] = ref[m]
+        out[f"{m}_vs_perfect"] = out[m] - ref[m]
+    return out
+
+
 def generator_bias(
     gen_y: torch.Tensor,
     gen_a: torch.Tensor,
@@ -184,8 +215,11 @@ def generator_bias(
         "gen_aligned_frac": float(gen_aligned.mean()),
         "real_aligned_frac": float((real_a.cpu() == aligned.cpu()[real_y.cpu()]).double().mean()),
         "gen_aligned_by_class": by_class,
-        "gen_attr_props": proportions(gen_a, num_attrs).tolist(),
-        "gen_attr_tv": total_variation(proportions(gen_a, num_attrs), proportions(real_a, num_attrs)),
+        "gen_attr_props": proportions(gen_a[gen_a >= 0], num_attrs).tolist(),
+        "gen_no_attr_frac": float((gen_a < 0).double().mean()),
+        "gen_attr_tv": total_variation(
+            proportions(gen_a[gen_a >= 0], num_attrs), proportions(real_a[real_a >= 0], num_attrs)
+        ),
         "gen_biasamp": bias_amp_zhao(real, gen),
         "gen_biasamp_ta": bias_amp_directional(real, real, gen, "t->a"),
     }

@@ -1,14 +1,19 @@
-"""Shifted copies of real images built on the fly: corruptions at fixed severities, as in CIFAR-10-C.
+"""Shifted copies of real images built on the fly: the CIFAR-10-C corruptions we have, as published.
 
 Every shift maps uint8 images (n, ch, h, w) to uint8 images of the same shape, with severity 1..5 (5 the
-strongest). Gaussian noise and contrast use CIFAR-10-C's parameters (Hendrycks & Dietterich 2019); blur
-and JPEG are scaled for tiny images (an 8x8 digit has no room for CIFAR's blur radii, and quality 80 JPEG
-leaves it unchanged). Grayscale blends an RGB image towards its luminance (severity 5: fully gray); it
-does not apply to one-channel images, so `applicable` leaves it out there rather than scoring a no-op.
-Randomness (only the noise) comes from the generator passed in, so a shifted test set is reproducible.
+strongest). Gaussian noise, Gaussian blur, contrast and JPEG follow Hendrycks & Dietterich (2019)'s
+CIFAR-10-C definitions and parameters exactly: the image scaled to [0, 1] in float64, corrupted, clipped to
+[0, 1], times 255 and cast to uint8 by truncation (numpy's uint8 cast of their make_cifar_c script):
+- gaussian_noise: x + N(0, c^2), c = 0.04, 0.06, 0.08, 0.09, 0.10;
+- gaussian_blur: skimage's Gaussian filter per channel, sigma = 0.4, 0.6, 0.7, 0.8, 1.0, borders 'nearest'
+  (edge pixels repeated), kernel truncated at 4 sigma (radius int(4 sigma + 1/2));
+- contrast: (x - m) * c + m with m each channel's mean over the image, c = 0.75, 0.5, 0.4, 0.3, 0.15;
+- jpeg: PIL JPEG at quality 80, 65, 58, 50, 40.
+Grayscale is not a CIFAR-10-C corruption: it blends an RGB image towards its luminance (severity 5: fully
+gray); it does not apply to one-channel images, so `applicable` leaves it out there rather than scoring a
+no-op. Randomness (only the noise) comes from the generator passed in, so a shifted test set is reproducible.
 
-The same functions make the `real_shifted` control of the contamination paths: real images of a shifted
-source standing in for generated ones (Hataya et al. 2023 replaced them with other real web images).
+The same functions can shift the held-out real substitutes of the contamination control (control.shift).
 """
 
 from __future__ import annotations
@@ -23,16 +28,11 @@ import torch.nn.functional as F
 from simulator.seeding import child
 
 NOISE_SIGMA = (0.04, 0.06, 0.08, 0.09, 0.10)  # CIFAR-10-C gaussian_noise, fraction of the [0, 1] range
-CONTRAST = (0.75, 0.5, 0.4, 0.3, 0.15)  # CIFAR-10-C contrast: x -> (x - mean) * c + mean
-BLUR_SIGMA = (0.4, 0.55, 0.7, 0.85, 1.0)  # pixels; CIFAR-10-C's 32x32 radii, a notch gentler for 8x8
-JPEG_QUALITY = (
-    50,
-    35,
-    25,
-    15,
-    8,
-)  # PIL quality; lower than CIFAR-10-C's (80..40) as tiny images barely change
-GRAY_MIX = (0.2, 0.4, 0.6, 0.8, 1.0)  # weight of the luminance in the blend
+CONTRAST = (0.75, 0.5, 0.4, 0.3, 0.15)  # CIFAR-10-C contrast: x -> (x - channel mean) * c + channel mean
+BLUR_SIGMA = (0.4, 0.6, 0.7, 0.8, 1.0)  # CIFAR-10-C gaussian_blur, pixels
+BLUR_TRUNCATE = 4.0  # skimage / scipy default: the kernel reaches int(4 sigma + 1/2) pixels
+JPEG_QUALITY = (80, 65, 58, 50, 40)  # CIFAR-10-C jpeg_compression, PIL quality
+GRAY_MIX = (0.2, 0.4, 0.6, 0.8, 1.0)  # weight of the luminance in the blend (not a CIFAR-10-C corruption)
 
 Shift = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
 
@@ -43,36 +43,42 @@ def _level(table: tuple, severity: int) -> float:
     return table[severity - 1]
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float64 in [0, 1], as the published corruptions take their input."""
+    return x.double() / 255
+
+
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return x.round().clamp(0, 255).to(torch.uint8)
+    """float64 in [0, 1] -> uint8: clip, times 255, truncate (numpy's uint8 cast, as CIFAR-10-C was saved)."""
+    return (x.clamp(0, 1) * 255).to(torch.uint8)
 
 
 def gaussian_noise(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
-    """Additive pixel noise of standard deviation sigma * 255, drawn on the generator's device."""
-    sigma = _level(NOISE_SIGMA, severity) * 255
-    noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
-    return _to_uint8(x.float() + sigma * noise)
+    """Additive pixel noise of standard deviation c (in [0, 1] units), drawn on the generator's device."""
+    sigma = _level(NOISE_SIGMA, severity)
+    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float64)
+    return _to_uint8(_unit(x) + sigma * noise.to(x.device))
 
 
 def gaussian_blur(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
-    """Separable Gaussian blur (radius 3 sigma, reflected borders), each channel on its own."""
+    """Separable Gaussian blur, each channel on its own, edge pixels repeated beyond the border."""
     sigma = _level(BLUR_SIGMA, severity)
-    radius = max(1, min(int(3 * sigma + 0.5), min(x.shape[-2:]) - 1))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    radius = int(BLUR_TRUNCATE * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=x.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
     n, ch, h, w = x.shape
-    y = x.float().reshape(n * ch, 1, h, w)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+    y = _unit(x).reshape(n * ch, 1, h, w)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
     return _to_uint8(y.reshape(n, ch, h, w))
 
 
 def contrast(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
-    """Pull every pixel towards its image's mean (over pixels and channels) by the factor c."""
+    """Pull every pixel towards its channel's mean over the image by the factor c."""
     c = _level(CONTRAST, severity)
-    xf = x.float()
-    mean = xf.mean(dim=(1, 2, 3), keepdim=True)
+    xf = _unit(x)
+    mean = xf.mean(dim=(2, 3), keepdim=True)
     return _to_uint8((xf - mean) * c + mean)
 
 
@@ -99,8 +105,9 @@ def grayscale(x: torch.Tensor, severity: int, generator: torch.Generator) -> tor
     if x.shape[1] != 3:
         raise ValueError(f"grayscale needs RGB images, got {x.shape[1]} channels")
     mix = _level(GRAY_MIX, severity)
-    xf = x.float()
-    lum = (xf * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    xf = _unit(x)
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64, device=x.device)
+    lum = (xf * weights.view(1, 3, 1, 1)).sum(1, keepdim=True)
     return _to_uint8((1 - mix) * xf + mix * lum)
 
 
@@ -128,11 +135,21 @@ def apply(name: str, x: torch.Tensor, severity: int, generator: torch.Generator)
 
 
 def shifted_sets(
-    images: torch.Tensor, names: list[str], severity: int, generator: torch.Generator
+    images: torch.Tensor, names: list[str], severity: int | list[int], generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
-    """One shifted copy of images per applicable shift name, each from its own child stream of generator."""
+    """One shifted copy of images per applicable shift name and severity, each from its own child stream.
+
+    One severity names a set by its shift ("jpeg"); a list of severities names them "jpeg_s3" and so on.
+    """
+    if isinstance(severity, int):
+        return {
+            name: apply(name, images, severity, child(generator, name))
+            for name in names
+            if applicable(name, images.shape[1])
+        }
     return {
-        name: apply(name, images, severity, child(generator, name))
+        f"{name}_s{s}": apply(name, images, s, child(generator, name, s))
         for name in names
         if applicable(name, images.shape[1])
+        for s in severity
     }

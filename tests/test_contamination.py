@@ -8,13 +8,14 @@ import torch
 from simulator.contamination.grid import Cell, plan, pool_needs
 from simulator.contamination.mixing import (
     GENERATED,
+    HELDOUT,
     REAL,
-    SHIFTED,
     ContaminationError,
     Pool,
     check_ratio,
     class_orders,
     class_sizes,
+    extra_per_class,
     mix,
     split_real,
 )
@@ -45,26 +46,33 @@ def per_class(m, origin: int) -> list[int]:
 
 
 def build(mode: str, ratio: float, seed: int = 0):
-    extra = RESERVE if mode == "real_shifted" else GEN_POOL
+    extra = RESERVE if mode == "control" else GEN_POOL
     return mix(mode, ratio, REAL_POOL, orders(REAL_POOL, seed), extra, orders(extra, seed + 100))
 
 
-@pytest.mark.parametrize("mode", ["replace", "real_shifted", "generations"])
+@pytest.mark.parametrize("mode", ["replace", "control", "generations"])
 @pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 0.7, 1.0])
 def test_replacement_keeps_size_and_replaces_round_alpha_n_per_class(mode, alpha):
     m = build(mode, alpha)
     k = [int(alpha * n + 0.5) for n in SIZES]  # floor(x + 1/2), per class
-    other = SHIFTED if mode == "real_shifted" else GENERATED
+    other = HELDOUT if mode == "control" else GENERATED
     assert len(m.labels) == sum(SIZES) == len(m.images) == len(m.origin)
     assert per_class(m, other) == k
     assert per_class(m, REAL) == [n - j for n, j in zip(SIZES, k, strict=True)]
     assert torch.bincount(m.labels, minlength=K).tolist() == SIZES  # class proportions untouched
     # every row's image is its pool's row `index` and carries that row's label
-    pools = {REAL: REAL_POOL, other: RESERVE if mode == "real_shifted" else GEN_POOL}
+    pools = {REAL: REAL_POOL, other: RESERVE if mode == "control" else GEN_POOL}
     for o, pool in pools.items():
         sel = m.origin == o
         assert torch.equal(m.images[sel], pool.images[m.index[sel]])
         assert torch.equal(m.labels[sel], pool.labels[m.index[sel]])
+
+
+def test_counts_round_the_written_ratio_not_its_float_product():
+    assert 0.7 * 45 < 31.5  # the float product falls just short of the half
+    assert extra_per_class("replace", 0.7, [45]) == [32]
+    assert extra_per_class("augment", 0.5, [3, 5]) == [2, 3]  # halves round up, not to even
+    assert extra_per_class("replace", 0.1, [15]) == [2]  # 1.5 -> 2
 
 
 @pytest.mark.parametrize("r", [0.0, 0.5, 1.0, 2.0])
@@ -76,7 +84,7 @@ def test_augment_adds_round_r_n_per_class(r):
     assert per_class(m, GENERATED) == k
 
 
-@pytest.mark.parametrize("mode", ["replace", "augment", "real_shifted"])
+@pytest.mark.parametrize("mode", ["replace", "augment", "control"])
 def test_no_image_appears_twice(mode):
     for ratio in (0.3, 1.0):
         m = build(mode, ratio)
@@ -95,11 +103,11 @@ def test_split_real_is_stratified_and_disjoint():
 
 def test_replace_and_control_remove_the_same_real_images_and_nest_in_alpha():
     kept = {}
-    for mode in ("replace", "real_shifted"):
+    for mode in ("replace", "control"):
         for alpha in (0.5, 0.75):
             m = build(mode, alpha)
             kept[mode, alpha] = set(m.index[m.origin == REAL].tolist())
-    assert kept["replace", 0.5] == kept["real_shifted", 0.5]  # paired: only the substitutes differ
+    assert kept["replace", 0.5] == kept["control", 0.5]  # paired: only the substitutes differ
     assert kept["replace", 0.75] < kept["replace", 0.5]  # a larger alpha replaces a superset
 
 
@@ -127,7 +135,7 @@ def test_short_pool_is_a_clear_error():
     [
         ("replace", -0.1, "alpha must be a number in \\[0, 1\\]"),
         ("replace", 1.5, "alpha must be"),
-        ("real_shifted", 2, "alpha must be"),
+        ("control", 2, "alpha must be"),
         ("generations", float("nan"), "alpha must be"),
         ("replace", True, "alpha must be"),
         ("augment", -1, "r must be a finite number >= 0"),
@@ -144,7 +152,7 @@ def test_bad_ratios_are_clear_errors(mode, ratio, message):
 
 
 def test_plan_orders_cells_and_pool_needs_take_the_largest():
-    modes = {"replace": [0.0, 0.5], "augment": [2.0], "real_shifted": [1.0]}
+    modes = {"replace": [0.0, 0.5], "augment": [2.0], "control": [1.0]}
     cells = plan(modes, [0, 1], [{"arch": "mlp", "steps": 5}], None, [])
     assert cells[0] == Cell("reference", "replace", 0.0, 0)
     assert [c.kind for c in cells].count("baseline") == 2

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,7 +17,7 @@ from omegaconf import DictConfig
 
 from simulator.cli import CONFIG_DIR
 from simulator.config import ConfigError
-from simulator.contamination import cli, grid, report
+from simulator.contamination import cli, grid, report, sources
 from simulator.data.images import make_image
 from simulator.models.diffusion import DiffusionFamily
 from simulator.run import RunError
@@ -79,10 +80,10 @@ def test_a_half_finished_grid_resumes_to_the_uninterrupted_result(tmp_path, monk
         ("contaminated", "replace", 0.0),
         ("contaminated", "replace", 0.5),
         ("contaminated", "augment", 1.0),
-        ("contaminated", "real_shifted", 0.5),
+        ("contaminated", "control", 0.5),
     ]
     assert whole[2]["n_generated"] + whole[2]["n_real"] == whole[0]["n_train"] == whole[4]["n_train"]
-    assert whole[3]["n_train"] == 2 * whole[0]["n_train"] and whole[4]["n_shifted"] == whole[2]["n_generated"]
+    assert whole[3]["n_train"] == 2 * whole[0]["n_train"] and whole[4]["n_heldout"] == whole[2]["n_generated"]
     assert whole[2]["gen_t"] == 1 and 0 < whole[2]["gen_ref_acc"] <= 1
 
     real_train = grid.classifiers.train_classifier
@@ -118,7 +119,7 @@ def test_generations_mode_walks_the_loop_run_and_falls_back_to_its_model(tmp_pat
         f"generator.run_dir={loop}",
         "modes.replace=[]",
         "modes.augment=[]",
-        "modes.real_shifted=[]",
+        "modes.control=[]",
         "modes.generations=[0.5]",
     )
     cli.run_contaminate(cfg, tmp_path / "gens")
@@ -144,18 +145,18 @@ def test_a_generator_trained_on_the_spot_is_trained_once(tmp_path):
         "generator.options.block_out_channels=[8,16]",
         "generator.options.sample_steps=2",
         "modes.augment=[]",
-        "modes.real_shifted=[]",
+        "modes.control=[]",
     )
     cli.run_contaminate(cfg, tmp_path / "spot")
-    model = tmp_path / "spot" / "generator" / "model.pt"
+    model = tmp_path / "spot" / "generator" / "seed_0" / "model.pt"
     stamp = model.stat().st_mtime_ns
-    assert (tmp_path / "spot" / "pools" / "spot.pt").exists()
+    assert (tmp_path / "spot" / "pools" / "spot_seed0.pt").exists()
     cli.run_contaminate(cfg, tmp_path / "spot")  # complete: nothing is retrained
     assert model.stat().st_mtime_ns == stamp
 
 
 def test_one_generator_per_class_trained_on_the_spot_or_read_from_one_loop_run_per_class(tmp_path):
-    tiny = ["modes.augment=[]", "modes.real_shifted=[]", "modes.replace=[1.0]"]
+    tiny = ["modes.augment=[]", "modes.control=[]", "modes.replace=[1.0]"]
     cfg = config(
         "generator.per_class=true",
         "generator.steps=1",
@@ -165,7 +166,7 @@ def test_one_generator_per_class_trained_on_the_spot_or_read_from_one_loop_run_p
         *tiny,
     )
     cli.run_contaminate(cfg, tmp_path / "spot")
-    assert sorted(p.name for p in (tmp_path / "spot" / "generator").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "spot" / "generator" / "seed_0").iterdir()) == [
         f"class_{y:02d}.pt" for y in range(10)
     ]
     data = make_image("digits").load(generator=torch.Generator().manual_seed(0))
@@ -185,6 +186,108 @@ def test_one_generator_per_class_trained_on_the_spot_or_read_from_one_loop_run_p
         assert torch.equal(pool["images"][pool["labels"] == y], data.train[0, data.train_labels[0] == y][:n])
 
 
+SPOT = (
+    "generator.steps=2",
+    "generator.options.block_out_channels=[8,16]",
+    "generator.options.sample_steps=2",
+)
+
+
+def test_every_replicate_trains_its_own_generator_and_the_data_seed_stays_apart(tmp_path):
+    only_replace = ("modes.augment=[]", "modes.control=[]", "modes.replace=[0.0,1.0]", "seeds=[0,1]")
+    cfg = config(*SPOT, *only_replace)
+    cli.run_contaminate(cfg, tmp_path / "own")
+    rows = results(tmp_path / "own")
+    gen = [r for r in rows if r["ratio"] == 1.0]
+    assert [(r["seed"], r["gen_seed"]) for r in gen] == [(0, 0), (1, 1)]
+    assert sorted(p.name for p in (tmp_path / "own" / "generator").iterdir()) == ["seed_0", "seed_1"]
+    pools = [torch.load(tmp_path / "own" / "pools" / f"spot_seed{g}.pt", weights_only=True) for g in (0, 1)]
+    assert not torch.equal(pools[0]["images"], pools[1]["images"])  # two generators, two pools
+    summary = json.loads((tmp_path / "own" / "summary.json").read_text())
+    assert any("generator" in c for c in summary["interval"]["covers"])
+    assert "generator training" in (tmp_path / "own" / "summary.md").read_text().splitlines()[0]
+
+    # one generator shared by both replicates (generator.seed): the interval no longer covers it
+    cli.run_contaminate(config(*SPOT, *only_replace, "generator.seed=7"), tmp_path / "shared")
+    shared = results(tmp_path / "shared")
+    assert [r["gen_seed"] for r in shared if r["ratio"] == 1.0] == [7, 7]
+    summary = json.loads((tmp_path / "shared" / "summary.json").read_text())
+    assert not any("generator" in c for c in summary["interval"]["covers"])
+    # the generator's seed moves neither the real split, nor the test sets, nor the classifiers: every
+    # real-only cell is the same classifier, and only the generated cells change
+    for a, b in zip(rows, shared, strict=True):
+        same = {k: a[k] for k in ("acc_clean", "acc_gaussian_noise", "n_train")} == {
+            k: b[k] for k in ("acc_clean", "acc_gaussian_noise", "n_train")
+        }
+        assert same == (a["ratio"] == 0.0), (a["ratio"], a["acc_clean"], b["acc_clean"])
+
+
+def test_loop_run_replicates_give_each_replicate_its_own_loop_run(tmp_path):
+    loops = [fake_loop_run(tmp_path / f"loop{i}") for i in range(2)]
+    torch.save(  # run 1's generation-1 samples: other images than run 0's
+        torch.load(loops[0] / "gen_001" / "samples.pt", weights_only=True).flip(-1),
+        loops[1] / "gen_001" / "samples.pt",
+    )
+    cfg = config(
+        "contaminate/generator=run",
+        f"generator.replicates=[{loops[0]},{loops[1]}]",
+        "seeds=[3,4]",
+        "modes.augment=[]",
+        "modes.control=[]",
+        "modes.replace=[1.0]",
+    )
+    cli.run_contaminate(cfg, tmp_path / "reps")
+    rows = results(tmp_path / "reps")
+    assert [(r["seed"], r["gen_seed"], r["gen_t"]) for r in rows if r["kind"] == "contaminated"] == [
+        (3, 3, 1),
+        (4, 4, 1),
+    ]
+    pools = [
+        torch.load(tmp_path / "reps" / "pools" / f"gen_001_seed{s}.pt", weights_only=True) for s in (3, 4)
+    ]
+    assert torch.equal(pools[0]["images"].flip(-1), pools[1]["images"])
+    with pytest.raises(ConfigError, match="generator.replicates"):
+        cli.validate(config("contaminate/generator=run", f"generator.replicates=[{loops[0]}]", "seeds=[3,4]"))
+
+
+def test_external_images_from_a_class_folder_or_an_npz_are_a_source(tmp_path):
+    from PIL import Image
+
+    data = make_image("digits").load(generator=torch.Generator().manual_seed(0))
+    x, y = data.train[0][:300], data.train_labels[0][:300]
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):  # ImageFolder layout, 16x16 RGB files
+        folder = tmp_path / "folder" / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        big = Image.fromarray(img[0].numpy()).resize((16, 16), Image.Resampling.NEAREST).convert("RGB")
+        big.save(folder / f"{i:04d}.png")
+    np.savez(tmp_path / "gen.npz", images=x.permute(0, 2, 3, 1).numpy(), labels=y.numpy())
+
+    pool = sources.load_external(tmp_path / "gen.npz", 10, (1, 8, 8))
+    assert torch.equal(pool.images, x) and torch.equal(pool.labels, y)
+    pool = sources.load_external(tmp_path / "folder", 10, (1, 8, 8))
+    assert pool.images.shape == (300, 1, 8, 8) and sorted(pool.labels.tolist()) == sorted(y.tolist())
+    # file 0000.png of its class folder, converted to grey and resized to 8x8 as PIL does it
+    first = pool.images[pool.labels == int(y[0])][0]
+    with Image.open(tmp_path / "folder" / str(int(y[0])) / "0000.png") as img:
+        expected = np.asarray(img.convert("L").resize((8, 8), Image.Resampling.BICUBIC))
+    assert torch.equal(first[0], torch.from_numpy(expected.copy()))
+
+    tiny = ("modes.augment=[]", "modes.control=[]", "modes.replace=[0.25]", "seeds=[0,1]")
+    for source in ("folder", "gen.npz"):
+        cfg = config("contaminate/generator=external", f"generator.path={tmp_path / source}", *tiny)
+        cli.run_contaminate(cfg, tmp_path / f"run_{source}")
+        rows = results(tmp_path / f"run_{source}")
+        cell = [r for r in rows if r["ratio"] == 0.25]
+        assert [r["gen_seed"] for r in cell] == [None, None] and all(r["n_generated"] > 0 for r in cell)
+        summary = json.loads((tmp_path / f"run_{source}" / "summary.json").read_text())
+        assert not any("generator" in c for c in summary["interval"]["covers"])
+    with pytest.raises(ConfigError, match="generator.path: no such folder"):
+        cli.validate(config("contaminate/generator=external", f"generator.path={tmp_path / 'nope'}"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(cli.ContaminationError, match="no class subfolders"):
+        sources.load_external(tmp_path / "empty", 10, (1, 8, 8))
+
+
 @pytest.mark.parametrize("experiment", ["digits_alpha", "digits_alpha_cnn", "colored_generations", "cifar10"])
 def test_every_named_experiment_composes_and_validates(experiment, tmp_path):
     extra = (
@@ -202,7 +305,7 @@ def test_every_named_experiment_composes_and_validates(experiment, tmp_path):
     ("overrides", "message"),
     [
         (["modes.replace=[0.5,1.5]"], "modes.replace: alpha must be a number in [0, 1], got 1.5"),
-        (["modes.real_shifted=[-0.2]"], "modes.real_shifted: alpha must be"),
+        (["modes.control=[-0.2]"], "modes.control: alpha must be"),
         (["modes.augment=[-1]"], "modes.augment: r must be a finite number >= 0, got -1"),
         (
             ["contaminate/generator=run", "generator.run_dir=/no/such/run"],
@@ -212,6 +315,10 @@ def test_every_named_experiment_composes_and_validates(experiment, tmp_path):
         (["modes.generations=[0.5]"], "modes.generations: needs generator.kind=run"),
         (["eval.shifts=[fog]"], "eval.shifts: unknown shift 'fog'"),
         (["seeds=[]"], "seeds: must be a non-empty list"),
+        (["eval.severity=[1,6]"], "eval.severity: must be an integer in 1..5 or a list"),
+        (["split.fraction=1.0"], "split.fraction: 1.0 leaves no held-out real images for modes.control"),
+        (["generator.seed=-1"], "generator.seed: must be an integer >= 0 or null"),
+        (["classifier.seed=x"], "classifier.seed: must be an integer >= 0 or null"),
         (["eval.baselines=[{arch: mlp, steps: 5}]", "seeds=[0]"], "effective robustness needs >= 6"),
     ],
 )
@@ -219,6 +326,36 @@ def test_bad_configs_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as err:
         cli.validate(config(*overrides))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_default_control_is_plain_held_out_real_images_and_a_blurred_one_is_an_option():
+    data = cli.load_data(config())
+    setups = {}
+    for name in ("heldout", "blurred"):
+        cfg = config(f"contaminate/control={name}")
+        setups[name] = grid.prepare(
+            data,
+            seed=cfg.seed,
+            split_fraction=cfg.split.fraction,
+            control_shift=cfg.control.shift,
+            control_severity=cfg.control.severity,
+            shift_names=[],
+            severity=1,
+        )
+    plain, blurred = setups["heldout"], setups["blurred"]
+    real = {tuple(x.flatten().tolist()) for x in plain.real.images}
+    # Hataya et al.'s control: real training images the classifier never sees, unchanged
+    assert all(any(torch.equal(x, f) for f in plain.full.images) for x in plain.reserve.images[:50])
+    assert not any(tuple(x.flatten().tolist()) in real for x in plain.reserve.images)
+    assert torch.equal(blurred.reserve.labels, plain.reserve.labels)
+    assert not torch.equal(blurred.reserve.images, plain.reserve.images)
+
+
+def test_a_reserve_too_small_for_the_control_is_refused_before_any_cell(tmp_path):
+    cfg = config("split.fraction=0.9", "modes.replace=[]", "modes.augment=[]", "modes.control=[1.0]")
+    with pytest.raises(cli.ContaminationError, match="modes.control: alpha 1 needs .* held-out real images"):
+        cli.run_contaminate(cfg, tmp_path / "short")
+    assert not list((tmp_path / "short").glob("gen_*"))
 
 
 def test_a_generation_the_loop_has_not_committed_is_an_error(tmp_path):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,6 +87,20 @@ def test_a_perfect_classifier_has_no_gaps_and_no_amplification():
     assert m["dp_diff"] == 0.0  # the test set is balanced: P(y = c | a) is the same for every a
 
 
+def test_each_bias_metric_is_read_against_a_perfect_classifier_on_the_same_sets():
+    m = bias.classifier_bias_vs_perfect(Y, A, P, TRAIN_Y, TRAIN_A, ALIGNED, 2, 2)
+    # b*(0, 0) = 6/8 and b*(1, 1) = 9/12 in training; a perfect classifier on the balanced test set has
+    # b~ = 1/2 there, so its Zhao BiasAmp is (1/|C|) sum (1/2 - b*) = (-1/4 - 1/4) / 2, not 0
+    assert m["biasamp_perfect"] == pytest.approx(-0.25)
+    assert m["biasamp_vs_perfect"] == pytest.approx(0.15 + 0.25)
+    assert (m["worst_group_acc_perfect"], m["align_gap_perfect"], m["eo_diff_perfect"]) == (1.0, 0.0, 0.0)
+    assert m["worst_group_acc_vs_perfect"] == -1.0 and m["align_gap_vs_perfect"] == pytest.approx(0.75)
+    for name in bias.REFERENCED:
+        assert m[f"{name}_vs_perfect"] == pytest.approx(m[name] - m[f"{name}_perfect"])
+    same = bias.classifier_bias_vs_perfect(Y, A, Y, TRAIN_Y, TRAIN_A, ALIGNED, 2, 2)
+    assert all(same[f"{name}_vs_perfect"] == 0 for name in bias.REFERENCED)
+
+
 def _draw_generated(
     real: torch.Tensor, n_per_class: int, g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,9 +164,56 @@ def test_gaussian_noise_has_the_cifar10c_standard_deviation():
     x = gray_images(200)
     y = shifts.apply("gaussian_noise", x, 5, torch.Generator().manual_seed(0)).double() - 128
     n = y.numel()
-    sigma = math.sqrt((0.10 * 255) ** 2 + 1 / 12)  # plus the rounding to integers (uniform, var 1/12)
+    sigma = math.sqrt((0.10 * 255) ** 2 + 1 / 12)  # plus the truncation to integers (uniform, var 1/12)
     assert abs(float(y.std()) - sigma) < 4 * sigma / math.sqrt(2 * n)
-    assert abs(float(y.mean())) < 4 * sigma / math.sqrt(n)
+    assert abs(float(y.mean()) + 0.5) < 4 * sigma / math.sqrt(n)  # truncation lowers the mean by 1/2
+
+
+# The published definitions (Hendrycks & Dietterich 2019, CIFAR-10-C), written here in numpy / scipy / PIL
+# from their formulas: x in [0, 1] float64, corrupt, clip, times 255, numpy uint8 cast.
+PUBLISHED = {
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),
+    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
+    "jpeg": (80, 65, 58, 50, 40),
+}
+
+
+def _published(name: str, img: np.ndarray, severity: int) -> np.ndarray:
+    """One (h, w, ch) uint8 image through the published corruption."""
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter
+
+    c = PUBLISHED[name][severity - 1]
+    x = img / 255.0
+    if name == "gaussian_blur":  # skimage.filters.gaussian(multichannel): no smoothing across channels
+        out = gaussian_filter(x, sigma=(c, c, 0), mode="nearest", truncate=4.0)
+    elif name == "contrast":
+        means = np.mean(x, axis=(0, 1), keepdims=True)
+        out = (x - means) * c + means
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=c)
+        return np.asarray(Image.open(buf))
+    return np.uint8(np.clip(out, 0, 1) * 255)
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+@pytest.mark.parametrize("severity", [1, 2, 3, 4, 5])
+def test_corruptions_match_the_published_cifar10c_definitions(name, severity):
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    ours = shifts.apply(name, x, severity, torch.Generator()).permute(0, 2, 3, 1).numpy()
+    ref = np.stack([_published(name, img, severity) for img in x.permute(0, 2, 3, 1).numpy()])
+    diff = np.abs(ours.astype(int) - ref.astype(int))
+    # float64 sums in another order can land a value on the other side of an integer before truncation:
+    # one grey level, on a handful of pixels, is the most that may differ
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+
+
+def test_every_severity_gets_its_own_shifted_set():
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    sets = shifts.shifted_sets(x, ["contrast", "grayscale"], [1, 5], torch.Generator().manual_seed(0))
+    assert sorted(sets) == ["contrast_s1", "contrast_s5"]  # grayscale does not apply to one channel
+    assert torch.equal(sets["contrast_s5"], shifts.apply("contrast", x, 5, torch.Generator()))
 
 
 def test_contrast_severity_is_monotone_and_grayscale_removes_colour():
@@ -187,6 +250,19 @@ def test_colored_digits_have_the_exact_correlation_a_balanced_test_set_and_a_rea
     )
     with pytest.raises(ValueError, match="options.strength"):
         make_colored("colored_digits", strength=1.5)
+
+
+def test_a_grey_image_has_no_colour_and_is_left_out_of_the_bias_tables():
+    grey = torch.full((2, 3, 8, 8), 90, dtype=torch.uint8)
+    red = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    red[:, 0] = 200
+    attrs = color_attribute(torch.cat([grey, red]), 2)
+    assert attrs.tolist() == [-1, -1, 0]  # not colour 0: grey reads as no colour
+    y = torch.tensor([0, 1, 1])
+    assert bias.counts(y, attrs, 2, 2).tolist() == [[0.0, 0.0], [1.0, 0.0]]
+    out = bias.generator_bias(y, attrs, y, torch.tensor([0, 1, 1]), torch.tensor([0, 1]), 2, 2)
+    assert out["gen_no_attr_frac"] == pytest.approx(2 / 3) and out["gen_attr_props"] == [1.0, 0.0]
+    assert out["gen_aligned_frac"] == pytest.approx(0.0)  # the grey ones are not in their aligned colour
 
 
 @pytest.mark.parametrize(("arch", "shape"), [("mlp", (1, 8, 8)), ("cnn", (3, 8, 8)), ("resnet18", (3, 8, 8))])

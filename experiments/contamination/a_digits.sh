@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Experiment (a): 8x8 digits -- accuracy vs alpha for replace, augment and the real_shifted control,
+# Experiment (a): 8x8 digits -- accuracy vs alpha for replace, augment and the control control,
 # 3 seeds, effective robustness. MLP classifier by default (~5 min on 2 CPU cores); `a_digits.sh cnn`
 # runs the same grid with a small CNN (~7 min). Resumes if interrupted.
 set -euo pipefail

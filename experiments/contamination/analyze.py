@@ -47,15 +47,15 @@ def _by(rows: list[dict], mode: str, ratio: float, gen_t: Any = "any") -> dict[i
 
 
 def replace(run: Path) -> None:
-    """Clean accuracy vs alpha with generated substitutes and with shifted real ones, and their paired gap."""
+    """Clean accuracy vs alpha with generated and with held-out real substitutes, and their paired gap."""
     _, rows, _ = _rows(run)
-    alphas = sorted({r["ratio"] for r in rows if r.get("mode") in ("replace", "real_shifted")})
-    print(f"## {run}\n\n| alpha | replace (generated) | real_shifted (control) | replace - control, paired |")
+    alphas = sorted({r["ratio"] for r in rows if r.get("mode") in ("replace", "control")})
+    print(f"## {run}\n\n| alpha | replace (generated) | control (control) | replace - control, paired |")
     print("|---|---|---|---|")
     zero = _by(rows, "replace", 0.0)
     for a in alphas:
         gen = _by(rows, "replace", a)
-        ctl = _by(rows, "real_shifted", a) if a > 0 else zero
+        ctl = _by(rows, "control", a) if a > 0 else zero
         diff = [number(gen[s].get("acc_clean")) - number(ctl[s].get("acc_clean")) for s in gen if s in ctl]
         print(
             f"| {a:g} | {_cell([r['acc_clean'] for r in gen.values()])} | "
@@ -86,7 +86,7 @@ def robustness(run: Path) -> None:
     print("| mode | ratio | clean | mean shifted | effective robustness | ER - ER(real only), paired |")
     print("|---|---|---|---|---|---|")
     zero = _by(rows, "replace", 0.0)
-    for mode in ("replace", "augment", "real_shifted"):
+    for mode in ("replace", "augment", "control"):
         for ratio in sorted(
             {r["ratio"] for r in rows if r.get("mode") == mode and r.get("kind") == "contaminated"}
         ):
@@ -110,6 +110,9 @@ BIAS = (
     "dp_diff",
     "eo_diff",
     "biasamp",
+    "biasamp_perfect",
+    "biasamp_vs_perfect",
+    "align_gap_vs_perfect",
     "biasamp_at",
     "gen_aligned_frac",
     "gen_attr_tv",

@@ -2,11 +2,13 @@
 
 A fully synthetic loop (policy replace) and a mixed one (policy mix, lambda = 1: all real images plus as
 many samples of the previous generation, Bertrand et al. 2024), both fine-tuned from the previous
-generation, written to runs/colored_loops/<policy>/ (resumable). Until simulator.data.colored is listed
-in registry.SOURCE_MODULES the source is added here at runtime; the data and model blocks below are what
-a configs/data/colored_digits.yaml and a class-conditional diffusion model config would hold.
+generation, written to runs/colored_loops/<policy>_s<seed>/ (resumable): one loop run per replicate seed
+(0, 1, 2), so the classifiers' intervals cover the loop's own variance (generator.replicates). Until
+simulator.data.colored is listed in registry.SOURCE_MODULES the source is added here at runtime; the
+data and model blocks below are what a configs/data/colored_digits.yaml and a class-conditional
+diffusion model config would hold.
 
-Usage: python experiments/contamination/loop_colored.py [replace] [mix] [--tiny]
+Usage: python experiments/contamination/loop_colored.py [replace] [mix] [--tiny] [--seeds=0,1,2]
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ TINY = ["generations=1", "train.steps=2", "train.steps_gen0=2"]
 def main(args: list[str]) -> None:
     tiny = "--tiny" in args
     names = [a for a in args if not a.startswith("--")] or list(POLICIES)
-    for name in names:
+    seeds = next((a.split("=", 1)[1] for a in args if a.startswith("--seeds=")), "0,1,2")
+    for name, seed in [(n, int(s)) for n in names for s in seeds.split(",")]:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(
                 "config",
@@ -62,14 +65,15 @@ def main(args: list[str]) -> None:
                     "eval.figures=false",
                     *(TINY if tiny else STEPS),
                     *POLICIES[name],
+                    f"seed={seed}",
                 ],
             )
         with open_dict(cfg):
             cfg.data = DATA
             cfg.model = MODEL
         root = "runs/colored_loops_tiny" if tiny else "runs/colored_loops"
-        summary = run_config(cfg, f"{root}/{name}")
-        print(f"{root}/{name}: {summary}")
+        summary = run_config(cfg, f"{root}/{name}_s{seed}")
+        print(f"{root}/{name}_s{seed}: {summary}")
 
 
 if __name__ == "__main__":

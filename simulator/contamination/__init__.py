@@ -1,6 +1,6 @@
 """Downstream contamination paths: classifiers trained on real data mixed with generated images.
 
-- mixing.py      training sets per mode: replace, augment, real_shifted (control), generations
+- mixing.py      training sets per mode: replace, augment, control (control), generations
 - sources.py     labelled generated images: a loop run's generation t, or a generator trained on the spot
 - grid.py        the cell grid (reference, baselines, mode x ratio x seed), one committed cell at a time
 - robustness.py  effective robustness: the logit-linear baseline fit and distances from it

@@ -8,6 +8,7 @@ anything is written. Run it as `simulate-contaminate ...` or `python -m simulato
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,12 @@ from simulator.config import ConfigError, check_bool, check_choice, check_float,
 from simulator.contamination import grid, report
 from simulator.contamination.mixing import MODES, ContaminationError, check_ratio
 from simulator.contamination.robustness import MIN_POINTS
-from simulator.contamination.sources import GeneratorSource, loop_generations, pick_generation
+from simulator.contamination.sources import KINDS, GeneratorSource, loop_generations, pick_generation
 from simulator.data.base import Dataset
 from simulator.run import RunDir, RunError
 
 CONFIG_NAME = "contaminate"
+RENAMED = {"real_shifted": "control"}  # old mode names -> new
 USER_ERRORS = (ConfigError, RunError, ContaminationError)
 log = logging.getLogger("simulator")
 
@@ -55,6 +57,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.source: must be one of {', '.join(sources())}; got {cfg.data.source!r}")
     modes = _plain(cfg.modes) or {}
     for mode, ratios in modes.items():
+        if mode in RENAMED:
+            raise ConfigError(f"modes.{mode}: renamed to modes.{RENAMED[mode]}")
         if mode not in MODES:
             raise ConfigError(f"modes.{mode}: unknown mode; known: {', '.join(MODES)}")
         if not isinstance(ratios, list):
@@ -71,15 +75,30 @@ def validate(cfg: DictConfig) -> None:
     check_float(cfg, "classifier.weight_decay", 0.0)
     check_choice(cfg, "classifier.optimizer", classifiers.OPTIMIZERS)
     check_choice(cfg, "classifier.augment", classifiers.AUGMENTS)
+    check_int(cfg, "classifier.seed", 0, optional=True)
     check_float(cfg, "split.fraction", 0.0, strict=True)
     if cfg.split.fraction > 1:
         raise ConfigError(f"split.fraction: must be in (0, 1], got {cfg.split.fraction}")
+    if cfg.split.fraction == 1 and any(r > 0 for r in modes.get("control") or []):
+        raise ConfigError(
+            "split.fraction: 1.0 leaves no held-out real images for modes.control; use a fraction < 1 "
+            "or modes.control=[]"
+        )
     if cfg.control.shift is not None:
         check_choice(cfg, "control.shift", list(shifts.SHIFTS))
     check_int(cfg, "control.severity", 1)
-    check_int(cfg, "eval.severity", 1)
-    if cfg.eval.severity > 5 or cfg.control.severity > 5:
-        raise ConfigError("eval.severity and control.severity: must be in 1..5")
+    if cfg.control.severity > 5:
+        raise ConfigError(f"control.severity: must be an integer in 1..5, got {cfg.control.severity}")
+    severity = _plain(cfg.eval.severity)
+    levels = severity if isinstance(severity, list) else [severity]
+    if (
+        not levels
+        or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5 for s in levels)
+        or len(set(levels)) != len(levels)
+    ):
+        raise ConfigError(
+            f"eval.severity: must be an integer in 1..5 or a list of distinct ones, got {severity!r}"
+        )
     for name in cfg.eval.shifts:
         if name not in shifts.SHIFTS:
             raise ConfigError(f"eval.shifts: unknown shift {name!r}; known: {', '.join(shifts.SHIFTS)}")
@@ -102,15 +121,23 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_generator(cfg: DictConfig, modes: dict[str, list]) -> None:
     """The generator block, when some cell needs generated images (a missing run dir is caught here)."""
-    needs = any(r > 0 for m, rs in modes.items() if m != "real_shifted" for r in rs) or bool(
+    needs = any(r > 0 for m, rs in modes.items() if m != "control" for r in rs) or bool(
         modes.get("generations")
     )
     if not needs:
         return
     gen = cfg.generator
-    check_choice(cfg, "generator.kind", ("train", "run"))
+    check_choice(cfg, "generator.kind", KINDS)
+    check_int(cfg, "generator.seed", 0, optional=True)
     check_choice(cfg, "generator.samples", ("auto", "saved", "model"))
     check_float(cfg, "generator.temperature", 0.0, strict=True)
+    if gen.kind == "external":
+        path = gen.get("path")
+        if not path or not Path(os.path.expanduser(str(path))).exists():
+            raise ConfigError(f"generator.path: no such folder or .npz file: {path}")
+        if modes.get("generations"):
+            raise ConfigError("modes.generations: needs generator.kind=run (a loop run directory)")
+        return
     if gen.kind == "train":
         check_choice(cfg, "generator.family", sorted(registry.FAMILIES))
         check_int(cfg, "generator.steps", 1, optional=True)
@@ -118,12 +145,25 @@ def _validate_generator(cfg: DictConfig, modes: dict[str, list]) -> None:
         if modes.get("generations"):
             raise ConfigError("modes.generations: needs generator.kind=run (a loop run directory)")
         return
-    dirs = _plain(gen.run_dirs) or [gen.run_dir]
-    if dirs == [None]:
-        raise ConfigError("generator.run_dir: a loop run directory is needed with generator.kind=run")
+    replicates = _plain(gen.get("replicates"))
+    if replicates is not None:
+        seeds = _plain(cfg.seeds)
+        if not isinstance(replicates, list) or len(replicates) != len(seeds):
+            raise ConfigError(
+                f"generator.replicates: must list one loop run directory per replicate seed ({len(seeds)}), "
+                f"got {replicates!r}"
+            )
+        pairs = [(d, f"generator.replicates[{i}]") for i, d in enumerate(replicates)]
+    else:
+        dirs = _plain(gen.run_dirs) or [gen.run_dir]
+        if dirs == [None]:
+            raise ConfigError("generator.run_dir: a loop run directory is needed with generator.kind=run")
+        pairs = [
+            (d, "generator.run_dir" if gen.run_dirs is None else f"generator.run_dirs[{i}]")
+            for i, d in enumerate(dirs)
+        ]
     try:
-        for i, d in enumerate(dirs):
-            field = "generator.run_dir" if gen.run_dirs is None else f"generator.run_dirs[{i}]"
+        for d, field in pairs:
             committed = loop_generations(d, field)
             pick_generation(_plain(gen.generation), committed, "generator.generation")
             for t in _plain(gen.generations) or []:
@@ -175,12 +215,12 @@ def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
         control_shift=cfg.control.shift,
         control_severity=cfg.control.severity,
         shift_names=list(cfg.eval.shifts),
-        severity=cfg.eval.severity,
+        severity=_plain(cfg.eval.severity),
     )
     modes = {m: [float(r) for r in rs] for m, rs in (config["modes"] or {}).items() if rs}
     run_path = Path(run_path)
     needs_generator = (
-        any(r > 0 for m, rs in modes.items() if m != "real_shifted" for r in rs) or "generations" in modes
+        any(r > 0 for m, rs in modes.items() if m != "control" for r in rs) or "generations" in modes
     )
     source = None
     if needs_generator:
@@ -191,13 +231,20 @@ def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
             setup.num_classes,
             tuple(setup.test.images.shape[1:]),
             device=device,
-            seed=cfg.seed,
+            seeds=list(cfg.seeds),
             attribute_of=setup.attribute_of,
             progress=cfg.progress,
         )
     default_t = source.default_generation() if source else None
     generations = source.generations() if source and "generations" in modes else []
-    cells = grid.plan(modes, list(cfg.seeds), config["eval"]["baselines"] or [], default_t, generations)
+    cells = grid.plan(
+        modes,
+        list(cfg.seeds),
+        config["eval"]["baselines"] or [],
+        default_t,
+        generations,
+        gen_seed=source.gen_seed if source else None,
+    )
     with RunDir(run_path) as run:
         run.check_config(config)
         rows = grid.run_grid(
@@ -206,7 +253,7 @@ def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
             cells,
             source,
             config["classifier"],
-            seed=cfg.seed,
+            classifier_seed=cfg.classifier.seed,
             device=device,
             save_models=cfg.eval.save_models,
             progress=cfg.progress,

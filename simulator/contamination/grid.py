@@ -2,8 +2,8 @@
 
     cells = reference, baselines x seeds, then mode x ratio (x generator generation) x seeds
     for cell i (skipping committed ones):
-        D_i   = mix(mode, ratio, real split, generated pool | shifted reserve)
-        f_i   = train(classifier, D_i)                      # seeded by (seed, replicate)
+        D_i   = mix(mode, ratio, real split, generated pool | held-out reserve)
+        f_i   = train(classifier, D_i)                      # seeded by the replicate (classifier) seed
         row_i = accuracy on clean and shifted test sets, bias metrics, generator statistics
         commit(i)                                           # gen_XXX/ = cell XXX; results.jsonl row
 
@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from simulator import bias, classifiers, seeding, shifts
 from simulator.contamination.mixing import (
     GENERATED,
+    HELDOUT,
     MODES,
     REAL,
-    SHIFTED,
     ContaminationError,
     Pool,
     class_orders,
@@ -56,6 +56,7 @@ class Cell:
     seed: int  # replicate seed
     classifier: tuple = ()  # (key, value) pairs overriding the main classifier config (baselines)
     gen_t: int | None = None  # generator generation of its generated images (None: no generator or spot)
+    gen_seed: int | None = None  # which generator replicate made them (None: the one shared loop run)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -64,6 +65,7 @@ class Cell:
             "ratio": self.ratio,
             "seed": self.seed,
             "gen_t": self.gen_t,
+            "gen_seed": self.gen_seed,
             **dict(self.classifier),
         }
 
@@ -74,8 +76,13 @@ def plan(
     baselines: list[dict],
     default_t: int | None,
     generations: list[int],
+    gen_seed: Any = None,  # replicate seed -> generator replicate of its cells (GeneratorSource.gen_seed)
 ) -> list[Cell]:
-    """Every cell of the grid, in the order they are trained (the reference first)."""
+    """Every cell of the grid, in the order they are trained (the reference first).
+
+    A contaminated cell of replicate s takes its generated images from generator replicate gen_seed(s): its
+    own generator when every replicate trains one (so an interval over seeds covers generator variance).
+    """
     cells = [Cell("reference", "replace", 0.0, seeds[0])]
     for spec in baselines:
         for s in seeds:
@@ -86,18 +93,27 @@ def plan(
         for r in modes.get(mode) or []:
             for t in generations if mode == "generations" else [default_t]:
                 for s in seeds:
-                    gen_t = t if mode != "real_shifted" else None
-                    cells.append(Cell("contaminated", mode, float(r), s, gen_t=gen_t))
+                    generated = mode != "control" and r > 0
+                    cells.append(
+                        Cell(
+                            "contaminated",
+                            mode,
+                            float(r),
+                            s,
+                            gen_t=t if mode != "control" else None,
+                            gen_seed=gen_seed(s) if generated and gen_seed is not None else None,
+                        )
+                    )
     return cells
 
 
 @dataclass
 class Setup:
-    """The real data of a grid: classifier split, shifted reserve, test sets, attribute bookkeeping."""
+    """The real data of a grid: classifier split, held-out reserve, test sets, attribute bookkeeping."""
 
     full: Pool  # every real training image (what generators trained on)
     real: Pool  # the classifier's real training split
-    reserve: Pool  # held-out real images after the control shift (the real_shifted substitutes)
+    reserve: Pool  # held-out real images after the control shift (the control substitutes)
     test: Pool
     test_sets: dict[str, torch.Tensor]  # shift name -> shifted copy of test.images
     num_classes: int
@@ -110,12 +126,12 @@ class Setup:
 def prepare(
     data: Dataset,
     *,
-    seed: int,
+    seed: int,  # the data seed: the real split, the control's shift and the shifted test sets
     split_fraction: float,
     control_shift: str | None,
     control_severity: int,
     shift_names: list[str],
-    severity: int,
+    severity: int | list[int],  # one severity, or a list: a test set per (shift, severity)
 ) -> Setup:
     """Split the real training images, shift the reserve and the test set; all from seed's streams."""
     if data.train_labels is None or data.test_labels is None:
@@ -158,10 +174,25 @@ def pool_needs(cells: list[Cell], sizes: list[int]) -> dict[int | None, list[int
     """Per generator generation, the generated images of each class its largest cell needs."""
     need: dict[int | None, list[int]] = {}
     for c in cells:
-        if c.kind == "contaminated" and c.mode != "real_shifted":
+        if c.kind == "contaminated" and c.mode != "control":
             k = extra_per_class(c.mode, c.ratio, sizes)
             need[c.gen_t] = [max(a, b) for a, b in zip(need.get(c.gen_t, [0] * len(sizes)), k, strict=True)]
     return need
+
+
+def check_reserve(cells: list[Cell], setup: Setup) -> None:
+    """Refuse before any training when the held-out reserve lacks images some control cell needs."""
+    have = class_sizes(setup.reserve.labels, setup.num_classes)
+    for c in cells:
+        if c.kind == "contaminated" and c.mode == "control":
+            need = extra_per_class(c.mode, c.ratio, setup.sizes)
+            short = [y for y in range(setup.num_classes) if need[y] > have[y]]
+            if short:
+                y = short[0]
+                raise ContaminationError(
+                    f"modes.control: alpha {c.ratio:g} needs {need[y]} held-out real images of class {y}, "
+                    f"the reserve holds {have[y]}; lower split.fraction (the classifier's share) or the alpha"
+                )
 
 
 def check_plan(run: RunDir, cells: list[Cell]) -> None:
@@ -223,7 +254,7 @@ def run_grid(
     cells: list[Cell],  # plan(...)
     source: GeneratorSource | None,  # generated images (None when no cell needs them)
     classifier: dict[str, Any],  # the main classifier: arch, steps and the training options
-    seed: int = 0,  # root of the replicate streams
+    classifier_seed: int | None = None,  # one seed for every classifier (None: each replicate's own seed)
     device: str = "cpu",
     save_models: bool = False,  # keep every cell's classifier (the reference's is always kept)
     progress: bool = True,
@@ -231,10 +262,11 @@ def run_grid(
     """Train and evaluate every cell not yet committed in run; returns all rows."""
     needs = pool_needs(cells, setup.sizes)
     shape = tuple(setup.test.images.shape[1:])
+    check_reserve(cells, setup)
     check_plan(run, cells)
     done = run.repair()
     rows = run.rows()
-    gen_rows: dict[int | None, dict[str, Any]] = {}  # generator statistics, once per pool
+    gen_rows: dict[tuple, dict[str, Any]] = {}  # generator statistics, once per pool
     reference = None
 
     def build(opts: dict[str, Any], gen: torch.Generator) -> torch.nn.Module:
@@ -253,16 +285,20 @@ def run_grid(
     )
     for i in bar:
         cell = cells[i]
-        stream = partial(seeding.generator, seed, "replicate", cell.seed)  # this replicate's streams
+        # this replicate's classifier-side streams (which images, initialisation, batches); the data seed and
+        # the generator's seed are not among their roots, so each can be resampled alone
+        stream = partial(
+            seeding.generator, cell.seed if classifier_seed is None else classifier_seed, "classifier"
+        )
         tmp = run.begin(i)
         clock = time.perf_counter()
         extra = order = None
         if cell.kind == "contaminated" and cell.ratio > 0:
-            if cell.mode == "real_shifted":
+            if cell.mode == "control":
                 extra = setup.reserve
             else:
-                extra = source.pool(cell.gen_t, needs[cell.gen_t])  # type: ignore[union-attr]
-            key = "reserve" if cell.mode == "real_shifted" else f"pool-{cell.gen_t}"
+                extra = source.pool(cell.gen_t, cell.gen_seed, needs[cell.gen_t])  # type: ignore[union-attr]
+            key = "reserve" if cell.mode == "control" else f"pool-{cell.gen_t}-{cell.gen_seed}"
             order = class_orders(extra.labels, setup.num_classes, stream("extra", key))
         data = mix(
             cell.mode,
@@ -290,10 +326,11 @@ def run_grid(
             **cell.describe(),
             "arch": opts["arch"],
             "steps": opts["steps"],
+            **{k: opts[k] for k in TRAIN_KEYS + NET_KEYS if k in opts},
             "n_train": len(data.labels),
             "n_real": data.count(REAL),
             "n_generated": data.count(GENERATED),
-            "n_shifted": data.count(SHIFTED),
+            "n_heldout": data.count(HELDOUT),
         }
         metrics, pred = evaluate(net, setup)
         row.update(metrics)
@@ -301,7 +338,7 @@ def run_grid(
             reference = net
         if setup.test.attrs is not None and data.attrs is not None:
             row.update(
-                bias.classifier_bias(
+                bias.classifier_bias_vs_perfect(
                     setup.test.labels,
                     setup.test.attrs,
                     pred,
@@ -312,16 +349,12 @@ def run_grid(
                     setup.num_attrs,
                 )
             )
-        if (
-            cell.kind == "contaminated"
-            and cell.mode != "real_shifted"
-            and cell.ratio > 0
-            and source is not None
-        ):
-            if cell.gen_t not in gen_rows:
-                pool = source.pool(cell.gen_t, needs[cell.gen_t])
-                gen_rows[cell.gen_t] = generator_stats(pool, reference, setup)  # type: ignore[arg-type]
-            row.update(gen_rows[cell.gen_t])
+        if cell.kind == "contaminated" and cell.mode != "control" and cell.ratio > 0 and source is not None:
+            key = (cell.gen_t, cell.gen_seed)
+            if key not in gen_rows:
+                pool = source.pool(cell.gen_t, cell.gen_seed, needs[cell.gen_t])
+                gen_rows[key] = generator_stats(pool, reference, setup)  # type: ignore[arg-type]
+            row.update(gen_rows[key])
         row["train"] = stats
         row["seconds"] = time.perf_counter() - clock
         if i == 0 or save_models:

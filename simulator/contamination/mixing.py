@@ -2,8 +2,9 @@
 
 - replace (Hataya et al. 2023) and generations: in each class y, k_y = round(alpha * n_y) of the n_y real
   images are replaced by generated images of class y; the set keeps its size and class proportions.
-- real_shifted (the control): the same k_y real images are replaced by real images of a shifted source --
-  held-out real images (the reserve) passed through a corruption -- instead of generated ones.
+- control (Hataya et al.'s control): the same k_y real images are replaced by held-out real images of
+  class y (the reserve) instead of generated ones -- plain by default, or passed through a corruption
+  (control.shift) for a shifted real source.
 - augment (Bansal & Grover 2023): every real image plus round(r * n_y) generated images of each class y.
 
 round(x) is floor(x + 1/2). Which images are replaced or added is fixed by per-class random orders drawn
@@ -14,13 +15,15 @@ the very same real images -- paired comparisons, where only the substitute diffe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
-MODES = ("replace", "augment", "real_shifted", "generations")
-FRACTION_MODES = ("replace", "real_shifted", "generations")  # ratio = alpha in [0, 1]
-REAL, GENERATED, SHIFTED = 0, 1, 2  # origin codes of a Mixture's rows
+MODES = ("replace", "augment", "control", "generations")
+FRACTION_MODES = ("replace", "control", "generations")  # ratio = alpha in [0, 1]
+REAL, GENERATED, HELDOUT = 0, 1, 2  # origin codes of a Mixture's rows
 
 
 class ContaminationError(ValueError):
@@ -44,7 +47,7 @@ class Pool:
 
 @dataclass
 class Mixture:
-    """A classifier training set; row i is pool `origin[i]`'s row `index[i]` (REAL, GENERATED or SHIFTED)."""
+    """A classifier training set; row i is pool `origin[i]`'s row `index[i]` (REAL, GENERATED or HELDOUT)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -68,9 +71,15 @@ def check_ratio(mode: str, ratio: float) -> float:
     return float(ratio)
 
 
-def rounded(x: float) -> int:
+def rounded(x: float | Fraction) -> int:
     """floor(x + 1/2): the rounding of every per-class count here (no banker's rounding)."""
-    return int(x + 0.5)
+    return math.floor(Fraction(x) + Fraction(1, 2))
+
+
+def share(ratio: float, n: int) -> int:
+    """round(ratio * n) with ratio read as the decimal it was written as: 0.7 * 45 is 31.5 -> 32, where
+    the float product 31.499999999999996 would round to 31."""
+    return rounded(Fraction(repr(float(ratio))) * n)
 
 
 def class_sizes(labels: torch.Tensor, num_classes: int) -> list[int]:
@@ -80,7 +89,7 @@ def class_sizes(labels: torch.Tensor, num_classes: int) -> list[int]:
 def extra_per_class(mode: str, ratio: float, sizes: list[int]) -> list[int]:
     """Non-real images each class receives in this mode at this ratio (the k_y above)."""
     check_ratio(mode, ratio)
-    return [rounded(ratio * n) for n in sizes]
+    return [share(ratio, n) for n in sizes]
 
 
 def split_real(
@@ -124,7 +133,7 @@ def mix(
     ratio: float,
     real: Pool,
     real_order: list[torch.Tensor],  # class_orders(real.labels): the first k_y are the replaced ones
-    extra: Pool | None = None,  # generated pool (replace, augment, generations) or shifted reserve
+    extra: Pool | None = None,  # generated pool (replace, augment, generations) or held-out reserve
     extra_order: list[torch.Tensor] | None = None,
 ) -> Mixture:
     """The training set of one cell: real rows kept plus the extra rows that replace or augment them."""
@@ -137,9 +146,9 @@ def mix(
     kept = kept.sort().values
     if sum(k) and (extra is None or extra_order is None):
         raise ContaminationError(f"mode {mode} at ratio {ratio:g} needs a pool of substitute images")
-    what = "the shifted reserve" if mode == "real_shifted" else "the generated pool"
+    what = "the held-out reserve" if mode == "control" else "the generated pool"
     added = _first(extra_order, k, what) if sum(k) else torch.zeros(0, dtype=torch.long)
-    origin = SHIFTED if mode == "real_shifted" else GENERATED
+    origin = HELDOUT if mode == "control" else GENERATED
     parts = [real.take(kept)] + ([extra.take(added)] if len(added) else [])
     attrs = None
     if all(p.attrs is not None for p in parts):

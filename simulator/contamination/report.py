@@ -3,7 +3,7 @@
 summarize: effective robustness (fit over the run's real-only classifiers) added to every cell, then one
   table row per (kind, mode, ratio, generator generation, classifier) with the mean over seeds and a 95%
   Student-t half-width: summary.json / summary.csv / summary.md.
-draw: accuracy vs ratio per mode with the real_shifted control (bands over seeds); the effective
+draw: accuracy vs ratio per mode with the held-out real control (bands over seeds); the effective
   robustness scatter in logit axes with the baseline fit; bias metrics vs generator generation.
 """
 
@@ -22,8 +22,24 @@ import yaml
 from simulator import strict_json
 from simulator.contamination.robustness import add_effective_robustness, logit, predicted
 from simulator.report import _plt, load_run
+from simulator.stats import student_t_interval
 
-GROUP_KEYS = ("kind", "mode", "ratio", "gen_t", "arch", "steps", "hidden", "width")
+# every key that makes two cells different classifiers (seed and gen_seed are the replicates averaged over)
+GROUP_KEYS = (
+    "kind",
+    "mode",
+    "ratio",
+    "gen_t",
+    "arch",
+    "steps",
+    "hidden",
+    "width",
+    "lr",
+    "batch_size",
+    "optimizer",
+    "weight_decay",
+    "augment",
+)
 METRICS = (
     "acc_clean",
     "acc_shift_mean",
@@ -37,6 +53,11 @@ METRICS = (
     "eo_diff",
     "biasamp",
     "biasamp_at",
+    *(
+        f"{m}_{s}"
+        for m in ("worst_group_acc", "align_gap", "dp_diff", "eo_diff", "biasamp", "biasamp_at")
+        for s in ("perfect", "vs_perfect")
+    ),
     "train_aligned_frac",
     "gen_aligned_frac",
     "gen_attr_tv",
@@ -51,7 +72,7 @@ BIAS_PANELS = (
     "dp_diff",
     "eo_diff",
     "biasamp_at",
-    "biasamp",
+    "biasamp_vs_perfect",
     "gen_aligned_frac",
     "gen_attr_tv",
     "gen_class_tv",
@@ -71,16 +92,24 @@ def is_contamination_run(path: Path) -> bool:
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and 95% Student-t half-width (0 for a single value) of the finite values."""
-    xs = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not xs:
-        return math.nan, math.nan
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, 0.0
-    from scipy.stats import t
+    m, half, _ = student_t_interval(values)
+    return m, half
 
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-    return m, float(t.ppf(0.975, len(xs) - 1)) * sd / math.sqrt(len(xs))
+
+def interval_covers(config: dict[str, Any]) -> list[str]:
+    """The sources of variance a summary interval (over replicate seeds) covers, from the run's config."""
+    seeds = config.get("seeds") or []
+    if len(seeds) < 2:
+        return []
+    gen = config.get("generator") or {}
+    out = []
+    if gen.get("kind", "train") == "train" and gen.get("seed") is None:
+        out.append("generator training (one generator per replicate seed)")
+    elif gen.get("kind") == "run" and gen.get("replicates"):
+        out.append("generator training (one loop run per replicate seed)")
+    if (config.get("classifier") or {}).get("seed") is None:
+        out.append("classifier initialisation, batch order and which real images are replaced")
+    return out
 
 
 def _key(row: dict[str, Any]) -> tuple:
@@ -88,7 +117,8 @@ def _key(row: dict[str, Any]) -> tuple:
 
 
 def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per cell configuration: mean and 95% half-width over seeds of every metric present."""
+    """One row per cell configuration: mean and 95% half-width over seeds of every metric present, with the
+    accuracy and effective robustness on every shifted test set."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[_key(r)].append(r)
@@ -97,7 +127,8 @@ def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         first = members[0]
         entry: dict[str, Any] = {k: first.get(k) for k in GROUP_KEYS if first.get(k) is not None}
         entry["seeds"] = len(members)
-        for m in METRICS:
+        per_shift = [k for k in dict.fromkeys(k for r in members for k in r) if k.startswith(("acc_", "er_"))]
+        for m in dict.fromkeys([*METRICS, *sorted(per_shift)]):  # accuracy and ER per shift too
             if any(r.get(m) is not None for r in members):
                 entry[m], entry[f"{m}_ci"] = mean_ci([r.get(m) for r in members])
         out.append(entry)
@@ -115,7 +146,24 @@ def summarize(run_path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     rows, fits = with_robustness(rows)
     tab = table(rows)
     state = json.loads((run_path / "state.json").read_text()) if (run_path / "state.json").exists() else {}
-    summary = {"cells": len(rows), "status": state.get("status"), "fits": fits, "table": tab}
+    config_path = run_path / "config.yaml"
+    config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.exists() else {}
+    covers = interval_covers(config)
+    interval = {
+        "level": 0.95,
+        "kind": "Student-t over replicate seeds",
+        "covers": covers,
+        "note": "; ".join(covers)
+        if covers
+        else "nothing: one replicate or shared generator and classifier seed",
+    }
+    summary = {
+        "cells": len(rows),
+        "status": state.get("status"),
+        "interval": interval,
+        "fits": fits,
+        "table": tab,
+    }
     (run_path / "summary.json").write_text(
         strict_json.dumps(strict_json.strict_row(summary), indent=1, default=str)
     )
@@ -125,7 +173,12 @@ def summarize(run_path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
         writer.writeheader()
         writer.writerows(tab)
     main = [c for c in cols if not c.endswith("_ci")]
-    lines = ["| " + " | ".join(main) + " |", "|" + "---|" * len(main)]
+    lines = [
+        f"Intervals: ±95% Student-t half-width over the replicate seeds; they cover: {interval['note']}.",
+        "",
+        "| " + " | ".join(main) + " |",
+        "|" + "---|" * len(main),
+    ]
     for t in tab:
         lines.append("| " + " | ".join(_fmt(t.get(c), t.get(f"{c}_ci")) for c in main) + " |")
     (run_path / "summary.md").write_text("\n".join(lines) + "\n")
@@ -141,7 +194,7 @@ def _fmt(v: Any, ci: Any = None) -> str:
 def run_label(path: Path, config: dict[str, Any]) -> str:
     """A short label: the loop policy of a run-dir generator (e.g. 'mix λ=1'), else the directory name."""
     gen = config.get("generator") or {}
-    loop_cfg = Path(str(gen.get("run_dir") or "")) / "config.yaml"
+    loop_cfg = Path(str(gen.get("run_dir") or (gen.get("replicates") or [""])[0] or "")) / "config.yaml"
     if gen.get("kind") == "run" and loop_cfg.is_file():
         policy = (yaml.safe_load(loop_cfg.read_text()) or {}).get("policy", {})
         name = policy.get("name", "?")
@@ -175,7 +228,7 @@ def _band(ax: Any, xs: list, mean: list, half: list, label: str, style: str = "-
 def _accuracy_figure(loaded: list, out: Path, plt: Any) -> Path | None:
     """Clean (solid) and mean shifted (dashed) accuracy vs alpha (replace, control) and vs r (augment)."""
     if not any(
-        r.get("mode") in ("replace", "augment", "real_shifted")
+        r.get("mode") in ("replace", "augment", "control")
         and r.get("kind") == "contaminated"
         and r.get("ratio", 0) > 0
         for _, _, rows, _ in loaded
@@ -187,7 +240,7 @@ def _accuracy_figure(loaded: list, out: Path, plt: Any) -> Path | None:
         prefix = f"{run_label(path, config)}: " if len(loaded) > 1 else ""
         cont = [r for r in rows if r.get("kind") == "contaminated"]
         zero = [r for r in cont if r["mode"] == "replace" and r["ratio"] == 0]  # alpha = r = 0: real only
-        for ax, modes in ((axes[0], ("replace", "real_shifted")), (axes[1], ("augment",))):
+        for ax, modes in ((axes[0], ("replace", "control")), (axes[1], ("augment",))):
             for mode in modes:
                 sel = [r for r in cont if r["mode"] == mode] + [
                     dict(r, mode=mode) for r in zero if mode != "replace"
@@ -196,7 +249,7 @@ def _accuracy_figure(loaded: list, out: Path, plt: Any) -> Path | None:
                     continue
                 label = {
                     "replace": "generated (replace)",
-                    "real_shifted": "shifted real (control)",
+                    "control": "held-out real (control)",
                     "augment": "real + generated (augment)",
                 }[mode]
                 line = _band(ax, *_curve(sel, "acc_clean"), f"{prefix}{label}, clean")
@@ -214,7 +267,7 @@ def _accuracy_figure(loaded: list, out: Path, plt: Any) -> Path | None:
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
         _legend(ax)
-    axes[0].set_title("replace vs the real_shifted control (95% bands over seeds)", fontsize=9)
+    axes[0].set_title("replace vs the held-out real control (95% bands over seeds)", fontsize=9)
     axes[1].set_title("augment", fontsize=9)
     fig.tight_layout()
     path = out / "accuracy_vs_ratio.png"
@@ -251,7 +304,7 @@ def _robustness_figure(loaded: list, out: Path, plt: Any) -> Path | None:
         zero = [
             r for r in rows if r.get("kind") == "contaminated" and r["mode"] == "replace" and r["ratio"] == 0
         ]
-        for mode in ("replace", "augment", "real_shifted", "generations"):
+        for mode in ("replace", "augment", "control", "generations"):
             sel = [
                 r for r in rows if r.get("kind") == "contaminated" and r["mode"] == mode and r["ratio"] > 0
             ]

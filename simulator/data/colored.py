@@ -34,6 +34,7 @@ from simulator.seeding import generator as seeded_generator
 NUM_CLASSES = 10
 STYLES = ("stroke", "background")
 BACKGROUND = 0.5  # brightness of a tinted background
+NO_COLOUR = -1  # the attribute of a purely grey image (a generator that lost the colour): no palette colour
 
 
 def _error(field: str, message: str) -> ValueError:
@@ -67,7 +68,7 @@ def colorize(gray: torch.Tensor, attrs: torch.Tensor, colors: int, style: str = 
 
 
 def color_attribute(images: torch.Tensor, colors: int) -> torch.Tensor:
-    """(n,) palette index nearest (cosine) to each image's tint.
+    """(n,) palette index nearest (cosine) to each image's tint; NO_COLOUR (-1) for an image with no tint.
 
     The tint is the sum over pixels of each pixel's chromatic part, x - min over channels of x: gray and
     white pixels (a generated image's murky background, a white stroke) add nothing, so what is left
@@ -75,10 +76,11 @@ def color_attribute(images: torch.Tensor, colors: int) -> torch.Tensor:
     """
     x = images.reshape(len(images), 3, -1).double()
     tint = (x - x.amin(1, keepdim=True)).sum(-1)
-    tint = tint / tint.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    norm = tint.norm(dim=1, keepdim=True)
     ref = palette(colors).double()
     ref = ref / ref.norm(dim=1, keepdim=True)
-    return (tint @ ref.T).argmax(1)
+    nearest = (tint / norm.clamp_min(1e-12) @ ref.T).argmax(1)
+    return torch.where(norm.squeeze(1) > 0, nearest, torch.full_like(nearest, NO_COLOUR))
 
 
 def _balanced(n: int, k: int, g: torch.Generator) -> torch.Tensor:
