@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 
+from simulator import strict_json
 from simulator.cli import CONFIG_DIR
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,6 +55,7 @@ def write(name: str, result: dict[str, Any]) -> Path:
     }  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    text = strict_json.dumps(result, indent=1)  # non-finite timings or ratios: null
+    path.write_text(text + "\n")
+    print(text)
     return path

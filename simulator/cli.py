@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import registry, stability
+from simulator import gaussian_stats_loop, registry, stability, strict_json
 from simulator.config import ConfigError, run_name, validate
 from simulator.loop import generation_loop
 from simulator.models.base import world
@@ -61,7 +61,8 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     gen0_cache = shared_gen0_path(run_path, config) if cfg.get("share_gen0") else None  # type: ignore[arg-type]
     with RunDir(run_path, durable=cfg.durable, writer=world()[0] == 0) as run:
         run.check_config(config)  # type: ignore[arg-type]
-        rows = generation_loop(
+        stats_path = gaussian_stats_loop.wants_statistics(cfg)  # model.path=statistics: no samples drawn
+        rows = (gaussian_stats_loop.statistics_loop if stats_path else generation_loop)(
             run, data, make_model, policy,
             generations=cfg.generations, seed=cfg.seed,
             warm_start=cfg.train.warm_start, steps=cfg.train.steps, steps_gen0=cfg.train.steps_gen0,
@@ -81,7 +82,9 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
         status = "diverged" if last["status"] == "diverged" else "complete"
         summary.update(policy=policy.describe(), generations=last["generation"], status=status)
         if world()[0] == 0:
-            (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
+            (run.path / "summary.json").write_text(
+                strict_json.dumps(strict_json.strict_row(summary), indent=1)
+            )
         if cfg.eval.figures and world()[0] == 0:
             from simulator import report
 
@@ -122,13 +125,14 @@ def _simulate(cfg: DictConfig) -> None:
         summary = run_config(cfg, run_path)
     except USER_ERRORS as e:
         fail(str(e), run_path)
-    log.info("%s: %s", run_path, json.dumps(summary))
+    log.info("%s: %s", run_path, strict_json.dumps(summary))
 
 
 def _validate(cfg: DictConfig) -> None:
     validate(cfg, families=sorted(registry.FAMILIES), sources=registry.source_names(),
              policies=sorted(registry.policies.POLICIES), metrics=registry.metric_names())  # fmt: skip
     registry.check_metric_options(cfg)
+    gaussian_stats_loop.check(cfg)
     registry.check_guidance(cfg)
 
 

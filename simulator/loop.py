@@ -34,9 +34,10 @@ from simulator import samples as store
 from simulator.data.base import Dataset
 from simulator.metrics import registry as metric_registry
 from simulator.models.base import Diverged, FitCheckpoint, GenerativeModel
-from simulator.policies import REAL, Policy, assemble, curate
+from simulator.policies import REAL, TRUTH, Policy, PolicyError, assemble, curate, draw_truth
 from simulator.report import save_grid
 from simulator.run import RunDir, SharedGen0, write_atomic
+from simulator.strict_json import strict_row
 
 
 def _load(path: Path) -> Any:
@@ -50,7 +51,9 @@ def _fitted(tmp: Path) -> dict[str, Any] | None:
 
 
 def _aggregate(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Chain mean of each metric column, with its standard error when there are several chains."""
+    """Chain mean of each metric column over its finite chains; with several chains also its standard
+    error (`_sem`) and the number of chains whose value was not finite (`_nonfinite`), so a collapse in
+    some chains is counted, never averaged away (the verdict counts such a run as diverging)."""
     row: dict[str, float] = {}
     for name, v in values.items():
         v = v.detach().double().cpu().reshape(-1)
@@ -58,6 +61,7 @@ def _aggregate(values: dict[str, torch.Tensor]) -> dict[str, float]:
         row[name] = float(finite.mean()) if len(finite) else math.nan
         if v.numel() > 1:
             row[f"{name}_sem"] = float(finite.std() / math.sqrt(len(finite))) if len(finite) > 1 else math.nan
+            row[f"{name}_nonfinite"] = int(v.numel() - len(finite))
     return row
 
 
@@ -155,7 +159,15 @@ def generation_loop(
         x = held[t][0 if kind == store.SAMPLES else 1]
         return x if rows is None else x[:, :rows]
 
+    n_truth = policy.n_truth(n_real)  # rows drawn afresh from the exact sampler each generation
+    if n_truth and data.truth is None:
+        raise PolicyError(
+            f"policy {policy.describe()}: the data source has no exact sampler (toy sources only)"
+        )
+
     def pool(member: int) -> torch.Tensor:
+        if member == TRUTH:  # generation t's fresh real rows (t: the generation being assembled)
+            return draw_truth(data.truth, n_truth, chains, seed, t)
         return data.train if member == REAL else samples_of(member, n_pool)
 
     def pool_labels(member: int) -> torch.Tensor:
@@ -203,11 +215,13 @@ def generation_loop(
                 if t == 0 or not warm_start:
                     model.reset(gen("init"))
                 train, labels = data.train, data.train_labels if conditional else None
+                weights = None  # per-row weights (policy weight_real); generation 0 is unweighted
                 if t > 0:
                     parts = policy.select(t, n_real, chains, gen("policy"))
-                    sizes = {REAL: n_real, **dict.fromkeys(range(t), n_pool)}  # rows of each member
+                    sizes = {REAL: n_real, TRUTH: n_truth, **dict.fromkeys(range(t), n_pool)}  # rows of each
                     train = assemble(parts, pool, chains, sizes)
                     labels = assemble(parts, pool_labels, chains, sizes) if conditional else None
+                    weights = policy.weights(parts, sizes)
                 n_train = train.shape[1]
                 n_steps = steps_gen0 if t == 0 and steps_gen0 else steps
                 batch = getattr(model, "batch_size", n_train)
@@ -225,6 +239,8 @@ def generation_loop(
                                  ema=ema if t > 0 and warm_start else "carry")  # fmt: skip
                     if checkpoint_every or seconds:  # kept in gen_XXX.tmp until the commit
                         extra["checkpoint"] = FitCheckpoint(tmp / "fit_state.pt", checkpoint_every, seconds)
+                if weights is not None:
+                    extra["weights"] = weights
                 stats = model.fit(
                     train, labels, steps=n_steps, generator=gen("fit"), progress=progress, **extra
                 )
@@ -237,7 +253,7 @@ def generation_loop(
             row.update(status="diverged", error=str(e))
             if main:
                 run.commit(t, row, status="diverged")
-            rows.append(row)
+            rows.append(strict_row(row))  # as committed: non-finite values are None
             break
         row["n_train"] = n_train
         row["train"] = stats
@@ -301,7 +317,7 @@ def generation_loop(
             shared = shared.release()
         distributed.barrier()  # the other ranks read the committed generation from here on
         del samples
-        rows.append(row)
+        rows.append(strict_row(row))  # as committed: non-finite values are None
         bar.set_postfix({k: f"{row[k]:.3g}" for k in list(values)[:2]})
     if shared is not None:  # generation 0 diverged: nothing to share
         shared.release()

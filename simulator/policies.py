@@ -9,12 +9,17 @@ stays one (C, N, *event) tensor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from simulator import seeding
+from simulator.data.base import Truth
+
 REAL = -1  # member id of the real training set; synthetic members are generation numbers
+TRUTH = -2  # member id of generation t's fresh draw from the data source's exact sampler (fresh, truth)
 
 
 class PolicyError(ValueError):
@@ -40,13 +45,39 @@ def _draw_without_replacement(chains: int, total: int, k: int, generator: torch.
     return keys.topk(k, dim=1).indices.sort(dim=1).values
 
 
+def _check_weight_real(weight_real: float | None) -> float | None:
+    if weight_real is None:
+        return None
+    bad = isinstance(weight_real, bool) or not isinstance(weight_real, (int, float))
+    if bad or not 0 <= weight_real <= 1:
+        raise PolicyError(f"policy.weight_real: must be a number in [0, 1] or null, got {weight_real!r}")
+    return float(weight_real)
+
+
+def _split_weights(weight_real: float | None, n_real: int, n_syn: int) -> torch.Tensor | None:
+    """Row weights (n_real + n_syn,): weight_real spread over the real rows, 1 - weight_real over the rest."""
+    if weight_real is None:
+        return None
+    return torch.cat([torch.full((n_real,), weight_real / n_real, dtype=torch.float64),
+                      torch.full((n_syn,), (1 - weight_real) / n_syn, dtype=torch.float64)])  # fmt: skip
+
+
 class Policy:
     """Base class: `n_synthetic` says how many samples each generation must provide."""
 
     name = "policy"
+    weighted = False  # takes weight_real (a real part and a synthetic part to weigh against each other)
 
     def n_synthetic(self, n_real: int) -> int:
         raise NotImplementedError
+
+    def n_truth(self, n_real: int) -> int:
+        """Rows generation t draws afresh from the exact sampler (member TRUTH); 0: none."""
+        return 0
+
+    def weights(self, parts: list[Part], sizes: dict[int, int]) -> torch.Tensor | None:
+        """Row weights (N,) of the training set `assemble(parts)`, shared by every chain; None: unweighted."""
+        return None
 
     def needs(self, t: int) -> list[int]:
         """Generations whose samples generation t reads (the rest may leave memory)."""
@@ -75,14 +106,22 @@ class Replace(Policy):
 
 
 class Mix(Policy):
-    """All real data plus round(lam * n_real) samples of G_{t-1} (Bertrand et al. 2024)."""
+    """All real data plus round(lam * n_real) samples of G_{t-1} (Bertrand et al. 2024).
+
+    weight_real (None: unweighted) is the total weight of the real rows in the fit, the synthetic rows
+    sharing 1 - weight_real, uniformly within each part; n_real / (n_real + n_syn) is the unweighted fit.
+    """
 
     name = "mix"
+    weighted = True
 
-    def __init__(self, lam: float = 0.5):
+    def __init__(self, lam: float = 0.5, weight_real: float | None = None):
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
             raise PolicyError(f"policy.lam: must be >= 0, got {lam}")
         self.lam = float(lam)
+        self.weight_real = _check_weight_real(weight_real)
+        if self.weight_real is not None and self.lam == 0:
+            raise PolicyError("policy.weight_real: needs synthetic rows to weigh against (lam > 0); use null")
 
     def n_synthetic(self, n_real: int) -> int:
         return round(self.lam * n_real)
@@ -95,25 +134,52 @@ class Mix(Policy):
             parts.append(Part((t - 1,), torch.arange(k).expand(chains, k)))
         return parts
 
+    def weights(self, parts, sizes):
+        return _split_weights(self.weight_real, *(p.size(sizes) for p in parts)) if len(parts) == 2 else None
+
     def describe(self) -> str:
-        return f"mix lambda={self.lam:g}"
+        w = "" if self.weight_real is None else f" weight_real={self.weight_real:g}"
+        return f"mix lambda={self.lam:g}{w}"
 
 
 class Fresh(Policy):
-    """A new uniform draw of real rows each generation plus synthetic ones (the MAD fresh-data loop).
+    """A new draw of real rows each generation plus synthetic ones (the MAD fresh-data loop).
 
-    n_real defaults to half the real training set, so successive draws differ;
-    n_syn defaults to n_real.
+    source "fixed" (or None, the default, so runs made before the option resume): a uniform draw of
+    n_real rows, without replacement, from the run's fixed real training set; n_real defaults to half of
+    it, so successive draws differ. source "truth": n_real new i.i.d. rows from the data source's exact
+    sampler every generation (member TRUTH, seeded per (chain, generation); see `draw_truth`), so no
+    real row is ever seen twice; n_real defaults to the training set's size. n_syn defaults to n_real.
+    weight_real as in Mix.
     """
 
     name = "fresh"
+    weighted = True
+    SOURCES = ("fixed", "truth")
 
-    def __init__(self, n_real: int | None = None, n_syn: int | None = None):
+    def __init__(
+        self,
+        n_real: int | None = None,
+        n_syn: int | None = None,
+        source: str | None = None,
+        weight_real: float | None = None,
+    ):
         if (n_real is not None and n_real < 1) or (n_syn is not None and n_syn < 0):
             raise PolicyError(f"policy.n_real must be >= 1 and policy.n_syn >= 0, got {n_real}, {n_syn}")
-        self.n_real, self.n_syn = n_real, n_syn
+        if source is not None and source not in self.SOURCES:
+            raise PolicyError(
+                f"policy.source: must be one of {', '.join(self.SOURCES)} or null, got {source!r}"
+            )
+        self.n_real, self.n_syn, self.source = n_real, n_syn, source or "fixed"
+        self.weight_real = _check_weight_real(weight_real)
+        if self.weight_real is not None and n_syn == 0:
+            raise PolicyError(
+                "policy.weight_real: needs synthetic rows to weigh against (n_syn > 0); use null"
+            )
 
     def _fresh(self, n_real: int) -> int:
+        if self.source == "truth":
+            return self.n_real or n_real
         k = self.n_real or max(n_real // 2, 1)
         if k > n_real:
             raise PolicyError(f"policy.n_real={k} exceeds the real training set ({n_real} rows)")
@@ -122,15 +188,27 @@ class Fresh(Policy):
     def n_synthetic(self, n_real: int) -> int:
         return self._fresh(n_real) if self.n_syn is None else self.n_syn
 
+    def n_truth(self, n_real: int) -> int:
+        return self._fresh(n_real) if self.source == "truth" else 0
+
     def select(self, t, n_real, chains, generator):
-        parts = [Part((REAL,), _draw_without_replacement(chains, n_real, self._fresh(n_real), generator))]
+        if self.source == "truth":
+            parts = [Part((TRUTH,))]
+        else:
+            parts = [Part((REAL,), _draw_without_replacement(chains, n_real, self._fresh(n_real), generator))]
         k = self.n_synthetic(n_real)
         if k:
             parts.append(Part((t - 1,), torch.arange(k).expand(chains, k)))
         return parts
 
+    def weights(self, parts, sizes):
+        return _split_weights(self.weight_real, *(p.size(sizes) for p in parts)) if len(parts) == 2 else None
+
     def describe(self) -> str:
-        return f"fresh n_real={self.n_real or 'n/2'}"
+        default = "n" if self.source == "truth" else "n/2"
+        extra = "" if self.source == "fixed" else f" source={self.source}"
+        extra += "" if self.weight_real is None else f" weight_real={self.weight_real:g}"
+        return f"fresh n_real={self.n_real or default}{extra}"
 
 
 class Accumulate(Policy):
@@ -174,6 +252,24 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
+TRUTH_BLOCK = 16  # chains whose fresh rows come from one call of the exact sampler (see draw_truth)
+
+
+def draw_truth(truth: Truth, n: int, chains: int, seed: int, t: int) -> torch.Tensor:
+    """(C, n, *event): generation t's fresh real rows from the exact sampler, each chain its own rows.
+
+    Chains are taken in blocks of TRUTH_BLOCK: block b draws TRUTH_BLOCK * n rows from the stream
+    (seed, t, "truth", b) and chain b * TRUTH_BLOCK + r keeps its r-th n of them. So chain c's rows depend
+    only on (seed, t, c), never on how many chains run, at one sampler call per block rather than per chain
+    (a call costs about 0.2 ms, which per chain would dominate a 2000-chain gaussian generation).
+    """
+    blocks = []
+    for b in range(math.ceil(chains / TRUTH_BLOCK)):
+        x = truth.sample(TRUTH_BLOCK * n, seeding.generator(seed, t, "truth", b)).cpu()
+        blocks.append(x.reshape(TRUTH_BLOCK, n, *x.shape[1:]))
+    return torch.cat(blocks)[:chains]
+
+
 def assemble(
     parts: list[Part],
     pool: Callable[[int], torch.Tensor],
@@ -205,7 +301,7 @@ def assemble(
             else:  # the part's rows that fall into this member
                 hit = (part.index >= offset) & (part.index < offset + sizes[m])
                 rows, cols = hit.nonzero(as_tuple=True)
-                out[rows, pos + cols] = x[rows, part.index[rows, cols] - offset]
+                out[rows, pos + cols] = x[rows, part.index[rows, cols] - offset].to(out.dtype)
             offset += sizes[m]
             del x
         pos += part.size(sizes)

@@ -188,8 +188,19 @@ def check_guidance(cfg: DictConfig, data: Dataset | None = None) -> None:
 def make_policy(cfg: DictConfig) -> policies.Policy:
     """The data policy named by cfg.policy.name, built with the group's other keys as options."""
     options = {k: v for k, v in _options(cfg.policy).items() if k != "name"}
+    cls = policies.POLICIES[cfg.policy.name]
+    if options.get("weight_real") is not None and not cls.weighted:
+        weighted = ", ".join(name for name, c in policies.POLICIES.items() if c.weighted)
+        raise ConfigError(f"policy.weight_real: only for policies with a real and a synthetic part "
+                          f"({weighted}), not {cfg.policy.name}")  # fmt: skip
+    options = {k: v for k, v in options.items() if k != "weight_real" or cls.weighted}
+    from simulator.data.toy import TOY_SOURCES
+
+    if options.get("source") == "truth" and cfg.data.source not in TOY_SOURCES:
+        raise ConfigError(f"policy.source=truth: needs a data source with an exact sampler (a toy source), "
+                          f"not data.source={cfg.data.source}")  # fmt: skip
     try:
-        return policies.POLICIES[cfg.policy.name](**options)
+        return cls(**options)
     except TypeError as e:
         raise ConfigError(f"policy ({cfg.policy.name}): {e}") from None
     except policies.PolicyError as e:

@@ -1,7 +1,8 @@
 """Tables and figures drawn from run directories alone (results.jsonl, config.yaml, gen_*/ samples).
 
 Runs whose configs differ only in the seed are one regime: their curves are
-drawn as a mean with a 95% band over seeds.
+drawn as a mean with a Student-t 95% band over seeds, and judged together
+(stability.regime_verdict) against the real-only floor of the same sweep when it has one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import yaml
 
 from simulator import stability
+from simulator.strict_json import number
 
 SKIP_COLUMNS = {"generation", "status", "policy", "train", "error", "n_train"}
 
@@ -89,8 +91,8 @@ def numeric_columns(rows: list[dict[str, Any]]) -> list[str]:
     cols: dict[str, None] = {}
     for r in rows:
         for k, v in r.items():
-            if k not in SKIP_COLUMNS and not k.endswith("_sem") and not k.startswith("seconds") \
-                    and isinstance(v, (int, float)) and not isinstance(v, bool):  # fmt: skip
+            derived = k in SKIP_COLUMNS or k.endswith(("_sem", "_nonfinite")) or k.startswith("seconds")
+            if not derived and isinstance(v, (int, float)) and not isinstance(v, bool):
                 cols[k] = None
     return list(cols)
 
@@ -135,7 +137,7 @@ def draw_run(path: Path) -> list[Path]:
         fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), squeeze=False)
         gens = [r["generation"] for r in rows]
         for ax, c in zip(axes.flat, cols, strict=False):
-            ax.plot(gens, [r.get(c, math.nan) for r in rows], marker=".")
+            ax.plot(gens, [number(r.get(c)) for r in rows], marker=".")  # null: not finite
             ax.set_title(c, fontsize=9)
             ax.set_xlabel("generation", fontsize=8)
         for ax in list(axes.flat)[len(cols) :]:
@@ -198,9 +200,92 @@ def _seedless(config: dict[str, Any]) -> str:
     return json.dumps(c, sort_keys=True, default=str)
 
 
+def _policyless(config: dict[str, Any]) -> str:
+    return _seedless({k: v for k, v in config.items() if k != "policy"})
+
+
+def is_floor(config: dict[str, Any]) -> bool:
+    """The real-only regime (mix with lambda = 0): every generation retrains on the real data alone."""
+    policy = config.get("policy", {})
+    return policy.get("name") == "mix" and policy.get("lam") == 0
+
+
+Run = tuple[Path, dict[str, Any], list[dict[str, Any]]]
+
+
+def _diverged(p: Path, rows: list[dict[str, Any]]) -> bool:
+    return _state(p).get("status") == "diverged" or any(r.get("status") == "diverged" for r in rows)
+
+
+def _trajectory(rows: list[dict[str, Any]], metric: str, gens: list[int]) -> list[float]:
+    """The metric at each of gens: inf after a diverged generation (and where a chain was non-finite),
+    nan where the run has not reached the generation yet."""
+    by_gen = {r["generation"]: r for r in rows}
+    out, dead = [], False
+    for t in gens:
+        r = by_gen.get(t)
+        dead |= r is not None and (r.get("status") == "diverged" or bool(r.get(f"{metric}_nonfinite")))
+        v = r.get(metric) if r is not None else None
+        out.append(math.inf if dead else (float(v) if isinstance(v, (int, float)) else math.nan))
+    return out
+
+
+def regime_table(groups: dict[str, list[Run]], metric: str) -> list[dict[str, Any]]:
+    """One row per regime: the metric's first and last generation (mean with a Student-t 95% interval
+    over seeds) and stability.regime_verdict on its excess over the real-only floor of the same sweep
+    (paired by seed) when there is one, else over each run's generation 0."""
+    floors = {_policyless(m[0][1]): m for m in groups.values() if is_floor(m[0][1])}
+    table = []
+    for members in groups.values():
+        config = members[0][1]
+        runs = sorted(members, key=lambda m: str(m[1].get("seed")))
+        gens = sorted({r["generation"] for _, _, rows in runs for r in rows})
+        if not gens:
+            continue
+        chains = [_trajectory(rows, metric, gens) for _, _, rows in runs]
+        reached = [i for i, t in enumerate(gens) if all(not math.isnan(c[i]) for c in chains)]
+        gens = [gens[i] for i in reached]  # generations every seed has reached (a sweep still running)
+        chains = [[c[i] for i in reached] for c in chains]
+        floor = floors.get(_policyless(config))
+        paired, reference = None, "generation 0"
+        if floor is not None and not is_floor(config):
+            seeds = {m[1].get("seed"): m for m in floor}
+            paired = [_trajectory(seeds[m[1].get("seed")][2], metric, gens) if m[1].get("seed") in seeds
+                      else [math.nan] * len(gens) for m in runs]  # fmt: skip
+            reference = "real-only floor"
+        v = stability.regime_verdict(chains, floor=paired, generations=gens,
+                                     diverged=[_diverged(p, rows) for p, _, rows in runs])  # fmt: skip
+        first = stability.t_interval([c[0] for c in chains])
+        last = stability.t_interval([c[-1] for c in chains])
+        table.append({
+            "regime": regime_label(config), "seeds": len(runs), "generations": gens[-1] if gens else None,
+            f"{metric}_first": first["mean"], f"{metric}_last": last["mean"],
+            f"{metric}_last_pm": last["half"],
+            "reference": reference, "excess_last": v["excess_last"],
+            "excess_low": v["excess_last_low"], "excess_high": v["excess_last_high"],
+            "change": v["change"], "peak": v["peak"], "diverged_fraction": v["diverged_fraction"],
+            "verdict": v["verdict"],
+        })  # fmt: skip
+    return table
+
+
+def _write_table(table: list[dict[str, Any]], stem: Path) -> None:
+    """stem.csv and stem.md (missing values as empty cells / '-')."""
+    columns = list(dict.fromkeys(k for row in table for k in row))
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(table)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in table:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -> Path:
-    """Stability figure (one panel per metric: metric vs generation, one line per regime, 95% band
-    over seeds) and summary tables (CSV and markdown) of the first metric's contraction and verdict."""
+    """Stability figure (per metric: the metric vs generation, one line per regime with a Student-t 95%
+    band over seeds, and the excess over the real-only floor when the sweep has one), a per-regime
+    verdict table (regimes.csv / regimes.md) and a per-run table (summary.csv / summary.md)."""
     loaded = []
     for p in runs:  # a broken run is skipped with one line; the others are still reported
         try:
@@ -219,7 +304,7 @@ def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ReportError(f"--out {out}: cannot create it ({e.strerror})") from None
-    groups: dict[str, list[tuple[Path, dict, list]]] = defaultdict(list)
+    groups: dict[str, list[Run]] = defaultdict(list)
     for p, config, rows in loaded:
         groups[_seedless(config)].append((p, config, rows))
 
@@ -234,21 +319,23 @@ def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -
                 row.update({f"{m}_first": s["first"], f"{m}_last": s["last"], f"{m}_rho": s["rho"],
                             f"{m}_verdict": s["verdict"]})  # fmt: skip
             table.append(row)
-    with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-    for row in table:
-        lines.append("| " + " | ".join(_fmt(v) for v in row.values()) + " |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    _write_table(table, out / "summary")
+    regimes = []
+    for m in metrics:
+        regimes += [{"metric": m, **r} for r in regime_table(groups, m)]
+    if regimes:
+        _write_table(regimes, out / "regimes")
 
     _write_tidy(loaded, out)
 
     plt = _plt()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.0 * len(metrics), 4.2), squeeze=False)
-    for ax, m in zip(axes[0], metrics, strict=True):
-        _draw_metric(ax, m, groups)
+    floors = any(is_floor(m[0][1]) for m in groups.values()) and len(groups) > 1
+    nrow = 2 if floors else 1
+    fig, axes = plt.subplots(nrow, len(metrics), figsize=(6.0 * len(metrics), 4.2 * nrow), squeeze=False)
+    for j, m in enumerate(metrics):
+        _draw_metric(axes[0, j], m, groups)
+        if floors:
+            _draw_excess(axes[1, j], m, groups)
     fig.tight_layout()
     fig.savefig(out / "stability.png", dpi=120)
     plt.close(fig)
@@ -280,8 +367,17 @@ def _write_tidy(loaded: list[tuple[Path, dict, list]], out: Path) -> None:
     pq.write_table(table, out / "results.parquet")
 
 
-def _draw_metric(ax: Any, metric: str, groups: dict[str, list[tuple[Path, dict, list]]]) -> None:
-    """One panel: metric vs generation, a line per regime (mean over seeds, 95% band when several)."""
+def _band(ax: Any, gens: list[int], columns: list[list[float]], label: str) -> None:
+    """Mean over seeds with its Student-t 95% band (stability.t_interval) at each generation."""
+    ci = [stability.t_interval(c) for c in columns]
+    (line,) = ax.plot(gens, [c["mean"] for c in ci], marker=".", label=label)
+    if any(c["n"] > 1 for c in ci):
+        low, high = [c["low"] for c in ci], [c["high"] for c in ci]
+        ax.fill_between(gens, low, high, color=line.get_color(), alpha=0.2)
+
+
+def _draw_metric(ax: Any, metric: str, groups: dict[str, list[Run]]) -> None:
+    """One panel: metric vs generation, a line per regime (mean over seeds, Student-t 95% band)."""
     positive = True
     for members in groups.values():
         curves: dict[int, list[float]] = defaultdict(list)
@@ -292,26 +388,37 @@ def _draw_metric(ax: Any, metric: str, groups: dict[str, list[tuple[Path, dict, 
                     curves[r["generation"]].append(v)
                     positive &= v > 0
         gens = sorted(curves)
-        mean = [sum(curves[t]) / len(curves[t]) for t in gens]
         label = regime_label(members[0][1]) + (f" ({len(members)} seeds)" if len(members) > 1 else "")
-        (line,) = ax.plot(gens, mean, marker=".", label=label)
-        if len(members) > 1:
-            half = [1.96 * _sd(curves[t]) / math.sqrt(len(curves[t])) for t in gens]
-            low = [m - h for m, h in zip(mean, half, strict=True)]
-            high = [m + h for m, h in zip(mean, half, strict=True)]
-            ax.fill_between(gens, low, high, color=line.get_color(), alpha=0.2)
+        _band(ax, gens, [curves[t] for t in gens], label)
     ax.set_xlabel("generation")
     ax.set_ylabel(metric)
     ax.set_yscale("log" if positive else "linear")
-    ax.set_title(f"{metric} across generations")
+    ax.set_title(f"{metric} across generations (95% Student-t band over seeds)", fontsize=10)
     ax.legend(fontsize=8)
 
 
-def _sd(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+def _draw_excess(ax: Any, metric: str, groups: dict[str, list[Run]]) -> None:
+    """One panel: each regime's error over the real-only floor of the same seed (paired), as a factor."""
+    floors = {_policyless(m[0][1]): {c.get("seed"): rows for _, c, rows in m} for m in groups.values()
+              if is_floor(m[0][1])}  # fmt: skip
+    for members in groups.values():
+        floor = floors.get(_policyless(members[0][1]))
+        if floor is None or is_floor(members[0][1]):
+            continue
+        ratios: dict[int, list[float]] = defaultdict(list)
+        for _, config, rows in members:
+            base = {r["generation"]: r.get(metric) for r in floor.get(config.get("seed"), [])}
+            for r in rows:
+                v, f = r.get(metric), base.get(r["generation"])
+                if isinstance(v, (int, float)) and isinstance(f, (int, float)) and v > 0 and f > 0:
+                    ratios[r["generation"]].append(math.log(v / f))
+        gens = sorted(ratios)
+        _band(ax, gens, [ratios[t] for t in gens], regime_label(members[0][1]))
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("generation")
+    ax.set_ylabel(f"log({metric} / real-only {metric}), same seed")
+    ax.set_title("excess over the real-only floor (paired by seed)", fontsize=10)
+    ax.legend(fontsize=8)
 
 
 def _fmt(v: Any) -> str:

@@ -6,12 +6,17 @@
     <run>/gen_XXX/         model.pt, samples (simulator.samples), metrics.json, manifest.json
                            (written as gen_XXX.tmp/, renamed when whole)
 
-The gen_XXX directories are the truth: results.jsonl is repaired from their
-metrics.json, and state.json's checksums from their manifest.json (written
-before the rename), when a process died between the rename and the append.
+The gen_XXX directories are the truth: each carries manifest.json (its results
+row, status and the checksum of every file, with a digest of them all), written
+inside gen_XXX.tmp before the rename. results.jsonl and state.json are derived
+records, rebuilt from the manifests when they are missing, stale (a kill between
+the rename and the append or the state write), torn or edited. A generation
+whose manifest or files fail their checksums is set aside and recomputed; a run
+directory without its config.yaml is refused (nothing could check the config).
 The first uncommitted generation's gen_XXX.tmp survives a restart: it holds
 the fitted model, the training-state checkpoint and whole sample shards, from
-which the generation resumes.
+which the generation resumes. COMMIT_EVENTS lists the file-system events of a
+commit; tests/test_commit.py kills a run before each of them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -29,6 +35,7 @@ from typing import Any
 import yaml
 
 from simulator import __version__
+from simulator.strict_json import dumps, strict_row
 
 
 class RunError(RuntimeError):
@@ -138,14 +145,26 @@ class RunDir:
         path = self.path / "config.yaml"
         if not self.writer:
             return
+        restore = f"restore it from a copy, or delete {self.path} to start the run over"
         if path.exists():
-            old = yaml.safe_load(path.read_text()) or {}
+            try:
+                old = yaml.safe_load(path.read_text())
+            except (OSError, ValueError, yaml.YAMLError):  # ValueError: undecodable bytes
+                old = None
+            if not isinstance(old, dict):
+                raise RunError(f"{path} is unreadable or not a mapping of config keys; {restore}")
             diff = config_differences(old, config, self.RESUMABLE_KEYS)
             if diff:
                 raise RunError(
                     f"run directory {self.path} was made by another config ({'; '.join(diff[:3])}"
                     f"{'; ...' if len(diff) > 3 else ''}); use another run_root/name or delete it"
                 )
+        elif (
+            any(self.path.glob("gen_*"))
+            or (self.path / "results.jsonl").exists()
+            or (self.path / "state.json").exists()
+        ):  # its generations were made by a config that nothing can check now
+            raise RunError(f"run directory {self.path} holds generations but no config.yaml; {restore}")
         write_atomic(path, yaml.safe_dump(config, sort_keys=False))
 
     # ---- state and results ------------------------------------------------------------------
@@ -153,13 +172,12 @@ class RunDir:
         return self.path / f"gen_{t:03d}"
 
     def state(self) -> dict[str, Any]:
-        path = self.path / "state.json"
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def write_state(self, **fields: Any) -> None:
-        state = self.state()
-        state.update(fields, code_version=__version__)
-        write_atomic(self.path / "state.json", json.dumps(state, indent=1, sort_keys=True), self.durable)
+        """state.json, or {} when it is missing or unreadable (repair() rebuilds it from the manifests)."""
+        try:
+            state = json.loads((self.path / "state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
 
     def committed(self) -> list[int]:
         """Generations committed so far: gen_000 .. gen_{k-1} (contiguous; a gap ends the list)."""
@@ -173,70 +191,141 @@ class RunDir:
         if not path.exists():
             return []
         rows = []
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 break  # a torn last line from a killed process; repair() rewrites it
         return rows
 
-    def _manifest(self, t: int) -> dict[str, str] | None:
-        """Checksums from gen t's manifest.json; None when it is missing or unreadable."""
-        try:
-            files = json.loads((self.gen_dir(t) / self.MANIFEST).read_text())
-        except (OSError, ValueError):
+    def manifest(self, t: int, state: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Gen t's manifest (generation, status, row, files) when every file of gen t matches its checksum;
+        None when a file is missing or altered, or the manifest is missing or damaged and `state` (state.json,
+        which older versions kept the checksums in) does not cover gen t. Its "rewrite" says why repair()
+        writes it anew (None: it is whole)."""
+        folder = self.gen_dir(t)
+        prefix = f"{folder.name}/"
+        m = read_manifest(folder / self.MANIFEST)
+        # why repair() rewrites it: None (whole), "upgraded" (an older run's bare checksums), "missing" or
+        # "damaged" (rebuilt from state.json's checksums)
+        why = "upgraded" if m is not None else "damaged" if (folder / self.MANIFEST).exists() else "missing"
+        why = None if m is not None and m["row"] is not None else why
+        if m is None:
+            files = (state or {}).get("files")
+            files = (
+                {k: v for k, v in files.items() if k.startswith(prefix)} if isinstance(files, dict) else {}
+            )
+            if not files:
+                return None
+            m = {"generation": t, "status": None, "row": None, "files": files}
+        files = m["files"]
+        if not all(k.startswith(prefix) and isinstance(v, str) for k, v in files.items()):
             return None
-        return files if isinstance(files, dict) else None
+        for key, want in files.items():
+            path = folder / key[len(prefix) :]
+            if not path.is_file() or sha256(path) != want:
+                return None
+        if m["row"] is None:  # the row from metrics.json, itself checksummed
+            if f"{prefix}metrics.json" not in files:
+                return None
+            try:
+                row = json.loads((folder / "metrics.json").read_text())
+            except ValueError:
+                return None
+            if not isinstance(row, dict):
+                return None
+            state = state or {}
+            status = state.get("status") if state.get("last_generation") == t else None
+            status = status or ("diverged" if row.get("status") == "diverged" else "running")
+            m = {"generation": t, "status": status, "row": strict_row(row), "files": files}
+        if m["generation"] != t or m["row"].get("generation") != t:
+            return None
+        return {**m, "rewrite": why}
+
+    def verify_all(self, t: int) -> bool:
+        """True when gen t has a manifest and every one of its files matches its checksum."""
+        return self.manifest(t, self.state()) is not None
 
     def repair(self) -> list[int]:
-        """Bring the directory to its last whole generation before resuming.
+        """Bring the directory to its last whole generation before resuming; returns the committed ones.
 
-        Takes the checksums of generations committed without them (a kill right after the rename)
-        from their manifest.json; moves the first generation whose files fail their checksum (and
-        every later one, which was computed from it) to corrupt/ so it is recomputed; keeps the
-        first uncommitted generation's gen_XXX.tmp (to resume it) unless a generation was set aside,
-        and drops every other one; then makes results.jsonl and state.json agree with the gen dirs
-        (a kill between the rename and the append leaves a missing or torn row).
+        The manifests are the truth. The first generation whose manifest or files fail their checksums
+        (and every later one, computed from it; and any generation after a gap) moves to corrupt/ to be
+        recomputed. A damaged or missing manifest is rewritten from state.json's checksums when they cover
+        its generation. The first uncommitted generation's gen_XXX.tmp is kept (to resume it) unless a
+        generation was set aside; every other one is dropped. results.jsonl and state.json are then
+        rebuilt from the manifests wherever they differ (a kill between the rename and the append or the
+        state write; a torn row; an edited, truncated or deleted file), saying so when a row had changed.
         A reader (writer=False) changes nothing and returns the committed generations.
         """
         gens = self.committed()
         if not self.writer:
             return gens
-        files = self.state().get("files", {})
-        missing = {}
+        state = self.state()
+        if (self.path / "state.json").exists() and not state:
+            print(f"warning: {self.path / 'state.json'} was unreadable; rebuilt it from the generations' "
+                  "manifests", file=sys.stderr)  # fmt: skip
+        manifests: list[dict[str, Any]] = []
         for t in gens:
-            if not any(k.startswith(f"{self.gen_dir(t).name}/") for k in files):
-                missing.update(self._manifest(t) or {})
-        if missing:
-            self.write_state(files={**files, **missing})
-        bad = next((t for t in gens if not self.verify_all(t)), None)
-        if bad is not None:
+            m = self.manifest(t, state)
+            if m is None:
+                break
+            why = m.pop("rewrite")
+            if why:
+                self._write_durable(self.gen_dir(t) / self.MANIFEST, make_manifest(**m))
+            if why in ("missing", "damaged"):
+                print(f"warning: {self.gen_dir(t) / self.MANIFEST} was {why}; rewrote it from state.json's "
+                      "checksums", file=sys.stderr)  # fmt: skip
+            manifests.append(m)
+        good = len(manifests)
+        later = sorted(int(p.name[4:]) for p in self.path.glob("gen_*") if p.is_dir() and _GEN.match(p.name))
+        doomed = [t for t in later if t >= good]
+        if doomed:
             quarantine = self.path / "corrupt"
             quarantine.mkdir(exist_ok=True)
-            for t in gens[bad:]:
-                target = quarantine / f"{self.gen_dir(t).name}.{len(list(quarantine.iterdir()))}"
-                os.replace(self.gen_dir(t), target)
-            print(f"warning: {self.gen_dir(bad).name} failed its checksum; moved generations {bad}.."
-                  f"{gens[-1]} to {quarantine} and recomputing them", file=sys.stderr)  # fmt: skip
-            files = {k: v for k, v in self.state().get("files", {}).items() if int(k.split("/")[0][4:]) < bad}
-            self.write_state(files=files, last_generation=bad - 1)
-            gens = gens[:bad]
-        keep = self.tmp_dir(len(gens)) if bad is None else None
+            for t in reversed(doomed):  # last first: a kill here leaves a prefix (and a gap) behind
+                os.replace(
+                    self.gen_dir(t), quarantine / f"{self.gen_dir(t).name}.{len(list(quarantine.iterdir()))}"
+                )
+            why = "failed its checksum" if good < len(gens) else "is missing"
+            print(f"warning: {self.gen_dir(good).name} {why}; moved generations {doomed[0]}..{doomed[-1]} "
+                  f"to {quarantine} and recomputing them", file=sys.stderr)  # fmt: skip
+        gens = gens[:good]
+        keep = self.tmp_dir(good) if not doomed else None
         for tmp in self.path.glob("gen_*.tmp"):
-            if tmp != keep:
+            if tmp != keep and tmp.is_dir():
                 shutil.rmtree(tmp)
-        path = self.path / "results.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        rows = self.rows()
-        if [r.get("generation") for r in rows] != gens or len(lines) != len(rows):
-            rows = [json.loads((self.gen_dir(t) / "metrics.json").read_text()) for t in gens]
-            self._write_rows(rows)
-        if gens and self.state().get("last_generation") != gens[-1]:
-            self.write_state(last_generation=gens[-1], status=rows[-1].get("status", "running"))
+        for stale in self.path.glob("*.tmp"):  # write_atomic's temporary files (state.json.tmp, ...)
+            if stale.is_file():
+                stale.unlink()
+        self._rebuild_rows(manifests, warn=not doomed)
+        files = {k: v for m in manifests for k, v in m["files"].items()}
+        want = {"files": files, "last_generation": good - 1,
+                "status": manifests[-1]["status"] if manifests else "running"}  # fmt: skip
+        if (manifests or (self.path / "state.json").exists()) and any(
+            state.get(k) != v for k, v in want.items()
+        ):
+            text = dumps({**want, "code_version": __version__}, indent=1, sort_keys=True)
+            write_atomic(self.path / "state.json", text, self.durable)
         return gens
 
-    def _write_rows(self, rows: list[dict]) -> None:
-        write_atomic(self.path / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows), self.durable)
+    def _rebuild_rows(self, manifests: list[dict[str, Any]], warn: bool) -> None:
+        """Rewrite results.jsonl from the manifests' rows when it differs from them."""
+        path = self.path / "results.jsonl"
+        want = [dumps(m["row"]) for m in manifests]
+        try:
+            text = path.read_text(errors="replace")
+        except FileNotFoundError:
+            text = ""
+        if text == "".join(line + "\n" for line in want):
+            return
+        have = text.splitlines()
+        if warn and not "".join(line + "\n" for line in want).startswith(text):  # not a kill's leftovers
+            t = next((i for i, line in enumerate(have) if i >= len(want) or line != want[i]), len(have))
+            what = f"row of generation {t} differed from" if t < len(want) else "held rows beyond"
+            print(f"warning: {path}: {what} {self.gen_dir(min(t, len(want) - 1)).name}/{self.MANIFEST}; "
+                  "restored it from the generations' manifests", file=sys.stderr)  # fmt: skip
+        write_atomic(path, "".join(line + "\n" for line in want), self.durable)
 
     # ---- one generation ---------------------------------------------------------------------
     def tmp_dir(self, t: int) -> Path:
@@ -249,15 +338,36 @@ class RunDir:
             tmp.mkdir(exist_ok=True)
         return tmp
 
-    def commit(self, t: int, row: dict[str, Any], status: str = "running") -> None:
-        """Make generation t whole: metrics.json and manifest.json (every file's checksum), fsync,
-        rename, then the results row and state. A kill after the rename loses no checksum: repair()
-        takes them from the manifest."""
-        tmp = self.tmp_dir(t)
+    def _event(self, name: str) -> None:
+        """Called before each file-system event of commit() (COMMIT_EVENTS); tests kill the run here."""
+
+    def _write_durable(self, path: Path, text: str) -> None:
+        with open(path, "w") as f:
+            f.write(text)
+            f.flush()
+            if self.durable:
+                os.fsync(f.fileno())
+
+    def commit(self, t: int, row: dict[str, Any], status: str = "running") -> dict[str, Any]:
+        """Make generation t whole; returns the row as written (strict JSON: see simulator.strict_json).
+
+        The events, in order, are COMMIT_EVENTS. Everything that makes the generation whole -- its files,
+        metrics.json and manifest.json (the row, the status and every file's checksum) -- is inside
+        gen_XXX.tmp before the rename; results.jsonl and state.json come after it and are derived
+        records: a kill before any event leaves either an uncommitted gen_XXX.tmp (resumed) or a
+        committed generation whose row and state repair() rebuilds from its manifest.
+        """
+        row = strict_row(row)
+        tmp, final = self.tmp_dir(t), self.gen_dir(t)
+        events = iter(COMMIT_EVENTS)
         for name in self.SCRATCH:
+            self._event(next(events))
             (tmp / name).unlink(missing_ok=True)
+        self._event(next(events))
         shutil.rmtree(tmp / ".partial", ignore_errors=True)  # half-written files of a killed writer
-        (tmp / "metrics.json").write_text(json.dumps(row, indent=1))
+        self._event(next(events))
+        (tmp / "metrics.json").write_text(dumps(row, indent=1))
+        self._event(next(events))
         checksums = {}
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):  # sub-folders too (pipeline/)
             if f.name == self.MANIFEST and f.parent == tmp:
@@ -265,36 +375,88 @@ class RunDir:
             if self.durable:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            checksums[f"{self.gen_dir(t).name}/{f.relative_to(tmp).as_posix()}"] = sha256(f)
-        write_atomic(tmp / self.MANIFEST, json.dumps(checksums, indent=1, sort_keys=True), self.durable)
+            checksums[f"{final.name}/{f.relative_to(tmp).as_posix()}"] = sha256(f)
+        self._event(next(events))
+        self._write_durable(tmp / self.MANIFEST, make_manifest(t, status, row, checksums))
+        self._event(next(events))
         if self.durable:
             for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
                 _fsync_dir(d)
             _fsync_dir(tmp)
-        os.replace(tmp, self.gen_dir(t))
+        self._event(next(events))
+        os.replace(tmp, final)
+        self._event(next(events))
         if self.durable:
             _fsync_dir(self.path)
+        self._event(next(events))
         with open(self.path / "results.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(dumps(row) + "\n")
             f.flush()
             if self.durable:
                 os.fsync(f.fileno())
-        files = self.state().get("files", {})
-        files.update(checksums)
-        self.write_state(last_generation=t, status=status, files=files)
+        state = self.state()
+        state.update(last_generation=t, status=status, files={**state.get("files", {}), **checksums},
+                     code_version=__version__)  # fmt: skip
+        staging = self.path / "state.json.tmp"
+        self._event(next(events))
+        self._write_durable(staging, dumps(state, indent=1, sort_keys=True))
+        self._event(next(events))
+        os.replace(staging, self.path / "state.json")
+        assert next(events, None) is None, "COMMIT_EVENTS lists an event that commit() does not make"
+        return row
 
-    def verify_all(self, t: int) -> bool:
-        """True when every checksummed file of generation t is present and intact."""
-        prefix = f"{self.gen_dir(t).name}/"
-        names = [k[len(prefix) :] for k in self.state().get("files", {}) if k.startswith(prefix)]
-        return all(self.verify(t, name) for name in names)
 
-    def verify(self, t: int, name: str) -> bool:
-        """True when gen t's file matches the checksum recorded at commit (or none was recorded)."""
-        key = f"{self.gen_dir(t).name}/{name}"
-        want = self.state().get("files", {}).get(key)
-        path = self.gen_dir(t) / name
-        return path.exists() and (want is None or sha256(path) == want)
+# The file-system events of RunDir.commit(t), in order; _event(name) is called before each.
+COMMIT_EVENTS = (
+    "unlink gen_XXX.tmp/fit_state.pt",
+    "unlink gen_XXX.tmp/fit.json",
+    "remove gen_XXX.tmp/.partial/",
+    "write gen_XXX.tmp/metrics.json",
+    "fsync gen_XXX.tmp's files",
+    "write gen_XXX.tmp/manifest.json",
+    "fsync gen_XXX.tmp's folders",
+    "rename gen_XXX.tmp -> gen_XXX",
+    "fsync the run folder",
+    "append the row to results.jsonl",
+    "write state.json.tmp",
+    "rename state.json.tmp -> state.json",
+)
+_GEN = re.compile(r"^gen_\d{3,}$")
+_MANIFEST_KEYS = ("generation", "status", "row", "files")
+
+
+def _digest(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def make_manifest(generation: int, status: str, row: dict[str, Any], files: dict[str, str]) -> str:
+    """manifest.json's text: the generation's row, status and file checksums, and a digest of them all."""
+    body = json.loads(dumps({"generation": generation, "status": status, "row": row, "files": files}))
+    return json.dumps({**body, "digest": _digest(body)}, indent=1, allow_nan=False)  # the row keeps its order
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """A manifest's {generation, status, row, files}, or None when it is missing, torn or edited (its
+    digest does not match). An older version's manifest (a bare map of checksums) gives row None."""
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or not m:
+        return None
+    if "digest" not in m:
+        ok = all(isinstance(k, str) and "/" in k and isinstance(v, str) for k, v in m.items())
+        return {"generation": None, "status": None, "row": None, "files": m} if ok else None
+    body = {k: m.get(k) for k in _MANIFEST_KEYS}
+    if (
+        m["digest"] != _digest(body)
+        or not isinstance(body["row"], dict)
+        or not isinstance(body["files"], dict)
+    ):
+        return None
+    if body["generation"] is None:  # the legacy fallback above fills it in; here it must be there
+        return None
+    return body
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -339,12 +501,10 @@ class SharedGen0:
 
     def ready(self) -> bool:
         """True when a whole, intact generation 0 is published here."""
-        try:
-            files = json.loads((self.path / RunDir.MANIFEST).read_text())
-        except (OSError, ValueError):
-            return False
-        return all((self.path / k.split("/", 1)[1]).exists() and sha256(self.path / k.split("/", 1)[1]) == v
-                   for k, v in files.items())  # fmt: skip
+        m = read_manifest(self.path / RunDir.MANIFEST)
+        files = m["files"] if m is not None else {}
+        paths = {self.path / k.split("/", 1)[-1]: v for k, v in files.items()}
+        return bool(paths) and all(p.is_file() and sha256(p) == v for p, v in paths.items())
 
     def adopt(self, run: RunDir, policy: str) -> dict[str, Any]:
         """Commit the shared generation 0 as run's gen_000 (its row names run's policy); returns the row."""

@@ -130,6 +130,29 @@ def gaussian_expected(
     return {key: val[ts] for key, val in out.items()}
 
 
+def golden_ratio_stationary(
+    w: ArrayLike, n: int, m: int, sigma2: float = 1.0, *, known_sigma: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stationary E[(mu_t - mu)^2] per coordinate, and E[Sigma_t], of the weighted fresh-data Gaussian loop.
+
+    Each generation fits mu_t = w mean(n fresh real rows) + (1 - w) mean(m samples of G_{t-1}),
+    G_{t-1} = N(mu_{t-1}, Sigma_{t-1}) (He, Xu and Cheng 2025); derivation in
+    experiments/golden_ratio/README.md. known_sigma: the samples' variance is sigma2 (their closed form,
+    V = sigma2/n (w^2 + (1-w)^2) / (w (2-w)), minimised at w = 1/phi). Otherwise Sigma_t is the weighted
+    maximum-likelihood variance (the gaussian family, ddof 0): E[Sigma] = S and V solve
+    V w(2-w) = w^2 sigma2/n + (1-w)^2 S/m and S (w m + (1-w)^2) / m = w sigma2 (n-w)/n + w (1-w) V,
+    exactly (no large-n approximation).
+    """
+    w = np.asarray(w, dtype=float)
+    if known_sigma:
+        return sigma2 / n * (w**2 + (1 - w) ** 2) / (w * (2 - w)), np.full_like(w, sigma2)
+    den = w * m + (1 - w) ** 2
+    a = m * w * sigma2 * (n - w) / (n * den)  # S = a + b V
+    b = m * w * (1 - w) / den
+    v = (w**2 * sigma2 / n + (1 - w) ** 2 * a / m) / (w * (2 - w) - (1 - w) ** 2 * b / m)
+    return v, a + b * v
+
+
 def bertrand_condition(lam: float, L: float = 0.0, eps: float = 0.0, alpha: float = 1.0) -> dict[str, Any]:
     """Bertrand et al.'s sufficient condition lam (1 + L eps/alpha) < 1/2 and the rate rho it guarantees."""
     if lam < 0 or L < 0 or eps < 0 or not alpha > 0:
@@ -217,23 +240,138 @@ def verdict(
     return "bounded"
 
 
-def summarize(rows: list[dict[str, Any]], metric: str, *, start: int = 1) -> dict[str, Any]:
+def t_interval(values: ArrayLike, level: float = 0.95) -> dict[str, float]:
+    """Mean of the finite values with its Student-t interval: mean +- t_{(1+level)/2, k-1} s / sqrt(k).
+
+    With k chains or seeds the interval has k - 1 degrees of freedom (t_{0.975} = 12.7, 4.3, 3.2 for
+    k = 2, 3, 4: 2.2 to 6.5 times the normal 1.96). half is nan for k < 2; k counts the finite values.
+    """
+    v = np.asarray(values, dtype=float).reshape(-1)
+    v = v[np.isfinite(v)]
+    k = int(v.size)
+    mean = float(v.mean()) if k else math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, k - 1) * v.std(ddof=1) / math.sqrt(k)) if k > 1 else math.nan
+    return {"mean": mean, "half": half, "low": mean - half, "high": mean + half, "n": k}
+
+
+def _excess(values: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, str]:
+    """Per-generation excess of values over reference (same shape): log ratio when both are positive,
+    else the difference relative to the reference's mean magnitude. Returns (excess, scale)."""
+    if np.all(values > 0) and np.all(reference > 0):
+        return np.log(values) - np.log(reference), "log"
+    return (values - reference) / max(float(np.mean(np.abs(reference))), 1e-12), "relative"
+
+
+def regime_verdict(
+    chains: Sequence[Sequence[float]],
+    *,
+    floor: Sequence[Sequence[float]] | None = None,
+    diverged: Sequence[bool] | None = None,
+    generations: Sequence[int] | None = None,
+    tol: float = 0.25,
+    spike: float = 10.0,
+) -> dict[str, Any]:
+    """Verdict of one regime over its chains (seeds): is its error over the reference growing?
+
+    chains[s][i] is the error of chain s at generations[i] (default 0..T); floor[s] is the paired
+    real-only run of the same seed (lambda = 0: the finite-sample floor), or None to compare each
+    chain with its own generation 0. A chain whose run diverged (diverged[s]) or whose error is
+    non-finite anywhere is a diverged chain. For the others the excess e_s(t) = log(error / reference)
+    (see _excess) gets a least-squares slope per chain; the slopes' Student-t 95% interval over chains
+    and the change over the run (mean slope x span of generations) give the verdict:
+
+      diverging   a chain diverged, or the slope is significantly > 0 (interval above 0) and the excess
+                  grew by more than a factor 1 + tol over the run
+      unstable    no such trend, but some chain spiked: its excess at one generation exceeded its
+                  median by more than a factor `spike` (an error 10x its usual level)
+      converging  the slope is significantly < 0 and the excess fell by more than a factor 1 - tol
+      bounded     none of these (a plateau, at whatever level: see excess_last)
+
+    With one chain the slope's interval is the regression's own (t with T - 1 degrees of freedom).
+    Returned: verdict, chains, finite (chains without a non-finite error), diverged_fraction, slope
+    (per generation) with its interval, change (the fitted factor over the run), excess_last (mean
+    excess over the last third of generations) with its interval, peak (largest excess factor), scale.
+    """
+    gens = np.arange(len(chains[0]), dtype=float) if generations is None else np.asarray(generations, float)
+    errors = np.asarray(chains, dtype=float)
+    ref = None if floor is None else np.asarray(floor, dtype=float)
+    flags = np.zeros(len(errors), bool) if diverged is None else np.asarray(diverged, bool)
+    bad = flags | ~np.isfinite(errors).all(axis=1)
+    if ref is not None:  # a chain whose floor is missing or non-finite cannot be compared: left out
+        keep = np.isfinite(ref).all(axis=1)
+    else:
+        keep = np.ones(len(errors), bool)
+    good = ~bad & keep
+    nan, spiked = math.nan, False
+    out: dict[str, Any] = {
+        "chains": int(len(errors)), "finite": int((~bad).sum()), "diverged_fraction": float(bad.mean()),
+        "slope": nan, "slope_low": nan, "slope_high": nan, "change": nan,
+        "excess_last": nan, "excess_last_low": nan, "excess_last_high": nan, "peak": nan, "scale": None,
+    }  # fmt: skip
+    if good.any():
+        e, scale = _excess(errors[good], ref[good] if ref is not None else errors[good][:, :1])
+        xc = gens - gens.mean()
+        slopes = (e - e.mean(axis=1, keepdims=True)) @ xc / float(xc @ xc)
+        third = max(1, math.ceil(len(gens) / 3))
+        level = t_interval(e[:, -third:].mean(axis=1))
+        if len(slopes) > 1:
+            ci = t_interval(slopes)
+            low, high = ci["low"], ci["high"]
+        else:  # one chain: the regression's own interval over its generations
+            resid = e[0] - e[0].mean() - slopes[0] * xc
+            dof = len(gens) - 2
+            se = math.sqrt(float(resid @ resid) / dof / float(xc @ xc)) if dof > 0 else nan
+            half = float(stats.t.ppf(0.975, dof)) * se if dof > 0 else nan
+            low, high = slopes[0] - half, slopes[0] + half
+        unit = (lambda x: math.exp(x)) if scale == "log" else (lambda x: 1.0 + x)
+        out.update(
+            slope=float(slopes.mean()), slope_low=float(low), slope_high=float(high), scale=scale,
+            change=unit(float(slopes.mean()) * float(np.ptp(gens))),
+            excess_last=unit(level["mean"]), excess_last_low=unit(level["low"]),
+            excess_last_high=unit(level["high"]),
+            peak=unit(float(e.max())),
+        )  # fmt: skip
+        jump = math.log(spike) if scale == "log" else spike - 1.0
+        spiked = bool(np.any(e.max(axis=1) - np.median(e, axis=1) > jump))
+    if bad.any():
+        out["verdict"] = "diverging"
+    elif not good.any():
+        out["verdict"] = "bounded"  # nothing to compare (no paired floor): no evidence of a trend
+    elif out["slope_low"] > 0 and out["change"] > 1.0 + tol:
+        out["verdict"] = "diverging"
+    elif spiked:
+        out["verdict"] = "unstable"
+    elif out["slope_high"] < 0 and out["change"] < 1.0 - tol:
+        out["verdict"] = "converging"
+    else:
+        out["verdict"] = "bounded"
+    return out
+
+
+def summarize(rows: list[dict[str, Any]], metric: str, *, start: int = 0) -> dict[str, Any]:
     """Contraction rate and verdict of one metric column of results.jsonl rows (chain means per generation).
 
-    Rows without the metric (or with None) are skipped; first/last are the metric at the
-    earliest and latest generation where it is finite.
+    Rows without the metric (or with None) are skipped; first/last are the metric at the earliest
+    (>= start, the first generation the verdict sees) and latest generation where it is finite. A run
+    that diverged, or with a chain whose metric was non-finite at some generation (metric_nonfinite in
+    a row), is 'diverging'; nonfinite_chains is the most chains non-finite at one generation.
     """
     pairs = sorted((int(r["generation"]), float(r[metric])) for r in rows if r.get(metric) is not None)
     gens = np.array([g for g, _ in pairs], dtype=float)
     vals = np.array([v for _, v in pairs], dtype=float)
     fit = contraction_rate(vals, start, generations=gens)
-    finite = vals[np.isfinite(vals)]
+    seen = vals[(gens >= start) & np.isfinite(vals)]
+    verdict_ = verdict(vals, rho_fit=fit, start=start, generations=gens)
+    lost = max((r.get(f"{metric}_nonfinite") or 0 for r in rows), default=0)
+    if any(r.get("status") == "diverged" for r in rows) or lost:
+        verdict_ = "diverging"
     return {
         "metric": metric,
         "rho": fit["rho"],
         "rho_low": fit["rho_low"],
         "rho_high": fit["rho_high"],
-        "verdict": verdict(vals, rho_fit=fit, start=start, generations=gens),
-        "first": float(finite[0]) if finite.size else float("nan"),
-        "last": float(finite[-1]) if finite.size else float("nan"),
+        "verdict": verdict_,
+        "first": float(seen[0]) if seen.size else float("nan"),
+        "last": float(seen[-1]) if seen.size else float("nan"),
+        "nonfinite_chains": lost,
     }

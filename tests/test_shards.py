@@ -74,7 +74,7 @@ def test_checksums_survive_a_kill_between_rename_and_state(tmp_path, capsys):
     run_config(cfg, path)
     manifest = json.loads((path / "gen_003" / RunDir.MANIFEST).read_text())
     names = {f"gen_003/{p.name}" for p in (path / "gen_003").iterdir()}
-    assert set(manifest) == names - {"gen_003/manifest.json"}
+    assert set(manifest["files"]) == names - {"gen_003/manifest.json"}
     # a kill right after gen_003's rename: no results row, no checksums in state.json
     state = json.loads((path / "state.json").read_text())
     state["files"] = {k: v for k, v in state["files"].items() if not k.startswith("gen_003/")}
@@ -83,7 +83,9 @@ def test_checksums_survive_a_kill_between_rename_and_state(tmp_path, capsys):
     lines = (path / "results.jsonl").read_text().splitlines(keepends=True)
     (path / "results.jsonl").write_text("".join(lines[:3]))
     run_config(cfg, path)
-    assert {k: v for k, v in RunDir(path).state()["files"].items() if k.startswith("gen_003/")} == manifest
+    assert {k: v for k, v in RunDir(path).state()["files"].items() if k.startswith("gen_003/")} == manifest[
+        "files"
+    ]
     assert strip(RunDir(path).rows()) == strip(RunDir(tmp_path / "whole").rows())
     target = path / "gen_003" / "model.pt"  # the restored checksum catches a later corruption
     data = bytearray(target.read_bytes())

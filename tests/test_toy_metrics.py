@@ -281,3 +281,15 @@ def test_metrics_per_chain_equal_chain_alone_and_chunking_invariant() -> None:
         alone = {k: v for n in NAMES for k, v in METRICS[n](ctx).items()}
         for key, value in alone.items():
             torch.testing.assert_close(value, full[key][c : c + 1], msg=key)
+
+
+def test_nll_gap_is_test_minus_train_nll_per_chain() -> None:
+    """The generalisation gap: each chain's held-out NLL minus the NLL of its own real training rows."""
+    test = torch.randn(300, 3, generator=gen(11), dtype=torch.float64)
+    train = torch.randn(2, 40, 3, generator=gen(12), dtype=torch.float64) + 0.5
+    mu = torch.randn(2, 3, generator=gen(13), dtype=torch.float64)
+    ctx = context(torch.zeros(2, 5, 3), test, mu=mu, max_elems=7)
+    ctx.data.train = train
+    model = GaussModel(mu)
+    direct = -model.log_prob(test).mean(-1) + model.log_prob(train).mean(-1)
+    torch.testing.assert_close(toy.nll_gap(ctx)["nll_gap"], direct)

@@ -26,6 +26,7 @@ from simulator import samples
 from simulator.data.toy import make_toy
 from simulator.report import find_runs, load_run
 from simulator.stability import gaussian_expected
+from simulator.strict_json import number  # null (not finite) -> NaN
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -82,8 +83,12 @@ def bias_part(runs: list[Path], axes: list, lines: list[str]) -> None:
             ax.fill_between(t, m - 2 * se, m + 2 * se, color=color, alpha=0.25, lw=0)
             ax.plot(t, th[key], "k--", lw=0.8)
         gens = [r["generation"] + 1 for r in rows]
-        axes[2].plot(gens, [r["precision"] for r in rows], color=color, label=f"precision, s = {s:g}")
-        axes[2].plot(gens, [r["recall"] for r in rows], color=color, ls=":", label=f"recall, s = {s:g}")
+        axes[2].plot(
+            gens, [number(r.get("precision")) for r in rows], color=color, label=f"precision, s = {s:g}"
+        )
+        axes[2].plot(
+            gens, [number(r.get("recall")) for r in rows], color=color, ls=":", label=f"recall, s = {s:g}"
+        )
         for tc in sorted({min(10, len(t)), len(t)}):
             mv, sv = mean_sem(var[tc - 1])
             md, sd = mean_sem(drift[tc - 1])
@@ -92,7 +97,7 @@ def bias_part(runs: list[Path], axes: list, lines: list[str]) -> None:
             lines.append(
                 f"| {s:g} | {tc} | {mv:.4g} ± {sv:.2g} | {th['var_ratio'][tc - 1]:.4g} | {zv:+.1f} | "
                 f"{md:.4g} ± {sd:.2g} | {th['mean_sq_per_var'][tc - 1]:.4g} | {zd:+.1f} | "
-                f"{r['precision']:.3f} | {r['recall']:.3f} |"
+                f"{number(r.get('precision')):.3f} | {number(r.get('recall')):.3f} |"
             )
     axes[0].set_yscale("log")
     axes[0].set_title("E tr Σ_t / tr Σ_0 (dashed: s^(t-1), real data untempered)", fontsize=9)

@@ -9,8 +9,9 @@ generation; a log-linear fit over all generations then mixes the contraction wit
 So the contraction is measured on the excess e_t - floor (floor: the lambda = 0 run of the same
 seed, mean over its second half), over the generations before the error first comes within a
 factor 2 of the floor, by stability.contraction_rate; the regime's rate is the mean over seeds
-(SE over seeds). It is drawn beside stability.bertrand_condition(lambda) (L eps = 0: the condition
-lambda < 1/2 and its rate lambda / (1 - lambda)) and the exact Gaussian-MLE rate lambda / (1 + lambda).
+(Student-t 95% interval over seeds). It is drawn beside stability.bertrand_condition(lambda)
+(L eps = 0: the condition lambda < 1/2 and its rate lambda / (1 - lambda)) and the exact
+Gaussian-MLE rate lambda / (1 + lambda).
 
 Usage: python experiments/bertrand/analyze.py [--runs runs] [--out figures]
 """
@@ -26,7 +27,8 @@ import matplotlib
 import numpy as np
 
 from simulator.report import find_runs, load_run
-from simulator.stability import bertrand_condition, contraction_rate, verdict
+from simulator.stability import bertrand_condition, contraction_rate, t_interval, verdict
+from simulator.strict_json import number  # null (not finite) -> NaN
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -43,10 +45,6 @@ def regime(config: dict) -> tuple[float, str]:
     return float(p["lam"]), f"λ = {float(p['lam']):g}"
 
 
-def sem(x: list[float]) -> float:
-    return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
-
-
 def excess_rate(curve: np.ndarray, floor: float) -> float:
     """Contraction rate of curve - floor over the generations before curve first falls below 2 floor."""
     excess = curve - floor
@@ -55,10 +53,10 @@ def excess_rate(curve: np.ndarray, floor: float) -> float:
     return contraction_rate(excess[:cut], start=0)["rho"] if cut >= 2 else math.nan
 
 
-def mean_sem(values: list[float]) -> tuple[float, float]:
-    """Mean and SE of the finite values (nan when there are none)."""
-    v = [x for x in values if math.isfinite(x)]
-    return (float(np.mean(v)), sem(v)) if v else (math.nan, math.nan)
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean of the finite values and the half width of its Student-t 95% interval (nan when undefined)."""
+    ci = t_interval(values)
+    return ci["mean"], ci["half"]
 
 
 def main() -> None:
@@ -77,7 +75,7 @@ def main() -> None:
     real_only = next((groups[k] for k in keys if k[0] == 0), {})
     floors = {  # per metric and seed: the lambda = 0 run's error over its second half
         metric: {
-            seed: float(np.mean([r[metric] for r in rows][len(rows) // 2 :]))
+            seed: float(np.mean([number(r.get(metric)) for r in rows][len(rows) // 2 :]))
             for seed, rows in real_only.items()
         }
         for metric, _ in ERRORS
@@ -87,7 +85,9 @@ def main() -> None:
     table = [
         "| regime | condition λ(1 + Lε/α) < 1/2 (Lε = 0) | guaranteed ρ = λ/(1-λ) | "
         "Gaussian MLE ρ = λ/(1+λ) | "
-        + " | ".join(f"measured ρ, {m} excess (mean ± SE over seeds)" for m, _ in ERRORS)
+        + " | ".join(
+            f"measured ρ, {m} excess (mean ± 95% Student-t half width over seeds)" for m, _ in ERRORS
+        )
         + " | raw ρ, KL, all generations | KL gen 0 → last | verdicts (KL) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -99,12 +99,12 @@ def main() -> None:
         color = "k" if math.isinf(lam) else f"C{i}"
         cells = []
         for ax, (metric, title) in zip(axes[:2], ERRORS, strict=True):
-            curves = np.array([[r[metric] for r in rows] for rows in runs])  # (seeds, T + 1)
+            curves = np.array([[number(r.get(metric)) for r in rows] for rows in runs])  # (seeds, T + 1)
             gens = np.arange(curves.shape[1])
             m = curves.mean(0)
             ax.plot(gens, m, color=color, marker=".", label=f"{name} ({len(runs)} seeds)")
             if len(runs) > 1:
-                half = 1.96 * curves.std(0, ddof=1) / math.sqrt(len(runs))
+                half = np.array([t_interval(c)["half"] for c in curves.T])  # Student-t, seeds - 1 dof
                 ax.fill_between(gens, np.maximum(m - half, m * 0.05), m + half, color=color, alpha=0.2, lw=0)
             ax.set_yscale("log")
             ax.set_xlabel("generation (0 = the rings model)")
@@ -112,11 +112,11 @@ def main() -> None:
             per_seed = [
                 excess_rate(c, floors[metric].get(seed, 0.0)) for seed, c in zip(seeds, curves, strict=True)
             ]
-            rates[metric][key] = mean_sem(per_seed)
+            rates[metric][key] = mean_ci(per_seed)
             r, e = rates[metric][key]
             cells.append("— (floor after 1 generation)" if math.isnan(r) else f"{r:.3f} ± {e:.3f}")
-        kl = np.array([[r["kl_truth"] for r in rows] for rows in runs])
-        raw = mean_sem([contraction_rate(c, start=0)["rho"] for c in kl])
+        kl = np.array([[number(r.get("kl_truth")) for r in rows] for rows in runs])
+        raw = mean_ci([contraction_rate(c, start=0)["rho"] for c in kl])
         cells.append(f"{raw[0]:.3f} ± {raw[1]:.3f}")
         verdicts = ", ".join(verdict(c, start=0) for c in kl)
         if math.isinf(lam):
@@ -154,7 +154,7 @@ def main() -> None:
         for (lam, _), (r, e) in rates[metric].items():
             xs.append(REPLACE_X if math.isinf(lam) else lam + (j - 0.5) * 0.04)
             ys.append(r)
-            es.append(0 if math.isnan(e) else 2 * e)
+            es.append(0 if math.isnan(e) else e)
         ax.errorbar(
             xs,
             ys,
@@ -162,7 +162,7 @@ def main() -> None:
             fmt="o" if j == 0 else "s",
             ms=5,
             capsize=3,
-            label=f"measured ρ of {metric} − floor (mean ± 2 SE over seeds)",
+            label=f"measured ρ of {metric} − floor (mean, Student-t 95% interval over seeds)",
         )
     ax.axhline(1.0, color="0.5", lw=0.6)
     ax.set_xticks([0, 0.25, 0.5, 1, 2, REPLACE_X], ["0", "0.25", "0.5", "1", "2", "fully\nsynthetic"])
@@ -181,7 +181,8 @@ def main() -> None:
         "",
         "Measured ρ: stability.contraction_rate of the excess error e_t − floor (floor: the λ = 0 run of "
         "the same seed, mean over its second half), over the generations before e_t first falls below "
-        "2 × floor; per seed, then mean ± SE over seeds. λ = 0 reaches its floor within one or two "
+        "2 × floor; per seed, then the mean over seeds ± the half width of its Student-t 95% interval. "
+        "λ = 0 reaches its floor within one or two "
         "generations (its rate rests on generations 0-1; '—': at the floor after one generation). "
         "Raw ρ: the same fit on e_t itself over all generations, floor included (as summary.json reports).",
         "",

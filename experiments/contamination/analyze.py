@@ -19,6 +19,7 @@ from typing import Any
 
 from simulator.contamination.report import draw, mean_ci, run_label, with_robustness
 from simulator.report import load_run
+from simulator.strict_json import number  # null (not finite) -> NaN
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,7 +56,7 @@ def replace(run: Path) -> None:
     for a in alphas:
         gen = _by(rows, "replace", a)
         ctl = _by(rows, "real_shifted", a) if a > 0 else zero
-        diff = [gen[s]["acc_clean"] - ctl[s]["acc_clean"] for s in gen if s in ctl]
+        diff = [number(gen[s].get("acc_clean")) - number(ctl[s].get("acc_clean")) for s in gen if s in ctl]
         print(
             f"| {a:g} | {_cell([r['acc_clean'] for r in gen.values()])} | "
             f"{_cell([r['acc_clean'] for r in ctl.values()])} | {_cell(diff)} |"
@@ -90,7 +91,11 @@ def robustness(run: Path) -> None:
             {r["ratio"] for r in rows if r.get("mode") == mode and r.get("kind") == "contaminated"}
         ):
             sel = _by(rows, mode, ratio)
-            gain = [sel[s]["er_shift_mean"] - zero[s]["er_shift_mean"] for s in sel if s in zero]
+            gain = [
+                number(sel[s].get("er_shift_mean")) - number(zero[s].get("er_shift_mean"))
+                for s in sel
+                if s in zero
+            ]
             print(
                 f"| {mode} | {ratio:g} | {_cell([r['acc_clean'] for r in sel.values()])} | "
                 f"{_cell([r['acc_shift_mean'] for r in sel.values()])} | "

@@ -31,6 +31,7 @@ from simulator import samples
 from simulator.data.toy import make_toy
 from simulator.report import find_runs, load_run
 from simulator.stability import accumulate_limit, gaussian_expected, summarize
+from simulator.strict_json import number  # null (not finite) -> NaN
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -184,8 +185,8 @@ def kde_part(runs: list[Path], out: Path) -> list[str]:
         config, rows = load_run(run)
         policy = config["policy"]["name"]
         gens = np.array([r["generation"] for r in rows])
-        kl = np.array([r["kl_truth"] for r in rows])
-        sem = np.array([r.get("kl_truth_sem", 0.0) for r in rows])
+        kl = np.array([number(r.get("kl_truth")) for r in rows])
+        sem = np.array([number(r.get("kl_truth_sem", 0.0)) for r in rows])
         axes[0, 0].plot(gens, kl, color=COLORS[policy], label=policy)
         axes[0, 0].fill_between(gens, kl - 2 * sem, kl + 2 * sem, color=COLORS[policy], alpha=0.25, lw=0)
         s = summarize(rows, "kl_truth", start=0)

@@ -7,7 +7,6 @@ anything is written. Run it as `simulate-contaminate ...` or `python -m simulato
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import classifiers, registry, seeding, shifts
+from simulator import classifiers, registry, seeding, shifts, strict_json
 from simulator.cli import CONFIG_DIR, fail
 from simulator.config import ConfigError, check_bool, check_choice, check_float, check_int
 from simulator.contamination import grid, report
@@ -225,7 +224,9 @@ def _main(cfg: DictConfig) -> None:
         summary = run_contaminate(cfg, run_path)
     except USER_ERRORS as e:
         fail(str(e), run_path)
-    log.info("%s: %s", run_path, json.dumps({k: summary[k] for k in ("cells", "status") if k in summary}))
+    log.info(
+        "%s: %s", run_path, strict_json.dumps({k: summary[k] for k in ("cells", "status") if k in summary})
+    )
 
 
 def preflight(args: list[str]) -> None:

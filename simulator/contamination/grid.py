@@ -15,7 +15,6 @@ real-trained classifier, whose weights are kept to score generated images and se
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,6 +40,7 @@ from simulator.contamination.mixing import (
 from simulator.contamination.sources import GeneratorSource
 from simulator.data.base import Dataset
 from simulator.run import RunDir, RunError, write_atomic
+from simulator.strict_json import strict_row
 
 TRAIN_KEYS = ("batch_size", "lr", "weight_decay", "optimizer", "augment")
 NET_KEYS = ("width", "hidden")
@@ -333,15 +333,5 @@ def run_grid(
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:
-    """NaN -> None, so results.jsonl is strict JSON."""
-
-    def fix(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, list):
-            return [fix(x) for x in v]
-        if isinstance(v, dict):
-            return {k: fix(x) for k, x in v.items()}
-        return v
-
-    return {k: fix(v) for k, v in row.items()}
+    """NaN -> None (named in row["nonfinite"]), so results.jsonl is strict JSON."""
+    return strict_row(row)

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from simulator import strict_json
 from simulator.contamination.robustness import add_effective_robustness, logit, predicted
 from simulator.report import _plt, load_run
 
@@ -115,7 +116,9 @@ def summarize(run_path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     tab = table(rows)
     state = json.loads((run_path / "state.json").read_text()) if (run_path / "state.json").exists() else {}
     summary = {"cells": len(rows), "status": state.get("status"), "fits": fits, "table": tab}
-    (run_path / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (run_path / "summary.json").write_text(
+        strict_json.dumps(strict_json.strict_row(summary), indent=1, default=str)
+    )
     cols = list(dict.fromkeys(k for t in tab for k in t))
     with open(run_path / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols)

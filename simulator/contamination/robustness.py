@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from simulator.strict_json import number
+
 EPS = 1e-4
 MIN_POINTS = 6  # baselines needed before a fit is trusted (the "at least six points")
 
@@ -78,11 +80,11 @@ def add_effective_robustness(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if len(base) < MIN_POINTS:
         return fits
     for col in shift_columns(rows):
-        fit = fit_line([r.get("acc_clean", math.nan) for r in base], [r.get(col, math.nan) for r in base])
+        fit = fit_line([number(r.get("acc_clean")) for r in base], [number(r.get(col)) for r in base])
         if fit is None:
             continue
         fits[col] = {"w": fit[0], "b": fit[1], "points": len(base)}
         name = "er" + col[len("acc") :]  # acc_shift_mean -> er_shift_mean, acc_jpeg -> er_jpeg
         for r in rows:
-            r[name] = effective_robustness(fit, r.get("acc_clean", math.nan), r.get(col, math.nan))
+            r[name] = effective_robustness(fit, number(r.get("acc_clean")), number(r.get(col)))
     return fits

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,6 +33,8 @@ class Dataset:
     train_labels: torch.Tensor | None = None  # (C, n_train)
     test_labels: torch.Tensor | None = None  # (n_test,)
     kind: str = "vector"  # "vector" or "image"
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # values of the data metrics reuse
+
 
     @property
     def event_shape(self) -> tuple[int, ...]:

@@ -161,13 +161,29 @@ def nll(ctx: MetricContext) -> dict[str, torch.Tensor]:
     return {"nll": value, "nll_bpd": value / (d * math.log(2))}
 
 
+@register("nll_gap")
+def nll_gap(ctx: MetricContext) -> dict[str, torch.Tensor]:
+    """Generalisation gap: held-out NLL minus the NLL of the chain's own real training rows (nats per
+    sample). It grows while a model memorises its real set, which KL to the truth alone cannot tell
+    from collapse."""
+    train = ctx.data.train
+    chains = int(ctx.model.chains)
+    rows = max(1, int(ctx.options.get("max_elems", MAX_ELEMS)) // (chains * math.prod(train.shape[2:])))
+    total = torch.zeros(chains, dtype=torch.float64)
+    for start in range(0, train.shape[1], rows):
+        total += ctx.model.log_prob(train[:, start : start + rows]).double().sum(-1).cpu()
+    return {"nll_gap": total / train.shape[1] - _model_log_prob_mean(ctx)}
+
+
 @register("kl_truth")
 def kl_truth(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """Monte Carlo KL(truth || model) over the test points (truth draws); {} without a truth density."""
     truth = ctx.data.truth
     if truth is None or truth.log_prob is None:
         return {}
-    return {"kl_truth": truth.log_prob(ctx.data.test).double().mean().cpu() - _model_log_prob_mean(ctx)}
+    if "truth_test_log_prob" not in ctx.data.cache:  # the same every generation: computed once per run
+        ctx.data.cache["truth_test_log_prob"] = truth.log_prob(ctx.data.test).double().mean().cpu()
+    return {"kl_truth": ctx.data.cache["truth_test_log_prob"] - _model_log_prob_mean(ctx)}
 
 
 @register("frechet")

@@ -54,8 +54,15 @@ class GenerativeModel(Protocol):
         steps: int | None = None,
         generator: torch.Generator,
         progress: bool = False,
+        weights: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """Fit to data (C, n, *event); steps overrides the family's default (closed forms ignore it)."""
+        """Fit to data (C, n, *event); steps overrides the family's default (closed forms ignore it).
+
+        weights: (C, n) or (n,) non-negative per-row weights (relative: only their ratios within a chain
+        matter; see `check_weights`). None -- and weights equal within every chain -- is the unweighted fit,
+        bit for bit. Closed forms weight their estimators; neural families draw minibatch rows with
+        probability proportional to the weight (simulator.models.training.EpochBatches).
+        """
 
     def sample(
         self,
@@ -94,6 +101,32 @@ def broadcast_chains(x: torch.Tensor, chains: int, event_dims: int) -> torch.Ten
     if x.dim() != event_dims + 2 or x.shape[0] not in (1, chains):
         raise ValueError(f"expected (n, *event) or ({chains}, n, *event), got {tuple(x.shape)}")
     return x.expand(chains, *x.shape[1:])
+
+
+def check_weights(weights: torch.Tensor | None, chains: int, n: int) -> torch.Tensor | None:
+    """Validated per-row weights as (C, n) float64 scaled to mean 1 per chain, or None for the unweighted fit.
+
+    weights: (n,) (shared by every chain) or (C or 1, n); finite, >= 0, with a positive sum in every chain.
+    Weights equal within every chain, to float64 rounding (a relative spread of at most 8 ulps), return
+    None: they are the unweighted objective, and the family then runs its unweighted code, bit for bit.
+    """
+    if weights is None:
+        return None
+    w = torch.as_tensor(weights).detach().to("cpu", torch.float64)
+    if w.dim() == 1:
+        w = w.unsqueeze(0)
+    if w.dim() != 2 or w.shape[1] != n or w.shape[0] not in (1, chains):
+        raise ValueError(f"weights: expected shape ({n},) or ({chains}, {n}), got {tuple(weights.shape)}")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError("weights: must be finite and >= 0")
+    total = w.sum(1, keepdim=True)
+    if (total <= 0).any():
+        raise ValueError("weights: every chain needs a positive total weight")
+    w = w.expand(chains, n)
+    spread = w.max(1).values - w.min(1).values
+    if bool((spread <= 8 * torch.finfo(torch.float64).eps * w.max(1).values).all()):
+        return None
+    return w * (n / total)
 
 
 def world() -> tuple[int, int]:

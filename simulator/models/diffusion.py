@@ -23,7 +23,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from simulator.models import diffusers_io, diffusion_sampler
 from simulator.models import diffusion_bound as bound
-from simulator.models.base import FitCheckpoint
+from simulator.models.base import FitCheckpoint, check_weights
 from simulator.models.training import EMA, EpochBatches, Objective, TrainOptions, train
 
 SAMPLERS = ("ddpm", "ddim")
@@ -37,10 +37,16 @@ BOUND_BYTES = 2**27  # noise held per log_prob chunk (rows x (K+1) x D floats); 
 class _DiffusionObjective(Objective):
     """Ho et al.'s L_simple on a minibatch: mean squared error of the predicted noise."""
 
-    def __init__(self, family: DiffusionFamily, x8: torch.Tensor, y: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        family: DiffusionFamily,
+        x8: torch.Tensor,
+        y: torch.Tensor | None,
+        weights: torch.Tensor | None = None,
+    ) -> None:
         super().__init__(family.unet)
         self.family, self.x8, self.y = family, x8, y
-        self.batches = EpochBatches(len(x8), family.batch_size)
+        self.batches = EpochBatches(len(x8), family.batch_size, weights)
 
     def draw(self, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         f, g, size = self.family, generator, self.batches.size
@@ -284,6 +290,7 @@ class DiffusionFamily:
         optimizer_state: dict[str, Any] | None = None,
         warmup: int | None = None,
         ema: str = "carry",
+        weights: torch.Tensor | None = None,  # (1, n) or (n,) row weights: weighted minibatch sampling
     ) -> dict[str, Any]:
         """Denoising score matching (Ho et al.'s L_simple) on uint8 images (1, n, ch, h, w) with AdamW.
 
@@ -299,6 +306,7 @@ class DiffusionFamily:
         if x8.shape[0] == 0:
             raise ValueError("diffusion fit needs at least one image")
         y = self._labels(labels, x8.shape[0], "fit")
+        w = check_weights(weights, 1, x8.shape[0])
         steps = self.steps if steps is None else int(steps)
         options = TrainOptions(
             optimizer="adamw", lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
@@ -307,8 +315,9 @@ class DiffusionFamily:
         )  # fmt: skip
         if ema == "restart" and self.ema_tracker is not None:
             self.ema_tracker.restart(self.unet.parameters())
+        objective = _DiffusionObjective(self, x8, y, None if w is None else w[0])
         result = train(
-            _DiffusionObjective(self, x8, y), steps=steps, generator=generator, options=options,
+            objective, steps=steps, generator=generator, options=options,
             device=self.device, ema=self.ema_tracker, checkpoint=checkpoint, optimizer_state=optimizer_state,
             progress=progress, desc="diffusion fit",
         )  # fmt: skip

@@ -15,7 +15,7 @@ from typing import Any
 import normflows as nf
 import torch
 
-from simulator.models.base import FitCheckpoint
+from simulator.models.base import FitCheckpoint, check_weights
 from simulator.models.training import EpochBatches, Objective, TrainOptions, train
 
 ARCHS = ("realnvp", "nsf")
@@ -25,9 +25,11 @@ LOG_SCALE_BOUND = 3.0  # |log scale| per RealNVP coupling; e^3 per layer is ampl
 class _FlowObjective(Objective):
     """Mean negative log-likelihood (nats per sample) of a minibatch of rows of x."""
 
-    def __init__(self, flow: nf.NormalizingFlow, x: torch.Tensor, batch_size: int) -> None:
+    def __init__(
+        self, flow: nf.NormalizingFlow, x: torch.Tensor, batch_size: int, weights: torch.Tensor | None = None
+    ) -> None:
         super().__init__(flow)
-        self.x, self.batches = x, EpochBatches(len(x), batch_size)
+        self.x, self.batches = x, EpochBatches(len(x), batch_size, weights)
 
     def draw(self, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         return (self.batches.next(generator).to(self.x.device),)
@@ -64,6 +66,7 @@ class FlowFamily:
         steps: int = 1000,  # default optimiser steps per fit; fit(steps=...) overrides
         grad_clip: float | None = 10.0,  # max gradient norm; None disables clipping
         warmup: int = 0,  # linear learning-rate warm-up steps at the start of every fit
+        schedule: str = "constant",  # learning rate within each fit: "constant" or "cosine" (decay to 0)
         compile: bool = False,  # torch.compile the training objective
         device: str = "cpu",
     ) -> None:
@@ -80,8 +83,10 @@ class FlowFamily:
         self.bins, self.tail_bound, self.actnorm = bins, tail_bound, actnorm
         self.lr, self.weight_decay, self.batch_size = lr, weight_decay, batch_size
         self.steps, self.grad_clip, self.warmup, self.compile = steps, grad_clip, warmup, compile
+        self.schedule = schedule
         self.optimizer_state: dict[str, Any] | None = None  # the last fit's optimizer (carry_optimizer)
         self.device = torch.device(device)
+        TrainOptions(lr=lr, warmup=warmup, schedule=schedule).check(self.device)  # bad options: one line now
         self.chunk = 4096  # rows per forward pass in sample/log_prob: bounds memory, not results
         # The constructor builds a deterministic network (seed 0) so a fresh object is reproducible.
         self.reset(torch.Generator().manual_seed(0))
@@ -156,6 +161,7 @@ class FlowFamily:
         optimizer_state: dict[str, Any] | None = None,
         warmup: int | None = None,
         ema: str = "carry",  # no EMA in this family: accepted for the protocol, nothing to carry
+        weights: torch.Tensor | None = None,  # (1, n) or (n,) row weights: weighted minibatch sampling
     ) -> dict[str, Any]:
         """Maximum likelihood on data (1, n, d) with Adam; labels are ignored (unconditional flow).
 
@@ -165,15 +171,16 @@ class FlowFamily:
         learning-rate warm-up) overrides the family's.
         """
         x = self._check_data(data)[0].to(self.device, self.dtype)
+        w = check_weights(weights, 1, len(x))
         steps = self.steps if steps is None else int(steps)
         options = TrainOptions(
             optimizer="adam", lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
-            warmup=self.warmup if warmup is None else warmup, compile=self.compile,
+            warmup=self.warmup if warmup is None else warmup, schedule=self.schedule, compile=self.compile,
         )  # fmt: skip
+        objective = _FlowObjective(self.flow, x, self.batch_size, None if w is None else w[0])
         result = train(
-            _FlowObjective(self.flow, x, self.batch_size), steps=steps, generator=generator, options=options,
-            device=self.device, checkpoint=checkpoint, optimizer_state=optimizer_state, progress=progress,
-            desc="flow fit",
+            objective, steps=steps, generator=generator, options=options, device=self.device,
+            checkpoint=checkpoint, optimizer_state=optimizer_state, progress=progress, desc="flow fit",
         )  # fmt: skip
         self.optimizer_state = result.optimizer_state
         losses = result.losses

@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from simulator import seeding
-from simulator.models.base import broadcast_chains, check_finite
+from simulator.models.base import broadcast_chains, check_finite, check_weights
 
 LOG_SCALE_BOUND = 3.0  # the same cap as flow.py: |log scale| <= 3 per coupling
 LOG_2PI = math.log(2 * math.pi)
@@ -277,15 +277,19 @@ class FlowEnsembleFamily:
         steps: int | None = None,
         generator: torch.Generator,
         progress: bool = False,
+        weights: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """Maximum likelihood on data (C or 1, n, d), all chains at once; labels are ignored.
 
         As in flow.py, every call builds a fresh Adam (a warm start carries only the weights) and
         draws minibatches from successive random permutations; here one permutation per chain.
+        With row weights (C, n) or (n,), chain c draws its minibatch rows i.i.d. with probability
+        w_ci / sum_i w_ci from its own stream instead (weighted sampling, as EpochBatches in training.py).
         """
         x = self._check(broadcast_chains(data, self.chains, 1)).to(self.device, self.dtype)
         steps = self.steps if steps is None else int(steps)
         n = x.shape[1]
+        w = check_weights(weights, self.chains, n)
         size = min(self.batch_size, n)
         gens = self._chain_generators(generator, "fit")
         leaves = [v for p in self.groups for v in p.values()]
@@ -296,7 +300,11 @@ class FlowEnsembleFamily:
         first = last = torch.full((self.chains,), math.nan)
         start = time.perf_counter()
         for step in tqdm(range(steps), desc="flow ensemble fit", leave=False, disable=not progress):
-            if pos + size > n:  # all chains start a new epoch together (same n, same batch size)
+            if w is not None:  # weighted: each chain's rows i.i.d. by weight, from its own stream
+                idx = [torch.multinomial(w[c].to(g.device), size, replacement=True, generator=g)
+                       for c, g in enumerate(gens)]  # fmt: skip
+                perm, pos = torch.stack(idx).to(self.device), 0
+            elif pos + size > n:  # all chains start a new epoch together (same n, same batch size)
                 perm = torch.stack([torch.randperm(n, generator=g, device=g.device) for g in gens])
                 perm, pos = perm.to(self.device), 0
             batch = x[rows, perm[:, pos : pos + size]]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from simulator.models.base import Diverged, broadcast_chains
+from simulator.models.base import Diverged, broadcast_chains, check_weights
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -164,10 +164,17 @@ class GaussianFamily:
         steps: int | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        weights: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """Closed-form fit to data (C, n, *event); labels, steps and generator are unused (exact fit)."""
+        """Closed-form fit to data (C, n, *event); labels, steps and generator are unused (exact fit).
+
+        weights (C, n) or (n,): the weighted fit with p_i = w_i / sum w. See `_fit_weighted`.
+        """
         x = prepare_data(data, self.chains, self.event_shape, self.dtype)
         n = x.shape[1]
+        w = check_weights(weights, self.chains, n)
+        if w is not None:
+            return self._fit_weighted(x, w)
         if n <= self.ddof:
             raise ValueError(f"need more than {self.ddof} points per chain, got {n}")
         mean = x.mean(dim=1)
@@ -177,6 +184,30 @@ class GaussianFamily:
         # Mean training log-likelihood in closed form: the summed Mahalanobis terms equal d (n - ddof).
         logdet = 2.0 * self._factor.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
         ll = -0.5 * (self.dim * _LOG_2PI + logdet + self.dim * (n - self.ddof) / n)
+        return {"log_likelihood": float(ll.mean())}
+
+    def _fit_weighted(self, x: torch.Tensor, w: torch.Tensor) -> dict[str, Any]:
+        """Weighted fit, p_i = w_i / sum w: mu = sum p_i x_i, Sigma = sum p_i (x_i - mu)(x_i - mu)^T / norm.
+
+        norm = 1 - ddof sum_i p_i^2.
+
+        ddof 0 is the weighted maximum-likelihood fit; integer weights give exactly the fit to the data
+        with each row repeated w_i times. ddof 1 treats the weights as reliability weights (relative
+        importance, not counts): dividing by 1 - sum p_i^2 = (n_eff - 1) / n_eff, with Kish's effective
+        sample size n_eff = 1 / sum p_i^2, makes Sigma unbiased for i.i.d. rows under fixed weights, and is
+        n / (n - 1) for equal weights. (It is not the fit to repeated rows, whose divisor would be sum w - 1.)
+        """
+        p = (w / w.sum(1, keepdim=True)).to(device=x.device, dtype=x.dtype)  # (C, n), sums to 1
+        mean = torch.bmm(p.unsqueeze(1), x).squeeze(1)
+        centred = x - mean.unsqueeze(1)
+        norm = 1 - self.ddof * p.square().sum(1)  # (C,)
+        if not bool((norm > 0).all()):
+            raise ValueError("weights: ddof=1 needs an effective sample size 1 / sum p_i^2 above 1 per chain")
+        cov = torch.bmm((centred * p.unsqueeze(-1)).transpose(1, 2), centred) / norm.view(-1, 1, 1)
+        self._set(mean, cov)
+        # Weighted mean training log-likelihood: sum_i p_i (Mahalanobis)_i = d (1 - ddof sum_i p_i^2).
+        logdet = 2.0 * self._factor.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
+        ll = -0.5 * (self.dim * _LOG_2PI + logdet + self.dim * norm)
         return {"log_likelihood": float(ll.mean())}
 
     def sample(

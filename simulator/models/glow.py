@@ -22,7 +22,7 @@ from typing import Any
 import normflows as nf
 import torch
 
-from simulator.models.base import FitCheckpoint
+from simulator.models.base import FitCheckpoint, check_weights
 from simulator.models.training import EpochBatches, Objective, TrainOptions, train
 from simulator.seeding import derive_seed
 
@@ -35,10 +35,12 @@ EVAL_NOISE_SEED = 256  # fixed dequantization field of log_prob: the same noise 
 class _GlowObjective(Objective):
     """Mean negative continuous log-density (nats per image) of a dequantized minibatch."""
 
-    def __init__(self, family: GlowFamily, u: torch.Tensor, y: torch.Tensor | None) -> None:
+    def __init__(
+        self, family: GlowFamily, u: torch.Tensor, y: torch.Tensor | None, weights: torch.Tensor | None = None
+    ) -> None:
         super().__init__(family.flow)
         self.family, self.u, self.y = family, u, y
-        self.batches = EpochBatches(len(u), family.batch_size)
+        self.batches = EpochBatches(len(u), family.batch_size, weights)
 
     def draw(self, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         idx = self.batches.next(generator).to(self.u.device)
@@ -216,6 +218,7 @@ class GlowFamily:
         optimizer_state: dict[str, Any] | None = None,
         warmup: int | None = None,
         ema: str = "carry",  # no EMA in this family: accepted for the protocol, nothing to carry
+        weights: torch.Tensor | None = None,  # (1, n) or (n,) row weights: weighted minibatch sampling
     ) -> dict[str, Any]:
         """Maximum likelihood on dequantized uint8 images (1, n, ch, h, w) with Adam.
 
@@ -232,7 +235,8 @@ class GlowFamily:
             warmup=self.warmup if warmup is None else warmup, compile=self.compile,
             channels_last=self.channels_last,
         )  # fmt: skip
-        objective = _GlowObjective(self, u, self._labels(labels, len(u)))
+        w = check_weights(weights, 1, len(u))
+        objective = _GlowObjective(self, u, self._labels(labels, len(u)), None if w is None else w[0])
         result = train(
             objective, steps=steps, generator=generator, options=options, device=self.device,
             checkpoint=checkpoint, optimizer_state=optimizer_state, progress=progress, desc="glow fit",

@@ -4,6 +4,11 @@ Parameters are (C, K, ...) tensors; every EM step updates all chains at once. A 
 updating as soon as its own log-likelihood has converged, so its result does not depend on which
 other chains share the batch. Warm start: a fit starts from the current parameters when there
 are any (after a fit or a load); after reset() it initialises from the data (greedy k-means++).
+
+Weighted fits (fit(..., weights=w)) maximise sum_i w_i log p(x_i): the M-step uses responsibilities
+times w_i, and the initialisation draws its first centre and its k-means++ candidates with
+probabilities times w_i. So integer weights give, from the same start, the EM iterates of the data
+with each row repeated w_i times (to float rounding), and the same initialisation in distribution.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any
 
 import torch
 
-from simulator.models.base import Diverged
+from simulator.models.base import Diverged, check_weights
 from simulator.models.gaussian import (
     check_chains,
     check_temperature,
@@ -92,29 +97,43 @@ class GMMFamily:
             covs = covs + self.reg_covar * torch.eye(self.dim, dtype=x.dtype, device=x.device)
         return nk / x.shape[1], means, covs
 
-    def _initialise(self, x: torch.Tensor, generator: torch.Generator) -> None:
-        """Greedy k-means++ centres (2 + log K candidates per step), shared data covariance, equal weights."""
+    def _initialise(self, x: torch.Tensor, generator: torch.Generator, w: torch.Tensor | None = None) -> None:
+        """Greedy k-means++ centres (2 + log K candidates per step), shared data covariance, equal weights.
+
+        Row weights w (C, n), mean 1, scale every draw's probability and every sum over rows.
+        """
         chains, n, d = x.shape
         rows = torch.arange(chains, device=x.device)
-        first = torch.randint(n, (chains,), generator=generator, device=generator.device).to(x.device)
+        if w is None:
+            first = torch.randint(n, (chains,), generator=generator, device=generator.device).to(x.device)
+        else:
+            first = torch.multinomial(w.to(generator.device), 1, generator=generator).squeeze(1).to(x.device)
         centres = [x[rows, first]]
         closest = (x - centres[0].unsqueeze(1)).square().sum(-1)  # (C, n) squared distance to centres
         trials = 2 + int(math.log(self.components))
         for _ in range(1, self.components):
-            total = closest.sum(1, keepdim=True)
+            mass = closest if w is None else closest * w
+            total = mass.sum(1, keepdim=True)
             probs = torch.where(
-                total > 0, closest / total.clamp_min(torch.finfo(x.dtype).tiny), torch.ones_like(closest)
+                total > 0, mass / total.clamp_min(torch.finfo(x.dtype).tiny), torch.ones_like(mass)
             )
+            if w is not None:  # all the weight sits on centres already: any row of positive weight
+                probs = torch.where(total > 0, probs, w)
             cand = torch.multinomial(
                 probs.to(generator.device), trials, replacement=True, generator=generator
             )
             cand_pts = x[rows.unsqueeze(1), cand.to(x.device)]  # (C, trials, d)
             dist = (x.unsqueeze(1) - cand_pts.unsqueeze(2)).square().sum(-1)  # (C, trials, n)
-            best = torch.minimum(closest.unsqueeze(1), dist).sum(-1).argmin(1)  # lowest potential
+            near = torch.minimum(closest.unsqueeze(1), dist)
+            best = (near if w is None else near * w.unsqueeze(1)).sum(-1).argmin(1)  # lowest potential
             centres.append(cand_pts[rows, best])
             closest = torch.minimum(closest, dist[rows, best])
-        centred = x - x.mean(1, keepdim=True)
-        cov = torch.bmm(centred.transpose(1, 2), centred) / n  # (C, d, d)
+        if w is None:
+            centred = x - x.mean(1, keepdim=True)
+            cov = torch.bmm(centred.transpose(1, 2), centred) / n  # (C, d, d)
+        else:
+            centred = x - (w.unsqueeze(-1) * x).mean(1, keepdim=True)
+            cov = torch.bmm((centred * w.unsqueeze(-1)).transpose(1, 2), centred) / n
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         shared = cov.diagonal(dim1=-2, dim2=-1) if self.covariance == "diag" else cov
         shape = (chains, self.components, *shared.shape[1:])
@@ -136,17 +155,21 @@ class GMMFamily:
         steps: int | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        weights: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """EM on data (C, n, *event) for at most em_iters iterations.
+        """EM on data (C, n, *event) for at most em_iters iterations (weighted by row weights (C, n) or (n,)).
 
         labels are unused; so is steps, the neural families' step budget from the train config:
         EM's own budget is em_iters and tol.
         """
         x = prepare_data(data, self.chains, self.event_shape, self.dtype)
+        w = check_weights(weights, self.chains, x.shape[1])
+        if w is not None:
+            w = w.to(x.device, x.dtype)  # mean 1 per chain: sums over rows keep the scale of n
         if self.weights is None:
             if generator is None:
                 raise ValueError("GMMFamily.fit needs a generator to initialise from the data")
-            self._initialise(x, generator)
+            self._initialise(x, generator, w)
         else:
             self._move(x.device)
         active = torch.ones(self.chains, dtype=torch.bool, device=x.device)
@@ -155,20 +178,23 @@ class GMMFamily:
         for _ in range(self.em_iters):
             log_joint = self._component_log_prob(x)
             log_norm = torch.logsumexp(log_joint, dim=-1, keepdim=True)
-            ll = log_norm.squeeze(-1).mean(1)  # mean per-sample log-likelihood, (C,)
+            per_row = log_norm.squeeze(-1) if w is None else log_norm.squeeze(-1) * w
+            ll = per_row.mean(1)  # (weighted) mean per-sample log-likelihood, (C,)
             if not torch.isfinite(ll).all():
                 raise Diverged("non-finite GMM log-likelihood during EM")
             active &= (ll - prev).abs() >= self.tol  # a converged chain stays frozen
             if not active.any():
                 break
-            weights, means, covs = self._m_step(x, (log_joint - log_norm).exp())
+            resp = (log_joint - log_norm).exp()
+            weights, means, covs = self._m_step(x, resp if w is None else resp * w.unsqueeze(-1))
             keep = active.view(-1, 1)
             self.weights = torch.where(keep, weights, self.weights)
             self.means = torch.where(keep.unsqueeze(-1), means, self.means)
             self.covs = torch.where(keep.view(-1, *[1] * (covs.dim() - 1)), covs, self.covs)
             used += active
             prev = ll
-        final = torch.logsumexp(self._component_log_prob(x), dim=-1).mean(1)
+        final = torch.logsumexp(self._component_log_prob(x), dim=-1)
+        final = (final if w is None else final * w).mean(1)
         if not torch.isfinite(final).all():
             raise Diverged("non-finite GMM log-likelihood after EM")
         usedf = used.double()

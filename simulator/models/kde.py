@@ -2,6 +2,12 @@
 
 Fitting stores the points; the density is (1/n) sum_j N(x | x_j, h^2 I). It is the simplest
 exact-likelihood family that memorises its training set, the extreme case for self-consumption.
+
+Weighted fits (fit(..., weights=w)) store p_j = w_j / sum w with the points: the density is the weighted
+mixture sum_j p_j N(x | x_j, h^2 I) and a sample picks its point with probability p_j, so integer weights
+give exactly the density of the data with each row repeated w_j times. The bandwidth h is an option, not
+a rule of the data, so weights leave it as it is. A data-driven rule (Scott's h ~ n^(-1/(d+4)), Silverman's)
+would take Kish's effective sample size n_eff = (sum w)^2 / sum w^2 in place of n, and weighted moments.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from typing import Any
 
 import torch
 
+from simulator.models.base import check_weights
 from simulator.models.gaussian import (
     check_chains,
     check_temperature,
@@ -38,6 +45,7 @@ class KDEFamily:
         self.bandwidth = float(bandwidth)
         self.dtype = resolve_dtype(dtype)
         self.points: torch.Tensor | None = None  # (C, n, d)
+        self.weights: torch.Tensor | None = None  # (C, n) kernel weights p_j summing to 1; None: 1/n each
 
     def fit(
         self,
@@ -47,13 +55,20 @@ class KDEFamily:
         steps: int | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        weights: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """Store the points of data (C, n, *event); labels, steps and generator are unused."""
+        """Store data's points (C, n, *event) and kernel weights; labels, steps, generator: unused."""
         x = prepare_data(data, self.chains, self.event_shape, self.dtype)
         if x.shape[1] < 1:
             raise ValueError("a KDE needs at least one point per chain")
+        w = check_weights(weights, self.chains, x.shape[1])
         self.points = x.clone()  # a copy: the caller may reuse its buffer
-        return {"points": float(x.shape[1])}
+        if w is None:
+            self.weights = None
+            return {"points": float(x.shape[1])}
+        p = w / w.sum(1, keepdim=True)
+        self.weights = p.to(x.device, self.dtype)
+        return {"points": float(x.shape[1]), "n_eff": float((1 / p.square().sum(1)).mean())}
 
     def sample(
         self,
@@ -67,9 +82,14 @@ class KDEFamily:
         self._require()
         s, n = check_temperature(temperature), int(n)
         dev = self.points.device
-        idx = torch.randint(
-            self.points.shape[1], (self.chains, n), generator=generator, device=generator.device
-        )
+        if self.weights is None:
+            idx = torch.randint(
+                self.points.shape[1], (self.chains, n), generator=generator, device=generator.device
+            )
+        else:  # a point with probability p_j
+            idx = torch.multinomial(
+                self.weights.to(generator.device), n, replacement=True, generator=generator
+            )
         rows = torch.arange(self.chains, device=dev).unsqueeze(1)
         centres = self.points[rows, idx.to(dev)]
         z = standard_normal((self.chains, n, self.dim), generator, self.dtype, dev)
@@ -83,17 +103,28 @@ class KDEFamily:
         n = self.points.shape[1]
         h2 = self.bandwidth**2
         const = -math.log(n) - 0.5 * self.dim * (_LOG_2PI + math.log(h2))
+        if self.weights is not None:  # log p_j inside the sum instead of -log n outside
+            const, log_p = const + math.log(n), self.weights.log().unsqueeze(1)  # (C, 1, n)
         chunk = max(1, _CHUNK_ELEMENTS // (self.chains * n * self.dim))
         out = []
         for start in range(0, x.shape[1], chunk):
             # Explicit differences, not torch.cdist: its matmul shortcut loses precision for close points.
             diff = x[:, start : start + chunk].unsqueeze(2) - self.points.unsqueeze(1)  # (C, chunk, n, d)
-            out.append(torch.logsumexp(diff.square().sum(-1) / (-2.0 * h2), dim=-1) + const)
+            log_k = diff.square().sum(-1) / (-2.0 * h2)
+            if self.weights is not None:
+                log_k = log_k + log_p
+            out.append(torch.logsumexp(log_k, dim=-1) + const)
         return torch.cat(out, dim=1)
 
     def state_dict(self) -> dict[str, Any]:
-        """The stored points as a plain tensor; empty before the first fit."""
-        return {} if self.points is None else {"points": self.points}
+        """The stored points (and kernel weights of a weighted fit) as plain tensors; empty before a fit."""
+        if self.points is None:
+            return {}
+        return (
+            {"points": self.points}
+            if self.weights is None
+            else {"points": self.points, "weights": self.weights}
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore points written by state_dict (an empty dict clears them)."""
@@ -105,7 +136,11 @@ class KDEFamily:
             raise ValueError(
                 f"state points have shape {tuple(pts.shape)}, expected ({self.chains}, n, {self.dim})"
             )
+        w = state.get("weights")
+        if w is not None and tuple(w.shape) != tuple(pts.shape[:2]):
+            raise ValueError(f"state weights have shape {tuple(w.shape)}, expected {tuple(pts.shape[:2])}")
         self.points = pts.to(self.dtype)
+        self.weights = None if w is None else w.to(device=pts.device, dtype=self.dtype)
 
     def parameters_vector(self) -> None:
         """None: a KDE's 'parameters' are its training points, so a parameter distance is meaningless."""
@@ -113,12 +148,14 @@ class KDEFamily:
 
     def reset(self, generator: torch.Generator | None = None) -> None:
         """Forget the stored points."""
-        self.points = None
+        self.points = self.weights = None
 
     def to(self, device: str | torch.device) -> KDEFamily:
         """Move the stored points to device (in place) and return self."""
         if self.points is not None:
             self.points = self.points.to(device)
+        if self.weights is not None:
+            self.weights = self.weights.to(device)
         return self
 
     def _require(self) -> None:

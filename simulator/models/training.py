@@ -98,14 +98,33 @@ class EpochBatches:
 
     A permutation is drawn when the previous one runs out (the first on the first call), from the
     generator passed to `next`; `state_dict` holds the current permutation and position (resumable).
+
+    With row weights (n,) (a weighted fit, `weights` of the family's fit, validated by
+    simulator.models.base.check_weights, so never all equal), every minibatch is min(size, n) rows drawn
+    i.i.d. with probability w_i / sum w (with replacement). The minibatch's mean loss is then an unbiased
+    estimate of the weighted loss sum_i w_i l_i / sum w, at every step. Weighted sampling is chosen over
+    a weighted mean of per-example losses because (1) every objective keeps returning a plain mean loss
+    (normflows' forward_kld and the classifiers' cross-entropy do not expose per-example losses),
+    (2) the step's scale does not depend on the weights in the batch (a weighted mean over a small batch
+    with a few heavy rows has a noisy denominator, or an unbiased but wildly scaled numerator), and
+    (3) rows of weight zero cost nothing. Integer weights then give, in distribution, the minibatches of
+    the data with each row repeated w_i times drawn with replacement. Unweighted fits (weights None) keep
+    the epochs, bit for bit. No state beyond the generator: a resumed fit draws what it would have drawn.
     """
 
-    def __init__(self, n: int, size: int) -> None:
+    def __init__(self, n: int, size: int, weights: torch.Tensor | None = None) -> None:
         self.n, self.size = n, min(size, n)
         self.perm: torch.Tensor | None = None
         self.pos = 0
+        if weights is not None and tuple(weights.shape) != (n,):
+            raise ValueError(f"weights: expected shape ({n},), got {tuple(weights.shape)}")
+        self.weights = weights
 
     def next(self, generator: torch.Generator) -> torch.Tensor:
+        if self.weights is not None:
+            if self.weights.device != generator.device:
+                self.weights = self.weights.to(generator.device)
+            return torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
         if self.perm is None or self.pos + self.size > self.n:
             self.perm, self.pos = torch.randperm(self.n, generator=generator, device=generator.device), 0
         self.pos += self.size
