@@ -54,6 +54,7 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     policy = registry.make_policy(cfg)
     data = registry.make_data(cfg)
+    registry.check_guidance(cfg, data)
     make_model = registry.make_model_factory(cfg, data.event_shape, device)
     run_path = distributed_run_path(Path(run_path), device)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -70,7 +71,7 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
             checkpoint_every=cfg.train.get("checkpoint_every"),
             checkpoint_minutes=cfg.train.get("checkpoint_minutes"),
             init_checkpoint=cfg.init.checkpoint, init_pretrained=cfg.init.get("pretrained"),
-            n_samples=cfg.sample.n, temperature=cfg.sample.temperature,
+            n_samples=cfg.sample.n, temperature=cfg.sample.temperature, guidance=cfg.sample.get("guidance"),
             curation_k=cfg.sample.curation_k, curation_reward=cfg.sample.curation_reward,
             save_samples=cfg.sample.save, shard_size=cfg.sample.get("shard_size"), gen0_cache=gen0_cache,
             metrics=tuple(cfg.eval.metrics), metric_options=OmegaConf.to_container(cfg.eval.options),
@@ -132,6 +133,7 @@ def _validate(cfg: DictConfig) -> None:
              policies=sorted(registry.policies.POLICIES), metrics=registry.metric_names())  # fmt: skip
     registry.check_metric_options(cfg)
     gaussian_stats_loop.check(cfg)
+    registry.check_guidance(cfg)
 
 
 def preflight(args: list[str]) -> None:

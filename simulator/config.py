@@ -103,6 +103,8 @@ def validate(cfg: DictConfig, *, families: list[str], sources: list[str], polici
         check_choice(cfg, "train.ema", ("carry", "restart"))
     check_int(cfg, "sample.n", 1, optional=True)
     check_float(cfg, "sample.temperature", 0.0, strict=True)
+    if _get(cfg, "sample.guidance") is not None:
+        check_float(cfg, "sample.guidance", 0.0)
     check_int(cfg, "sample.curation_k", 1)
     check_choice(cfg, "sample.curation_reward", REWARDS)
     check_bool(cfg, "sample.save")

@@ -86,6 +86,7 @@ def generation_loop(
     init_pretrained: str | None = None,  # G_0 is make_model()'s pretrained network as built (no fit)
     n_samples: int | None = None,  # samples per generation (default: what the policy needs)
     temperature: float = 1.0,  # sampling bias s: s < 1 narrows the samples
+    guidance: float | None = None,  # classifier-free guidance weight w (class-conditional diffusion)
     curation_k: int = 1,  # keep the best of k candidates per sample (1: no curation)
     curation_reward: str = "model",  # "model" (own log-likelihood) or "truth" (exact log-density)
     save_samples: bool = True,  # keep the samples per generation (else regenerated on resume)
@@ -108,6 +109,7 @@ def generation_loop(
     sharded = bool(getattr(model, "per_sample_seeds", False))  # samples drawn by index, in shards
     main = distributed.is_main()  # rank 0 writes the run directory
     held: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # samples not on disk (toy, unsaved)
+    bias = {"temperature": temperature, **({"guidance": guidance} if guidance else {})}  # sample() options
 
     def class_labels(t: int, n: int) -> torch.Tensor | None:
         """Classes of the n candidates of S_t, in the proportions of the real training set."""
@@ -126,7 +128,7 @@ def generation_loop(
         """S_t: n_draw samples of m (with their class labels for a class-conditional family)."""
         g = seeding.generator(seed, t, "sample")
         y = class_labels(t, n_draw * curation_k)
-        x = m.sample(n_draw * curation_k, y, generator=g, temperature=temperature).cpu()
+        x = m.sample(n_draw * curation_k, y, generator=g, **bias).cpu()
         if curation_k > 1:
             x, y = keep_best(m, x, y)
         return x, None if y is None else y.unsqueeze(0).expand(x.shape[0], -1)
@@ -138,7 +140,7 @@ def generation_loop(
         candidates = [i * k + j for i in mine for j in range(k)]
         y_all = class_labels(t, n_draw * k)
         x = m.sample(n_draw * k, y_all, generator=seeding.generator(seed, t, "sample"),
-                     temperature=temperature, indices=candidates).cpu()  # fmt: skip
+                     indices=candidates, **bias).cpu()  # fmt: skip
         y = None if y_all is None else y_all[candidates]
         if k > 1:
             x, y = keep_best(m, x, y)

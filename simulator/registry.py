@@ -7,6 +7,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,6 +145,44 @@ def _pretrained(cfg: DictConfig, cls: type, options: dict[str, Any], directory: 
     options["pretrained"] = directory
     with open_dict(cfg):
         cfg.init.pretrained_sha256 = diffusers_io.weights_sha256(pre)
+
+
+def check_guidance(cfg: DictConfig, data: Dataset | None = None) -> None:
+    """sample.guidance w > 0 needs a family that guides, trained with label dropout (the null class it
+    samples eps(x, null) from) on labelled data; an init.checkpoint must agree with label_dropout. One line
+    before any work, from the config alone (and the data when given): a resume checks it again, and its
+    config.yaml must equal this config, so the saved model options are these."""
+    opts = cfg.model.get("options") or {}
+    p = opts.get("label_dropout")
+    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))):
+        raise ConfigError(f"model.options.label_dropout: must be a number in [0, 1), got {p!r}")
+    family = cfg.model.family
+    checkpoint = OmegaConf.select(cfg, "init.checkpoint", default=None)
+    dropout_family = "label_dropout" in inspect.signature(_import(FAMILIES[family])).parameters
+    if checkpoint is not None and dropout_family and Path(str(checkpoint)).is_file():
+        state = torch.load(str(checkpoint), map_location="cpu", weights_only=True, mmap=True)
+        has_null = "null_class" in state
+        if has_null != bool(p):
+            raise ConfigError(f"model.options.label_dropout: init.checkpoint {checkpoint} was trained "
+                              f"{'with' if has_null else 'without'} label dropout (a null class), the config "
+                              f"has label_dropout={p}; both must agree")  # fmt: skip
+    w = OmegaConf.select(cfg, "sample.guidance", default=None)
+    if not w:
+        return
+    if "guidance" not in inspect.signature(_import(FAMILIES[family]).sample).parameters:
+        raise ConfigError(f"sample.guidance: model.family={family} has no classifier-free guidance; use "
+                          "model=diffusion with model.options.num_classes and label_dropout > 0")  # fmt: skip
+    if opts.get("num_classes") is None:
+        raise ConfigError("sample.guidance: guidance needs a class-conditional model; set "
+                          "model.options.num_classes (and model.options.label_dropout > 0)")  # fmt: skip
+    if not p:
+        raise ConfigError(
+            "sample.guidance: the model is trained without label dropout (model.options.label_dropout=0): "
+            "its unconditional branch is untrained; set model.options.label_dropout > 0 (e.g. 0.1) or "
+            "sample.guidance=null"
+        )
+    if data is not None and data.train_labels is None:
+        raise ConfigError(f"sample.guidance: data.source={cfg.data.source} has no class labels to guide by")
 
 
 def make_policy(cfg: DictConfig) -> policies.Policy:

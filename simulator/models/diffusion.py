@@ -21,11 +21,10 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from simulator.models import diffusers_io
+from simulator.models import diffusers_io, diffusion_sampler
 from simulator.models import diffusion_bound as bound
 from simulator.models.base import FitCheckpoint, check_weights
 from simulator.models.training import EMA, EpochBatches, Objective, TrainOptions, train
-from simulator.seeding import derive_seed
 
 SAMPLERS = ("ddpm", "ddim")
 SCHEDULES = ("linear", "squaredcos_cap_v2")
@@ -53,12 +52,19 @@ class _DiffusionObjective(Objective):
         f, g, size = self.family, generator, self.batches.size
         idx = self.batches.next(g).to(f.device)
         t = torch.randint(0, f.train_timesteps, (size,), generator=g, device=g.device)
-        return idx, t, torch.randn(size, *f.event_shape, generator=g, device=g.device).to(f.device)
+        noise = torch.randn(size, *f.event_shape, generator=g, device=g.device).to(f.device)
+        if self.y is None or f.null_class is None:
+            return idx, t, noise  # no extra draw: without label dropout the stream is what it always was
+        return idx, t, noise, torch.rand(size, generator=g, device=g.device) < f.label_dropout
 
-    def forward(self, idx: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
         f, t = self.family, t.to(self.family.device)
         xt = self.images(f.noise_scheduler.add_noise(self.x8[idx].float() / 127.5 - 1, noise, t))
         y = None if self.y is None else self.y[idx]
+        if drop is not None:  # label dropout: these rows train the unconditional branch eps(x, null)
+            y = torch.where(drop.to(y.device), f.null_class, y)
         return torch.nn.functional.mse_loss(f._eps(self.net, xt, t, y, pad=False), noise)
 
 
@@ -78,6 +84,7 @@ class DiffusionFamily:
         layers_per_block: int = 1,
         attention: bool = False,  # self-attention at the lowest resolution and in the middle block
         num_classes: int | None = None,  # class-conditional through a label embedding added to time's
+        label_dropout: float = 0.0,  # P(label -> the null class) in training: trains guidance's eps(x, null)
         train_timesteps: int = 1000,  # T of the forward process
         beta_schedule: str = "linear",  # "linear" (Ho et al.) or "squaredcos_cap_v2" (Nichol & Dhariwal)
         prediction_type: str = "epsilon",
@@ -111,6 +118,8 @@ class DiffusionFamily:
             beta_schedule = str(schedule.get("beta_schedule", "linear"))
             prediction_type = str(schedule.get("prediction_type", "epsilon"))
         ch_list = tuple(int(c) for c in block_out_channels)
+        numeric = isinstance(label_dropout, (int, float, type(None)))
+        p_drop = float(label_dropout or 0) if numeric else math.nan
         scale = 2 ** max(len(ch_list) - 1, 0)
         checks = [  # (bad, one-line message naming the option), checked in order before any work
             (chains != 1, "model.family=diffusion runs one chain (chains=1); use seeds for replicates"),
@@ -118,6 +127,12 @@ class DiffusionFamily:
             (not ch_list or min(ch_list) < 1 or h % scale or w % scale,
              f"block_out_channels {ch_list} needs h, w divisible by {scale}; got {h}x{w}"),
             (num_classes is not None and num_classes < 1, f"num_classes must be >= 1 or None: {num_classes}"),
+            (not 0 <= p_drop < 1, f"label_dropout must be in [0, 1), got {label_dropout!r}"),
+            (p_drop > 0 and num_classes is None,
+             "label_dropout needs a class-conditional model (num_classes), got num_classes=None"),
+            (p_drop > 0 and self.pretrained is not None,
+             "label_dropout: an init.pretrained UNet has no null class embedding; train generation 0 "
+             "with init.pretrained=null"),
             (self.pretrained is None and beta_schedule not in SCHEDULES,
              f"beta_schedule must be one of {SCHEDULES}: {beta_schedule!r}"),
             (prediction_type != "epsilon", f"prediction_type must be 'epsilon', got {prediction_type!r}"),
@@ -142,6 +157,9 @@ class DiffusionFamily:
         self.num_classes, self.train_timesteps, self.sampler, self.sample_steps = (
             num_classes, train_timesteps, sampler, sample_steps)  # fmt: skip
         self.eta = 1.0 if sampler == "ddpm" else float(eta)
+        # label dropout adds one embedding, index num_classes: the null class of classifier-free guidance
+        self.label_dropout = p_drop
+        self.null_class = num_classes if p_drop > 0 else None
         self.lr, self.weight_decay, self.batch_size, self.steps = lr, weight_decay, batch_size, steps
         self.ema_decay = ema_decay or None
         self.grad_clip, self.warmup, self.amp = grad_clip or None, warmup, amp
@@ -179,7 +197,7 @@ class DiffusionFamily:
             add_attention=self.attention,
             attention_head_dim=None,  # one head per attention layer: tiny widths have no 8-dim heads
             norm_num_groups=groups,
-            num_class_embeds=self.num_classes,
+            num_class_embeds=self.num_classes if self.null_class is None else self.num_classes + 1,
         )
 
     def reset(self, generator: torch.Generator) -> None:
@@ -315,29 +333,12 @@ class DiffusionFamily:
 
     # -- sampling -----------------------------------------------------------------------------
 
-    def _sample_noise(self, seed: int, rows: list[int], stochastic: bool) -> tuple[torch.Tensor, Any]:
-        """Row i's x_T (and per-step noises when stochastic), from a generator on the model's device
-        seeded with derive_seed(seed, i): drawn where they are used, never copied from the CPU (on the
-        CPU, the same numbers as ever; on CUDA, CUDA's Philox stream of the same seed)."""
-        xs, zs, dev = [], [], self.device
-        for i in rows:
-            g = torch.Generator(device=dev).manual_seed(derive_seed(seed, i))
-            xs.append(torch.randn(self.event_shape, generator=g, device=dev))
-            if stochastic:
-                zs.append(torch.randn(self.sample_steps, *self.event_shape, generator=g, device=dev))
-        return torch.stack(xs), torch.stack(zs) if stochastic else None
-
     def sample_labels(self, n: int, *, generator: torch.Generator) -> torch.Tensor:
         """The labels (n,) that sample(n, generator=generator) draws when given none: uniform, per sample."""
         if self.num_classes is None:
             raise ValueError("sample_labels needs a class-conditional model (num_classes)")
-        seed = generator.initial_seed()
-        gens = [torch.Generator().manual_seed(derive_seed(seed, i, "label")) for i in range(n)]
-        return torch.tensor(
-            [int(torch.randint(self.num_classes, (), generator=g)) for g in gens], dtype=torch.long
-        )
+        return diffusion_sampler.sample_labels(self.num_classes, n, generator.initial_seed())
 
-    @torch.no_grad()
     def sample(
         self,
         n: int,
@@ -346,6 +347,7 @@ class DiffusionFamily:
         generator: torch.Generator,
         temperature: float = 1.0,
         indices: Any = None,
+        guidance: float | None = None,
     ) -> torch.Tensor:
         """Draw uint8 (1, n, ch, h, w) with `sample_steps` DDIM steps (ancestral for sampler="ddpm").
 
@@ -354,87 +356,21 @@ class DiffusionFamily:
         returned, (1, len(indices), ch, h, w), in that order: on the CPU bit for bit the same rows (the
         network sees padded CPU_ROWS batches), so ranks can each draw a shard. Temperature s scales the
         initial and per-step noise by sqrt(s) (s < 1: the sampling bias of Alemohammad et al.; a
-        heuristic for diffusion, not an exact variance scaling of p).
+        heuristic for diffusion, not an exact variance scaling of p). `guidance` w > 0: classifier-free
+        guidance, eps = (1 + w) eps(x, y) - w eps(x, null) (needs label_dropout; see diffusion_sampler).
         Class-conditional models draw missing labels uniformly, per sample, from its own seed.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        order = list(range(n)) if indices is None else [int(i) for i in indices]
-        if any(not 0 <= i < n for i in order):
-            raise ValueError(f"sample indices must be ints in [0, {n}), got {min(order)}..{max(order)}")
         seed = generator.initial_seed()
-        if self.num_classes is not None and labels is None:
-            labels = self.sample_labels(n, generator=generator)
-        y = self._labels(labels, n, "sample")
-        net, sched, root = self._sampling_net(), self.sample_scheduler, math.sqrt(temperature)
-        use_clipped = self.sampler == "ddpm"  # eps re-derived from the clipped x_0: DDPMScheduler's update
-        out = []
-        size = self._rows(self.sample_batch)
-        for lo in range(0, len(order), size):
-            rows = order[lo : lo + size]
-            x, z = self._sample_noise(seed, rows, self.eta > 0)
-            x = x * root
-            yb = None if y is None else y[torch.tensor(rows, device=y.device)]
-            steps = sched.timesteps.to(self.device)
-            for j, t in enumerate(sched.timesteps):
-                with self._autocast():
-                    eps = self._eps(net, x, steps[j].expand(len(rows)), yb)
-                noise = None if z is None else z[:, j] * root
-                x = sched.step(eps, int(t), x, eta=self.eta, use_clipped_model_output=use_clipped,
-                               variance_noise=noise).prev_sample  # fmt: skip
-            out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
-        return torch.cat(out).unsqueeze(0) if out else torch.zeros(1, 0, *self.event_shape, dtype=torch.uint8)
+        return diffusion_sampler.draw(self, n, labels, seed, temperature, indices, guidance)
 
     # -- likelihood bound ---------------------------------------------------------------------
 
-    @torch.no_grad()
     def bound_terms(
         self, x: torch.Tensor, labels: torch.Tensor | None = None, *, seed: int = LIKELIHOOD_SEED
     ) -> dict[str, torch.Tensor]:
-        """The bound's parts in nats, (n,) float64 on the CPU: prior L_T, diffusion sum L_{t-1}, decoder L_0.
-
-        The arithmetic runs in float64 on the model's device; each chunk comes back to the CPU once.
-
-        The T-1 KL terms are estimated by stratified sampling: K = likelihood_timesteps strata of
-        {2..T}, one uniform timestep per stratum weighted by its size (exact when K >= T-1), with one
-        x_t ~ q(x_t | x_0) each as in Ho et al.; an unbiased estimate of the bound. An image's draws are
-        seeded by (seed, its bytes), not by the global RNG or its position, so log_prob is a deterministic
-        function of the image alone (on the CPU, bit for bit whatever the batch it comes in).
-        """
-        x8 = self._check(x)
-        n, D, dev = x8.shape[0], math.prod(self.event_shape), self.device
-        s = bound.schedule(self.noise_scheduler.betas, dev)
-        y = self._labels(labels, n, "log_prob")
-        net, K = self._net(), min(self.likelihood_timesteps, self.train_timesteps - 1)
-        chunk = self._rows(max(1, min(self.sample_batch, BOUND_BYTES // (4 * (K + 1) * D))))
-        ab_T = s["ab"][-1]  # L_T = KL(q(x_T | x_0) || N(0, I)) in closed form
-        prior, diff, dec = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
-        for lo in range(0, n, chunk):
-            rows = slice(lo, min(n, lo + chunk))
-            ts, width, noises = bound.draws(x8[rows], seed, self.train_timesteps, K, dev)
-            xi = x8[rows].to(dev)
-            x0 = xi.double() / 127.5 - 1
-            yb = None if y is None else y[rows]
-            d_diff = torch.zeros(len(x0), dtype=torch.float64, device=dev)
-            for j in range(K + 1):  # j < K: the KL term at stratum j's timestep; j = K: the decoder at t = 1
-                k = ts[:, j] if j < K else torch.zeros(len(x0), dtype=torch.long, device=dev)
-                ab, c0 = s["ab"][k].view(-1, 1, 1, 1), s["c0"][k].view(-1, 1, 1, 1)
-                xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noises[:, j].double()
-                eps = self._eps(net, xt.float(), k, yb).double()
-                x0_hat = ((xt - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)  # clipped, as in sampling
-                if j < K:  # KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)): the means differ by c0 (x_0 - x0_hat)
-                    pv, mv = s["post_var"][k].view(-1, 1, 1, 1), s["model_var"][k].view(-1, 1, 1, 1)
-                    kl = 0.5 * (torch.log(mv / pv) + (pv + (c0 * (x0 - x0_hat)).pow(2)) / mv - 1)
-                    d_diff += width[j] * kl.flatten(1).sum(1)
-                else:  # -log of the discretized Gaussian N(x0_hat, sigma_1^2) mass of x_0's 8-bit bin
-                    sd = s["model_var"][0].sqrt()
-                    lo_in, hi_in = (x0 - 1 / 255 - x0_hat) / sd, (x0 + 1 / 255 - x0_hat) / sd
-                    top = torch.where(xi == 255, torch.special.log_ndtr(-lo_in), bound.log_bin(lo_in, hi_in))
-                    lp = torch.where(xi == 0, torch.special.log_ndtr(hi_in), top)  # edge bins run to +-inf
-                    d_dec = -lp.flatten(1).sum(1)
-            d_prior = 0.5 * (ab_T * x0.pow(2) - ab_T - torch.log1p(-ab_T)).flatten(1).sum(1)
-            prior[rows], diff[rows], dec[rows] = torch.stack([d_prior, d_diff, d_dec]).cpu()  # one transfer
-        return {"prior": prior, "diffusion": diff, "decoder": dec}
+        """The bound's parts in nats, (n,) float64 on the CPU: prior L_T, diffusion sum L_{t-1}, decoder L_0
+        (estimated as diffusion_bound.terms describes)."""
+        return bound.terms(self, x, labels, seed, BOUND_BYTES)
 
     @torch.no_grad()
     def log_prob(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -454,17 +390,26 @@ class DiffusionFamily:
     # -- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain CPU tensors: 'unet.*' (trained weights), 'ema.*' (averaged weights), 'ema_steps'."""
+        """Plain CPU tensors: 'unet.*' (trained weights), 'ema.*' (averaged weights), 'ema_steps', and
+        'null_class' when label dropout trained one (so a checkpoint says whether it can be guided)."""
         out = {f"unet.{k}": v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
         if self.ema is not None:
             out.update({f"ema.{k}": v.detach().cpu().clone() for k, v in self.ema.state_dict().items()})
         out["ema_steps"] = torch.tensor(self.ema_steps)
+        if self.null_class is not None:
+            out["null_class"] = torch.tensor(self.null_class)
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> Any:
         """Load a state_dict of this family, or bare UNet weights (a pretrained start: EMA = weights)."""
         if not any(k.startswith("unet.") for k in state):
             state = {f"unet.{k}": v for k, v in state.items()}
+        saved = int(state["null_class"]) if "null_class" in state else None
+        if saved != self.null_class:
+            raise ValueError(
+                f"model.options.label_dropout: the checkpoint's null class is {saved}, this model's "
+                f"{self.null_class} (label_dropout > 0 adds one; both must agree)"
+            )
         part = {
             p: {k[len(p) + 1 :]: v for k, v in state.items() if k.startswith(p + ".")}
             for p in ("unet", "ema")

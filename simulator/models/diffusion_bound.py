@@ -2,16 +2,22 @@
 
 `schedule` gives the float64 posterior and reverse-process variances on the model's device, `draws`
 the per-image stratified timesteps and noises (seeded by the image's bytes, drawn on the device), and
-`log_bin` the discretized Gaussian decoder's bin mass. DiffusionFamily.bound_terms puts them together.
+`log_bin` the discretized Gaussian decoder's bin mass; `terms` puts them together with the family's
+network (DiffusionFamily.bound_terms).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from simulator.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from simulator.models.diffusion import DiffusionFamily
 
 
 def log_bin(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -52,3 +58,53 @@ def draws(
         ts.append(edges[:-1] + (u * width).long())
         noises.append(torch.randn(K + 1, *row.shape, generator=g, device=device))
     return torch.stack(ts), width.double(), torch.stack(noises)
+
+
+@torch.no_grad()
+def terms(
+    fam: DiffusionFamily, x: torch.Tensor, labels: torch.Tensor | None, seed: int, bound_bytes: int
+) -> dict[str, torch.Tensor]:
+    """The bound's parts in nats, (n,) float64 on the CPU: prior L_T, diffusion sum L_{t-1}, decoder L_0.
+
+    The arithmetic runs in float64 on the model's device; each chunk comes back to the CPU once.
+
+    The T-1 KL terms are estimated by stratified sampling: K = likelihood_timesteps strata of
+    {2..T}, one uniform timestep per stratum weighted by its size (exact when K >= T-1), with one
+    x_t ~ q(x_t | x_0) each as in Ho et al.; an unbiased estimate of the bound. An image's draws are
+    seeded by (seed, its bytes), not by the global RNG or its position, so log_prob is a deterministic
+    function of the image alone (on the CPU, bit for bit whatever the batch it comes in).
+    """
+    x8 = fam._check(x)
+    n, D, dev = x8.shape[0], math.prod(fam.event_shape), fam.device
+    s = schedule(fam.noise_scheduler.betas, dev)
+    y = fam._labels(labels, n, "log_prob")
+    net, K = fam._net(), min(fam.likelihood_timesteps, fam.train_timesteps - 1)
+    chunk = fam._rows(max(1, min(fam.sample_batch, bound_bytes // (4 * (K + 1) * D))))
+    ab_T = s["ab"][-1]  # L_T = KL(q(x_T | x_0) || N(0, I)) in closed form
+    prior, diff, dec = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
+    for lo in range(0, n, chunk):
+        rows = slice(lo, min(n, lo + chunk))
+        ts, width, noises = draws(x8[rows], seed, fam.train_timesteps, K, dev)
+        xi = x8[rows].to(dev)
+        x0 = xi.double() / 127.5 - 1
+        yb = None if y is None else y[rows]
+        d_diff = torch.zeros(len(x0), dtype=torch.float64, device=dev)
+        for j in range(K + 1):  # j < K: the KL term at stratum j's timestep; j = K: the decoder at t = 1
+            k = ts[:, j] if j < K else torch.zeros(len(x0), dtype=torch.long, device=dev)
+            ab, c0 = s["ab"][k].view(-1, 1, 1, 1), s["c0"][k].view(-1, 1, 1, 1)
+            xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noises[:, j].double()
+            eps = fam._eps(net, xt.float(), k, yb).double()
+            x0_hat = ((xt - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)  # clipped, as in sampling
+            if j < K:  # KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)): the means differ by c0 (x_0 - x0_hat)
+                pv, mv = s["post_var"][k].view(-1, 1, 1, 1), s["model_var"][k].view(-1, 1, 1, 1)
+                kl = 0.5 * (torch.log(mv / pv) + (pv + (c0 * (x0 - x0_hat)).pow(2)) / mv - 1)
+                d_diff += width[j] * kl.flatten(1).sum(1)
+            else:  # -log of the discretized Gaussian N(x0_hat, sigma_1^2) mass of x_0's 8-bit bin
+                sd = s["model_var"][0].sqrt()
+                lo_in, hi_in = (x0 - 1 / 255 - x0_hat) / sd, (x0 + 1 / 255 - x0_hat) / sd
+                top = torch.where(xi == 255, torch.special.log_ndtr(-lo_in), log_bin(lo_in, hi_in))
+                lp = torch.where(xi == 0, torch.special.log_ndtr(hi_in), top)  # edge bins run to +-inf
+                d_dec = -lp.flatten(1).sum(1)
+        d_prior = 0.5 * (ab_T * x0.pow(2) - ab_T - torch.log1p(-ab_T)).flatten(1).sum(1)
+        prior[rows], diff[rows], dec[rows] = torch.stack([d_prior, d_diff, d_dec]).cpu()  # one transfer
+    return {"prior": prior, "diffusion": diff, "decoder": dec}
