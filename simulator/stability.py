@@ -18,6 +18,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import special, stats
 
+from simulator.stats import student_t_interval
+
 
 def c4(n: ArrayLike) -> np.ndarray:
     """E[S]/sigma for the unbiased sample standard deviation S of n normals, to full precision for any n.
@@ -241,16 +243,12 @@ def verdict(
 
 
 def t_interval(values: ArrayLike, level: float = 0.95) -> dict[str, float]:
-    """Mean of the finite values with its Student-t interval: mean +- t_{(1+level)/2, k-1} s / sqrt(k).
-
-    With k chains or seeds the interval has k - 1 degrees of freedom (t_{0.975} = 12.7, 4.3, 3.2 for
-    k = 2, 3, 4: 2.2 to 6.5 times the normal 1.96). half is nan for k < 2; k counts the finite values.
+    """Mean of the finite values with its Student-t interval (simulator.stats.student_t_interval):
+    mean +- t_{(1+level)/2, k-1} s / sqrt(k) over k finite values (t_{0.975} = 12.7, 4.3, 3.2 for
+    k = 2, 3, 4: 2.2 to 6.5 times the normal 1.96). half is nan for k < 2 (no interval from one value).
     """
-    v = np.asarray(values, dtype=float).reshape(-1)
-    v = v[np.isfinite(v)]
-    k = int(v.size)
-    mean = float(v.mean()) if k else math.nan
-    half = float(stats.t.ppf(0.5 + level / 2, k - 1) * v.std(ddof=1) / math.sqrt(k)) if k > 1 else math.nan
+    mean, half, k = student_t_interval(np.asarray(values, dtype=float).reshape(-1).tolist(), level)
+    half = half if k > 1 else math.nan
     return {"mean": mean, "half": half, "low": mean - half, "high": mean + half, "n": k}
 
 
