@@ -56,6 +56,7 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     data = registry.make_data(cfg)
     registry.check_guidance(cfg, data)
     make_model = registry.make_model_factory(cfg, data.event_shape, device)
+    reward = registry.make_curation_reward(cfg, data, device)
     run_path = distributed_run_path(Path(run_path), device)
     config = OmegaConf.to_container(cfg, resolve=True)
     gen0_cache = shared_gen0_path(run_path, config) if cfg.get("share_gen0") else None  # type: ignore[arg-type]
@@ -72,7 +73,8 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
             checkpoint_minutes=cfg.train.get("checkpoint_minutes"),
             init_checkpoint=cfg.init.checkpoint, init_pretrained=cfg.init.get("pretrained"),
             n_samples=cfg.sample.n, temperature=cfg.sample.temperature, guidance=cfg.sample.get("guidance"),
-            curation_k=cfg.sample.curation_k, curation_reward=cfg.sample.curation_reward,
+            curation_k=cfg.sample.curation_k, curation_reward=reward,
+            curation_beta=cfg.sample.get("curation_beta"),
             save_samples=cfg.sample.save, shard_size=cfg.sample.get("shard_size"), gen0_cache=gen0_cache,
             metrics=tuple(cfg.eval.metrics), metric_options=OmegaConf.to_container(cfg.eval.options),
             eval_samples=cfg.eval.n_samples, progress=cfg.progress,
