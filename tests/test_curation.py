@@ -220,3 +220,35 @@ def test_iterated_curation_moves_the_mean_along_the_tilt(tmp_path):
     assert torch.all((z.var(0) - 1).abs() < bound * math.sqrt(2 / (len(z) - 1))), z.var(0)
     reward = torch.stack([p["mean"].double() @ a for p in params])  # (T + 1, chains)
     assert torch.all(reward.diff(dim=0).mean(1) > 0), "iterated curation must climb the reward"
+
+
+@pytest.mark.slow  # 28 s on 2 loaded cores: three tiny glow runs
+def test_sharded_image_sampling_draws_the_same_curated_samples(tmp_path):
+    """Glow on 8x8 digits (class-conditional, per-sample seeds), one of 2 candidates kept by a classifier's
+    confidence in the sample's own class: shards of 16 or one shard of 48 give the same samples and labels
+    (each sample's draw uses its own uniform), and soft curation differs from the best of 2."""
+    from simulator import classifiers
+    from simulator import samples as store
+    from simulator.cli import run_config
+    from simulator.run import RunDir
+    from tests.conftest import compose_config
+
+    net = classifiers.make_classifier(
+        "cnn", (1, 8, 8), 10, generator=torch.Generator().manual_seed(0), width=4
+    )
+    torch.save(net.state_dict(), tmp_path / "clf.pt")
+    spec = f"{{checkpoint: {tmp_path / 'clf.pt'}, arch: cnn, width: 4}}"
+    glow = ["data=digits", "model=glow", "model.options.blocks_per_level=1", "model.options.hidden=8",
+            "model.options.batch_size=16", "model.options.num_classes=10", "data.n_train=48",
+            "data.n_test=16", "train.steps=2", "train.steps_gen0=2", "generations=1", "policy=replace",
+            "eval=digits", "eval.metrics=[]", "eval.stability_metric=null", "sample.curation_k=2",
+            "sample.curation_reward=classifier", f"+sample.curation_options={spec}"]  # fmt: skip
+    got = {}
+    for name, extra in [("s16", ["sample.shard_size=16", "sample.curation_beta=20"]),
+                        ("s48", ["sample.shard_size=48", "sample.curation_beta=20"]),
+                        ("hard", ["sample.shard_size=16"])]:  # fmt: skip
+        run_config(compose_config(*glow, *extra), tmp_path / name)
+        gen = RunDir(tmp_path / name).gen_dir(1)
+        got[name] = (store.load(gen, None), store.load(gen, None, store.LABELS))
+    assert torch.equal(got["s16"][0], got["s48"][0]) and torch.equal(got["s16"][1], got["s48"][1])
+    assert not torch.equal(got["s16"][0], got["hard"][0])
