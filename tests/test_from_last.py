@@ -82,6 +82,16 @@ def test_no_sample_enters_two_training_sets(K):
             seen |= set(ids)
 
 
+def test_weighted_policies_weigh_the_whole_synthetic_part():
+    """weight_real splits the weight between the real part and the synthetic one, however many generations."""
+    policy = policies.Mix(1.0, weight_real=0.25).draw_from_last(3)
+    parts = policy.select(5, N_REAL, C, torch.Generator().manual_seed(0))
+    sizes = {REAL: N_REAL, **dict.fromkeys(range(5), policy.pool_size(N_REAL))}
+    w = policy.weights(parts, sizes)
+    assert len(parts) == 2 and w is not None and len(w) == 2 * N_REAL
+    assert torch.isclose(w[:N_REAL].sum() / w.sum(), torch.tensor(0.25, dtype=w.dtype))
+
+
 def test_from_last_is_refused_for_accumulate_and_bad_values():
     for name in ("accumulate", "accumulate_subsample"):
         with pytest.raises(ConfigError, match="^sample.from_last: .* every earlier generation") as e:
