@@ -75,7 +75,9 @@ def regime_label(config: dict[str, Any]) -> str:
     """A short human label of a run's regime: policy (with lambda), family, temperature, warm start."""
     policy = config.get("policy", {})
     label = policy.get("name", "?")
-    if label == "mix":
+    if is_floor(config):
+        label = "real only (λ=0)"
+    elif label == "mix":
         label += f" λ={policy.get('lam'):g}"
     family = config.get("model", {}).get("family")
     temperature = config.get("sample", {}).get("temperature", 1.0)
@@ -260,12 +262,12 @@ def regime_table(groups: dict[str, list[Run]], metric: str) -> list[dict[str, An
         last = stability.t_interval([c[-1] for c in chains])
         table.append({
             "regime": regime_label(config), "seeds": len(runs), "generations": gens[-1] if gens else None,
-            f"{metric}_first": first["mean"], f"{metric}_last": last["mean"],
-            f"{metric}_last_pm": last["half"],
+            "metric": metric, "first": first["mean"], "last": last["mean"], "last_pm": last["half"],
             "reference": reference, "excess_last": v["excess_last"],
             "excess_low": v["excess_last_low"], "excess_high": v["excess_last_high"],
-            "change": v["change"], "peak": v["peak"], "diverged_fraction": v["diverged_fraction"],
-            "verdict": v["verdict"],
+            "change": v["change"], "change_low": v["change_low"], "change_high": v["change_high"],
+            "rising": f"{v['rising']}/{v['finite']}", "peak": v["peak"],
+            "diverged_fraction": v["diverged_fraction"], "verdict": v["verdict"],
         })  # fmt: skip
     return table
 
@@ -321,9 +323,7 @@ def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -
                             f"{m}_verdict": s["verdict"]})  # fmt: skip
             table.append(row)
     _write_table(table, out / "summary")
-    regimes = []
-    for m in metrics:
-        regimes += [{"metric": m, **r} for r in regime_table(groups, m)]
+    regimes = regime_table(groups, metrics[0])  # the verdict is on the stability metric
     if regimes:
         _write_table(regimes, out / "regimes")
 

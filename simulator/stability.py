@@ -287,8 +287,9 @@ def regime_verdict(
 
     With one chain the slope's interval is the regression's own (t with T - 1 degrees of freedom).
     Returned: verdict, chains, finite (chains without a non-finite error), diverged_fraction, slope
-    (per generation) with its interval, change (the fitted factor over the run), excess_last (mean
-    excess over the last third of generations) with its interval, peak (largest excess factor), scale.
+    (per generation) with its interval, rising (finite chains whose slope is > 0), change (the fitted
+    factor over the run, mean slope x span) with its interval, excess_last (mean excess over the last
+    third of generations) with its interval, peak (largest excess factor), scale.
     """
     gens = np.arange(len(chains[0]), dtype=float) if generations is None else np.asarray(generations, float)
     errors = np.asarray(chains, dtype=float)
@@ -303,7 +304,8 @@ def regime_verdict(
     nan, spiked = math.nan, False
     out: dict[str, Any] = {
         "chains": int(len(errors)), "finite": int((~bad).sum()), "diverged_fraction": float(bad.mean()),
-        "slope": nan, "slope_low": nan, "slope_high": nan, "change": nan,
+        "slope": nan, "slope_low": nan, "slope_high": nan, "rising": 0,
+        "change": nan, "change_low": nan, "change_high": nan,
         "excess_last": nan, "excess_last_low": nan, "excess_last_high": nan, "peak": nan, "scale": None,
     }  # fmt: skip
     if good.any():
@@ -322,9 +324,11 @@ def regime_verdict(
             half = float(stats.t.ppf(0.975, dof)) * se if dof > 0 else nan
             low, high = slopes[0] - half, slopes[0] + half
         unit = (lambda x: math.exp(x)) if scale == "log" else (lambda x: 1.0 + x)
+        span = float(np.ptp(gens))
         out.update(
             slope=float(slopes.mean()), slope_low=float(low), slope_high=float(high), scale=scale,
-            change=unit(float(slopes.mean()) * float(np.ptp(gens))),
+            rising=int((slopes > 0).sum()), change=unit(float(slopes.mean()) * span),
+            change_low=unit(float(low) * span), change_high=unit(float(high) * span),
             excess_last=unit(level["mean"]), excess_last_low=unit(level["low"]),
             excess_last_high=unit(level["high"]),
             peak=unit(float(e.max())),
