@@ -70,8 +70,8 @@ def discard(run_path: Path, root: Path) -> None:
         parent.rmdir()
 
 
-def build(cfg: DictConfig, cache: dict | None = None) -> tuple[str, Any, Any, Any]:
-    """Validate cfg and build what its run needs: (device, policy, data, model factory).
+def build(cfg: DictConfig, cache: dict | None = None) -> tuple[str, Any, Any, Any, Any]:
+    """Validate cfg and build what its run needs: (device, policy, data, model factory, curation reward).
 
     The preflight calls this for every job of a sweep (with a cache, so a distinct data source or model
     is built once); run_config calls it again for its own job. Everything that can be checked without
@@ -88,13 +88,16 @@ def build(cfg: DictConfig, cache: dict | None = None) -> tuple[str, Any, Any, An
     model_key = ("model", plain(cfg.model), plain(cfg.init), cfg.chains, tuple(data.event_shape), device)
     make_model = cached(cache, model_key, lambda: registry.make_model_factory(cfg, data.event_shape, device))
     cached(cache, ("checkpoint", *model_key), lambda: check_checkpoint(cfg, make_model))
+    reward = None
+    if cache is None or cfg.sample.curation_reward != "classifier":  # a classifier reward may train one
+        reward = registry.make_curation_reward(cfg, data, device)
     check_run_root(cfg)
-    return device, policy, data, make_model
+    return device, policy, data, make_model, reward
 
 
 def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     """Validate cfg, build the objects and run (or resume) the loop in run_path; returns the summary."""
-    device, policy, data, make_model = build(cfg)
+    device, policy, data, make_model, reward = build(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_path = distributed_run_path(Path(run_path), device)
@@ -113,7 +116,8 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
             checkpoint_minutes=cfg.train.get("checkpoint_minutes"),
             init_checkpoint=cfg.init.checkpoint, init_pretrained=cfg.init.get("pretrained"),
             n_samples=cfg.sample.n, temperature=cfg.sample.temperature, guidance=cfg.sample.get("guidance"),
-            curation_k=cfg.sample.curation_k, curation_reward=cfg.sample.curation_reward,
+            curation_k=cfg.sample.curation_k, curation_reward=reward,
+            curation_beta=cfg.sample.get("curation_beta"),
             save_samples=cfg.sample.save, shard_size=cfg.sample.get("shard_size"), gen0_cache=gen0_cache,
             metrics=tuple(cfg.eval.metrics), metric_options=OmegaConf.to_container(cfg.eval.options),
             eval_samples=cfg.eval.n_samples, progress=cfg.progress,

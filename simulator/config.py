@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 DEVICES = ("auto", "cpu", "cuda")
-REWARDS = ("model", "truth")
+REWARDS = ("model", "truth", "linear", "quadratic", "classifier")  # simulator.curation
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -107,6 +107,12 @@ def validate(cfg: DictConfig, *, families: list[str], sources: list[str], polici
         check_float(cfg, "sample.guidance", 0.0)
     check_int(cfg, "sample.curation_k", 1)
     check_choice(cfg, "sample.curation_reward", REWARDS)
+    from simulator import curation  # its reward options and beta (one line each)
+
+    options = _get(cfg, "sample.curation_options")
+    options = OmegaConf.to_container(options, resolve=True) if OmegaConf.is_config(options) else options
+    curation.check(cfg.sample.curation_reward, options, _get(cfg, "sample.curation_beta"))
+    check_int(cfg, "sample.from_last", 1, optional=True)
     check_bool(cfg, "sample.save")
     check_int(cfg, "sample.shard_size", 1, optional=True)
     checkpoint = _get(cfg, "init.checkpoint")

@@ -11,7 +11,7 @@ statistics of D_t (simulator.models.gaussian_stats) and the metrics are computed
     param_dist      parameters only
 
 so every column is distributed as the sample path's. Metrics that need the points themselves (mmd,
-sliced_w, knn_pr), curation, saved samples, policy=accumulate_subsample and fresh draws from the
+sliced_w, knn_pr), curation, weights, from_last, guidance, policy=accumulate_subsample and fresh draws from the
 fixed real set are refused with one line (not exact from statistics).
 """
 
@@ -73,10 +73,17 @@ def check(cfg: DictConfig) -> None:
     if cfg.sample.curation_k != 1:
         raise ConfigError("sample.curation_k: curation ranks individual samples, which model.path=statistics "
                           "never draws; use 1 or model.path=samples")  # fmt: skip
-    if cfg.sample.save:
-        raise ConfigError(
-            "sample.save: model.path=statistics draws no samples to save; set sample.save=false"
-        )
+    # sample.save is moot (no samples are drawn): accepted and ignored
+    unsupported = {  # options of the sample path that statistics cannot reproduce
+        "policy.weight_real": "weighted fits",
+        "sample.from_last": "samples of several generations",
+        "sample.curation_beta": "curation",
+        "sample.guidance": "guidance",
+    }
+    for key, what in unsupported.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not (key == "sample.from_last" and value == 1):
+            raise ConfigError(f"{key}: {what} are not drawn by model.path=statistics; use model.path=samples")
     for name in cfg.eval.metrics:
         if name not in METRICS:
             raise ConfigError(f"eval.metrics: {name} needs samples; model.path=statistics computes "
@@ -147,7 +154,7 @@ def statistics_loop(
     n_samples: int | None = None,  # rows of S_t (only their count matters: the rows metrics see)
     temperature: float = 1.0,  # sampling bias s: S_t ~ N(mu_t, s Sigma_t)
     curation_k: int = 1,  # must be 1 (curation needs the samples)
-    save_samples: bool = False,  # must be false (there are no samples)
+    save_samples: bool = False,  # ignored: there are no samples to keep
     gen0_cache: Path | None = None,  # must be None
     metrics: tuple[str, ...] = (),  # names from METRICS
     eval_samples: int | None = None,  # rows of S_t the metrics see (default: all)
@@ -155,8 +162,8 @@ def statistics_loop(
     **unused: Any,  # generation_loop's training and sampling options: a closed-form fit ignores them
 ) -> list[dict[str, Any]]:
     """Run or resume generations 0..T on statistics in `run`; takes generation_loop's arguments."""
-    if curation_k != 1 or save_samples or gen0_cache is not None or unused.get("init_pretrained"):
-        raise ConfigError("model.path=statistics: no curation, saved samples, share_gen0 or init.pretrained")
+    if curation_k != 1 or gen0_cache is not None or unused.get("init_pretrained"):
+        raise ConfigError("model.path=statistics: no curation, share_gen0 or init.pretrained")
     unknown = [k for k in metrics if k not in METRICS]
     if unknown:
         raise ConfigError(

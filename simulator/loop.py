@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from simulator import distributed, seeding
 from simulator import samples as store
+from simulator.curation import Reward, soft_select
 from simulator.data.base import Dataset
 from simulator.metrics import registry as metric_registry
 from simulator.models.base import Diverged, FitCheckpoint, GenerativeModel
@@ -88,7 +89,8 @@ def generation_loop(
     temperature: float = 1.0,  # sampling bias s: s < 1 narrows the samples
     guidance: float | None = None,  # classifier-free guidance weight w (class-conditional diffusion)
     curation_k: int = 1,  # keep the best of k candidates per sample (1: no curation)
-    curation_reward: str = "model",  # "model" (own log-likelihood) or "truth" (exact log-density)
+    curation_reward: str | Reward = "model",  # "model"/"truth" (log-density), or reward(m, x, y) -> (C, m)
+    curation_beta: float | None = None,  # None: best of k; else keep candidate i w.p. softmax(beta r)_i
     save_samples: bool = True,  # keep the samples per generation (else regenerated on resume)
     shard_size: int | None = None,  # samples per shard file of per-sample-seeded families (None: 5000)
     gen0_cache: Path | None = None,  # share generation 0 with the sweep's other policies (SharedGen0)
@@ -100,7 +102,7 @@ def generation_loop(
     """Run or resume generations 0..T in `run`; returns the results rows."""
     chains = data.train.shape[0]
     n_real = data.n_train
-    n_pool = policy.n_synthetic(n_real)  # samples per generation that enter training sets
+    n_pool = policy.pool_size(n_real)  # samples per generation that enter training sets
     n_draw = max(n_pool, n_samples or 0, (eval_samples or 0) if metrics else 0, 1)
     n_eval = min(eval_samples or n_draw, n_draw)
     per_shard = shard_size or store.DEFAULT_SHARD_SIZE
@@ -118,10 +120,22 @@ def generation_loop(
         real = data.train_labels[0]
         return real[torch.randint(len(real), (n,), generator=seeding.generator(seed, t, "labels"))]
 
-    def keep_best(m: GenerativeModel, x: torch.Tensor, y: torch.Tensor | None):
-        """Curation: the best of each k consecutive candidates by the reward."""
-        reward = m.log_prob(x) if curation_reward == "model" else data.truth.log_prob(x)
-        keep = curate(reward.cpu(), curation_k)
+    def keep_best(
+        m: GenerativeModel, x: torch.Tensor, y: torch.Tensor | None, t: int, rows: list[int] | slice
+    ):
+        """Curation: one of each k consecutive candidates (samples `rows` of S_t), the best by the reward
+        or, with curation_beta, one drawn with probability softmax(beta * reward) (simulator.curation)."""
+        if callable(curation_reward):
+            reward = curation_reward(m, x, y)
+        else:
+            reward = m.log_prob(x) if curation_reward == "model" else data.truth.log_prob(x)
+        if curation_beta is None:
+            keep = curate(reward.cpu(), curation_k)
+        else:  # one uniform per sample of S_t, whichever rank draws it
+            u = torch.rand(
+                x.shape[0], n_draw, generator=seeding.generator(seed, t, "curation"), dtype=torch.float64
+            )
+            keep = soft_select(reward.cpu(), curation_k, curation_beta, u[:, rows])
         return x[torch.arange(x.shape[0]).unsqueeze(1), keep], None if y is None else y[keep[0]]
 
     def draw(m: GenerativeModel, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -130,7 +144,7 @@ def generation_loop(
         y = class_labels(t, n_draw * curation_k)
         x = m.sample(n_draw * curation_k, y, generator=g, **bias).cpu()
         if curation_k > 1:
-            x, y = keep_best(m, x, y)
+            x, y = keep_best(m, x, y, t, slice(None))
         return x, None if y is None else y.unsqueeze(0).expand(x.shape[0], -1)
 
     def draw_rows(m: GenerativeModel, t: int, rows: range) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -143,7 +157,7 @@ def generation_loop(
                      indices=candidates, **bias).cpu()  # fmt: skip
         y = None if y_all is None else y_all[candidates]
         if k > 1:
-            x, y = keep_best(m, x, y)
+            x, y = keep_best(m, x, y, t, mine)
         x = store.gather_rows(x, len(rows))
         y = None if y is None else distributed.gather_shards(y, len(rows))
         return x, None if y is None else y.unsqueeze(0).expand(x.shape[0], -1)

@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from simulator.config import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-# subtrees whose keys belong to code (a family's, a source's or the metrics' options), checked below
+# subtrees whose keys belong to code (a family's, a source's or the metrics' options, and any *_options
+# such as sample.curation_options), checked where the code reads them
 OPEN = ("options",)
 # groups whose files are global patches (named setups, smoke runs, launchers): checked by the tests to
 # use only keys the other files define, so a typo there cannot widen the schema
@@ -66,7 +67,7 @@ def _paths(node: Any, prefix: str) -> set[str]:
             continue
         path = f"{prefix}{key}"
         out.add(path)
-        if isinstance(value, dict) and key not in OPEN:
+        if isinstance(value, dict) and not (key in OPEN or key.endswith("_options")):
             out |= _paths(value, path + ".")
     return out
 

@@ -67,6 +67,7 @@ class Policy:
 
     name = "policy"
     weighted = False  # takes weight_real (a real part and a synthetic part to weigh against each other)
+    from_last = 1  # the synthetic part comes from the last K generations' samples (sample.from_last)
 
     def n_synthetic(self, n_real: int) -> int:
         raise NotImplementedError
@@ -81,7 +82,42 @@ class Policy:
 
     def needs(self, t: int) -> list[int]:
         """Generations whose samples generation t reads (the rest may leave memory)."""
-        return [t - 1]
+        return list(range(max(t - self.from_last, 0), t))
+
+    def draw_from_last(self, k: int) -> Policy:
+        """Draw the synthetic part equally from generations t-1, ..., t-k (Alemohammad et al., appendix:
+        the mixture of the last k models); k = 1 is the previous generation alone. Returns self."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise PolicyError(f"sample.from_last: must be an integer >= 1, got {k!r}")
+        self.from_last = k
+        return self
+
+    def shares(self, t: int, k: int) -> list[int]:
+        """Rows of D_t's k synthetic ones from S_{t-1}, S_{t-2}, ...: equal, the remainder to recent ones."""
+        m = min(self.from_last, t)
+        return [k // m + (i < k % m) for i in range(m)]
+
+    def pool_size(self, n_real: int) -> int:
+        """Samples each generation must provide: with from_last = K, S_g gives disjoint blocks of rows to
+        D_{g+1}, ..., D_{g+K}, so every training set holds fresh draws of each model (at most
+        k (1 + 1/2 + ... + 1/K) rows, needed by generation 0, whose blocks are the largest)."""
+        k = self.n_synthetic(n_real)
+        return (
+            k if self.from_last == 1 else sum(self.shares(j, k)[j - 1] for j in range(1, self.from_last + 1))
+        )
+
+    def synthetic(self, t: int, n_real: int, chains: int) -> Part:
+        """The synthetic part of D_t: the first n_synthetic rows of S_{t-1}, or with from_last = K equal
+        shares of S_{t-1}, ..., S_{t-K} (fewer generations while t < K), each S_g's block for D_t after its
+        blocks for D_{g+1}, ..., D_{t-1}, so no sample enters two training sets."""
+        k, size = self.n_synthetic(n_real), self.pool_size(n_real)
+        gens, rows = [], []
+        for i, count in enumerate(self.shares(t, k)):  # source i is S_g, g = t - 1 - i
+            offset = sum(self.shares(t - 1 - i + j, k)[j - 1] for j in range(1, i + 1))
+            gens.append(t - 1 - i)
+            rows.append(i * size + offset + torch.arange(count))  # rows of the members' concatenation
+        index = torch.cat(rows)
+        return Part(tuple(gens), index.expand(chains, len(index)))
 
     def select(self, t: int, n_real: int, chains: int, generator: torch.Generator) -> list[Part]:
         raise NotImplementedError
@@ -102,6 +138,8 @@ class Replace(Policy):
         return self.n_syn or n_real
 
     def select(self, t, n_real, chains, generator):
+        if self.from_last > 1:
+            return [self.synthetic(t, n_real, chains)]
         return [Part((t - 1,))]
 
 
@@ -129,9 +167,8 @@ class Mix(Policy):
     def select(self, t, n_real, chains, generator):
         k = self.n_synthetic(n_real)
         parts = [Part((REAL,))]
-        if k:
-            # samples are i.i.d., so the first k rows are a uniform draw
-            parts.append(Part((t - 1,), torch.arange(k).expand(chains, k)))
+        if k:  # samples are i.i.d., so the first k rows are a uniform draw
+            parts.append(self.synthetic(t, n_real, chains))
         return parts
 
     def weights(self, parts, sizes):
@@ -198,7 +235,7 @@ class Fresh(Policy):
             parts = [Part((REAL,), _draw_without_replacement(chains, n_real, self._fresh(n_real), generator))]
         k = self.n_synthetic(n_real)
         if k:
-            parts.append(Part((t - 1,), torch.arange(k).expand(chains, k)))
+            parts.append(self.synthetic(t, n_real, chains))
         return parts
 
     def weights(self, parts, sizes):
@@ -224,6 +261,12 @@ class Accumulate(Policy):
 
     def needs(self, t: int) -> list[int]:
         return list(range(t))
+
+    def draw_from_last(self, k: int) -> Policy:
+        if k != 1:  # a window over generations would be another policy (a sliding accumulate)
+            raise PolicyError(f"sample.from_last: {self.name} trains on every earlier generation already; "
+                              f"from_last > 1 applies to replace, mix and fresh, got {k!r}")  # fmt: skip
+        return self
 
     def select(self, t, n_real, chains, generator):
         return [Part((REAL, *range(t)))]

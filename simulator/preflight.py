@@ -136,7 +136,7 @@ def check_checkpoint(cfg: DictConfig, make_model: Callable[[], Any]) -> None:
 
 
 def check_against_data(cfg: DictConfig, data: Dataset, policy: Any) -> None:
-    """The policy's sizes, the metrics and the curation reward against what the data has."""
+    """The policy's sizes and the metrics against what the data has (the curation reward: registry)."""
     from simulator.policies import PolicyError
 
     n_real = data.train.shape[1]
@@ -148,9 +148,6 @@ def check_against_data(cfg: DictConfig, data: Dataset, policy: Any) -> None:
     has_truth = data.truth is not None and data.truth.log_prob is not None
     if policy.n_truth(n_real) and data.truth is None:
         raise ConfigError(f"policy.source=truth: data.source={cfg.data.source} has no exact sampler")
-    if cfg.sample.curation_reward == "truth" and not has_truth:
-        raise ConfigError(f"sample.curation_reward: truth needs a data source with an exact density; "
-                          f"data.source={cfg.data.source} has none (use model)")  # fmt: skip
     metrics = list(cfg.eval.metrics)
     if "kl_truth" in metrics and not has_truth:
         raise ConfigError(f"eval.metrics: kl_truth needs a data source with an exact density; "

@@ -205,8 +205,20 @@ def make_policy(cfg: DictConfig) -> policies.Policy:
         raise ConfigError(f"policy.source=truth: needs a data source with an exact sampler (a toy source), "
                           f"not data.source={cfg.data.source}")  # fmt: skip
     try:
-        return cls(**options)
+        return cls(**options).draw_from_last(OmegaConf.select(cfg, "sample.from_last", default=None) or 1)
     except TypeError as e:
         raise ConfigError(f"policy ({cfg.policy.name}): {e}") from None
     except policies.PolicyError as e:
         raise ConfigError(str(e)) from None
+
+
+def make_curation_reward(cfg: DictConfig, data: Dataset, device: str) -> Any:
+    """The curation reward of cfg.sample (simulator.curation): "model"/"truth" as the loop knows them
+    when no options are set, else a reward function; a spec that does not fit the data is one line."""
+    from simulator import curation
+
+    name = cfg.sample.curation_reward
+    options = _options(cfg.sample.get("curation_options"))
+    if name == "model" or (name == "truth" and data.truth is not None):
+        return name  # the loop's own log-density rewards (today's behaviour, bit for bit)
+    return curation.make_reward(name, options, tuple(data.event_shape), data.truth, device)

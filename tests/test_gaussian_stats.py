@@ -253,7 +253,7 @@ def test_mix_contracts_to_the_real_fit_at_the_closed_form_rate():
 
 BASE = ("data=gaussian", "model=gaussian", "model.path=statistics", "chains=50", "data.n_train=30",
         "data.n_test=50", "eval.metrics=[moments,nll]", "eval.stability_metric=null", "eval.figures=false",
-        "sample.save=false", "durable=false")  # fmt: skip
+        "durable=false")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -262,7 +262,9 @@ BASE = ("data=gaussian", "model=gaussian", "model.path=statistics", "chains=50",
         ("model.path=sample", "model.path"),
         ("policy=accumulate_subsample", "policy"),
         ("policy=fresh", "policy"),
-        ("sample.save=true", "sample.save"),
+        ("sample.from_last=2", "sample.from_last"),
+        ("sample.curation_beta=1.0", "sample.curation_beta"),
+        ("policy=mix policy.weight_real=0.5", "policy.weight_real"),
         ("eval.metrics=[mmd]", "eval.metrics"),
         ("sample.curation_k=2", "sample.curation_k"),
         ("share_gen0=true", "share_gen0"),
@@ -270,7 +272,7 @@ BASE = ("data=gaussian", "model=gaussian", "model.path=statistics", "chains=50",
 )
 def test_options_the_statistics_path_does_not_cover_are_one_line(override, field):
     with pytest.raises(ConfigError, match=rf"^{field}: ") as e:
-        _validate(compose_config(*BASE, override))
+        _validate(compose_config(*BASE, *override.split()))
     assert "\n" not in str(e.value)
 
 

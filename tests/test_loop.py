@@ -37,6 +37,10 @@ FLOW = [
     "eval.metrics=[nll,moments,param_dist]",
 ]
 
+# Ferbach et al.'s curation: one of 4 candidates drawn with probability softmax(beta r) (simulator.curation)
+SOFT_CURATION = ["sample.curation_k=4", "sample.curation_beta=1.0", "sample.curation_reward=quadratic",
+                 "+sample.curation_options.centre=[1.0,0.0]"]  # fmt: skip
+
 
 def strip(rows):
     return [{k: v for k, v in r.items() if not k.startswith("seconds") and k != "train"} for r in rows]
@@ -54,8 +58,10 @@ def files(path):
         GAUSS + ["policy=accumulate_subsample", "sample.save=false"],
         GAUSS + ["policy=fresh"],
         FLOW + ["policy=mix"],
+        GAUSS + ["policy=replace", "sample.from_last=3", "sample.save=false"],
+        GAUSS + ["policy=mix", *SOFT_CURATION],
     ],
-    ids=["accumulate", "replace-nosave", "subsample-nosave", "fresh", "flow-mix"],
+    ids=["accumulate", "replace-nosave", "subsample-nosave", "fresh", "flow-mix", "last3-nosave", "soft"],
 )
 def test_resume_equals_uninterrupted(tmp_path, overrides):
     overrides = [*overrides, "eval.metrics=[_crash_for_tests,moments,param_dist]"]
