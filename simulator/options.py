@@ -41,7 +41,7 @@ WRITTEN = {"config": ("init.pretrained_sha256",)}
 POSITIVE_INTS = (
     "blocks hidden layers bins components em_iters batch_size steps levels blocks_per_level layers_per_block "
     "train_timesteps sample_steps likelihood_timesteps sample_batch projections k max_elems mmd_max n_bpd "
-    "kid_subsets kid_subset_size tiny_steps num_classes n_real"
+    "kid_subsets kid_subset_size tiny_steps num_classes n_real width"
 ).split()
 BOUNDS: dict[str, tuple[float | None, bool, float | None, bool]] = {
     **dict.fromkeys(POSITIVE_INTS, (1, False, None, False)),
