@@ -281,7 +281,11 @@ def simulate_report(argv: list[str] | None = None) -> None:
 
     from simulator import report
 
-    parser = argparse.ArgumentParser(prog="simulate-report", description=report.__doc__)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]  # one line, not usage + error
+            fail(f"simulate-report: {message} (see simulate-report --help)")
+
+    parser = Parser(prog="simulate-report", description=report.__doc__)
     parser.add_argument("dirs", nargs="+", help="run directories, or sweep directories holding runs")
     parser.add_argument("--out", default=None, help="where figures and tables go (default: DIR/figures)")
     parser.add_argument(

@@ -113,15 +113,16 @@ def check_known_keys(cfg: DictConfig, config_name: str = "config") -> None:
             )
 
 
-def _describe(hint: Any) -> str:
-    """'an integer', 'a finite number or null', ... for the one-line error."""
+def _describe(hint: Any) -> tuple[str, bool]:
+    """('an integer', null allowed?) for the one-line error."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = typing.get_args(hint)
-        words = [_describe(a) for a in args if a is not type(None)]
-        return " or ".join(dict.fromkeys(words)) + (" or null" if type(None) in args else "")
+        words = [_describe(a)[0] for a in args if a is not type(None)]
+        return " or ".join(dict.fromkeys(words)), type(None) in args
     origin = typing.get_origin(hint) or hint
-    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-            tuple: "a list", list: "a list"}.get(origin, "a value")  # fmt: skip
+    words = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+             tuple: "a list", list: "a list"}  # fmt: skip
+    return words.get(origin, "a value"), False
 
 
 def _accepts(hint: Any, value: Any) -> bool:
@@ -159,8 +160,9 @@ def check_value(field: str, name: str, hint: Any, value: Any) -> None:
     if ok and number and high is not None:
         ok = value < high if strict_high else value <= high
     if not ok:
-        raise ConfigError(f"{field}: must be {_describe(hint)}{_bound_text(low, strict, high, strict_high)}, "
-                          f"got {value!r}")  # fmt: skip
+        what, null = _describe(hint)
+        bounds = _bound_text(low, strict, high, strict_high)
+        raise ConfigError(f"{field}: must be {what}{bounds}{' or null' if null else ''}, got {value!r}")
 
 
 def signature_types(fn: Any) -> dict[str, Any]:

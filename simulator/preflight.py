@@ -149,6 +149,7 @@ def check_against_data(cfg: DictConfig, data: Dataset, policy: Any) -> None:
     if policy.n_truth(n_real) and data.truth is None:
         raise ConfigError(f"policy.source=truth: data.source={cfg.data.source} has no exact sampler")
     metrics = list(cfg.eval.metrics)
+    check_stability_metric(cfg.eval.stability_metric, metrics)
     if "kl_truth" in metrics and not has_truth:
         raise ConfigError(f"eval.metrics: kl_truth needs a data source with an exact density; "
                           f"data.source={cfg.data.source} has none")  # fmt: skip
@@ -161,6 +162,28 @@ def check_against_data(cfg: DictConfig, data: Dataset, policy: Any) -> None:
                     f"eval.metrics: {name} ({what}) needs image data; data.source={cfg.data.source} holds "
                     "vectors (use nll, frechet, mmd, ...)"
                 )
+
+
+# metric -> the results.jsonl columns it writes (param_dist, kl_truth: where meaningful)
+COLUMNS = {
+    "nll": ("nll", "nll_bpd"), "nll_gap": ("nll_gap",), "kl_truth": ("kl_truth",), "frechet": ("frechet",),
+    "mmd": ("mmd",), "sliced_w": ("sliced_w",), "moments": ("mean_drift", "cov_drift", "var_ratio"),
+    "knn_pr": ("precision", "recall"), "param_dist": ("param_dist0", "param_dist_star"),
+    "fid": ("fid", "kid_mean", "kid_std", "precision", "recall"), "bpd": ("bpd", "bpd_bound"),
+}  # fmt: skip
+
+
+def check_stability_metric(name: str | None, metrics: list[str]) -> None:
+    """eval.stability_metric is a column some metric of eval.metrics writes (null: no verdict), so the
+    summary's rate and verdict are never computed from a column that does not exist."""
+    if name is None or any(m not in COLUMNS for m in metrics):  # a metric this table does not know
+        return
+    columns = sorted({c for m in metrics for c in COLUMNS[m]})
+    if name not in columns:
+        raise ConfigError(
+            f"eval.stability_metric: {name!r} is not written by eval.metrics {metrics}; allowed: "
+            f"{', '.join(columns) or '(none: add a metric)'} or null"
+        )
 
 
 def check_run_root(cfg: DictConfig) -> None:
