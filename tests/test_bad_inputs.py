@@ -129,6 +129,10 @@ SIMULATE = [
     (["policy=accumulate_subsample", "policy.budget=0"], "policy.budget: must be an integer >= 1"),
     (["policy=fresh", "policy.source=truth", "data=digits"], "policy.source=truth: needs a data source"),
     (
+        [*BASE, "data=image_folder", "data.options.root={files}/images", "model=glow", "eval=image"],
+        "data (image_folder): cannot identify image file",
+    ),
+    (
         [*DIGITS, "model=diffusion_tiny", "model.options.label_dropout=1.5"],
         "model.options.label_dropout: must be a finite number in [0, 1), got 1.5",
     ),  # fmt: skip
@@ -206,6 +210,9 @@ def files(tmp_path_factory) -> Path:
     torch.save(torch.zeros(3), d / "tensor.pt")
     torch.save({}, d / "empty.pt")
     torch.save({"args": argparse.Namespace(a=1)}, d / "pickled.pt")
+    for label in ("cat", "dog"):  # undecodable images in an ImageFolder layout
+        (d / "images" / label).mkdir(parents=True)
+        (d / "images" / label / "0.png").write_text("not a png\n")
     np.savez(d / "few.npz", images=np.zeros((20, 8, 8, 1), np.uint8), labels=np.arange(20) % 10)
     return d
 
