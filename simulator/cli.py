@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,10 @@ from simulator.preflight import (
     cached,
     check_against_data,
     check_checkpoint,
+    check_jobs,
     check_run_root,
-    compose_jobs,
     plain,
     read_checkpoint,
-    sweep_jobs,
 )
 from simulator.run import RunDir, RunError
 
@@ -200,28 +198,8 @@ def preflight(args: list[str]) -> None:
     only after it has made output directories; checking here first gives every mistake -- of any job
     of a sweep -- one line and exit code 2, with nothing written.
     """
-    from hydra import initialize_config_dir
-
-    def command_line_error(e: Exception) -> None:  # hydra's composition and parse errors: their first line
-        fail(f"command line: {(str(e).strip() or type(e).__name__).splitlines()[0]}")
-
     try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a library's warnings show when the job itself builds its model
-            cache: dict = {}
-            try:
-                jobs = sweep_jobs(args, "config")
-            except Exception as e:
-                command_line_error(e)
-            configs = compose_jobs(jobs, "config")
-            while True:
-                try:
-                    cfg = next(configs, None)
-                except Exception as e:
-                    command_line_error(e)
-                if cfg is None:
-                    break
-                build(cfg, cache)
+        check_jobs(args, "config", build)
     except USER_ERRORS as e:
         fail(str(e))
 

@@ -15,6 +15,7 @@ import copy
 import functools
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,36 @@ from omegaconf import DictConfig, OmegaConf
 
 from simulator.config import ConfigError
 from simulator.data.base import Dataset
+
+
+def check_jobs(args: list[str], config_name: str, check: Callable[[DictConfig, dict], Any]) -> None:
+    """check(cfg, cache) for every job of the command line's sweep, before hydra makes anything.
+
+    Hydra reports its own errors (bad override syntax, unknown keys or groups) on several lines with exit
+    code 1, and only after it has made output directories; here they are a ConfigError whose message is
+    their first line, and check's errors come out unchanged, for the entry point to print as one line.
+    """
+    from hydra import initialize_config_dir
+
+    from simulator.options import CONFIG_DIR
+
+    def command_line(e: Exception) -> ConfigError:
+        return ConfigError(f"command line: {(str(e).strip() or type(e).__name__).splitlines()[0]}")
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a library's warnings show when the job itself builds its objects
+        cache: dict = {}
+        try:
+            configs = compose_jobs(sweep_jobs(args, config_name), config_name)
+            cfg = next(configs, None)
+        except Exception as e:
+            raise command_line(e) from None
+        while cfg is not None:
+            check(cfg, cache)
+            try:
+                cfg = next(configs, None)
+            except Exception as e:
+                raise command_line(e) from None
 
 
 def sweep_jobs(args: list[str], config_name: str) -> list[list[str]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from simulator.contamination.sources import (
     pick_generation,
 )
 from simulator.data.base import Dataset
-from simulator.preflight import cached, check_run_root, compose_jobs, sweep_jobs
+from simulator.preflight import cached, check_jobs, check_run_root
 from simulator.run import RunDir, RunError
 
 CONFIG_NAME = "contaminate"
@@ -366,28 +365,8 @@ def _main(cfg: DictConfig) -> None:
 
 def preflight(args: list[str]) -> None:
     """Compose, validate and build every job of the sweep before hydra makes anything (as simulator.cli)."""
-    from hydra import initialize_config_dir
-
-    def command_line_error(e: Exception) -> None:  # hydra's composition and parse errors: their first line
-        fail(f"command line: {(str(e).strip() or type(e).__name__).splitlines()[0]}")
-
     try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a library's warnings show when the job itself builds
-            cache: dict = {}
-            try:
-                jobs = sweep_jobs(args, CONFIG_NAME)
-            except Exception as e:
-                command_line_error(e)
-            configs = compose_jobs(jobs, CONFIG_NAME)
-            while True:
-                try:
-                    cfg = next(configs, None)
-                except Exception as e:
-                    command_line_error(e)
-                if cfg is None:
-                    break
-                build(cfg, None, cache)
+        check_jobs(args, CONFIG_NAME, lambda cfg, cache: build(cfg, None, cache))
     except USER_ERRORS as e:
         fail(str(e))
 
