@@ -175,6 +175,10 @@ CONTAMINATE = [
         ["contaminate/generator=run", "generator.run_dir={files}"],
         "generator.run_dir: {files} is not a loop run",
     ),
+    (
+        ["contaminate/generator=run", "generator.run_dir={files}/colored_loop"],
+        "generator.run_dir: {files}/colored_loop was trained on data.source=colored_digits (images (3,",
+    ),
     (["modes.control=[1.0]", "split.fraction=0.9"], "modes.control: alpha 1 needs"),
     (["split.fraction=1.5"], "split.fraction: must be in (0, 1]"),
     (["control.severity=9"], "control.severity: must be an integer in 1..5"),
@@ -213,6 +217,14 @@ def files(tmp_path_factory) -> Path:
     for label in ("cat", "dog"):  # undecodable images in an ImageFolder layout
         (d / "images" / label).mkdir(parents=True)
         (d / "images" / label / "0.png").write_text("not a png\n")
+    loop = d / "colored_loop"  # a loop run (generations 0 and 1) of coloured, 3-channel digits
+    for t in (0, 1):
+        (loop / f"gen_{t:03d}").mkdir(parents=True)
+    (loop / "config.yaml").write_text(
+        "data: {source: colored_digits, n_train: null, n_test: null, options: {}}\n"
+        "model: {family: diffusion, options: {}}\nchains: 1\n"
+    )
+    (loop / "results.jsonl").write_text('{"generation": 0}\n{"generation": 1}\n')
     np.savez(d / "few.npz", images=np.zeros((20, 8, 8, 1), np.uint8), labels=np.arange(20) % 10)
     return d
 

@@ -309,6 +309,20 @@ def check_generator(
             )
         except ConfigError as e:
             raise ConfigError(str(e).replace("model.options", "generator.options", 1)) from None
+    elif gen["kind"] == "run":  # a loop run of other data: its images would only be found at the first cell
+        for d in {p for paths in source.run_dirs.values() for p in paths}:
+            loop = OmegaConf.load(d / "config.yaml")
+            if loop.get("data") is None:
+                continue
+            node = OmegaConf.create({"data": _plain(loop.data), "chains": 1, "seed": 0})
+            got = cached(
+                cache, ("loop-data", _plain(loop.data)), lambda n=node: registry.make_data(n).event_shape
+            )
+            if tuple(got) != shape:
+                raise ConfigError(
+                    f"generator.run_dir: {d} was trained on data.source={loop.data.source} (images "
+                    f"{tuple(got)}), this grid's data ({cfg.data.source}) has images {shape}"
+                )
     elif gen["kind"] == "external":
         pool = cached(cache, ("external", gen["path"], source.num_classes, shape),
                       lambda: load_external(gen["path"], source.num_classes, shape))  # fmt: skip
