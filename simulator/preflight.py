@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from simulator.config import ConfigError
 from simulator.data.base import Dataset
@@ -45,7 +45,8 @@ def check_jobs(args: list[str], config_name: str, check: Callable[[DictConfig, d
         warnings.simplefilter("ignore")  # a library's warnings show when the job itself builds its objects
         cache: dict = {}
         try:
-            configs = compose_jobs(sweep_jobs(args, config_name), config_name)
+            composed: dict = {}
+            configs = compose_jobs(sweep_jobs(args, config_name, composed), config_name, composed)
             cfg = next(configs, None)
         except Exception as e:
             raise command_line(e) from None
@@ -57,11 +58,13 @@ def check_jobs(args: list[str], config_name: str, check: Callable[[DictConfig, d
                 raise command_line(e) from None
 
 
-def sweep_jobs(args: list[str], config_name: str) -> list[list[str]]:
+def sweep_jobs(args: list[str], config_name: str, composed: dict | None = None) -> list[list[str]]:
     """The override list of every job hydra will run for this command line (one empty job: no overrides).
 
     As hydra's basic sweeper: the experiment's hydra.sweeper.params (read from the config composed with
     the command line's plain overrides) come first, the command line's overrides after them and win.
+    That composition goes into composed (by its overrides), for compose_jobs to reuse: a command without
+    a sweep is composed once.
     """
     from hydra import compose
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -71,7 +74,13 @@ def sweep_jobs(args: list[str], config_name: str) -> list[list[str]]:
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override() and o.input_line]
-    hydra_cfg = compose(config_name, overrides=fixed, return_hydra_config=True).hydra
+    full = compose(config_name, overrides=fixed, return_hydra_config=True)
+    hydra_cfg = full.hydra
+    if composed is not None:
+        full = copy.deepcopy(full)
+        with open_dict(full):
+            del full["hydra"]  # as compose() without return_hydra_config
+        composed[tuple(sorted(fixed))] = full
     multirun = any(a in ("-m", "--multirun") for a in args) or str(hydra_cfg.mode).endswith("MULTIRUN")
     params = hydra_cfg.sweeper.get("params") if multirun else None
     lines = [f"{key}={value}" for key, value in (plain(params) or {}).items()]
@@ -79,11 +88,14 @@ def sweep_jobs(args: list[str], config_name: str) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch] or [[]]
 
 
-def compose_jobs(jobs: list[list[str]], config_name: str) -> Iterator[DictConfig]:
+def compose_jobs(
+    jobs: list[list[str]], config_name: str, composed: dict | None = None
+) -> Iterator[DictConfig]:
     """Each job's composed config. Jobs that differ only in plain value overrides (seed=0,1,2) share one
     hydra composition (the slow part: ~0.1 s each) and get their values set on a copy of it, as hydra
     sets a command-line value after composing; anything else (a group, '+', '~', an options key, a key
-    the composition lacks) is composed by hydra itself."""
+    the composition lacks) is composed by hydra itself. composed: compositions already made, by their
+    sorted overrides (sweep_jobs')."""
     from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
@@ -95,6 +107,9 @@ def compose_jobs(jobs: list[list[str]], config_name: str) -> Iterator[DictConfig
     parser = OverridesParser.create()
     bases: dict[tuple[str, ...], DictConfig] = {}
     for job in jobs:
+        if tuple(sorted(job)) in (composed or {}):
+            yield copy.deepcopy(composed[tuple(sorted(job))])  # type: ignore[index]
+            continue
         parsed = parser.parse_overrides(list(job))
         values = [
             o for o in parsed

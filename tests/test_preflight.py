@@ -42,6 +42,10 @@ def test_shared_compositions_equal_hydras_own(hydra_dir):
     ]
     for job, cfg in zip(jobs, compose_jobs(jobs, "config"), strict=True):
         assert OmegaConf.to_container(cfg) == OmegaConf.to_container(compose("config", overrides=job)), job
+    composed: dict = {}  # a command without a sweep reuses the composition sweep_jobs made
+    (job,) = sweep_jobs(jobs[-1], "config", composed)
+    (cfg,) = compose_jobs([job], "config", composed)
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(compose("config", overrides=job))
 
 
 @pytest.mark.parametrize(
