@@ -11,7 +11,7 @@ statistics of D_t (simulator.models.gaussian_stats) and the metrics are computed
     param_dist      parameters only
 
 so every column is distributed as the sample path's. Metrics that need the points themselves (mmd,
-sliced_w, knn_pr), curation, weights, from_last, guidance, policy=accumulate_subsample and fresh draws from the
+sliced_w, knn_pr), curation, weights, from_last, guidance, accumulate_subsample and fresh draws from the
 fixed real set are refused with one line (not exact from statistics).
 """
 

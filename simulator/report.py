@@ -75,7 +75,9 @@ def regime_label(config: dict[str, Any]) -> str:
     """A short human label of a run's regime: policy (with lambda), family, temperature, warm start."""
     policy = config.get("policy", {})
     label = policy.get("name", "?")
-    if label == "mix":
+    if is_floor(config):
+        label = "real only (λ=0)"
+    elif label == "mix":
         label += f" λ={policy.get('lam'):g}"
     family = config.get("model", {}).get("family")
     temperature = config.get("sample", {}).get("temperature", 1.0)
@@ -260,12 +262,12 @@ def regime_table(groups: dict[str, list[Run]], metric: str) -> list[dict[str, An
         last = stability.t_interval([c[-1] for c in chains])
         table.append({
             "regime": regime_label(config), "seeds": len(runs), "generations": gens[-1] if gens else None,
-            f"{metric}_first": first["mean"], f"{metric}_last": last["mean"],
-            f"{metric}_last_pm": last["half"],
+            "metric": metric, "first": first["mean"], "last": last["mean"], "last_pm": last["half"],
             "reference": reference, "excess_last": v["excess_last"],
             "excess_low": v["excess_last_low"], "excess_high": v["excess_last_high"],
-            "change": v["change"], "peak": v["peak"], "diverged_fraction": v["diverged_fraction"],
-            "verdict": v["verdict"],
+            "change": v["change"], "change_low": v["change_low"], "change_high": v["change_high"],
+            "rising": f"{v['rising']}/{v['finite']}", "peak": v["peak"],
+            "diverged_fraction": v["diverged_fraction"], "verdict": v["verdict"],
         })  # fmt: skip
     return table
 
@@ -321,9 +323,7 @@ def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -
                             f"{m}_verdict": s["verdict"]})  # fmt: skip
             table.append(row)
     _write_table(table, out / "summary")
-    regimes = []
-    for m in metrics:
-        regimes += [{"metric": m, **r} for r in regime_table(groups, m)]
+    regimes = regime_table(groups, metrics[0])  # the verdict is on the stability metric
     if regimes:
         _write_table(regimes, out / "regimes")
 
@@ -331,12 +331,16 @@ def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -
 
     plt = _plt()
     floors = any(is_floor(m[0][1]) for m in groups.values()) and len(groups) > 1
-    nrow = 2 if floors else 1
-    fig, axes = plt.subplots(nrow, len(metrics), figsize=(6.0 * len(metrics), 4.2 * nrow), squeeze=False)
-    for j, m in enumerate(metrics):
-        _draw_metric(axes[0, j], m, groups)
-        if floors:
-            _draw_excess(axes[1, j], m, groups)
+    panels = len(metrics) + floors  # the stability metric, its excess over the floor, the other metrics
+    fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.4), squeeze=False)
+    colors = {
+        key: f"C{i % 10}" for i, key in enumerate(sorted(groups, key=lambda k: regime_label(groups[k][0][1])))
+    }
+    _draw_metric(axes[0, 0], metrics[0], groups, colors)
+    if floors:
+        _draw_excess(axes[0, 1], metrics[0], groups, colors)
+    for ax, m in zip(axes[0, 1 + floors :], metrics[1:], strict=True):
+        _draw_metric(ax, m, groups, colors)
     fig.tight_layout()
     fig.savefig(out / "stability.png", dpi=120)
     plt.close(fig)
@@ -368,41 +372,43 @@ def _write_tidy(loaded: list[tuple[Path, dict, list]], out: Path) -> None:
     pq.write_table(table, out / "results.parquet")
 
 
-def _band(ax: Any, gens: list[int], columns: list[list[float]], label: str) -> None:
-    """Mean over seeds with its Student-t 95% band (stability.t_interval) at each generation."""
+def _band(ax: Any, gens: list[int], columns: list[list[float]], label: str, color: str) -> float:
+    """Mean over seeds with its Student-t 95% band (stability.t_interval) at each generation; returns the
+    band's lowest point (the mean's where there is no band)."""
     ci = [stability.t_interval(c) for c in columns]
-    (line,) = ax.plot(gens, [c["mean"] for c in ci], marker=".", label=label)
+    ax.plot(gens, [c["mean"] for c in ci], marker=".", label=label, color=color)
     if any(c["n"] > 1 for c in ci):
         low, high = [c["low"] for c in ci], [c["high"] for c in ci]
-        ax.fill_between(gens, low, high, color=line.get_color(), alpha=0.2)
+        ax.fill_between(gens, low, high, color=color, alpha=0.15)
+    return min((c["low"] if c["n"] > 1 else c["mean"] for c in ci), default=math.inf)
 
 
-def _draw_metric(ax: Any, metric: str, groups: dict[str, list[Run]]) -> None:
-    """One panel: metric vs generation, a line per regime (mean over seeds, Student-t 95% band)."""
-    positive = True
-    for members in groups.values():
+def _draw_metric(ax: Any, metric: str, groups: dict[str, list[Run]], colors: dict[str, str]) -> None:
+    """One panel: metric vs generation, a line per regime (mean over seeds, Student-t 95% band); a log
+    axis when every band stays above 0."""
+    lowest = math.inf
+    for key, members in groups.items():
         curves: dict[int, list[float]] = defaultdict(list)
         for _, _, rows in members:
             for r in rows:
                 v = r.get(metric)
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     curves[r["generation"]].append(v)
-                    positive &= v > 0
         gens = sorted(curves)
         label = regime_label(members[0][1]) + (f" ({len(members)} seeds)" if len(members) > 1 else "")
-        _band(ax, gens, [curves[t] for t in gens], label)
+        lowest = min(lowest, _band(ax, gens, [curves[t] for t in gens], label, colors[key]))
     ax.set_xlabel("generation")
     ax.set_ylabel(metric)
-    ax.set_yscale("log" if positive else "linear")
-    ax.set_title(f"{metric} across generations (95% Student-t band over seeds)", fontsize=10)
+    ax.set_yscale("log" if lowest > 0 else "linear")
+    ax.set_title(f"{metric} (mean, 95% Student-t band over seeds)", fontsize=10)
     ax.legend(fontsize=8)
 
 
-def _draw_excess(ax: Any, metric: str, groups: dict[str, list[Run]]) -> None:
-    """One panel: each regime's error over the real-only floor of the same seed (paired), as a factor."""
+def _draw_excess(ax: Any, metric: str, groups: dict[str, list[Run]], colors: dict[str, str]) -> None:
+    """One panel: each regime's error over the real-only floor of the same seed (paired), as a log ratio."""
     floors = {_policyless(m[0][1]): {c.get("seed"): rows for _, c, rows in m} for m in groups.values()
               if is_floor(m[0][1])}  # fmt: skip
-    for members in groups.values():
+    for key, members in groups.items():
         floor = floors.get(_policyless(members[0][1]))
         if floor is None or is_floor(members[0][1]):
             continue
@@ -414,11 +420,11 @@ def _draw_excess(ax: Any, metric: str, groups: dict[str, list[Run]]) -> None:
                 if isinstance(v, (int, float)) and isinstance(f, (int, float)) and v > 0 and f > 0:
                     ratios[r["generation"]].append(math.log(v / f))
         gens = sorted(ratios)
-        _band(ax, gens, [ratios[t] for t in gens], regime_label(members[0][1]))
+        _band(ax, gens, [ratios[t] for t in gens], regime_label(members[0][1]), colors[key])
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xlabel("generation")
     ax.set_ylabel(f"log({metric} / real-only {metric}), same seed")
-    ax.set_title("excess over the real-only floor (paired by seed)", fontsize=10)
+    ax.set_title(f"{metric}: excess over the real-only floor (paired by seed, 95% band)", fontsize=10)
     ax.legend(fontsize=8)
 
 

@@ -276,19 +276,23 @@ def regime_verdict(
     chain with its own generation 0. A chain whose run diverged (diverged[s]) or whose error is
     non-finite anywhere is a diverged chain. For the others the excess e_s(t) = log(error / reference)
     (see _excess) gets a least-squares slope per chain; the slopes' Student-t 95% interval over chains
-    and the change over the run (mean slope x span of generations) give the verdict:
+    and the change over the run (the factor exp(mean slope x span of generations), with the interval
+    of the slope carried over) give the verdict:
 
-      diverging   a chain diverged, or the slope is significantly > 0 (interval above 0) and the excess
-                  grew by more than a factor 1 + tol over the run
-      unstable    no such trend, but some chain spiked: its excess at one generation exceeded its
-                  median by more than a factor `spike` (an error 10x its usual level)
-      converging  the slope is significantly < 0 and the excess fell by more than a factor 1 - tol
-      bounded     none of these (a plateau, at whatever level: see excess_last)
+      diverging     a chain diverged, or the change is significantly > 1 (its interval above 1) and
+                    larger than 1 + tol
+      converging    the change is significantly < 1 and smaller than 1 / (1 + tol)
+      unstable      no such trend, but some chain spiked: its excess at one generation exceeded its
+                    median by more than a factor `spike` (an error 10x its usual level)
+      bounded       the whole interval of the change lies within [1 / (1 + tol), 1 + tol]: the excess
+                    is shown not to move by more than tol over the run (at whatever level: excess_last)
+      inconclusive  none of these: the interval is too wide to tell (few seeds, noisy chains)
 
     With one chain the slope's interval is the regression's own (t with T - 1 degrees of freedom).
     Returned: verdict, chains, finite (chains without a non-finite error), diverged_fraction, slope
-    (per generation) with its interval, change (the fitted factor over the run), excess_last (mean
-    excess over the last third of generations) with its interval, peak (largest excess factor), scale.
+    (per generation) with its interval, rising (finite chains whose slope is > 0), change (the fitted
+    factor over the run, mean slope x span) with its interval, excess_last (mean excess over the last
+    third of generations) with its interval, peak (largest excess factor), scale.
     """
     gens = np.arange(len(chains[0]), dtype=float) if generations is None else np.asarray(generations, float)
     errors = np.asarray(chains, dtype=float)
@@ -303,7 +307,8 @@ def regime_verdict(
     nan, spiked = math.nan, False
     out: dict[str, Any] = {
         "chains": int(len(errors)), "finite": int((~bad).sum()), "diverged_fraction": float(bad.mean()),
-        "slope": nan, "slope_low": nan, "slope_high": nan, "change": nan,
+        "slope": nan, "slope_low": nan, "slope_high": nan, "rising": 0,
+        "change": nan, "change_low": nan, "change_high": nan,
         "excess_last": nan, "excess_last_low": nan, "excess_last_high": nan, "peak": nan, "scale": None,
     }  # fmt: skip
     if good.any():
@@ -322,27 +327,32 @@ def regime_verdict(
             half = float(stats.t.ppf(0.975, dof)) * se if dof > 0 else nan
             low, high = slopes[0] - half, slopes[0] + half
         unit = (lambda x: math.exp(x)) if scale == "log" else (lambda x: 1.0 + x)
+        span = float(np.ptp(gens))
         out.update(
             slope=float(slopes.mean()), slope_low=float(low), slope_high=float(high), scale=scale,
-            change=unit(float(slopes.mean()) * float(np.ptp(gens))),
+            rising=int((slopes > 0).sum()), change=unit(float(slopes.mean()) * span),
+            change_low=unit(float(low) * span), change_high=unit(float(high) * span),
             excess_last=unit(level["mean"]), excess_last_low=unit(level["low"]),
             excess_last_high=unit(level["high"]),
             peak=unit(float(e.max())),
         )  # fmt: skip
         jump = math.log(spike) if scale == "log" else spike - 1.0
         spiked = bool(np.any(e.max(axis=1) - np.median(e, axis=1) > jump))
+    hi, lo = 1.0 + tol, 1.0 / (1.0 + tol)
     if bad.any():
         out["verdict"] = "diverging"
     elif not good.any():
-        out["verdict"] = "bounded"  # nothing to compare (no paired floor): no evidence of a trend
-    elif out["slope_low"] > 0 and out["change"] > 1.0 + tol:
+        out["verdict"] = "inconclusive"  # nothing to compare (no paired floor)
+    elif out["change_low"] > 1.0 and out["change"] > hi:
         out["verdict"] = "diverging"
     elif spiked:
         out["verdict"] = "unstable"
-    elif out["slope_high"] < 0 and out["change"] < 1.0 - tol:
+    elif out["change_high"] < 1.0 and out["change"] < lo:
         out["verdict"] = "converging"
-    else:
+    elif lo <= out["change_low"] and out["change_high"] <= hi:
         out["verdict"] = "bounded"
+    else:
+        out["verdict"] = "inconclusive"
     return out
 
 
@@ -350,9 +360,11 @@ def summarize(rows: list[dict[str, Any]], metric: str, *, start: int = 0) -> dic
     """Contraction rate and verdict of one metric column of results.jsonl rows (chain means per generation).
 
     Rows without the metric (or with None) are skipped; first/last are the metric at the earliest
-    (>= start, the first generation the verdict sees) and latest generation where it is finite. A run
-    that diverged, or with a chain whose metric was non-finite at some generation (metric_nonfinite in
-    a row), is 'diverging'; nonfinite_chains is the most chains non-finite at one generation.
+    (>= start, the first generation the verdict sees) and latest generation where it is finite. The
+    verdict is regime_verdict's on this one trajectory against its generation `start` (the interval of
+    the change is the regression's); a run that diverged, or with a chain whose metric was non-finite
+    at some generation (metric_nonfinite in a row, or null in strict JSON), is 'diverging';
+    nonfinite_chains is the most chains non-finite at one generation.
     """
     nulled = [r for r in rows if metric in (r.get("nonfinite") or [])]  # strict JSON: null = not finite
     pairs = sorted((int(r["generation"]), float(r[metric])) for r in rows if r.get(metric) is not None)
@@ -361,10 +373,13 @@ def summarize(rows: list[dict[str, Any]], metric: str, *, start: int = 0) -> dic
     vals = np.array([v for _, v in pairs], dtype=float)
     fit = contraction_rate(vals, start, generations=gens)
     seen = vals[(gens >= start) & np.isfinite(vals)]
-    verdict_ = verdict(vals, rho_fit=fit, start=start, generations=gens)
     lost = max((r.get(f"{metric}_nonfinite") or 0 for r in rows), default=0)
-    if any(r.get("status") == "diverged" for r in rows) or lost or nulled:
-        verdict_ = "diverging"
+    died = any(r.get("status") == "diverged" for r in rows) or bool(lost)
+    keep = gens >= start
+    if keep.sum() >= 3:  # the sweep report's rule, on this run alone against its first generation
+        verdict_ = regime_verdict([vals[keep]], generations=gens[keep], diverged=[died])["verdict"]
+    else:
+        verdict_ = "diverging" if died or not np.isfinite(vals).all() else "inconclusive"
     return {
         "metric": metric,
         "rho": fit["rho"],

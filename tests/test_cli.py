@@ -42,20 +42,23 @@ def test_tiny_single_run(tmp_path):
     assert not (run / "figures").exists()  # debug=tiny switches figures off
     assert json.loads((run / "summary.json").read_text())["status"] == "complete"
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert cfg["policy"] == {"name": "mix", "lam": 0.5}
+    assert cfg["policy"] == {"name": "mix", "lam": 0.5, "weight_real": None}
 
 
 def test_default_sweep_draws_the_comparison(tmp_path):
     out = simulate(*TINY, "generations=2", "eval.figures=true", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     sweep = tmp_path / "runs" / "regimes_2d"
-    runs = sorted(p.name.split(",")[-1] for p in sweep.iterdir() if (p / "results.jsonl").exists())
-    assert runs == ["policy=accumulate", "policy=mix_high", "policy=mix_low", "policy=replace"]
+    runs = {tuple(p.name.split(",")[-2:]) for p in sweep.iterdir() if (p / "results.jsonl").exists()}
+    policies = ("accumulate", "mix_high", "mix_low", "replace", "real_only")
+    assert runs == {(f"policy={p}", f"seed={s}") for p in policies for s in range(3)}  # 5 regimes x 3 seeds
+    assert len(list((sweep / "_gen0").glob("*/n*/model.pt"))) == 3  # one generation 0 per seed
     assert (sweep / "figures" / "stability.png").stat().st_size > 0
-    replace = sweep / "model.options.blocks=2,model.options.hidden=16,policy=replace"
+    replace = sweep / "model.options.blocks=2,model.options.hidden=16,policy=replace,seed=0"
     assert (replace / "figures" / "samples.png").stat().st_size > 0
-    table = (sweep / "figures" / "summary.csv").read_text()
-    assert "mix λ=0.25" in table and "replace" in table
+    table = (sweep / "figures" / "regimes.csv").read_text()
+    assert "real only (λ=0)" in table and "mix λ=0.25" in table and "replace" in table
+    assert table.count("real-only floor") == 4  # every other regime is judged against the floor
 
 
 # caught by the preflight check of the command line (before hydra starts)

@@ -192,7 +192,7 @@ def damaged_resume(tmp_path: Path, whole: Path, name: str, how: str) -> tuple[Pa
 # what must be refused: a run directory whose config cannot be read back (nothing can check the resume)
 REFUSED = {("config.yaml", "delete"): "holds generations but no config.yaml; restore it",
            ("config.yaml", "truncate"): "is unreadable or not a mapping of config keys; restore it",
-           ("config.yaml", "edit"): "was made by another config (train.steps (250 -> 150))"}  # fmt: skip
+           ("config.yaml", "edit"): "was made by another config (train."}  # fmt: skip
 CASES = [*TOP, *(f"gen_001/{f}" for f in GEN_FILES)]
 
 

@@ -37,11 +37,20 @@ def test_t_interval_is_student_t() -> None:
 
 
 def test_plateau_with_noise_is_bounded_even_above_the_floor() -> None:
-    regime, floor = _seeds(lambda t: np.full(t.size, 1.5))  # 1.5x the floor at every generation
+    regime, floor = _seeds(lambda t: np.full(t.size, 1.5), noise=0.03)  # 1.5x the floor, 3% noise
     v = st.regime_verdict(regime, floor=floor)
-    assert v["verdict"] == "bounded"
+    assert v["verdict"] == "bounded" and 0.8 < v["change_low"] < v["change_high"] < 1.25
     assert v["excess_last_low"] < 1.5 < v["excess_last_high"]  # the level is reported, with its interval
     assert v["diverged_fraction"] == 0 and v["finite"] == 3
+
+
+def test_a_noisy_plateau_over_few_seeds_is_inconclusive() -> None:
+    """30% noise per generation and 3 seeds: the change over the run cannot be pinned to +-25%."""
+    regime, floor = _seeds(lambda t: np.full(t.size, 1.5), noise=0.3)
+    v = st.regime_verdict(regime, floor=floor)
+    assert v["verdict"] == "inconclusive" and (v["change_low"] < 0.8 or v["change_high"] > 1.25)
+    regime, floor = _seeds(lambda t: np.full(t.size, 1.5), seeds=40, noise=0.3)
+    assert st.regime_verdict(regime, floor=floor)["verdict"] == "bounded"  # 40 seeds pin it down
 
 
 def test_slow_drift_consistent_over_seeds_is_diverging() -> None:
@@ -62,7 +71,7 @@ def test_spike_is_unstable() -> None:
         out[6] = 20.0  # one generation 20x the usual error (the 0.51 -> 10.9 run of the issue)
         return out
 
-    regime, floor = _seeds(lambda t: np.ones(t.size))
+    regime, floor = _seeds(lambda t: np.ones(t.size), noise=0.03)
     regime[1] *= spike(T)
     v = st.regime_verdict(regime, floor=floor)
     assert v["verdict"] == "unstable" and v["peak"] > 10
