@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Iterator
@@ -24,14 +25,24 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import gaussian_stats_loop, registry, stability, strict_json
+from simulator import gaussian_stats_loop, options, registry, stability, strict_json
 from simulator.config import ConfigError, run_name, validate
 from simulator.loop import generation_loop
 from simulator.models.base import world
+from simulator.policies import PolicyError
+from simulator.preflight import (
+    cached,
+    check_against_data,
+    check_checkpoint,
+    check_jobs,
+    check_run_root,
+    plain,
+    read_checkpoint,
+)
 from simulator.run import RunDir, RunError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-USER_ERRORS = (ConfigError, RunError)
+USER_ERRORS = (ConfigError, RunError, PolicyError)
 log = logging.getLogger("simulator")
 
 if not OmegaConf.has_resolver("sim_run_name"):
@@ -42,21 +53,51 @@ def fail(message: str, created: Path | None = None) -> None:
     """Print one line, remove the empty run directory hydra made for this call, exit 2."""
     if created is not None and created.is_dir() and not any(created.iterdir()):
         created.rmdir()
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {'; '.join(line.strip() for line in message.strip().splitlines())}", file=sys.stderr)
     sys.exit(2)
+
+
+def discard(run_path: Path, root: Path) -> None:
+    """Remove run_path (made by hydra for this call, found empty) and its parents that are left empty, up
+    to run_root: a refused job leaves no new directory behind."""
+    shutil.rmtree(run_path, ignore_errors=True)
+    root = root.resolve()
+    for parent in run_path.resolve().parents:
+        if not parent.is_relative_to(root) or not parent.is_dir() or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
+def build(cfg: DictConfig, cache: dict | None = None) -> tuple[str, Any, Any, Any, Any]:
+    """Validate cfg and build what its run needs: (device, policy, data, model factory, curation reward).
+
+    The preflight calls this for every job of a sweep (with a cache, so a distinct data source or model
+    is built once); run_config calls it again for its own job. Everything that can be checked without
+    training is checked here: the data source opened, the model constructed, init.checkpoint loaded into
+    it, the policy's sizes and the metrics against the data, run_root writable.
+    """
+    _validate(cfg)
+    device = registry.resolve_device(cfg.device)
+    policy = registry.make_policy(cfg)
+    data_key = ("data", plain(cfg.data), cfg.chains)  # the seed draws other rows, of the same sizes
+    data = cached(cache, data_key, lambda: registry.make_data(cfg))
+    registry.check_guidance(cfg, data)
+    check_against_data(cfg, data, policy)
+    model_key = ("model", plain(cfg.model), plain(cfg.init), cfg.chains, tuple(data.event_shape), device)
+    make_model = cached(cache, model_key, lambda: registry.make_model_factory(cfg, data.event_shape, device))
+    cached(cache, ("checkpoint", *model_key), lambda: check_checkpoint(cfg, make_model))
+    reward = None
+    if cache is None or cfg.sample.curation_reward != "classifier":  # a classifier reward may train one
+        reward = registry.make_curation_reward(cfg, data, device)
+    check_run_root(cfg)
+    return device, policy, data, make_model, reward
 
 
 def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     """Validate cfg, build the objects and run (or resume) the loop in run_path; returns the summary."""
-    _validate(cfg)
-    device = registry.resolve_device(cfg.device)
+    device, policy, data, make_model, reward = build(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policy = registry.make_policy(cfg)
-    data = registry.make_data(cfg)
-    registry.check_guidance(cfg, data)
-    make_model = registry.make_model_factory(cfg, data.event_shape, device)
-    reward = registry.make_curation_reward(cfg, data, device)
     run_path = distributed_run_path(Path(run_path), device)
     config = OmegaConf.to_container(cfg, resolve=True)
     gen0_cache = shared_gen0_path(run_path, config) if cfg.get("share_gen0") else None  # type: ignore[arg-type]
@@ -81,6 +122,9 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
         )  # fmt: skip
         summary = stability.summarize(rows, cfg.eval.stability_metric) if cfg.eval.stability_metric else {}
         last = rows[-1]
+        if last["generation"] > cfg.generations and world()[0] == 0:
+            print(f"warning: {run.path} already holds generations 0..{last['generation']}; generations="
+                  f"{cfg.generations} removes none (the run keeps them)", file=sys.stderr)  # fmt: skip
         status = "diverged" if last["status"] == "diverged" else "complete"
         summary.update(policy=policy.describe(), generations=last["generation"], status=status)
         if world()[0] == 0:
@@ -123,45 +167,41 @@ def shared_gen0_path(run_path: Path, config: dict[str, Any]) -> Path:
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _simulate(cfg: DictConfig) -> None:
     run_path = Path(HydraConfig.get().runtime.output_dir)
+    made_now = run_path.is_dir() and not any(run_path.iterdir())  # hydra made it for this call
     try:
         summary = run_config(cfg, run_path)
     except USER_ERRORS as e:
-        fail(str(e), run_path)
+        if made_now:
+            discard(run_path, Path(os.path.expanduser(str(cfg.run_root))))
+        fail(str(e))
     log.info("%s: %s", run_path, strict_json.dumps(summary))
 
 
 def _validate(cfg: DictConfig) -> None:
+    options.check_known_keys(cfg, "config")
     validate(cfg, families=sorted(registry.FAMILIES), sources=registry.source_names(),
              policies=sorted(registry.policies.POLICIES), metrics=registry.metric_names())  # fmt: skip
+    options.check_model_options(cfg, registry.family_class(cfg.model.family))
+    options.check_metric_options(cfg)
     registry.check_metric_options(cfg)
+    if cfg.init.checkpoint is not None:
+        read_checkpoint(str(cfg.init.checkpoint))  # unreadable: one line before check_guidance opens it
     gaussian_stats_loop.check(cfg)
     registry.check_guidance(cfg)
 
 
 def preflight(args: list[str]) -> None:
-    """Compose and validate every job of the command line before hydra creates anything.
+    """Compose, validate and build every job of the sweep before hydra creates anything.
 
-    Hydra reports its own errors (bad override syntax, unknown keys or groups) on several lines
-    with exit code 1, and only after it has made output directories; checking here first gives
-    every mistake -- of any job of a sweep -- one line and exit code 2, with nothing written.
+    The sweep is the command line's and the experiment config's (hydra.sweeper.params). Hydra reports
+    its own errors (bad override syntax, unknown keys or groups) on several lines with exit code 1, and
+    only after it has made output directories; checking here first gives every mistake -- of any job
+    of a sweep -- one line and exit code 2, with nothing written.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    overrides = [a for a in args if not a.startswith("-")]
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            for job in jobs or [[]]:
-                cfg = compose("config", overrides=list(job))
-                _validate(cfg)
-                registry.make_policy(cfg)
+        check_jobs(args, "config", build)
     except USER_ERRORS as e:
         fail(str(e))
-    except Exception as e:  # hydra's composition and parse errors: the first line says what is wrong
-        fail(f"command line: {(str(e).strip() or type(e).__name__).splitlines()[0]}")
 
 
 class Terminated(KeyboardInterrupt):
@@ -219,7 +259,11 @@ def simulate_report(argv: list[str] | None = None) -> None:
 
     from simulator import report
 
-    parser = argparse.ArgumentParser(prog="simulate-report", description=report.__doc__)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]  # one line, not usage + error
+            fail(f"simulate-report: {message} (see simulate-report --help)")
+
+    parser = Parser(prog="simulate-report", description=report.__doc__)
     parser.add_argument("dirs", nargs="+", help="run directories, or sweep directories holding runs")
     parser.add_argument("--out", default=None, help="where figures and tables go (default: DIR/figures)")
     parser.add_argument(

@@ -61,12 +61,17 @@ def check_bool(cfg: DictConfig, key: str) -> None:
         raise ConfigError(f"{key}: must be true or false, got {v!r}")
 
 
-def validate(cfg: DictConfig, *, families: list[str], sources: list[str], policies: list[str],
-             metrics: list[str]) -> None:  # fmt: skip
-    """Raise ConfigError on the first bad field of a composed run config."""
+def check_name(cfg: DictConfig) -> None:
+    """name is one folder inside run_root: the run directory must not escape it."""
     name = _get(cfg, "name")
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
         raise ConfigError(f"name: must be a folder name inside run_root (no '/', not '..'), got {name!r}")
+
+
+def validate(cfg: DictConfig, *, families: list[str], sources: list[str], policies: list[str],
+             metrics: list[str]) -> None:  # fmt: skip
+    """Raise ConfigError on the first bad field of a composed run config."""
+    check_name(cfg)
     check_int(cfg, "generations", 1)
     check_int(cfg, "seed", 0)
     check_int(cfg, "chains", 1)

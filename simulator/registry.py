@@ -58,6 +58,11 @@ def _source_factories() -> dict[str, Callable[..., Any]]:
     return out
 
 
+def family_class(name: str) -> type:
+    """The class of family name (a key of FAMILIES)."""
+    return _import(FAMILIES[name])
+
+
 def source_names() -> list[str]:
     return sorted(_source_factories())
 
@@ -102,7 +107,7 @@ def make_data(cfg: DictConfig) -> Dataset:
         source = _source_factories()[cfg.data.source](cfg.data.source, **_options(cfg.data.options))
         return source.load(chains=cfg.chains, n_train=cfg.data.n_train, n_test=cfg.data.n_test,
                            generator=seeding.generator(cfg.seed, "data"))  # fmt: skip
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OSError) as e:  # OSError: a missing or undecodable file
         raise ConfigError(f"data ({cfg.data.source}): {e}") from None
 
 

@@ -88,7 +88,7 @@ BAD = [
 BAD_AT_START = [
     (["model.options.arch=nope"], "model.options (flow)"),
     (["chains=4"], "model.options (flow)"),
-    (["+model.options.nope=1"], "model.options (flow)"),
+    (["+model.options.nope=1"], "model.options.nope: unknown option"),
     (["device=cuda"] if not __import__("torch").cuda.is_available() else ["device=tpu"], "device"),
 ]
 

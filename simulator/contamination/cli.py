@@ -19,19 +19,29 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import classifiers, registry, seeding, shifts, strict_json
-from simulator.cli import CONFIG_DIR, fail
-from simulator.config import ConfigError, check_bool, check_choice, check_float, check_int
+from simulator import classifiers, options, registry, seeding, shifts, strict_json
+from simulator.cli import CONFIG_DIR, discard, fail
+from simulator.config import ConfigError, check_bool, check_choice, check_float, check_int, check_name
 from simulator.contamination import grid, report
 from simulator.contamination.mixing import MODES, ContaminationError, check_ratio
 from simulator.contamination.robustness import MIN_POINTS
-from simulator.contamination.sources import KINDS, GeneratorSource, loop_generations, pick_generation
+from simulator.contamination.sources import (
+    KINDS,
+    GeneratorSource,
+    load_external,
+    loop_generations,
+    pick_generation,
+)
 from simulator.data.base import Dataset
+from simulator.preflight import cached, check_jobs, check_run_root
 from simulator.run import RunDir, RunError
 
 CONFIG_NAME = "contaminate"
 RENAMED = {"real_shifted": "control"}  # old mode names -> new
 USER_ERRORS = (ConfigError, RunError, ContaminationError)
+# classifier keys' types (their bounds: simulator.options.BOUNDS); arch, optimizer, augment: validate()
+CLASSIFIER_TYPES = {"steps": int, "batch_size": int, "lr": float, "weight_decay": float, "width": int,
+                    "seed": int | None}  # fmt: skip
 log = logging.getLogger("simulator")
 
 
@@ -41,6 +51,7 @@ def _plain(node: Any) -> Any:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first bad field of a composed contamination config."""
+    check_name(cfg)
     check_int(cfg, "seed", 0)
     seeds = _plain(cfg.get("seeds"))
     if (
@@ -200,25 +211,35 @@ def load_data(cfg: DictConfig) -> Dataset:
     raise ConfigError(f"data.source: must be one of {', '.join(sources())}; got {cfg.data.source!r}")
 
 
-def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
-    """Validate cfg, build the real data, generator and grid, and run (or resume) it in run_path."""
+def build(cfg: DictConfig, run_path: Path | None = None, cache: dict | None = None) -> tuple[Any, ...]:
+    """Validate cfg and build what its grid needs before any cell: (device, setup, source, cells).
+
+    The preflight calls this for every job of a sweep (with a cache; run_path None: nothing is written
+    either way, GeneratorSource only remembers where its pools will go); run_contaminate calls it for its
+    own job. Besides the config: the data loaded and split, the test shifts applied, every classifier of
+    the grid constructed, the generator's options (kind=train: its model constructed once), the external
+    images' class counts and the held-out reserve against what the cells need, run_root writable.
+    """
+    options.check_known_keys(cfg, CONFIG_NAME)
     validate(cfg)
+    check_run_root(cfg)
     device = registry.resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     config = _plain(cfg)
-    data = load_data(cfg)
-    setup = grid.prepare(
-        data,
-        seed=cfg.seed,
-        split_fraction=cfg.split.fraction,
-        control_shift=cfg.control.shift,
-        control_severity=cfg.control.severity,
-        shift_names=list(cfg.eval.shifts),
-        severity=_plain(cfg.eval.severity),
-    )
+    data = cached(cache, ("data", config["data"]), lambda: load_data(cfg))
+    keys = ("seed", "split", "control", "eval")
+    try:
+        setup = cached(cache, ("setup", config["data"], *(config[k] for k in keys)), lambda: grid.prepare(
+            data, seed=cfg.seed, split_fraction=cfg.split.fraction, control_shift=cfg.control.shift,
+            control_severity=cfg.control.severity, shift_names=list(cfg.eval.shifts),
+            severity=_plain(cfg.eval.severity),
+        ))  # fmt: skip
+    except ValueError as e:  # a shift the images cannot take (grayscale of 1-channel digits)
+        raise ConfigError(f"eval.shifts: {e}") from None
+    shape = tuple(setup.test.images.shape[1:])
+    for field, extra in [("classifier", {}), *((f"eval.baselines[{i}]", b) for i, b in
+                                                enumerate(config["eval"]["baselines"] or []))]:  # fmt: skip
+        check_classifier(field, {**config["classifier"], **extra}, shape, setup.num_classes)
     modes = {m: [float(r) for r in rs] for m, rs in (config["modes"] or {}).items() if rs}
-    run_path = Path(run_path)
     needs_generator = (
         any(r > 0 for m, rs in modes.items() if m != "control" for r in rs) or "generations" in modes
     )
@@ -226,10 +247,10 @@ def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     if needs_generator:
         source = GeneratorSource(
             config["generator"],
-            run_path,
+            Path(run_path) if run_path is not None else Path(str(cfg.run_root)) / str(cfg.name),
             setup.full,
             setup.num_classes,
-            tuple(setup.test.images.shape[1:]),
+            shape,
             device=device,
             seeds=list(cfg.seeds),
             attribute_of=setup.attribute_of,
@@ -245,6 +266,83 @@ def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
         generations,
         gen_seed=source.gen_seed if source else None,
     )
+    grid.check_reserve(cells, setup)
+    if source is not None:
+        check_generator(cfg, source, grid.pool_needs(cells, setup.sizes), shape, device, cache)
+    return device, setup, source, cells
+
+
+def check_classifier(field: str, opts: dict[str, Any], shape: tuple[int, ...], num_classes: int) -> None:
+    """One classifier of the grid: its options' types and bounds, and the network constructed once."""
+    for key, value in opts.items():
+        if key == "hidden":
+            if not isinstance(value, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1
+                                                  for h in value):  # fmt: skip
+                raise ConfigError(f"{field}.hidden: must be a list of integers >= 1, got {value!r}")
+        elif key in CLASSIFIER_TYPES:
+            options.check_value(f"{field}.{key}", key, CLASSIFIER_TYPES[key], value)
+    net_opts = {k: opts[k] for k in grid.NET_KEYS if k in opts}
+    try:
+        classifiers.make_classifier(opts["arch"], shape, num_classes, generator=torch.Generator(), **net_opts)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{field}: {e}") from None
+
+
+def check_generator(
+    cfg: DictConfig, source: GeneratorSource, needs: dict, shape: tuple[int, ...], device: str,
+    cache: dict | None,
+) -> None:  # fmt: skip
+    """The generator can give what the cells need: kind=train its model's options (one model built),
+    kind=external enough images of every class."""
+    gen = _plain(cfg.generator)
+    if gen["kind"] == "train":
+        family = gen["family"]
+        opts = dict(gen.get("options") or {})
+        types = options.signature_types(registry.family_class(family))
+        options.check_options("generator.options", opts, types, fixed=("chains", "event_shape"))
+        if not gen.get("per_class"):
+            opts["num_classes"] = source.num_classes
+        model = OmegaConf.create({"model": {"family": family, "options": opts}, "chains": 1})
+        try:
+            cached(
+                cache, ("generator", gen, shape), lambda: registry.make_model_factory(model, shape, device)
+            )
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("model.options", "generator.options", 1)) from None
+    elif gen["kind"] == "run":  # a loop run of other data: its images would only be found at the first cell
+        for d in {p for paths in source.run_dirs.values() for p in paths}:
+            loop = OmegaConf.load(d / "config.yaml")
+            if loop.get("data") is None:
+                continue
+            node = OmegaConf.create({"data": _plain(loop.data), "chains": 1, "seed": 0})
+            got = cached(
+                cache, ("loop-data", _plain(loop.data)), lambda n=node: registry.make_data(n).event_shape
+            )
+            if tuple(got) != shape:
+                raise ConfigError(
+                    f"generator.run_dir: {d} was trained on data.source={loop.data.source} (images "
+                    f"{tuple(got)}), this grid's data ({cfg.data.source}) has images {shape}"
+                )
+    elif gen["kind"] == "external":
+        pool = cached(cache, ("external", gen["path"], source.num_classes, shape),
+                      lambda: load_external(gen["path"], source.num_classes, shape))  # fmt: skip
+        have = [int((pool.labels == y).sum()) for y in range(source.num_classes)]
+        for need in needs.values():
+            short = [y for y, (n, h) in enumerate(zip(need, have, strict=True)) if n > h]
+            if short:
+                y = short[0]
+                raise ConfigError(
+                    f"generator.path: holds {have[y]} images of class {y}, the grid needs {need[y]}"
+                )
+
+
+def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
+    """Validate cfg, build the real data, generator and grid, and run (or resume) it in run_path."""
+    run_path = Path(run_path)
+    device, setup, source, cells = build(cfg, run_path)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    config = _plain(cfg)
     with RunDir(run_path) as run:
         run.check_config(config)
         rows = grid.run_grid(
@@ -267,32 +365,24 @@ def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
 @hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     run_path = Path(HydraConfig.get().runtime.output_dir)
+    made_now = run_path.is_dir() and not any(run_path.iterdir())  # hydra made it for this call
     try:
         summary = run_contaminate(cfg, run_path)
     except USER_ERRORS as e:
-        fail(str(e), run_path)
+        if made_now:
+            discard(run_path, Path(os.path.expanduser(str(cfg.run_root))))
+        fail(str(e))
     log.info(
         "%s: %s", run_path, strict_json.dumps({k: summary[k] for k in ("cells", "status") if k in summary})
     )
 
 
 def preflight(args: list[str]) -> None:
-    """Compose and validate every job of the command line before hydra makes anything (as simulator.cli)."""
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    overrides = [a for a in args if not a.startswith("-")]
+    """Compose, validate and build every job of the sweep before hydra makes anything (as simulator.cli)."""
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            for job in jobs or [[]]:
-                validate(compose(CONFIG_NAME, overrides=list(job)))
+        check_jobs(args, CONFIG_NAME, lambda cfg, cache: build(cfg, None, cache))
     except USER_ERRORS as e:
         fail(str(e))
-    except Exception as e:  # hydra's composition and parse errors: the first line says what is wrong
-        fail(f"command line: {(str(e).strip() or type(e).__name__).splitlines()[0]}")
 
 
 def simulate_contaminate() -> None:

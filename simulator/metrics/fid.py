@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import typing
 import warnings
 import weakref
 from dataclasses import dataclass, fields
@@ -96,22 +97,18 @@ class FIDOptions:
         if options.get("backend") is not None:
             raise ValueError("eval.options.backend: removed; FID has one path (torch-fidelity's metric "
                              "functions on our features), drop the key")  # fmt: skip
-        out = cls(**{f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None})
-        checks = {
-            "extractor": out.extractor in ("inception", "tiny"),
-            "reference": out.reference in ("test", "train"),
-            "kid": isinstance(out.kid, bool),
-            "prc": isinstance(out.prc, bool),
-            "allow_download": isinstance(out.allow_download, bool),
-        }
-        for name in ("batch_size", "kid_subsets", "kid_subset_size", "k", "tiny_steps", "n_real"):
-            value = getattr(out, name)
-            checks[name] = value is None or (
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1
-            )
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"eval.options.{name}: invalid value {getattr(out, name)!r}")
+        from simulator.options import check_value
+
+        hints = typing.get_type_hints(cls)
+        given = {f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None}
+        for name, value in given.items():  # types and bounds: simulator.options, as every other option
+            check_value(f"eval.options.{name}", name, hints[name], value)
+        out = cls(**given)
+        for name, allowed in (("extractor", ("inception", "tiny")), ("reference", ("test", "train"))):
+            if getattr(out, name) not in allowed:
+                raise ValueError(
+                    f"eval.options.{name}: must be one of {', '.join(allowed)}, got {getattr(out, name)!r}"
+                )
         return out
 
 

@@ -1,0 +1,334 @@
+"""Bad input to the three commands: one line on stderr naming the field, exit code 2, nothing written.
+
+Each case runs the command's console entry function in this process (sys.argv set, SystemExit caught),
+from an empty working directory (run_root=runs is relative to it), and checks that the file tree there
+is unchanged. A few cases run the installed console scripts as real processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from simulator import cli
+from simulator.contamination import cli as contaminate_cli
+
+TINY = ["debug=tiny", "model.options.blocks=2", "model.options.hidden=16"]
+ONE = ["experiment=single", *TINY]  # a single run of the default model on two_moons
+BASE = ["experiment=single", "debug=tiny"]  # for families other than flow
+DIGITS = [*BASE, "data=digits", "model=glow", "eval=digits"]
+
+# (arguments after ONE unless they start with "experiment=", the start of the one line)
+SIMULATE = [
+    # the issue's examples
+    (["policy=mix", "policy.lam=inf"], "policy.lam: must be a finite number >= 0, got inf"),
+    (["model.options.lr=-1"], "model.options.lr: must be a finite number > 0, got -1"),
+    (["model.options.blocks=0"], "model.options.blocks: must be an integer >= 1, got 0"),
+    (["eval.options.projections=-1"], "eval.options.projections: must be an integer >= 1, got -1"),
+    (["init.checkpoint={files}/text.pt"], "init.checkpoint: {files}/text.pt is not a readable tensors-only"),
+    (["init.checkpoint={files}/truncated.pt"], "init.checkpoint: {files}/truncated.pt is not a readable"),
+    (
+        ["init.checkpoint={files}/gaussian.pt"],
+        "init.checkpoint: {files}/gaussian.pt does not fit model.family=flow",
+    ),
+    (["init.checkpoint={files}/flow_blocks3.pt"], "init.checkpoint: {files}/flow_blocks3.pt does not fit"),
+    (["run_root={files}/text.pt/runs"], "run_root: cannot create or write"),
+    (
+        ["policy=fresh", "policy.n_real=100000"],
+        "policy.n_real=100000 exceeds the real training set (200 rows)",
+    ),
+    ([*DIGITS, "sample.curation_k=2", "sample.curation_reward=truth"], "sample.curation_reward: truth needs"),
+    (["eval.stability_metric=nope"], "eval.stability_metric: 'nope' is not written by eval.metrics"),
+    (["eval.metrics=[]"], "eval.stability_metric: 'kl_truth' is not written by eval.metrics []"),
+    (["experiment=single", "debug=tiny", "data=digits", "model=glow"], "eval.metrics: kl_truth needs"),
+    (["eval.options.k=0"], "eval.options.k: must be an integer >= 1, got 0"),
+    (["model.options.batch_size=0"], "model.options.batch_size: must be an integer >= 1, got 0"),
+    (["sample.temperature=inf"], "sample.temperature: must be a finite number > 0, got inf"),
+    (["+sample.tempreature=0.5"], "sample.tempreature: unknown key (nothing reads it)"),
+    (
+        [*BASE, "model=gmm", "model.options.components=2.5"],
+        "model.options.components: must be an integer >= 1, got 2.5",
+    ),
+    (["model.options.hidden=0"], "model.options.hidden: must be an integer >= 1, got 0"),
+    (["name=../../x"], "name: must be a folder name inside run_root"),
+    # checkpoints
+    (
+        ["init.checkpoint={files}/tensor.pt"],
+        "init.checkpoint: {files}/tensor.pt does not hold a model state dict",
+    ),
+    (
+        ["init.checkpoint={files}/empty.pt"],
+        "init.checkpoint: {files}/empty.pt does not hold a model state dict",
+    ),
+    (
+        ["init.checkpoint={files}/pickled.pt"],
+        "init.checkpoint: {files}/pickled.pt is not a readable tensors-only",
+    ),
+    (["init.checkpoint={files}/nope.pt"], "init.checkpoint: file not found"),
+    # unknown keys and options
+    (["+foo=1"], "foo: unknown key"),
+    (["+eval.nope=1"], "eval.nope: unknown key"),
+    (["+train.stpes=5"], "train.stpes: unknown key"),
+    (["+model.options.nope=1"], "model.options.nope: unknown option; allowed:"),
+    (["+eval.options.nope=1"], "eval.options.nope: unknown option; allowed:"),
+    (["+model.options.chains=2"], "model.options.chains: set by the program"),
+    (["generatons=3"], "command line: Could not override 'generatons'"),
+    (["policy=nope"], "command line: In 'config': Could not find 'policy/nope'"),
+    (["policy=mix=3,"], "command line: mismatched input"),
+    # types and bounds
+    (["model.options.lr=nan"], "model.options.lr: must be a finite number > 0, got nan"),
+    (["model.options.lr=true"], "model.options.lr: must be a finite number > 0, got True"),
+    (["model.options.layers=two"], "model.options.layers: must be an integer >= 1, got 'two'"),
+    (["+model.options.grad_clip=-1"], "model.options.grad_clip: must be a finite number >= 0 or null"),
+    (["+model.options.actnorm=3"], "model.options.actnorm: must be true or false, got 3"),
+    (
+        [*BASE, "model=kde", "model.options.bandwidth=0"],
+        "model.options.bandwidth: must be a finite number > 0",
+    ),
+    (
+        [*BASE, "model=gaussian", "model.options.ddof=-1"],
+        "model.options.ddof: must be an integer >= 0, got -1",
+    ),
+    (["model.options.arch=nope"], "model.options (flow)"),
+    (["model.family=nope"], "model.family: must be one of"),
+    (["generations=0"], "generations: must be an integer >= 1"),
+    (["generations=2.5"], "generations: must be an integer >= 1, got 2.5"),
+    (["seed=-1"], "seed: must be an integer >= 0"),
+    (["chains=0"], "chains: must be an integer >= 1"),
+    (["chains=4"], "model.options (flow)"),
+    (["device=tpu"], "device: must be one of"),
+    (["durable=maybe"], "durable: must be true or false"),
+    (["progress=2"], "progress: must be true or false"),
+    (["threads=0"], "threads: must be an integer >= 1"),
+    (["share_gen0=sometimes"], "share_gen0: must be true or false"),
+    (["train.epochs=-1"], "train.epochs: must be a finite number > 0"),
+    (["train.steps=0"], "train.steps: must be an integer >= 1"),
+    (["train.warmup=-1"], "train.warmup: must be an integer >= 0"),
+    (["train.ema=sometimes"], "train.ema: must be one of carry, restart"),
+    (["sample.curation_k=0"], "sample.curation_k: must be an integer >= 1"),
+    (["sample.n=0"], "sample.n: must be an integer >= 1"),
+    (["sample.guidance=1"], "sample.guidance: model.family=flow has no classifier-free guidance"),
+    (["data.n_train=0"], "data.n_train: must be an integer >= 1"),
+    (["data.source=nope"], "data.source: must be one of"),
+    (["eval.n_samples=0"], "eval.n_samples: must be an integer >= 1"),
+    (["eval.metrics=[nope]"], "eval.metrics: unknown metric 'nope'"),
+    (
+        ["eval.metrics=[fid]", "eval.stability_metric=fid"],
+        "eval.metrics: fid (inception FID) needs image data",
+    ),
+    (["eval.metrics=[bpd]", "eval.stability_metric=bpd"], "eval.metrics: bpd (bits per dimension"),
+    (["policy=mix", "policy.weight_real=2"], "policy.weight_real: must be a number in [0, 1] or null"),
+    (["+policy.weight_real=0.5"], "policy.weight_real: only for policies with a real and a synthetic part"),
+    (["policy=accumulate_subsample", "policy.budget=0"], "policy.budget: must be an integer >= 1"),
+    (["policy=fresh", "policy.source=truth", "data=digits"], "policy.source=truth: needs a data source"),
+    (
+        [*BASE, "data=image_folder", "data.options.root={files}/images", "model=glow", "eval=image"],
+        "data (image_folder): cannot identify image file",
+    ),
+    (
+        [*DIGITS, "model=diffusion_tiny", "model.options.label_dropout=1.5"],
+        "model.options.label_dropout: must be a finite number in [0, 1), got 1.5",
+    ),  # fmt: skip
+    # sweeps: every job is checked before the first runs
+    (["-m", "policy=mix", "policy.lam=0.5,-1"], "policy.lam: must be a finite number >= 0, got -1"),
+    (
+        ["-m", "policy=fresh", "policy.n_real=300", "data.n_train=500,200"],
+        "policy.n_real=300 exceeds the real training set (200 rows)",
+    ),  # fmt: skip
+    ([*TINY, "model.options.hidden=0"], "model.options.hidden: must be an integer >= 1, got 0"),  # regimes_2d
+    ([*TINY, "data=digits"], "eval.metrics: kl_truth needs"),  # the default sweep (regimes_2d) on digits
+]
+
+CONTAMINATE = [
+    (["+classifier.foo=1"], "classifier.foo: unknown key"),
+    (["classifier.lr=-1"], "classifier.lr: must be a finite number > 0, got -1"),
+    (["classifier.steps=2.5"], "classifier.steps: must be an integer >= 1, got 2.5"),
+    (["classifier.hidden=[0]"], "classifier.hidden: must be a list of integers >= 1, got [0]"),
+    (["classifier.arch=nope"], "classifier.arch: must be one of"),
+    (
+        ["seeds=[0,1,2,3,4]", "eval.baselines=[{{arch:mlp,steps:0}}]"],
+        "eval.baselines[0].steps: must be an integer >= 1",
+    ),
+    (
+        ["seeds=[0,1,2,3,4]", "eval.baselines=[{{arch:mlp,lr:inf}}]"],
+        "eval.baselines[0].lr: must be a finite number > 0",
+    ),
+    (["seeds=[0,0]"], "seeds: must be a non-empty list of distinct integers"),
+    (["name=../x"], "name: must be a folder name inside run_root"),
+    (["run_root={files}/text.pt"], "run_root: {files}/text.pt exists and is not a folder"),
+    (["generator.options.lr=-1"], "generator.options.lr: must be a finite number > 0, got -1"),
+    (["+generator.options.nope=1"], "generator.options.nope: unknown option"),
+    (["generator.family=nope"], "generator.family: must be one of"),
+    (
+        ["contaminate/generator=external", "generator.path={files}/few.npz"],
+        "generator.path: holds 2 images of class 0, the grid needs",
+    ),  # fmt: skip
+    (["contaminate/generator=run"], "generator.run_dir: a loop run directory is needed"),
+    (
+        ["contaminate/generator=run", "generator.run_dir={files}"],
+        "generator.run_dir: {files} is not a loop run",
+    ),
+    (
+        ["contaminate/generator=run", "generator.run_dir={files}/colored_loop"],
+        "generator.run_dir: {files}/colored_loop was trained on data.source=colored_digits (images (3,",
+    ),
+    (["modes.control=[1.0]", "split.fraction=0.9"], "modes.control: alpha 1 needs"),
+    (["split.fraction=1.5"], "split.fraction: must be in (0, 1]"),
+    (["control.severity=9"], "control.severity: must be an integer in 1..5"),
+    (["eval.shifts=[nope]"], "eval.shifts: unknown shift 'nope'"),
+    (["+modes.nope=[0.5]"], "modes.nope: unknown key"),
+    (["modes.replace=[1.5]"], "modes.replace"),
+    (["-m", "classifier.lr=0.001,-1"], "classifier.lr: must be a finite number > 0, got -1"),
+]
+
+REPORT = [
+    (["{cwd}/nope"], "{cwd}/nope: no such directory"),
+    (["{cwd}/empty"], "{cwd}/empty: no run directory (results.jsonl) in it"),
+    ([], "simulate-report: the following arguments are required: dirs"),
+    (["--nope", "{cwd}/empty"], "simulate-report: unrecognized arguments: --nope"),
+    (["{files}/text.pt"], "{files}/text.pt: no such directory"),
+    (["{cwd}/empty", "--metric"], "simulate-report: argument --metric: expected one argument"),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """Files the cases point at, outside the working directory whose tree is compared."""
+    from simulator.models.flow import FlowFamily
+
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "text.pt").write_text("not a checkpoint\n")
+    torch.save(FlowFamily(chains=1, event_shape=(2,), blocks=2, hidden=16).state_dict(), d / "flow.pt")
+    (d / "truncated.pt").write_bytes((d / "flow.pt").read_bytes()[:300])
+    torch.save(
+        FlowFamily(chains=1, event_shape=(2,), blocks=3, hidden=16).state_dict(), d / "flow_blocks3.pt"
+    )
+    torch.save({"mean": torch.zeros(1, 2), "cov": torch.eye(2)[None]}, d / "gaussian.pt")
+    torch.save(torch.zeros(3), d / "tensor.pt")
+    torch.save({}, d / "empty.pt")
+    torch.save({"args": argparse.Namespace(a=1)}, d / "pickled.pt")
+    for label in ("cat", "dog"):  # undecodable images in an ImageFolder layout
+        (d / "images" / label).mkdir(parents=True)
+        (d / "images" / label / "0.png").write_text("not a png\n")
+    loop = d / "colored_loop"  # a loop run (generations 0 and 1) of coloured, 3-channel digits
+    for t in (0, 1):
+        (loop / f"gen_{t:03d}").mkdir(parents=True)
+    (loop / "config.yaml").write_text(
+        "data: {source: colored_digits, n_train: null, n_test: null, options: {}}\n"
+        "model: {family: diffusion, options: {}}\nchains: 1\n"
+    )
+    (loop / "results.jsonl").write_text('{"generation": 0}\n{"generation": 1}\n')
+    np.savez(d / "few.npz", images=np.zeros((20, 8, 8, 1), np.uint8), labels=np.arange(20) % 10)
+    return d
+
+
+def tree(path: Path) -> dict[str, bytes | None]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() if p.is_file() else None for p in path.rglob("*")}
+
+
+def run_entry(entry, prog: str, args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, list[str]]:
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [prog, *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        entry()
+    return stop.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def check(code: int, lines: list[str], message: str, before: dict, after: dict) -> None:
+    assert code == 2, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and message in lines[0], lines
+    assert after == before, "a refused command must not write anything"
+
+
+def fill(items: list[str], **paths: Path) -> list[str]:
+    return [s.format(**{k: str(v) for k, v in paths.items()}) for s in items]
+
+
+def ids(cases: list) -> list[str]:
+    return [" ".join(args)[-80:] or "(none)" for args, _ in cases]
+
+
+def test_at_least_60_distinct_cases():
+    keys = [(name, tuple(args)) for name, cases in (("s", SIMULATE), ("c", CONTAMINATE), ("r", REPORT))
+            for args, _ in cases]  # fmt: skip
+    assert len(set(keys)) == len(keys) >= 60
+
+
+@pytest.mark.parametrize("args,message", SIMULATE, ids=ids(SIMULATE))
+def test_simulate(tmp_path, files, monkeypatch, capsys, args, message):
+    head = [] if any(a.startswith("experiment=") for a in args) or args[: len(TINY)] == TINY else ONE
+    if args and args[0] == "-m":
+        head = ONE
+    argv = fill([*head, *args], files=files)
+    (tmp_path / "runs").mkdir()  # an existing run_root must stay as it is too
+    before = tree(tmp_path)
+    code, lines = run_entry(cli.simulate, "simulate", argv, tmp_path, monkeypatch, capsys)
+    check(code, lines, fill([message], files=files)[0], before, tree(tmp_path))
+
+
+@pytest.mark.parametrize("args,message", CONTAMINATE, ids=ids(CONTAMINATE))
+def test_simulate_contaminate(tmp_path, files, monkeypatch, capsys, args, message):
+    argv = fill(["contaminate/debug=tiny", *args], files=files)
+    before = tree(tmp_path)
+    code, lines = run_entry(
+        contaminate_cli.simulate_contaminate, "simulate-contaminate", argv, tmp_path, monkeypatch, capsys
+    )
+    check(code, lines, fill([message], files=files)[0], before, tree(tmp_path))
+
+
+@pytest.mark.parametrize("args,message", REPORT, ids=ids(REPORT))
+def test_simulate_report(tmp_path, files, monkeypatch, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    before = tree(tmp_path)
+    argv = fill(args, files=files, cwd=tmp_path)
+    code, lines = run_entry(cli.simulate_report, "simulate-report", argv, tmp_path, monkeypatch, capsys)
+    check(code, lines, fill([message], files=files, cwd=tmp_path)[0], before, tree(tmp_path))
+
+
+def test_refused_at_the_job_leaves_no_directory(tmp_path, files, monkeypatch, capsys):
+    """Past the preflight (hydra's own entry, as a launcher runs a job): the job's boundary refuses the
+    same input in one line and removes the directories hydra made for it."""
+    argv = [*ONE, "model.options.hidden=0"]
+    code, lines = run_entry(cli._simulate, "simulate", argv, tmp_path, monkeypatch, capsys)
+    check(code, lines, "model.options.hidden: must be an integer >= 1, got 0", {}, tree(tmp_path))
+
+
+def script(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+@pytest.mark.parametrize(
+    "command,args,message",
+    [
+        pytest.param(
+            "simulate",
+            [*ONE, "+sample.tempreature=0.5"],
+            "sample.tempreature: unknown key",
+            marks=pytest.mark.slow,
+        ),  # fmt: skip
+        pytest.param(
+            "simulate-contaminate",
+            ["classifier.lr=-1"],
+            "classifier.lr: must be a finite number > 0",
+            marks=pytest.mark.slow,
+        ),  # fmt: skip
+        ("simulate-report", ["nope"], "nope: no such directory"),
+    ],
+)
+def test_console_scripts(tmp_path, command, args, message):
+    if not Path(script(command)).exists():
+        pytest.skip(f"{command} is not installed next to {sys.executable}")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([script(command), *args], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
+    lines = out.stderr.strip().splitlines()
+    check(out.returncode, lines, message, {}, tree(tmp_path))
