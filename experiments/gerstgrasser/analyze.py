@@ -220,11 +220,14 @@ def kde_part(runs: list[Path], out: Path) -> list[str]:
         ax.set_ylim(-3, 3)
     n, h = config["data"]["n_train"], config["model"]["options"]["bandwidth"]
     axes[0, 0].set_title(
-        f"KDE (h = {h}) of two moons, n = {n}: KL(truth ‖ KDE), 95% Student-t band", fontsize=9
+        f"KDE (h = {h}) of two moons, n = {n}: KL(truth ‖ KDE)\nmean, 95% Student-t band over chains",
+        fontsize=9,
     )
     axes[0, 0].set_xlabel("generation")
     axes[0, 0].legend(fontsize=7)
-    axes[0, 1].set_title("tr Var(KDE_t) / tr Σ_0, mean, 95% Student-t band (dashed: exact)", fontsize=9)
+    axes[0, 1].set_title(
+        "tr Var(KDE_t) / tr Σ_0 (dashed: exact)\nmean, 95% Student-t band over chains", fontsize=9
+    )
     axes[0, 1].set_xlabel("generation")
     axes[0, 1].legend(fontsize=7)
     fig.tight_layout()
