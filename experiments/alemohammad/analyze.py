@@ -184,7 +184,7 @@ def gmm_part(runs: list[Path], axes: list, lines: list[str]) -> list[tuple[str, 
         )
         out.append((name, kl))
     axes[0].set_title(
-        f"modes kept (≥{KEEP_SHARE:.0%} of fair share within 3σ), mean, 95% Student-t band over chains",
+        f"modes kept (≥{KEEP_SHARE:.0%} of fair share within 3σ)\nmean, 95% Student-t band over chains",
         fontsize=9,
     )
     axes[0].set_ylim(0, 26)
@@ -208,7 +208,9 @@ def fresh_part(fresh: list[tuple[str, np.ndarray]], ax, lines: list[str]) -> Non
         ax.axhline(levels[name].mean(), color=f"C{i + 3}", ls=":", lw=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("generation")
-    ax.set_title("fresh-data loop: KL(truth ‖ model) from two starts (mean, 95% Student-t band)", fontsize=9)
+    ax.set_title(
+        "fresh-data loop: KL(truth ‖ model) from two starts\nmean, 95% Student-t band over chains", fontsize=9
+    )
     ax.legend(fontsize=6)
     lines += [
         "| fresh-data loop start | KL at gen 0 | settled level (per chain the mean over the last third of "
