@@ -7,7 +7,9 @@
    gen_XXX samples -- a mode is kept when at least 10% of its fair share of the samples
    (0.1 m / 25 of m) lie within 3 standard deviations of its mean -- and KL(truth || model).
 3. Fresh-data loop from two initial models: the level each settles at (per chain, the mean KL
-   over the last third of the generations; mean and SE over chains) and their difference.
+   over the last third of the generations) and their difference.
+Every ± and band is the 95% Student-t interval over chains (simulator.stats.student_t_band); z-scores
+against closed forms are (measured - closed form) / SE, a test statistic, not an interval.
 
 Usage: python experiments/alemohammad/analyze.py [--runs runs] [--out figures]
 """
@@ -21,11 +23,13 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
+from scipy import stats
 
 from simulator import samples
 from simulator.data.toy import make_toy
 from simulator.report import find_runs, load_run
 from simulator.stability import gaussian_expected
+from simulator.stats import student_t_band
 from simulator.strict_json import number  # null (not finite) -> NaN
 
 matplotlib.use("Agg")
@@ -36,10 +40,6 @@ KEEP_SHARE = 0.1  # a mode is kept with at least this fraction of its fair share
 
 def gens_of(run: Path) -> list[Path]:
     return sorted(run.glob("gen_[0-9][0-9][0-9]*"), key=lambda p: int(p.name[4:]))
-
-
-def mean_sem(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
-    return x.mean(axis), x.std(axis, ddof=1) / math.sqrt(x.shape[axis])
 
 
 # -- 1. sampling bias ---------------------------------------------------------------------------
@@ -56,8 +56,9 @@ def bias_part(runs: list[Path], axes: list, lines: list[str]) -> None:
         loaded.append((float(config["sample"]["temperature"]), config, rows, mean, cov))
     loaded.sort(key=lambda r: -r[0])
     lines += [
-        "| s | t | E tr Σ_t / tr Σ_0 (mean ± SE) | closed form s^(t-1) | z | E‖μ_t-μ_0‖²/tr Σ_0 | "
-        "closed form | z | precision | recall |",
+        "| s | t | E tr Σ_t / tr Σ_0 (mean ± 95% Student-t half width over chains) | closed form s^(t-1) | "
+        "z = (measured − closed form) / SE | E‖μ_t-μ_0‖²/tr Σ_0 (mean ± 95% half width) | closed form | z | "
+        "precision | recall |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, (s, config, rows, mean, cov) in enumerate(loaded):
@@ -78,9 +79,9 @@ def bias_part(runs: list[Path], axes: list, lines: list[str]) -> None:
         drift = ((mean - mu0) ** 2).sum(-1) / tr0
         color = f"C{i}"
         for ax, q, key in ((axes[0], var, "var_ratio"), (axes[1], drift, "mean_sq_per_var")):
-            m, se = mean_sem(q)
+            m, _, half, _ = student_t_band(q)
             ax.plot(t, m, color=color, label=f"s = {s:g}")
-            ax.fill_between(t, m - 2 * se, m + 2 * se, color=color, alpha=0.25, lw=0)
+            ax.fill_between(t, m - half, m + half, color=color, alpha=0.25, lw=0)
             ax.plot(t, th[key], "k--", lw=0.8)
         gens = [r["generation"] + 1 for r in rows]
         axes[2].plot(
@@ -90,18 +91,21 @@ def bias_part(runs: list[Path], axes: list, lines: list[str]) -> None:
             gens, [number(r.get("recall")) for r in rows], color=color, ls=":", label=f"recall, s = {s:g}"
         )
         for tc in sorted({min(10, len(t)), len(t)}):
-            mv, sv = mean_sem(var[tc - 1])
-            md, sd = mean_sem(drift[tc - 1])
-            zv, zd = (mv - th["var_ratio"][tc - 1]) / sv, (md - th["mean_sq_per_var"][tc - 1]) / sd
+            bv, bd = student_t_band(var[tc - 1]), student_t_band(drift[tc - 1])
+            zv = (bv.mean - th["var_ratio"][tc - 1]) / bv.se
+            zd = (bd.mean - th["mean_sq_per_var"][tc - 1]) / bd.se
             r = rows[tc - 1]
+            tv, td = th["var_ratio"][tc - 1], th["mean_sq_per_var"][tc - 1]
             lines.append(
-                f"| {s:g} | {tc} | {mv:.4g} ± {sv:.2g} | {th['var_ratio'][tc - 1]:.4g} | {zv:+.1f} | "
-                f"{md:.4g} ± {sd:.2g} | {th['mean_sq_per_var'][tc - 1]:.4g} | {zd:+.1f} | "
+                f"| {s:g} | {tc} | {bv.mean:.4g} ± {bv.half:.2g} | {tv:.4g} | {zv:+.1f} | "
+                f"{bd.mean:.4g} ± {bd.half:.2g} | {td:.4g} | {zd:+.1f} | "
                 f"{number(r.get('precision')):.3f} | {number(r.get('recall')):.3f} |"
             )
     axes[0].set_yscale("log")
-    axes[0].set_title("E tr Σ_t / tr Σ_0 (dashed: s^(t-1), real data untempered)", fontsize=9)
-    axes[1].set_title("E‖μ_t − μ_0‖² / tr Σ_0 (dashed: closed form)", fontsize=9)
+    axes[0].set_title(
+        "E tr Σ_t / tr Σ_0, 95% Student-t band (dashed: s^(t-1), real data untempered)", fontsize=9
+    )
+    axes[1].set_title("E‖μ_t − μ_0‖² / tr Σ_0, 95% Student-t band (dashed: closed form)", fontsize=9)
     axes[2].set_title("k-NN precision (solid) and recall (dotted), k = 3", fontsize=9)
     for ax in axes:
         ax.set_xlabel("fit t")
@@ -156,7 +160,8 @@ def label(run: Path) -> str:
 def gmm_part(runs: list[Path], axes: list, lines: list[str]) -> list[tuple[str, np.ndarray]]:
     """Modes kept and KL per loop; returns (label, KL (T, C)) of every run for the fresh-data panel."""
     lines += [
-        "| loop | modes kept: gen 0 | gen 20 | last gen | KL(truth‖model): gen 0 | last gen | "
+        "| loop | modes kept: gen 0 | gen 20 | last gen (± 95% Student-t half width over chains) | "
+        "KL(truth‖model): gen 0 | last gen | "
         "samples within 3σ of a mode (last) | precision (last) | recall (last) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -166,19 +171,22 @@ def gmm_part(runs: list[Path], axes: list, lines: list[str]) -> list[tuple[str, 
         kept, quality, gens = mode_stats(run)
         kl = chain_metric(run, "kl_truth")
         name = label(run)
-        m, se = mean_sem(kept)
+        m, _, half, _ = student_t_band(kept)
         axes[0].plot(gens, m, color=f"C{i}", label=name)
-        axes[0].fill_between(gens, m - 2 * se, m + 2 * se, color=f"C{i}", alpha=0.2, lw=0)
+        axes[0].fill_between(gens, m - half, m + half, color=f"C{i}", alpha=0.2, lw=0)
         axes[1].plot(gens, np.median(kl, 1), color=f"C{i}", label=name)
         g20 = min(20, len(gens) - 1)
         last = rows[-1]
         lines.append(
-            f"| {name} | {m[0]:.1f} | {m[g20]:.1f} | {m[-1]:.1f} ± {se[-1]:.1f} | "
+            f"| {name} | {m[0]:.1f} | {m[g20]:.1f} | {m[-1]:.1f} ± {half[-1]:.1f} | "
             f"{kl[0].mean():.3g} | {kl[-1].mean():.3g} | {quality[-1].mean():.3f} | "
             f"{last['precision']:.3f} | {last['recall']:.3f} |"
         )
         out.append((name, kl))
-    axes[0].set_title(f"modes kept (≥{KEEP_SHARE:.0%} of fair share within 3σ), mean ± 2 SE", fontsize=9)
+    axes[0].set_title(
+        f"modes kept (≥{KEEP_SHARE:.0%} of fair share within 3σ)\nmean, 95% Student-t band over chains",
+        fontsize=9,
+    )
     axes[0].set_ylim(0, 26)
     axes[1].set_yscale("log")
     axes[1].set_title("KL(truth ‖ model), median over chains", fontsize=9)
@@ -193,26 +201,35 @@ def fresh_part(fresh: list[tuple[str, np.ndarray]], ax, lines: list[str]) -> Non
     levels = {}
     for i, (name, kl) in enumerate(fresh):
         gens = np.arange(kl.shape[0])
-        m, se = mean_sem(kl)
+        m, _, half, _ = student_t_band(kl)
         ax.plot(gens, m, color=f"C{i + 3}", label=name)
-        ax.fill_between(gens, m - 2 * se, m + 2 * se, color=f"C{i + 3}", alpha=0.2, lw=0)
-        tail = kl[-(kl.shape[0] // 3) :].mean(0)  # per chain: mean over the last third
-        levels[name] = mean_sem(tail)
-        ax.axhline(levels[name][0], color=f"C{i + 3}", ls=":", lw=0.8)
+        ax.fill_between(gens, m - half, m + half, color=f"C{i + 3}", alpha=0.2, lw=0)
+        levels[name] = kl[-(kl.shape[0] // 3) :].mean(0)  # per chain: mean over the last third
+        ax.axhline(levels[name].mean(), color=f"C{i + 3}", ls=":", lw=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("generation")
-    ax.set_title("fresh-data loop: KL(truth ‖ model) from two starts (mean ± 2 SE)", fontsize=9)
+    ax.set_title(
+        "fresh-data loop: KL(truth ‖ model) from two starts\nmean, 95% Student-t band over chains", fontsize=9
+    )
     ax.legend(fontsize=6)
     lines += [
-        "| fresh-data loop start | KL at gen 0 | settled level (mean over last third of gens, ± SE) |",
+        "| fresh-data loop start | KL at gen 0 | settled level (per chain the mean over the last third of "
+        "gens; mean ± 95% Student-t half width over chains) |",
         "|---|---|---|",
     ]
     for name, kl in fresh:
-        lines.append(f"| {name} | {kl[0].mean():.3g} | {levels[name][0]:.4f} ± {levels[name][1]:.4f} |")
+        b = student_t_band(levels[name])
+        lines.append(f"| {name} | {kl[0].mean():.3g} | {b.mean:.4f} ± {b.half:.4f} |")
     if len(levels) == 2:
-        (a, (ma, sa)), (b, (mb, sb)) = levels.items()
-        diff, se = ma - mb, math.hypot(sa, sb)
-        lines.append(f"\nDifference of the settled levels: {diff:+.4f} ± {se:.4f} (z = {diff / se:+.1f}).")
+        a, b = (student_t_band(v) for v in levels.values())
+        # Welch: the two starts are independent sets of chains with their own spreads
+        diff, se = a.mean - b.mean, math.hypot(a.se, b.se)
+        dof = se**4 / (a.se**4 / (a.n - 1) + b.se**4 / (b.n - 1))
+        half = float(stats.t.ppf(0.975, dof)) * se
+        lines.append(
+            f"\nDifference of the settled levels: {diff:+.4f} ± {half:.4f} (95% Welch-Student-t half width, "
+            f"{dof:.0f} dof; t = difference / SE = {diff / se:+.1f})."
+        )
 
 
 def main() -> None:

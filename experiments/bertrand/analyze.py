@@ -114,7 +114,12 @@ def main() -> None:
             ]
             rates[metric][key] = mean_ci(per_seed)
             r, e = rates[metric][key]
-            cells.append("— (floor after 1 generation)" if math.isnan(r) else f"{r:.3f} ± {e:.3f}")
+            if math.isnan(r):
+                cells.append("— (floor after 1 generation)")
+            elif math.isnan(e):  # one seed had generations above 2 x floor: no interval from one value
+                cells.append(f"{r:.3f} (one seed; the others at the floor after 1 generation)")
+            else:
+                cells.append(f"{r:.3f} ± {e:.3f}")
         kl = np.array([[number(r.get("kl_truth")) for r in rows] for rows in runs])
         raw = mean_ci([contraction_rate(c, start=0)["rho"] for c in kl])
         cells.append(f"{raw[0]:.3f} ± {raw[1]:.3f}")

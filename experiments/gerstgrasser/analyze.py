@@ -1,10 +1,12 @@
 """Gerstgrasser et al. (2024) / Kazdan et al. (2024) reproduced: replace vs accumulate vs subsample.
 
 Gaussian (runs/gerstgrasser/*): per chain, tr Sigma_t / tr Sigma_0 and ||mu_t - mu_0||^2 / tr Sigma_0
-from gen_XXX/model.pt, chain mean and SE, against stability.gaussian_expected (replace: a^t;
+from gen_XXX/model.pt, chain mean and its 95% Student-t interval over chains (simulator.stats.
+student_t_band: every ± and band here), against stability.gaussian_expected (replace: a^t;
 accumulate: prod_k (1 - 1/(k^2 n)), limit sin(pi/sqrt n)/(pi/sqrt n)). These ratios do not depend
-on d, so one closed-form curve serves every dimension. Loop generation g is fit t = g + 1.
-KDE (runs/gerstgrasser_kde/*): KL(truth || KDE) per generation from results.jsonl, its fitted
+on d, so one closed-form curve serves every dimension. Loop generation g is fit t = g + 1. A z-score
+is (measured - closed form) / SE over chains: a test statistic, not an interval.
+KDE (runs/gerstgrasser_kde/*): KL(truth || KDE) per generation and chain (chain_metrics.pt), its fitted
 contraction rate and verdict (stability.summarize), the last generation's samples, and the KDE's
 variance against its exact expectation. A KDE with bandwidth h on points of (maximum-likelihood)
 variance V has variance V + h^2 and the points' mean, so E[V] follows a linear recursion exactly
@@ -20,7 +22,6 @@ Usage: python experiments/gerstgrasser/analyze.py [--runs runs] [--out figures]
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import matplotlib
@@ -31,7 +32,7 @@ from simulator import samples
 from simulator.data.toy import make_toy
 from simulator.report import find_runs, load_run
 from simulator.stability import accumulate_limit, gaussian_expected, summarize
-from simulator.strict_json import number  # null (not finite) -> NaN
+from simulator.stats import student_t_band
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -43,11 +44,6 @@ Z = 5.0
 
 def gens_of(run: Path) -> list[Path]:
     return sorted(run.glob("gen_[0-9][0-9][0-9]*"), key=lambda p: int(p.name[4:]))
-
-
-def mean_sem(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard error over chains (last axis)."""
-    return x.mean(-1), x.std(-1, ddof=1) / math.sqrt(x.shape[-1])
 
 
 def z_cell(z: float, policy: str, n: int, t: int, draws: int) -> str:
@@ -90,8 +86,9 @@ def gaussian_part(runs: list[Path], out: Path) -> list[str]:
     ns, ds = sorted({k[0] for k in loaded}), sorted({k[1] for k in loaded})
     fig, axes = plt.subplots(len(ns), len(ds), figsize=(4.6 * len(ds), 3.4 * len(ns)), squeeze=False)
     lines = [
-        "| d | n | chains | policy | E tr Σ_T / tr Σ_0 (mean ± SE) | closed form | z | "
-        "E‖μ_T−μ_0‖²/tr Σ_0 | closed form | z |",
+        "| d | n | chains | policy | E tr Σ_T / tr Σ_0 (mean ± 95% Student-t half width over chains) | "
+        "closed form | z = (measured − closed form) / SE | E‖μ_T−μ_0‖²/tr Σ_0 (mean ± 95% half width) | "
+        "closed form | z |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, n in enumerate(ns):
@@ -102,14 +99,14 @@ def gaussian_part(runs: list[Path], out: Path) -> list[str]:
                     continue
                 chains, tr, drift = loaded[(n, d, policy)]
                 t = np.arange(1, tr.shape[0] + 1)
-                m, se = mean_sem(tr)
+                m, se, half, _ = student_t_band(tr)
                 ax.plot(t, m, color=COLORS[policy], label=policy)
                 ax.fill_between(
-                    t, np.maximum(m - 2 * se, 0.2 * m), m + 2 * se, color=COLORS[policy], alpha=0.25, lw=0
+                    t, np.maximum(m - half, 0.2 * m), m + half, color=COLORS[policy], alpha=0.25, lw=0
                 )
-                cells = [f"{m[-1]:.4g} ± {se[-1]:.2g}", "", "", "", "", ""]
-                md, sd = mean_sem(drift)
-                cells[3] = f"{md[-1]:.4g} ± {sd[-1]:.2g}"
+                cells = [f"{m[-1]:.4g} ± {half[-1]:.2g}", "", "", "", "", ""]
+                md, sd, hd, _ = student_t_band(drift)
+                cells[3] = f"{md[-1]:.4g} ± {hd[-1]:.2g}"
                 if policy != "accumulate_subsample":  # closed forms exist for replace and accumulate
                     th = gaussian_expected(policy, n, t, d=1, ddof=0)  # ratios independent of d
                     ax.plot(t, th["var_ratio"], "k--", lw=0.8)
@@ -131,7 +128,7 @@ def gaussian_part(runs: list[Path], out: Path) -> list[str]:
                 ax.legend(fontsize=7)
     fig.suptitle(
         "Gaussian MLE retrained on its own samples: replace collapses, accumulate stays bounded "
-        "(mean ± 2 SE over chains; dashed: closed forms)"
+        "(mean, 95% Student-t band over chains; dashed: closed forms)"
     )
     fig.tight_layout()
     fig.savefig(out / "gerstgrasser.png", dpi=110)
@@ -139,9 +136,10 @@ def gaussian_part(runs: list[Path], out: Path) -> list[str]:
     limits = ", ".join(f"n = {n}: {accumulate_limit(n):.4f}" for n in ns)
     lines += [
         "",
-        f"T = last fit. Accumulate limits sin(π/√n)/(π/√n): {limits}. `**`: |z| > {Z:g}. Heavy tail: "
+        f"T = last fit. ±: 95% Student-t half width over chains; z: (measured − closed form) / SE over "
+        f"chains. Accumulate limits sin(π/√n)/(π/√n): {limits}. `**`: |z| > {Z:g}. Heavy tail: "
         "under replace E[σ_t⁴]/E[σ_t²]² = (1 + 2/(n-1))^T exceeds chains·d/10, so the mean is carried "
-        "by a few rare chains and typically falls short; its SE understates (SCIENCE.md).",
+        "by a few rare chains and typically falls short; its interval understates (SCIENCE.md).",
     ]
     return lines
 
@@ -177,24 +175,30 @@ def kde_part(runs: list[Path], out: Path) -> list[str]:
     """figures/gerstgrasser_kde.png (KL and variance vs generation, last samples) and the KDE table rows."""
     fig, axes = plt.subplots(1, 2 + len(runs), figsize=(4.4 * (2 + len(runs)), 4.0), squeeze=False)
     lines = [
-        "| policy | KL gen 0 | KL last (mean ± SE over chains) | fitted rate ρ [95% CI] | verdict | "
-        "tr Var(KDE) / tr Σ_0, last: measured | exact |",
+        "| policy | KL gen 0 | KL last (mean ± 95% Student-t half width over chains) | "
+        "fitted rate ρ [95% CI] | verdict | tr Var(KDE) / tr Σ_0, last: measured (mean ± 95% half width) | "
+        "exact (z = (measured − exact) / SE) |",
         "|---|---|---|---|---|---|---|",
     ]
     for k, run in enumerate(sorted(runs, key=lambda r: POLICIES.index(load_run(r)[0]["policy"]["name"]))):
         config, rows = load_run(run)
         policy = config["policy"]["name"]
         gens = np.array([r["generation"] for r in rows])
-        kl = np.array([number(r.get("kl_truth")) for r in rows])
-        sem = np.array([number(r.get("kl_truth_sem", 0.0)) for r in rows])
+        per_chain = np.stack(
+            [
+                torch.load(g / "chain_metrics.pt", weights_only=True)["kl_truth"].double().numpy()
+                for g in gens_of(run)
+            ]
+        )  # (T, C)
+        kl, _, kl_half, _ = student_t_band(per_chain)
         axes[0, 0].plot(gens, kl, color=COLORS[policy], label=policy)
-        axes[0, 0].fill_between(gens, kl - 2 * sem, kl + 2 * sem, color=COLORS[policy], alpha=0.25, lw=0)
+        axes[0, 0].fill_between(gens, kl - kl_half, kl + kl_half, color=COLORS[policy], alpha=0.25, lw=0)
         s = summarize(rows, "kl_truth", start=0)
         truth_cov = make_toy(config["data"]["source"], **config["data"]["options"]).params()["cov"].double()
         var = kde_points_variance(run) / float(truth_cov.trace())
-        m, se = mean_sem(var)
+        m, se, half, _ = student_t_band(var)
         axes[0, 1].plot(gens, m, color=COLORS[policy], label=policy)
-        axes[0, 1].fill_between(gens, m - 2 * se, m + 2 * se, color=COLORS[policy], alpha=0.25, lw=0)
+        axes[0, 1].fill_between(gens, m - half, m + half, color=COLORS[policy], alpha=0.25, lw=0)
         h, n = float(config["model"]["options"]["bandwidth"]), int(config["data"]["n_train"])
         # the truth's per-coordinate variances are equal (standardised two moons): one recursion serves
         exact = kde_variance(policy, n, h, float(truth_cov.trace()) / truth_cov.shape[0], len(gens))
@@ -204,9 +208,9 @@ def kde_part(runs: list[Path], out: Path) -> list[str]:
             axes[0, 1].plot(gens, exact, "k--", lw=0.8)
             exact_cell = f"{exact[-1]:.4g} (z = {(m[-1] - exact[-1]) / se[-1]:+.1f})"
         lines.append(
-            f"| {policy} | {kl[0]:.3f} | {kl[-1]:.3f} ± {sem[-1]:.3f} | {s['rho']:.4f} "
+            f"| {policy} | {kl[0]:.3f} | {kl[-1]:.3f} ± {kl_half[-1]:.3f} | {s['rho']:.4f} "
             f"[{s['rho_low']:.4f}, {s['rho_high']:.4f}] | {s['verdict']} | "
-            f"{m[-1]:.4g} ± {se[-1]:.2g} | {exact_cell} |"
+            f"{m[-1]:.4g} ± {half[-1]:.2g} | {exact_cell} |"
         )
         x = samples.load(gens_of(run)[-1])[0].numpy()
         ax = axes[0, 2 + k]
@@ -215,10 +219,15 @@ def kde_part(runs: list[Path], out: Path) -> list[str]:
         ax.set_xlim(-3, 3)
         ax.set_ylim(-3, 3)
     n, h = config["data"]["n_train"], config["model"]["options"]["bandwidth"]
-    axes[0, 0].set_title(f"KDE (h = {h}) of two moons, n = {n}: KL(truth ‖ KDE)", fontsize=9)
+    axes[0, 0].set_title(
+        f"KDE (h = {h}) of two moons, n = {n}: KL(truth ‖ KDE)\nmean, 95% Student-t band over chains",
+        fontsize=9,
+    )
     axes[0, 0].set_xlabel("generation")
     axes[0, 0].legend(fontsize=7)
-    axes[0, 1].set_title("tr Var(KDE_t) / tr Σ_0, mean ± 2 SE (dashed: exact)", fontsize=9)
+    axes[0, 1].set_title(
+        "tr Var(KDE_t) / tr Σ_0 (dashed: exact)\nmean, 95% Student-t band over chains", fontsize=9
+    )
     axes[0, 1].set_xlabel("generation")
     axes[0, 1].legend(fontsize=7)
     fig.tight_layout()

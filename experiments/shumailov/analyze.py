@@ -1,8 +1,10 @@
 """Shumailov et al. (Nature 2024) reproduced: figures and tables from the run directories alone.
 
 Gaussian (runs/shumailov/*): per chain, the fitted mean and variance of every generation come
-from gen_XXX/model.pt; their chain means (with standard errors over the 1000 chains) are drawn
-over the closed forms of stability.gaussian_expected. Loop generation g is fit t = g + 1.
+from gen_XXX/model.pt; their chain means (with 95% Student-t intervals over the 1000 chains,
+simulator.stats.student_t_band: every ± and band here) are drawn over the closed forms of
+stability.gaussian_expected; the z-score (measured - closed form) / SE is a test statistic, not an
+interval. Loop generation g is fit t = g + 1.
 GMM (runs/shumailov_gmm/base): per chain, both components' covariances and weights from
 gen_XXX/model.pt: the log-determinants collapse and components are lost.
 
@@ -22,6 +24,7 @@ import torch
 from simulator.models.gmm import GMMFamily
 from simulator.report import find_runs, load_run
 from simulator.stability import gaussian_expected
+from simulator.stats import student_t_band
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -29,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 CHECK_T = (10, 100, 1000)  # fits reported in the table
 Z = 5.0  # |z| above which a row is flagged (the test suite's tolerance)
 # Means of these carry sigma_k^2 terms, whose relative spread grows like (1 + 2/(n-1))^t: once that
-# exceeds a tenth of the chains, the chain mean is set by a few rare chains and its SE is not reliable.
+# exceeds a tenth of the chains, the chain mean is set by a few rare chains and its interval is not reliable.
 HEAVY = ("var_ratio", "w2_sq")
 
 
@@ -42,11 +45,6 @@ def load_params(run: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
         for k in keys:
             out[k].append(state[k].double().numpy())
     return {k: np.stack(v) for k, v in out.items()}
-
-
-def mean_sem(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Chain mean and its standard error along the last axis but one ((T, C) -> (T,))."""
-    return x.mean(1), x.std(1, ddof=1) / math.sqrt(x.shape[1])
 
 
 def gaussian_quantities(run: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -83,16 +81,17 @@ def gaussian_part(runs: list[Path], out: Path) -> list[str]:
     fig, axes = plt.subplots(2, len(PANELS), figsize=(4.2 * len(PANELS), 7.2), squeeze=False)
     colors = dict(zip(sorted({n for n, _, _ in loaded}), ["C0", "C1", "C2", "C3"], strict=False))
     lines = [
-        "| ddof | n | t | quantity | measured (mean ± SE, 1000 chains) | closed form | z |",
+        "| ddof | n | t | quantity | measured (mean ± 95% Student-t half width over 1000 chains) | "
+        "closed form | z = (measured − closed form) / SE |",
         "|---|---|---|---|---|---|---|",
     ]
     for n, ddof, q in loaded:
         t = np.arange(1, q["w2_sq"].shape[0] + 1)
         th = gaussian_expected("replace", n, t, ddof=ddof)
         for ax, (key, title, scale) in zip(axes[ddof], PANELS, strict=True):
-            m, se = mean_sem(q[key])
+            m, _, half, _ = student_t_band(q[key], axis=1)
             ax.plot(t, m, color=colors[n], lw=1.2, label=f"n = {n} measured")
-            ax.fill_between(t, m - 2 * se, m + 2 * se, color=colors[n], alpha=0.25, lw=0)
+            ax.fill_between(t, m - half, m + half, color=colors[n], alpha=0.25, lw=0)
             ax.plot(
                 t, th[key], color="k", ls="--", lw=0.9, label="closed form" if n == loaded[0][0] else None
             )
@@ -100,7 +99,7 @@ def gaussian_part(runs: list[Path], out: Path) -> list[str]:
             ax.set_title(f"{title}, ddof {ddof}", fontsize=9)
             ax.set_xlabel("fit t")
         for key in ("log_var_shift", "sigma_ratio", "var_ratio", "w2_sq"):
-            m, se = mean_sem(q[key])
+            m, se, half, _ = student_t_band(q[key], axis=1)
             for tc in CHECK_T:
                 if tc <= len(t):
                     z = (m[tc - 1] - th[key][tc - 1]) / se[tc - 1]
@@ -109,14 +108,17 @@ def gaussian_part(runs: list[Path], out: Path) -> list[str]:
                     if key in HEAVY and tail > q[key].shape[1] / 10:
                         flag = f" (heavy tail: E[σ⁴]/E[σ²]² = {tail:.1g})"
                     lines.append(
-                        f"| {ddof} | {n} | {tc} | {key} | {m[tc - 1]:.4g} ± {se[tc - 1]:.2g} | "
+                        f"| {ddof} | {n} | {tc} | {key} | {m[tc - 1]:.4g} ± {half[tc - 1]:.2g} | "
                         f"{th[key][tc - 1]:.4g} | {z:+.1f}{flag} |"
                     )
         collapsed = float((q["sigma_ratio"][-1] < 0.1).mean())
         lines.append(f"| {ddof} | {n} | {len(t)} | P(σ_t < 0.1 σ_0) | {collapsed:.3f} | | |")
     for ax in axes.flat:
         ax.legend(fontsize=7)
-    fig.suptitle("Repeated Gaussian fitting (replace), 1000 chains: measured ±2 SE vs closed form (dashed)")
+    fig.suptitle(
+        "Repeated Gaussian fitting (replace), 1000 chains: measured mean with its 95% Student-t band "
+        "vs closed form (dashed)"
+    )
     fig.tight_layout()
     fig.savefig(out / "shumailov.png", dpi=110)
     plt.close(fig)
@@ -136,15 +138,15 @@ def gmm_part(run: Path, out: Path) -> list[str]:
     # the per-chain mean over its live components
     live_logdet = np.where(alive, logdet, np.nan)
     chain = np.nanmean(live_logdet, axis=2)  # (T, C)
-    m, se = chain.mean(1), chain.std(1, ddof=1) / math.sqrt(chain.shape[1])
+    m, _, half, _ = student_t_band(chain, axis=1)
     approx = gaussian_expected("replace", n // 2, t, d=d, ddof=0)["log_det_shift"]
     lost = (~alive).any(2).mean(1)
 
     fig = plt.figure(figsize=(15, 7.2))
     grid = fig.add_gridspec(2, 12)  # three panels above, four sample scatters below
     ax1 = fig.add_subplot(grid[0, 0:4])
-    ax1.plot(t, m, label="measured (mean over chains of live components)")
-    ax1.fill_between(t, m - 2 * se, m + 2 * se, alpha=0.3, lw=0)
+    ax1.plot(t, m, label="measured (mean over chains of live components, 95% Student-t band)")
+    ax1.fill_between(t, m - half, m + half, alpha=0.3, lw=0)
     ax1.plot(t, approx, "k--", lw=0.9, label=f"Gaussian ML closed form, n_k = n/2 = {n // 2}")
     ax1.set_title("E[log det Σ_k,t / det Σ_true]", fontsize=9)
     ax1.set_xlabel("fit t")
@@ -177,13 +179,14 @@ def gmm_part(run: Path, out: Path) -> list[str]:
     plt.close(fig)
 
     lines = [
-        "| t | E log det Σ_k/Σ_true (live, mean ± SE) | Gaussian approx. (n_k = n/2) | "
+        "| t | E log det Σ_k/Σ_true (live, mean ± 95% Student-t half width over chains) | "
+        "Gaussian approx. (n_k = n/2) | "
         "chains with a lost component |",
         "|---|---|---|---|",
     ]
     for tc in sorted({tc for tc in (1, 10, 100, len(t) // 2, len(t)) if tc <= len(t)}):
         lines.append(
-            f"| {tc} | {m[tc - 1]:.3g} ± {se[tc - 1]:.2g} | {approx[tc - 1]:.3g} | {lost[tc - 1]:.2f} |"
+            f"| {tc} | {m[tc - 1]:.3g} ± {half[tc - 1]:.2g} | {approx[tc - 1]:.3g} | {lost[tc - 1]:.2f} |"
         )
     return lines
 
@@ -202,9 +205,11 @@ def main() -> None:
         "",
         *gaussian_part(find_runs([args.runs / "shumailov"]), args.out),
         "",
-        "`**`: |z| > 5. Heavy tail: E[σ_t²] and E[W2²] (through the mean's random walk, whose steps have "
-        "variance σ_k²/n) are carried by rare chains once E[σ_t⁴]/E[σ_t²]² = (1 + 2/(n-1))^t exceeds "
-        "chains/10 (SCIENCE.md); a 1000-chain mean then typically falls short and its SE is unreliable.",
+        "±: 95% Student-t half width over chains; z: (measured − closed form) / SE over chains, a test "
+        "statistic. `**`: |z| > 5. Heavy tail: E[σ_t²] and E[W2²] (through the mean's random walk, whose "
+        "steps have variance σ_k²/n) are carried by rare chains once E[σ_t⁴]/E[σ_t²]² = (1 + 2/(n-1))^t "
+        "exceeds chains/10 (SCIENCE.md); a 1000-chain mean then typically falls short and its interval "
+        "is unreliable.",
         "",
         "## Two-component GMM (EM), replace",
         "",
