@@ -283,7 +283,7 @@ def regime_verdict(
                     larger than 1 + tol
       converging    the change is significantly < 1 and smaller than 1 / (1 + tol)
       unstable      no such trend, but some chain spiked: its excess at one generation exceeded its
-                    median by more than a factor `spike` (an error 10x its usual level)
+                    neighbours' by more than a factor `spike` (an error 10x the generations around it)
       bounded       the whole interval of the change lies within [1 / (1 + tol), 1 + tol]: the excess
                     is shown not to move by more than tol over the run (at whatever level: excess_last)
       inconclusive  none of these: the interval is too wide to tell (few seeds, noisy chains)
@@ -337,7 +337,9 @@ def regime_verdict(
             peak=unit(float(e.max())),
         )  # fmt: skip
         jump = math.log(spike) if scale == "log" else spike - 1.0
-        spiked = bool(np.any(e.max(axis=1) - np.median(e, axis=1) > jump))
+        if e.shape[1] > 1:  # a generation above both neighbours (the last: above the one before) by `jump`
+            after = np.concatenate([e[:, 2:], e[:, -2:-1]], axis=1)
+            spiked = bool(np.any(e[:, 1:] - np.maximum(e[:, :-1], after) > jump))
     hi, lo = 1.0 + tol, 1.0 / (1.0 + tol)
     if bad.any():
         out["verdict"] = "diverging"

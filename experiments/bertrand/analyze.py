@@ -27,7 +27,7 @@ import matplotlib
 import numpy as np
 
 from simulator.report import find_runs, load_run
-from simulator.stability import bertrand_condition, contraction_rate, t_interval, verdict
+from simulator.stability import bertrand_condition, contraction_rate, regime_verdict, t_interval
 from simulator.strict_json import number  # null (not finite) -> NaN
 
 matplotlib.use("Agg")
@@ -88,7 +88,7 @@ def main() -> None:
         + " | ".join(
             f"measured ρ, {m} excess (mean ± 95% Student-t half width over seeds)" for m, _ in ERRORS
         )
-        + " | raw ρ, KL, all generations | KL gen 0 → last | verdicts (KL) |",
+        + " | raw ρ, KL, all generations | KL gen 0 → last | verdict over seeds (KL vs generation 0) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     rates: dict[str, dict[tuple[float, str], tuple[float, float]]] = {m: {} for m, _ in ERRORS}
@@ -123,7 +123,9 @@ def main() -> None:
         kl = np.array([[number(r.get("kl_truth")) for r in rows] for rows in runs])
         raw = mean_ci([contraction_rate(c, start=0)["rho"] for c in kl])
         cells.append(f"{raw[0]:.3f} ± {raw[1]:.3f}")
-        verdicts = ", ".join(verdict(c, start=0) for c in kl)
+        v = regime_verdict(kl)  # over seeds, each against its generation 0 (the rings start)
+        change = f"{v['change']:.3g} [{v['change_low']:.3g}, {v['change_high']:.3g}]"
+        verdicts = f"{v['verdict']} (change {change})"
         if math.isinf(lam):
             theory = ["no (fully synthetic)", "—", "— (collapses)"]
         else:
