@@ -35,7 +35,6 @@ class Dataset:
     kind: str = "vector"  # "vector" or "image"
     cache: dict[str, Any] = field(default_factory=dict, repr=False)  # values of the data metrics reuse
 
-
     @property
     def event_shape(self) -> tuple[int, ...]:
         return tuple(self.test.shape[1:])
