@@ -39,7 +39,10 @@ def check_jobs(args: list[str], config_name: str, check: Callable[[DictConfig, d
     from simulator.options import CONFIG_DIR
 
     def command_line(e: Exception) -> ConfigError:
-        return ConfigError(f"command line: {(str(e).strip() or type(e).__name__).splitlines()[0]}")
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        if "hydra/launcher/submitit" in first:  # configs/launcher/slurm.yaml needs hydra-submitit-launcher
+            first += ' (launcher=slurm needs the sweep extra: pip install -e ".[sweep]")'
+        return ConfigError(f"command line: {first}")
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a library's warnings show when the job itself builds its objects

@@ -145,6 +145,16 @@ SIMULATE = [
     ([*TINY, "model.options.hidden=0"], "model.options.hidden: must be an integer >= 1, got 0"),  # regimes_2d
     ([*TINY, "data=digits"], "eval.metrics: kl_truth needs"),  # the default sweep (regimes_2d) on digits
 ]
+try:  # launcher=slurm needs the [sweep] extra; without it the line says which extra to install
+    import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+except ImportError:
+    SIMULATE.append(
+        (
+            ["launcher=slurm"],
+            "command line: In 'hydra/config': Could not find 'hydra/launcher/submitit_slurm' "
+            '(launcher=slurm needs the sweep extra: pip install -e ".[sweep]")',
+        )
+    )
 
 CONTAMINATE = [
     (["+classifier.foo=1"], "classifier.foo: unknown key"),
