@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from simulator import __version__
+from simulator import code_version
 from simulator.strict_json import dumps, strict_row
 
 
@@ -305,7 +305,7 @@ class RunDir:
         if (manifests or (self.path / "state.json").exists()) and any(
             state.get(k) != v for k, v in want.items()
         ):
-            text = dumps({**want, "code_version": __version__}, indent=1, sort_keys=True)
+            text = dumps({**want, "code_version": code_version()}, indent=1, sort_keys=True)
             write_atomic(self.path / "state.json", text, self.durable)
         return gens
 
@@ -396,7 +396,7 @@ class RunDir:
                 os.fsync(f.fileno())
         state = self.state()
         state.update(last_generation=t, status=status, files={**state.get("files", {}), **checksums},
-                     code_version=__version__)  # fmt: skip
+                     code_version=code_version())  # fmt: skip
         staging = self.path / "state.json.tmp"
         self._event(next(events))
         self._write_durable(staging, dumps(state, indent=1, sort_keys=True))
