@@ -18,7 +18,8 @@ from tests.conftest import compose_config
 GAUSS = ["data=gaussian", "model=gaussian", "eval=fast", "chains=64", "data.n_train=50",
          "policy=accumulate", "generations=40"]  # fmt: skip
 FLOW = ["data=two_moons", "model=flow", "model.options.blocks=2", "model.options.hidden=16", "debug=tiny",
-        "generations=6", "policy=mix", "eval.metrics=[nll,moments,param_dist]"]  # fmt: skip
+        "generations=6", "policy=mix", "eval.metrics=[nll,moments,param_dist]",
+        "eval.stability_metric=nll"]  # fmt: skip
 
 
 def _child(cfg, path) -> None:

@@ -238,6 +238,7 @@ def test_a_guided_run_samples_what_the_guided_model_draws(tmp_path) -> None:
     args = (
         "data=digits", "data.n_train=48", "data.n_test=16", "model=diffusion_tiny", "policy=replace",
         "generations=1", "train.steps=2", "train.steps_gen0=2", "eval.metrics=[]", "durable=false",
+        "eval.stability_metric=null",
         "model.options.num_classes=10", "model.options.label_dropout=0.1", "model.options.sample_steps=4",
         "model.options.batch_size=16", "model.options.block_out_channels=[4,8]", "sample.guidance=3",
         "eval.figures=false",

@@ -35,6 +35,7 @@ FLOW = [
     "generations=3",
     "debug=tiny",
     "eval.metrics=[nll,moments,param_dist]",
+    "eval.stability_metric=nll",
 ]
 
 # Ferbach et al.'s curation: one of 4 candidates drawn with probability softmax(beta r) (simulator.curation)

@@ -24,6 +24,8 @@ from tests.conftest import compose_config
 
 T = 40  # the checkpoint's own schedule: differs from the family's default (1000) on purpose
 
+NO_METRICS = ("data=digits", "eval.metrics=[]", "eval.stability_metric=null")  # the pretrained checks alone
+
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:
     """A 1-channel 8x8 UNet with attention in its second level, as google/ddpm-cifar10-32 has at 16x16."""
@@ -117,21 +119,22 @@ def test_bad_directories_are_one_line_errors(pipeline_dir: Path, tmp_path: Path)
     # through the config checks: before any work, naming the field
     for bad, match in [(tmp_path / "missing", "directory not found"), (vpred, "prediction_type")]:
         with pytest.raises(ConfigError, match="^init.pretrained: " + match):
-            run_config(compose_config("data=digits", "model=diffusion_tiny", f"init.pretrained={bad}"),
+            run_config(compose_config(*NO_METRICS, "model=diffusion_tiny", f"init.pretrained={bad}"),
                        tmp_path / "run")  # fmt: skip
-    both = ("data=digits", "model=diffusion_tiny", f"init.pretrained={pipeline_dir}",
+    both = (*NO_METRICS, "model=diffusion_tiny", f"init.pretrained={pipeline_dir}",
             f"init.checkpoint={pipeline_dir / 'model_index.json'}")  # fmt: skip
     with pytest.raises(ConfigError, match="^init.pretrained: give either init.pretrained or init.checkpoint"):
         run_config(compose_config(*both), tmp_path / "run")
     with pytest.raises(ConfigError, match="^init.pretrained: .*family=gaussian"):
-        run_config(compose_config("data=digits", "model=gaussian", f"init.pretrained={pipeline_dir}"),
+        run_config(compose_config(*NO_METRICS, "model=gaussian", f"init.pretrained={pipeline_dir}"),
                    tmp_path / "run2")  # fmt: skip
 
 
 def loop_config(pipeline: Path, *extra: str):
     return compose_config(
         "data=digits", "data.n_train=48", "data.n_test=16", "model=diffusion_tiny", "policy=mix",
-        "generations=1", "train.steps=2", "eval.metrics=[]", "eval.figures=false", "durable=false",
+        "generations=1", "train.steps=2", "eval.metrics=[]", "eval.stability_metric=null", "durable=false",
+        "eval.figures=false",
         "model.options.sample_steps=4", "model.options.batch_size=16", "model.options.export_pipeline=true",
         f"init.pretrained={pipeline}", *extra,
     )  # fmt: skip

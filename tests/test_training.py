@@ -216,7 +216,7 @@ def test_timed_checkpoints_and_restarted_ema(tmp_path, monkeypatch):
 # -- the generation loop's fine-tuning protocol ------------------------------------------------
 
 FLOW_RUN = ["data=two_moons", "model=flow", "model.options.blocks=2", "model.options.hidden=16", "debug=tiny",
-            "generations=2", "eval.metrics=[nll,moments]"]  # fmt: skip
+            "generations=2", "eval.metrics=[nll,moments]", "eval.stability_metric=nll"]  # fmt: skip
 
 
 def _steps(path) -> list[float]:

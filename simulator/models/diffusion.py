@@ -84,7 +84,7 @@ class DiffusionFamily:
         layers_per_block: int = 1,
         attention: bool = False,  # self-attention at the lowest resolution and in the middle block
         num_classes: int | None = None,  # class-conditional through a label embedding added to time's
-        label_dropout: float = 0.0,  # P(label -> the null class) in training: trains guidance's eps(x, null)
+        label_dropout: float | None = None,  # P(label -> null class) in training: trains eps(x, null)
         train_timesteps: int = 1000,  # T of the forward process
         beta_schedule: str = "linear",  # "linear" (Ho et al.) or "squaredcos_cap_v2" (Nichol & Dhariwal)
         prediction_type: str = "epsilon",
