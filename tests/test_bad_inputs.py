@@ -134,7 +134,7 @@ SIMULATE = [
     ),
     (
         [*DIGITS, "model=diffusion_tiny", "model.options.label_dropout=1.5"],
-        "model.options.label_dropout: must be a finite number in [0, 1), got 1.5",
+        "model.options.label_dropout: must be a finite number in [0, 1) or null, got 1.5",
     ),  # fmt: skip
     # sweeps: every job is checked before the first runs
     (["-m", "policy=mix", "policy.lam=0.5,-1"], "policy.lam: must be a finite number >= 0, got -1"),
