@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Experiment (a): 8x8 digits -- accuracy vs alpha for replace, augment and the control control,
-# 3 seeds, effective robustness. MLP classifier by default (~5 min on 2 CPU cores); `a_digits.sh cnn`
-# runs the same grid with a small CNN (~7 min). Resumes if interrupted.
+# Experiment (a): 8x8 digits -- accuracy vs alpha for replace, augment and the held-out real control,
+# 3 seeds (one generator each), effective robustness. MLP classifier by default (~9 min on 2 shared CPU
+# cores); `a_digits.sh cnn` runs the same grid with a small CNN (~16 min). Resumes if interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1

@@ -47,10 +47,12 @@ def _by(rows: list[dict], mode: str, ratio: float, gen_t: Any = "any") -> dict[i
 
 
 def replace(run: Path) -> None:
-    """Clean accuracy vs alpha with generated and with held-out real substitutes, and their paired gap."""
-    _, rows, _ = _rows(run)
+    """Clean accuracy vs alpha with generated and with the control's real substitutes; their paired gap."""
+    config, rows, _ = _rows(run)
+    shift = (config.get("control") or {}).get("shift")
+    control = f"held-out real, {shift}" if shift else "held-out real"
     alphas = sorted({r["ratio"] for r in rows if r.get("mode") in ("replace", "control")})
-    print(f"## {run}\n\n| alpha | replace (generated) | control (control) | replace - control, paired |")
+    print(f"## {run}\n\n| alpha | replace (generated) | control ({control}) | replace - control, paired |")
     print("|---|---|---|---|")
     zero = _by(rows, "replace", 0.0)
     for a in alphas:
@@ -62,11 +64,15 @@ def replace(run: Path) -> None:
             f"{_cell([r['acc_clean'] for r in ctl.values()])} | {_cell(diff)} |"
         )
     ref = [r for r in rows if r.get("kind") == "reference"][0]
-    gen_acc = [r["gen_ref_acc"] for r in rows if r.get("gen_ref_acc") is not None]
+    # one value per generator replicate (every row of a generator carries the same statistics)
+    gen_acc = {r.get("gen_seed"): r["gen_ref_acc"] for r in rows if r.get("gen_ref_acc") is not None}
     if gen_acc:
+        accs = [gen_acc[k] for k in sorted(gen_acc, key=str)]
+        drops = [ref["acc_clean"] - a for a in accs]
         print(
             f"\nreal-trained reference classifier: {ref['acc_clean']:.4f} on the real test set, "
-            f"{gen_acc[0]:.4f} on the generated pool (drop {ref['acc_clean'] - gen_acc[0]:.4f})"
+            f"{_cell(accs)} on the generated pools of {len(accs)} generator(s) "
+            f"(each: {', '.join(f'{a:.4f}' for a in accs)}; drop {_cell(drops)})"
         )
 
 
