@@ -42,7 +42,6 @@ SOURCE_MODULES = {
 }
 
 # modules whose import registers metrics
-METRIC_MODULES = ("simulator.metrics.toy", "simulator.metrics.fid")
 
 
 def _import(path: str) -> Any:
@@ -68,11 +67,9 @@ def source_names() -> list[str]:
 
 
 def metric_names() -> list[str]:
-    from simulator.metrics.registry import METRICS
+    from simulator.metrics.registry import load_all
 
-    for module in METRIC_MODULES:
-        importlib.import_module(module)
-    return sorted(METRICS)
+    return sorted(load_all())
 
 
 def check_metric_options(cfg: DictConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,14 @@ class MetricContext:
 
 MetricFn = Callable[[MetricContext], dict[str, torch.Tensor]]
 METRICS: dict[str, MetricFn] = {}
+MODULES = ("simulator.metrics.toy", "simulator.metrics.fid")  # the modules whose import registers metrics
+
+
+def load_all() -> dict[str, MetricFn]:
+    """Import the metric modules (they register on import) and return the registry."""
+    for module in MODULES:
+        importlib.import_module(module)
+    return METRICS
 
 
 def register(name: str) -> Callable[[MetricFn], MetricFn]:
@@ -42,7 +51,10 @@ def register(name: str) -> Callable[[MetricFn], MetricFn]:
 
 
 def get(name: str) -> MetricFn:
-    """The metric called name; one clear error listing the known names otherwise."""
+    """The metric called name (its module imported on first use, so the loop works without the CLI);
+    one clear error listing the known names otherwise."""
+    if name not in METRICS:
+        load_all()
     if name not in METRICS:
         raise KeyError(f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}")
     return METRICS[name]
