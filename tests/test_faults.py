@@ -113,7 +113,8 @@ def test_sigkill_25_times_flow(tmp_path):
 GLOW = ["data=digits", "model=glow", "model.options.blocks_per_level=1", "model.options.hidden=8",
         "model.options.batch_size=16", "data.n_train=40", "data.n_test=16", "train.steps=3",
         "train.steps_gen0=4", "generations=2", "policy=accumulate", "eval=digits", "eval.metrics=[bpd]",
-        "eval.n_samples=48", "eval.figures=false", "sample.shard_size=16"]  # fmt: skip
+        "eval.n_samples=48", "eval.figures=false", "sample.shard_size=16",
+        "eval.stability_metric=bpd"]  # fmt: skip
 
 
 @pytest.mark.slow  # 15-30 s: four lives of a 3-generation glow run and the uninterrupted one
