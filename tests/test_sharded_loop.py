@@ -26,7 +26,7 @@ GLOW = ["model.options.lr=0", "data=digits", "model=glow", "model.options.blocks
         "model.options.batch_size=16", "model.options.num_classes=10", "data.n_train=40", "data.n_test=16",
         "train.steps=3", "train.steps_gen0=4", "generations=2", "policy=accumulate", "eval=digits",
         "eval.metrics=[bpd]", "eval.n_samples=48", "eval.figures=false", "sample.shard_size=16",
-        "sample.curation_k=2"]  # fmt: skip
+        "sample.curation_k=2", "eval.stability_metric=bpd"]  # fmt: skip
 
 
 def _free_port() -> int:
