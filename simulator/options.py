@@ -46,7 +46,8 @@ POSITIVE_INTS = (
 BOUNDS: dict[str, tuple[float | None, bool, float | None, bool]] = {
     **dict.fromkeys(POSITIVE_INTS, (1, False, None, False)),
     **dict.fromkeys(("warmup", "ddof", "tiny_seed"), (0, False, None, False)),
-    **dict.fromkeys(("lr", "tol", "bandwidth", "tail_bound", "logit_alpha"), (0, True, None, False)),
+    **dict.fromkeys(("tol", "bandwidth", "tail_bound", "logit_alpha"), (0, True, None, False)),
+    "lr": (0, False, None, False),  # 0 holds the weights still (tests of sampling and evaluation use it)
     **dict.fromkeys(("weight_decay", "reg_covar", "grad_clip"), (0, False, None, False)),
     "label_dropout": (0, False, 1, True),
     "ema_decay": (0, False, 1, True),

@@ -29,7 +29,7 @@ DIGITS = [*BASE, "data=digits", "model=glow", "eval=digits"]
 SIMULATE = [
     # the examples
     (["policy=mix", "policy.lam=inf"], "policy.lam: must be a finite number >= 0, got inf"),
-    (["model.options.lr=-1"], "model.options.lr: must be a finite number > 0, got -1"),
+    (["model.options.lr=-1"], "model.options.lr: must be a finite number >= 0, got -1"),
     (["model.options.blocks=0"], "model.options.blocks: must be an integer >= 1, got 0"),
     (["eval.options.projections=-1"], "eval.options.projections: must be an integer >= 1, got -1"),
     (["init.checkpoint={files}/text.pt"], "init.checkpoint: {files}/text.pt is not a readable tensors-only"),
@@ -83,8 +83,8 @@ SIMULATE = [
     (["policy=nope"], "command line: In 'config': Could not find 'policy/nope'"),
     (["policy=mix=3,"], "command line: mismatched input"),
     # types and bounds
-    (["model.options.lr=nan"], "model.options.lr: must be a finite number > 0, got nan"),
-    (["model.options.lr=true"], "model.options.lr: must be a finite number > 0, got True"),
+    (["model.options.lr=nan"], "model.options.lr: must be a finite number >= 0, got nan"),
+    (["model.options.lr=true"], "model.options.lr: must be a finite number >= 0, got True"),
     (["model.options.layers=two"], "model.options.layers: must be an integer >= 1, got 'two'"),
     (["+model.options.grad_clip=-1"], "model.options.grad_clip: must be a finite number >= 0 or null"),
     (["+model.options.actnorm=3"], "model.options.actnorm: must be true or false, got 3"),
@@ -168,12 +168,12 @@ CONTAMINATE = [
     ),
     (
         ["seeds=[0,1,2,3,4]", "eval.baselines=[{{arch:mlp,lr:inf}}]"],
-        "eval.baselines[0].lr: must be a finite number > 0",
+        "eval.baselines[0].lr: must be a finite number >= 0",
     ),
     (["seeds=[0,0]"], "seeds: must be a non-empty list of distinct integers"),
     (["name=../x"], "name: must be a folder name inside run_root"),
     (["run_root={files}/text.pt"], "run_root: {files}/text.pt exists and is not a folder"),
-    (["generator.options.lr=-1"], "generator.options.lr: must be a finite number > 0, got -1"),
+    (["generator.options.lr=-1"], "generator.options.lr: must be a finite number >= 0, got -1"),
     (["+generator.options.nope=1"], "generator.options.nope: unknown option"),
     (["generator.family=nope"], "generator.family: must be one of"),
     (
