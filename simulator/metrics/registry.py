@@ -24,6 +24,7 @@ class MetricContext:
     params0: torch.Tensor | None = None  # (C, P) parameters of generation 0
     params_star: torch.Tensor | None = None  # (C, P) parameters of the fit to real data
     options: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # values several metrics share
 
 
 MetricFn = Callable[[MetricContext], dict[str, torch.Tensor]]

@@ -54,14 +54,18 @@ def gaussian_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _model_log_prob_mean(ctx: MetricContext) -> torch.Tensor:
-    """Mean model log-density (C,) over the test points, in chunks of test rows to bound memory."""
+    """Mean model log-density (C,) over the test points, in chunks of test rows to bound memory; computed
+    once per generation (nll, kl_truth and nll_gap all read it)."""
+    if "model_test_log_prob" in ctx.cache:
+        return ctx.cache["model_test_log_prob"]
     test = ctx.data.test
     chains, d = int(ctx.model.chains), math.prod(test.shape[1:])
     rows = max(1, int(ctx.options.get("max_elems", MAX_ELEMS)) // (chains * d))
     total = torch.zeros(chains, dtype=torch.float64)
     for start in range(0, test.shape[0], rows):
         total += ctx.model.log_prob(test[start : start + rows]).double().sum(-1).cpu()
-    return total / test.shape[0]
+    ctx.cache["model_test_log_prob"] = total / test.shape[0]
+    return ctx.cache["model_test_log_prob"]
 
 
 # -- pure functions -----------------------------------------------------------------------------
