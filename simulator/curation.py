@@ -11,7 +11,7 @@ Rewards r(x), named by `sample.curation_reward`, with parameters in `sample.cura
 - quadratic:    r = -||x - c||^2 / (2 scale^2), options.centre = c, options.scale (default 1);
 - classifier:   a classifier's confidence on image samples: the probability it gives the sample's own
                 class when the family is class-conditional, otherwise its maximum softmax probability.
-                options.checkpoint is a state dict of simulator.classifiers' architecture
+                options.checkpoint is a state dict of simulator.contamination.classifiers' architecture
                 options.arch (mlp | cnn | resnet18; width, hidden as in make_classifier), e.g. the
                 model.pt of a contamination cell; the number of classes is read from the checkpoint.
 
@@ -92,7 +92,7 @@ def check(name: Any, options: Any, beta: Any) -> None:
         path = Path(str(options["checkpoint"])).expanduser()
         if not path.is_file():
             raise ConfigError(f"sample.curation_options.checkpoint: file not found: {path}")
-        from simulator import classifiers  # lazily: the contamination paths' module
+        from simulator.contamination import classifiers  # lazily: the contamination paths' module
 
         arch = options.get("arch", "cnn")
         if arch not in classifiers.ARCHS:
@@ -141,7 +141,7 @@ def make_reward(
 
 def _classifier_reward(options: dict[str, Any], event_shape: tuple[int, ...], device: str) -> Reward:
     """Confidence of a saved classifier: p(own class | x) for labelled samples, else max_c p(c | x)."""
-    from simulator import classifiers  # lazily: the contamination paths' module
+    from simulator.contamination import classifiers  # lazily: the contamination paths' module
 
     path = Path(str(options["checkpoint"])).expanduser()
     try:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from simulator import bias, classifiers, shifts
+from simulator.contamination import bias, classifiers, shifts
 from simulator.contamination import robustness as rb
 from simulator.data.colored import color_attribute, make_colored
 

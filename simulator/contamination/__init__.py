@@ -1,13 +1,16 @@
 """Downstream contamination paths: classifiers trained on real data mixed with generated images.
 
 - mixing.py      training sets per mode: replace, augment, control (control), generations
+- classifiers.py the downstream classifiers (MLP, CNN, ResNet-18) and their training
+- shifts.py      shifted test sets (the CIFAR-10-C corruptions at their published severities)
+- bias.py        bias metrics of classifiers and generators on attribute-labelled data
 - sources.py     labelled generated images: a loop run's generation t, or a generator trained on the spot
 - grid.py        the cell grid (reference, baselines, mode x ratio x seed), one committed cell at a time
 - robustness.py  effective robustness: the logit-linear baseline fit and distances from it
 - report.py      summary tables and figures from contamination run directories alone
 - cli.py         the hydra entry point `simulate-contaminate` (configs/contaminate.yaml)
 
-Related modules: simulator.classifiers, simulator.shifts, simulator.bias, simulator.data.colored.
+Related module: simulator.data.colored (the attribute-labelled coloured digits).
 """
 
 from simulator.contamination.mixing import MODES, ContaminationError, Mixture, Pool, mix

@@ -19,10 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import classifiers, options, registry, seeding, shifts, strict_json
+from simulator import options, registry, seeding, strict_json
 from simulator.cli import CONFIG_DIR, discard, fail
 from simulator.config import ConfigError, check_bool, check_choice, check_float, check_int, check_name
-from simulator.contamination import grid, report
+from simulator.contamination import classifiers, grid, report, shifts
 from simulator.contamination.mixing import MODES, ContaminationError, check_ratio
 from simulator.contamination.robustness import MIN_POINTS
 from simulator.contamination.sources import (

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from simulator import bias, classifiers, seeding, shifts
+from simulator import seeding
+from simulator.contamination import bias, classifiers, shifts
 from simulator.contamination.mixing import (
     GENERATED,
     HELDOUT,
