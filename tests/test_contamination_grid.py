@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from simulator.cli import CONFIG_DIR
 from simulator.config import ConfigError
@@ -299,6 +299,23 @@ def test_every_named_experiment_composes_and_validates(experiment, tmp_path):
         cfg = compose("contaminate", overrides=[f"contaminate/experiment={experiment}", *extra])
     cli.validate(cfg)
     assert cfg.name == experiment and cfg.task == "contaminate"
+
+
+def test_the_loop_and_the_grid_read_the_same_coloured_digits_through_the_registry():
+    """experiments/contamination/loop_colored.py trains its generators on configs/data/colored_digits.yaml
+    and the grid's classifiers read configs/contaminate/data/colored_digits.yaml: the same block, loaded by
+    the same registry factory, so the classifiers see the images the generators were trained on."""
+    from simulator import registry
+    from tests.conftest import compose_config
+
+    loop = compose_config("data=colored_digits")
+    grid_cfg = config("contaminate/data=colored_digits")
+    assert OmegaConf.to_container(loop.data) == OmegaConf.to_container(grid_cfg.data)
+    assert "colored_digits" in registry.source_names() and "colored_digits" in cli.sources()
+    ours = cli.load_data(grid_cfg)
+    theirs = registry.make_data(OmegaConf.create({"data": OmegaConf.to_container(loop.data), "chains": 1,
+                                                  "seed": grid_cfg.seed}))  # fmt: skip
+    assert torch.equal(ours.train, theirs.train) and torch.equal(ours.train_attrs, theirs.train_attrs)
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,10 @@
 A fully synthetic loop (policy replace) and a mixed one (policy mix, lambda = 1: all real images plus as
 many samples of the previous generation, Bertrand et al. 2024), both fine-tuned from the previous
 generation, written to runs/colored_loops/<policy>_s<seed>/ (resumable): one loop run per replicate seed
-(0, 1, 2), so the classifiers' intervals cover the loop's own variance (generator.replicates). Until
-simulator.data.colored is listed in registry.SOURCE_MODULES the source is added here at runtime; the
-data and model blocks below are what a configs/data/colored_digits.yaml and a class-conditional
-diffusion model config would hold.
+(0, 1, 2), so the classifiers' intervals cover the loop's own variance (generator.replicates). The data
+are configs/data/colored_digits.yaml (the same block as configs/contaminate/data/colored_digits.yaml: the
+classifiers see these images); the model block below is what a class-conditional diffusion model config
+would hold.
 
 Usage: python experiments/contamination/loop_colored.py [replace] [mix] [--tiny] [--seeds=0,1,2]
 """
@@ -18,18 +18,8 @@ import sys
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from simulator import registry
 from simulator.cli import CONFIG_DIR, run_config
 
-registry.SOURCE_MODULES.setdefault("simulator.data.colored", ("COLORED_SOURCES", "make_colored"))
-
-# The same data block as configs/contaminate/data/colored_digits.yaml: the classifiers see these images.
-DATA = {
-    "source": "colored_digits",
-    "n_train": None,
-    "n_test": None,
-    "options": {"colors": 2, "strength": 0.8, "imbalance": 4.0},
-}
 # (32, 64) is the smallest UNet that kept the two colours pure on CPU trials; (16, 32) blended them.
 MODEL = {
     "family": "diffusion",
@@ -57,6 +47,7 @@ def main(args: list[str]) -> None:
                 "config",
                 overrides=[
                     "experiment=single",
+                    "data=colored_digits",
                     "progress=false",
                     "threads=1",
                     "eval.metrics=[]",
@@ -69,7 +60,6 @@ def main(args: list[str]) -> None:
                 ],
             )
         with open_dict(cfg):
-            cfg.data = DATA
             cfg.model = MODEL
         root = "runs/colored_loops_tiny" if tiny else "runs/colored_loops"
         summary = run_config(cfg, f"{root}/{name}_s{seed}")

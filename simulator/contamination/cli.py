@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import options, registry, seeding, strict_json
+from simulator import options, registry, strict_json
 from simulator.cli import CONFIG_DIR, discard, fail
 from simulator.config import ConfigError, check_bool, check_choice, check_float, check_int, check_name
 from simulator.contamination import classifiers, grid, report, shifts
@@ -184,31 +184,14 @@ def _validate_generator(cfg: DictConfig, modes: dict[str, list]) -> None:
 
 
 def sources() -> list[str]:
-    """Data sources the contamination paths can read: the registry's and the coloured ones."""
-    from simulator.data.colored import COLORED_SOURCES
-
-    return sorted(set(registry.source_names()) | set(COLORED_SOURCES))
+    """Data sources the contamination paths can read: the registry's (the coloured digits among them)."""
+    return registry.source_names()
 
 
 def load_data(cfg: DictConfig) -> Dataset:
-    """The real labelled data named by cfg.data (one chain)."""
-    from simulator.data.colored import COLORED_SOURCES, make_colored
-
+    """The real labelled data named by cfg.data (one chain), through the registry like the loop's."""
     node = OmegaConf.create({"data": _plain(cfg.data), "chains": 1, "seed": cfg.seed})
-    if cfg.data.source in registry.source_names():
-        return registry.make_data(node)
-    if cfg.data.source in COLORED_SOURCES:  # until registry.SOURCE_MODULES lists simulator.data.colored
-        try:
-            source = make_colored(cfg.data.source, **(_plain(cfg.data.options) or {}))
-            return source.load(
-                chains=1,
-                n_train=cfg.data.n_train,
-                n_test=cfg.data.n_test,
-                generator=seeding.generator(cfg.seed, "data"),
-            )
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"data ({cfg.data.source}): {e}") from None
-    raise ConfigError(f"data.source: must be one of {', '.join(sources())}; got {cfg.data.source!r}")
+    return registry.make_data(node)
 
 
 def build(cfg: DictConfig, run_path: Path | None = None, cache: dict | None = None) -> tuple[Any, ...]:
