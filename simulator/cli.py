@@ -7,26 +7,21 @@ starts and without touching an existing run.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import shutil
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import gaussian_stats_loop, options, registry, stability, strict_json
-from simulator.config import ConfigError, run_name, validate
+from simulator import entry, gaussian_stats_loop, options, registry, stability, strict_json
+from simulator.config import validate
+from simulator.entry import CONFIG_DIR, fail
 from simulator.loop import generation_loop
 from simulator.models.base import world
 from simulator.policies import PolicyError
@@ -34,38 +29,14 @@ from simulator.preflight import (
     cached,
     check_against_data,
     check_checkpoint,
-    check_jobs,
     check_run_root,
     plain,
     read_checkpoint,
 )
-from simulator.run import RunDir, RunError
+from simulator.run import RunDir
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-USER_ERRORS = (ConfigError, RunError, PolicyError)
+USER_ERRORS = (*entry.USER_ERRORS, PolicyError)
 log = logging.getLogger("simulator")
-
-if not OmegaConf.has_resolver("sim_run_name"):
-    OmegaConf.register_new_resolver("sim_run_name", run_name)
-
-
-def fail(message: str, created: Path | None = None) -> None:
-    """Print one line, remove the empty run directory hydra made for this call, exit 2."""
-    if created is not None and created.is_dir() and not any(created.iterdir()):
-        created.rmdir()
-    print(f"error: {'; '.join(line.strip() for line in message.strip().splitlines())}", file=sys.stderr)
-    sys.exit(2)
-
-
-def discard(run_path: Path, root: Path) -> None:
-    """Remove run_path (made by hydra for this call, found empty) and its parents that are left empty, up
-    to run_root: a refused job leaves no new directory behind."""
-    shutil.rmtree(run_path, ignore_errors=True)
-    root = root.resolve()
-    for parent in run_path.resolve().parents:
-        if not parent.is_relative_to(root) or not parent.is_dir() or any(parent.iterdir()):
-            break
-        parent.rmdir()
 
 
 def build(cfg: DictConfig, cache: dict | None = None) -> tuple[str, Any, Any, Any, Any]:
@@ -166,14 +137,7 @@ def shared_gen0_path(run_path: Path, config: dict[str, Any]) -> Path:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _simulate(cfg: DictConfig) -> None:
-    run_path = Path(HydraConfig.get().runtime.output_dir)
-    made_now = run_path.is_dir() and not any(run_path.iterdir())  # hydra made it for this call
-    try:
-        summary = run_config(cfg, run_path)
-    except USER_ERRORS as e:
-        if made_now:
-            discard(run_path, Path(os.path.expanduser(str(cfg.run_root))))
-        fail(str(e))
+    run_path, summary = entry.job(cfg, run_config, USER_ERRORS)
     log.info("%s: %s", run_path, strict_json.dumps(summary))
 
 
@@ -191,66 +155,24 @@ def _validate(cfg: DictConfig) -> None:
 
 
 def preflight(args: list[str]) -> None:
-    """Compose, validate and build every job of the sweep before hydra creates anything.
-
-    The sweep is the command line's and the experiment config's (hydra.sweeper.params). Hydra reports
-    its own errors (bad override syntax, unknown keys or groups) on several lines with exit code 1, and
-    only after it has made output directories; checking here first gives every mistake -- of any job
-    of a sweep -- one line and exit code 2, with nothing written.
-    """
-    try:
-        check_jobs(args, "config", build)
-    except USER_ERRORS as e:
-        fail(str(e))
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a SLURM preemption, `kill`): ends the run like Ctrl-C, with its own exit code."""
-
-
-@contextlib.contextmanager
-def stoppable() -> Iterator[None]:
-    """Ctrl-C and SIGTERM end the command with one line on stderr (exit 130 / 143), not a traceback.
-
-    Nothing is lost that a rerun needs: committed generations, sample shards and fit checkpoints are
-    written atomically, so the same command resumes from them.
-    """
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-        print(f"{what}: what was committed is kept; run the same command again to resume", file=sys.stderr)
-        sys.exit(code)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    """Compose, validate and build every job of the sweep before hydra creates anything (entry.preflight)."""
+    entry.preflight(args, "config", build, USER_ERRORS)
 
 
 def simulate() -> None:
     """Console entry point of `simulate`."""
-    with stoppable():
-        if not any(a in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--info")
-                   for a in sys.argv[1:]):  # fmt: skip
-            preflight(sys.argv[1:])
-        _simulate()
+    entry.console(_simulate, "config", build, USER_ERRORS)
 
 
-class SweepReport(Callback):
+class SweepReport(entry.SweepCallback):
     """Hydra callback: after a multirun, draw the regime comparison and summary table in the sweep dir."""
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+    def report(self, config: DictConfig, sweep: Path, runs: list[Path]) -> str:
         from simulator import report
 
-        sweep = Path(config.hydra.sweep.dir)
-        runs = [p.parent for p in sorted(sweep.glob("*/results.jsonl"))]
-        if runs:
-            metrics = [config.eval.stability_metric, *config.eval.get("report_metrics", [])]
-            out = report.report(runs, sweep / "figures", metric=[m for m in metrics if m])
-            print(f"comparison figure and table: {out}")
+        metrics = [config.eval.stability_metric, *config.eval.get("report_metrics", [])]
+        out = report.report(runs, sweep / "figures", metric=[m for m in metrics if m])
+        return f"comparison figure and table: {out}"
 
 
 def simulate_report(argv: list[str] | None = None) -> None:

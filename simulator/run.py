@@ -102,8 +102,11 @@ class RunDir:
     MANIFEST = "manifest.json"  # checksums of a gen dir's files, written inside it before the rename
     SCRATCH = ("fit_state.pt", "fit.json")  # resume aids inside gen_XXX.tmp, dropped at commit
 
-    def __init__(self, path: str | Path, durable: bool = True, writer: bool = True):
+    def __init__(self, path: str | Path, durable: bool = True, writer: bool = True, key: str = "generation"):
         self.path = Path(path)
+        # key: the row key holding the index t of gen_XXX -- a loop's generation; a contamination grid
+        # commits one cell per directory and names it "cell"
+        self.key = key
         # durable: fsync every commit, so a generation survives a machine crash, not only a killed
         # process (a rename is atomic either way; without fsync a crash may lose the last commits)
         self.durable = durable
@@ -238,7 +241,7 @@ class RunDir:
             status = state.get("status") if state.get("last_generation") == t else None
             status = status or ("diverged" if row.get("status") == "diverged" else "running")
             m = {"generation": t, "status": status, "row": strict_row(row), "files": files}
-        if m["generation"] != t or m["row"].get("generation") != t:
+        if m["generation"] != t or m["row"].get(self.key) != t:
             return None
         return {**m, "rewrite": why}
 

@@ -194,7 +194,8 @@ CONTAMINATE = [
     (["control.severity=9"], "control.severity: must be an integer in 1..5"),
     (["eval.shifts=[nope]"], "eval.shifts: unknown shift 'nope'"),
     (["+modes.nope=[0.5]"], "modes.nope: unknown key"),
-    (["modes.replace=[1.5]"], "modes.replace"),
+    (["modes.replace=[1.5]"], "modes.replace: renamed to modes.substitute"),
+    (["modes.substitute=[1.5]"], "modes.substitute: alpha must be a number in [0, 1], got 1.5"),
     (["-m", "classifier.lr=0.001,-1"], "classifier.lr: must be a finite number > 0, got -1"),
 ]
 

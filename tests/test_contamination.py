@@ -50,7 +50,7 @@ def build(mode: str, ratio: float, seed: int = 0):
     return mix(mode, ratio, REAL_POOL, orders(REAL_POOL, seed), extra, orders(extra, seed + 100))
 
 
-@pytest.mark.parametrize("mode", ["replace", "control", "generations"])
+@pytest.mark.parametrize("mode", ["substitute", "control", "generations"])
 @pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 0.7, 1.0])
 def test_replacement_keeps_size_and_replaces_round_alpha_n_per_class(mode, alpha):
     m = build(mode, alpha)
@@ -70,9 +70,9 @@ def test_replacement_keeps_size_and_replaces_round_alpha_n_per_class(mode, alpha
 
 def test_counts_round_the_written_ratio_not_its_float_product():
     assert 0.7 * 45 < 31.5  # the float product falls just short of the half
-    assert extra_per_class("replace", 0.7, [45]) == [32]
+    assert extra_per_class("substitute", 0.7, [45]) == [32]
     assert extra_per_class("augment", 0.5, [3, 5]) == [2, 3]  # halves round up, not to even
-    assert extra_per_class("replace", 0.1, [15]) == [2]  # 1.5 -> 2
+    assert extra_per_class("substitute", 0.1, [15]) == [2]  # 1.5 -> 2
 
 
 @pytest.mark.parametrize("r", [0.0, 0.5, 1.0, 2.0])
@@ -84,7 +84,7 @@ def test_augment_adds_round_r_n_per_class(r):
     assert per_class(m, GENERATED) == k
 
 
-@pytest.mark.parametrize("mode", ["replace", "augment", "control"])
+@pytest.mark.parametrize("mode", ["substitute", "augment", "control"])
 def test_no_image_appears_twice(mode):
     for ratio in (0.3, 1.0):
         m = build(mode, ratio)
@@ -101,24 +101,24 @@ def test_split_real_is_stratified_and_disjoint():
     assert class_sizes(labels[keep], K) == [max(1, int(0.5 * n)) for n in SIZES]
 
 
-def test_replace_and_control_remove_the_same_real_images_and_nest_in_alpha():
+def test_substitute_and_control_remove_the_same_real_images_and_nest_in_alpha():
     kept = {}
-    for mode in ("replace", "control"):
+    for mode in ("substitute", "control"):
         for alpha in (0.5, 0.75):
             m = build(mode, alpha)
             kept[mode, alpha] = set(m.index[m.origin == REAL].tolist())
-    assert kept["replace", 0.5] == kept["control", 0.5]  # paired: only the substitutes differ
-    assert kept["replace", 0.75] < kept["replace", 0.5]  # a larger alpha replaces a superset
+    assert kept["substitute", 0.5] == kept["control", 0.5]  # paired: only the substitutes differ
+    assert kept["substitute", 0.75] < kept["substitute", 0.5]  # a larger alpha replaces a superset
 
 
 def test_another_seed_replaces_other_images():
-    a, b = build("replace", 0.5, seed=0), build("replace", 0.5, seed=1)
+    a, b = build("substitute", 0.5, seed=0), build("substitute", 0.5, seed=1)
     assert per_class(a, GENERATED) == per_class(b, GENERATED)
     assert set(a.index[a.origin == REAL].tolist()) != set(b.index[b.origin == REAL].tolist())
 
 
 def test_attributes_follow_their_rows():
-    m = build("replace", 0.5)
+    m = build("substitute", 0.5)
     assert torch.equal(m.attrs, m.images.view(-1) % 2)
 
 
@@ -127,17 +127,17 @@ def test_short_pool_is_a_clear_error():
     with pytest.raises(
         ContaminationError, match="generated pool holds 1 images of class 0, the cell needs 5"
     ):
-        mix("replace", 0.5, REAL_POOL, orders(REAL_POOL, 0), small, orders(small, 1))
+        mix("substitute", 0.5, REAL_POOL, orders(REAL_POOL, 0), small, orders(small, 1))
 
 
 @pytest.mark.parametrize(
     ("mode", "ratio", "message"),
     [
-        ("replace", -0.1, "alpha must be a number in \\[0, 1\\]"),
-        ("replace", 1.5, "alpha must be"),
+        ("substitute", -0.1, "alpha must be a number in \\[0, 1\\]"),
+        ("substitute", 1.5, "alpha must be"),
         ("control", 2, "alpha must be"),
         ("generations", float("nan"), "alpha must be"),
-        ("replace", True, "alpha must be"),
+        ("substitute", True, "alpha must be"),
         ("augment", -1, "r must be a finite number >= 0"),
         ("augment", float("inf"), "r must be"),
         ("nope", 0.5, "unknown contamination mode"),
@@ -152,9 +152,9 @@ def test_bad_ratios_are_clear_errors(mode, ratio, message):
 
 
 def test_plan_orders_cells_and_pool_needs_take_the_largest():
-    modes = {"replace": [0.0, 0.5], "augment": [2.0], "control": [1.0]}
+    modes = {"substitute": [0.0, 0.5], "augment": [2.0], "control": [1.0]}
     cells = plan(modes, [0, 1], [{"arch": "mlp", "steps": 5}], None, [])
-    assert cells[0] == Cell("reference", "replace", 0.0, 0)
+    assert cells[0] == Cell("reference", "substitute", 0.0, 0)
     assert [c.kind for c in cells].count("baseline") == 2
     assert len(cells) == 1 + 2 + (2 + 1 + 1) * 2
     need = pool_needs(cells, SIZES)

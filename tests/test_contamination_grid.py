@@ -74,11 +74,11 @@ def test_a_half_finished_grid_resumes_to_the_uninterrupted_result(tmp_path, monk
     cfg = config("contaminate/generator=run", f"generator.run_dir={loop}", "generator.samples=saved")
     cli.run_contaminate(cfg, tmp_path / "whole")
     whole = results(tmp_path / "whole")
-    assert [r["generation"] for r in whole] == list(range(5))
+    assert [r["cell"] for r in whole] == list(range(5))
     assert [(r["kind"], r["mode"], r["ratio"]) for r in whole] == [
-        ("reference", "replace", 0.0),
-        ("contaminated", "replace", 0.0),
-        ("contaminated", "replace", 0.5),
+        ("reference", "substitute", 0.0),
+        ("contaminated", "substitute", 0.0),
+        ("contaminated", "substitute", 0.5),
         ("contaminated", "augment", 1.0),
         ("contaminated", "control", 0.5),
     ]
@@ -99,7 +99,7 @@ def test_a_half_finished_grid_resumes_to_the_uninterrupted_result(tmp_path, monk
     with pytest.raises(RuntimeError, match="killed"):
         cli.run_contaminate(cfg, tmp_path / "resumed")
     part = tmp_path / "resumed"
-    assert [r["generation"] for r in results(part)] == [0, 1, 2] and (part / "gen_003.tmp").is_dir()
+    assert [r["cell"] for r in results(part)] == [0, 1, 2] and (part / "gen_003.tmp").is_dir()
     monkeypatch.setattr(grid.classifiers, "train_classifier", real_train)
     cli.run_contaminate(cfg, part)
     assert comparable(results(part)) == comparable(whole)
@@ -112,12 +112,44 @@ def test_a_half_finished_grid_resumes_to_the_uninterrupted_result(tmp_path, monk
     assert [p.name for p in report.draw([part], tmp_path / "figures")] == ["accuracy_vs_ratio.png"]
 
 
+def test_a_grid_of_an_earlier_version_is_reported_the_same_and_refused_to_resume_in_one_line(tmp_path):
+    """Earlier versions keyed the rows by "generation" (RunDir's loop key; the last one wrote "cell" too)
+    and named the substitute mode "replace": the report reads such a run as this version writes it; the
+    grid refuses to resume it (its cells.json names the old mode) with one line saying why."""
+    cfg = config("modes.substitute=[0.0]", "modes.augment=[]", "modes.control=[0.5]", "classifier.steps=5")
+    new = tmp_path / "new"
+    cli.run_contaminate(cfg, new)
+    rows = results(new)
+    assert [r["cell"] for r in rows] == [0, 1, 2] and not any("generation" in r for r in rows)
+    want = json.loads((new / "summary.json").read_text())["table"]
+    assert [t["cells"] for t in want] == [[0], [1], [2]]
+    for keys in (("generation",), ("generation", "cell")):
+        old = tmp_path / "_".join(keys)
+        shutil.copytree(new, old)
+        (old / "summary.json").unlink()
+        rows_then = [
+            {**{k: r["cell"] for k in keys}, **{k: v for k, v in r.items() if k != "cell"},
+             "mode": "replace" if r["mode"] == "substitute" else r["mode"]}
+            for r in rows
+        ]  # fmt: skip
+        (old / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_then))
+        then = yaml.safe_load((old / "config.yaml").read_text())
+        then["modes"] = {("replace" if m == "substitute" else m): v for m, v in then["modes"].items()}
+        (old / "config.yaml").write_text(yaml.safe_dump(then, sort_keys=False))
+        report.report([old], old / "figures")
+        assert json.loads((old / "summary.json").read_text())["table"] == want
+        with pytest.raises(RunError) as err:
+            cli.run_contaminate(cfg, old)
+        assert "written before contamination mode replace was renamed substitute" in str(err.value)
+        assert "\n" not in str(err.value)
+
+
 def test_generations_mode_walks_the_loop_run_and_falls_back_to_its_model(tmp_path):
     loop = fake_loop_run(tmp_path / "loop", model_only=(1,))
     cfg = config(
         "contaminate/generator=run",
         f"generator.run_dir={loop}",
-        "modes.replace=[]",
+        "modes.substitute=[]",
         "modes.augment=[]",
         "modes.control=[]",
         "modes.generations=[0.5]",
@@ -156,7 +188,7 @@ def test_a_generator_trained_on_the_spot_is_trained_once(tmp_path):
 
 
 def test_one_generator_per_class_trained_on_the_spot_or_read_from_one_loop_run_per_class(tmp_path):
-    tiny = ["modes.augment=[]", "modes.control=[]", "modes.replace=[1.0]"]
+    tiny = ["modes.augment=[]", "modes.control=[]", "modes.substitute=[1.0]"]
     cfg = config(
         "generator.per_class=true",
         "generator.steps=1",
@@ -194,8 +226,8 @@ SPOT = (
 
 
 def test_every_replicate_trains_its_own_generator_and_the_data_seed_stays_apart(tmp_path):
-    only_replace = ("modes.augment=[]", "modes.control=[]", "modes.replace=[0.0,1.0]", "seeds=[0,1]")
-    cfg = config(*SPOT, *only_replace)
+    only_substitute = ("modes.augment=[]", "modes.control=[]", "modes.substitute=[0.0,1.0]", "seeds=[0,1]")
+    cfg = config(*SPOT, *only_substitute)
     cli.run_contaminate(cfg, tmp_path / "own")
     rows = results(tmp_path / "own")
     gen = [r for r in rows if r["ratio"] == 1.0]
@@ -208,7 +240,7 @@ def test_every_replicate_trains_its_own_generator_and_the_data_seed_stays_apart(
     assert "generator training" in (tmp_path / "own" / "summary.md").read_text().splitlines()[0]
 
     # one generator shared by both replicates (generator.seed): the interval no longer covers it
-    cli.run_contaminate(config(*SPOT, *only_replace, "generator.seed=7"), tmp_path / "shared")
+    cli.run_contaminate(config(*SPOT, *only_substitute, "generator.seed=7"), tmp_path / "shared")
     shared = results(tmp_path / "shared")
     assert [r["gen_seed"] for r in shared if r["ratio"] == 1.0] == [7, 7]
     summary = json.loads((tmp_path / "shared" / "summary.json").read_text())
@@ -234,7 +266,7 @@ def test_loop_run_replicates_give_each_replicate_its_own_loop_run(tmp_path):
         "seeds=[3,4]",
         "modes.augment=[]",
         "modes.control=[]",
-        "modes.replace=[1.0]",
+        "modes.substitute=[1.0]",
     )
     cli.run_contaminate(cfg, tmp_path / "reps")
     rows = results(tmp_path / "reps")
@@ -272,7 +304,7 @@ def test_external_images_from_a_class_folder_or_an_npz_are_a_source(tmp_path):
         expected = np.asarray(img.convert("L").resize((8, 8), Image.Resampling.BICUBIC))
     assert torch.equal(first[0], torch.from_numpy(expected.copy()))
 
-    tiny = ("modes.augment=[]", "modes.control=[]", "modes.replace=[0.25]", "seeds=[0,1]")
+    tiny = ("modes.augment=[]", "modes.control=[]", "modes.substitute=[0.25]", "seeds=[0,1]")
     for source in ("folder", "gen.npz"):
         cfg = config("contaminate/generator=external", f"generator.path={tmp_path / source}", *tiny)
         cli.run_contaminate(cfg, tmp_path / f"run_{source}")
@@ -321,7 +353,7 @@ def test_the_loop_and_the_grid_read_the_same_coloured_digits_through_the_registr
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["modes.replace=[0.5,1.5]"], "modes.replace: alpha must be a number in [0, 1], got 1.5"),
+        (["modes.substitute=[0.5,1.5]"], "modes.substitute: alpha must be a number in [0, 1], got 1.5"),
         (["modes.control=[-0.2]"], "modes.control: alpha must be"),
         (["modes.augment=[-1]"], "modes.augment: r must be a finite number >= 0, got -1"),
         (
@@ -369,7 +401,7 @@ def test_the_default_control_is_plain_held_out_real_images_and_a_blurred_one_is_
 
 
 def test_a_reserve_too_small_for_the_control_is_refused_before_any_cell(tmp_path):
-    cfg = config("split.fraction=0.9", "modes.replace=[]", "modes.augment=[]", "modes.control=[1.0]")
+    cfg = config("split.fraction=0.9", "modes.substitute=[]", "modes.augment=[]", "modes.control=[1.0]")
     with pytest.raises(cli.ContaminationError, match="modes.control: alpha 1 needs .* held-out real images"):
         cli.run_contaminate(cfg, tmp_path / "short")
     assert not list((tmp_path / "short").glob("gen_*"))
@@ -410,8 +442,8 @@ def test_the_cifar10_configuration_runs_a_two_cell_smoke_grid_on_cpu(tmp_path, s
     cli.run_contaminate(cfg, tmp_path / "cifar")
     rows = results(tmp_path / "cifar")
     assert [(r["kind"], r["mode"], r["ratio"]) for r in rows] == [
-        ("reference", "replace", 0.0),
-        ("contaminated", "replace", 0.5),
+        ("reference", "substitute", 0.0),
+        ("contaminated", "substitute", 0.5),
     ]
     assert rows[0]["arch"] == "resnet18" and rows[1]["n_generated"] + rows[1]["n_real"] == rows[0]["n_train"]
     assert abs(rows[1]["n_generated"] - rows[0]["n_train"] / 2) <= 5  # round(n_y / 2) per class

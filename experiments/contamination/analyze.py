@@ -1,12 +1,13 @@
 """Print the numbers behind the contamination findings, from run directories alone; copy the figures.
 
-    python experiments/contamination/analyze.py replace RUN         # accuracy vs alpha, generated vs control
+    python experiments/contamination/analyze.py substitute RUN      # accuracy vs alpha, generated vs control
     python experiments/contamination/analyze.py robustness RUN      # effective robustness per mode and ratio
     python experiments/contamination/analyze.py bias RUN [RUN ...]  # bias per generation (a run per loop)
     python experiments/contamination/analyze.py figures NAME RUN... # -> figures/contamination_NAME_*.png
 
-Means are over seeds with a 95% Student-t half-width; "paired" differences are taken seed by seed (replace
-and its control remove the same real images and train from the same initialisation).
+Means are over seeds with a 95% Student-t half-width; "paired" differences are taken seed by seed
+(substitute and its control remove the same real images and train from the same initialisation). Runs of
+earlier versions read the same (simulator.contamination.report.load_rows).
 """
 
 from __future__ import annotations
@@ -17,21 +18,21 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from simulator.contamination.report import draw, mean_ci, run_label, with_robustness
-from simulator.report import load_run
+from simulator.contamination.report import draw, load_rows, real_only, run_label, with_robustness
+from simulator.stats import student_t_interval
 from simulator.strict_json import number  # null (not finite) -> NaN
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rows(run: Path) -> tuple[dict, list[dict[str, Any]], dict]:
-    config, rows = load_run(run)
+    config, rows = load_rows(run)
     rows, fits = with_robustness([r for r in rows if r.get("status") == "ok"])
     return config, rows, fits
 
 
 def _cell(values: list[float]) -> str:
-    m, h = mean_ci(values)
+    m, h, _ = student_t_interval(values)
     return f"{m:.4f} ± {h:.4f}" if m == m else "-"
 
 
@@ -46,17 +47,17 @@ def _by(rows: list[dict], mode: str, ratio: float, gen_t: Any = "any") -> dict[i
     }
 
 
-def replace(run: Path) -> None:
+def substitute(run: Path) -> None:
     """Clean accuracy vs alpha with generated and with the control's real substitutes; their paired gap."""
     config, rows, _ = _rows(run)
     shift = (config.get("control") or {}).get("shift")
     control = f"held-out real, {shift}" if shift else "held-out real"
-    alphas = sorted({r["ratio"] for r in rows if r.get("mode") in ("replace", "control")})
-    print(f"## {run}\n\n| alpha | replace (generated) | control ({control}) | replace - control, paired |")
-    print("|---|---|---|---|")
-    zero = _by(rows, "replace", 0.0)
+    alphas = sorted({r["ratio"] for r in rows if r.get("mode") in ("substitute", "control")})
+    print(f"## {run}\n\n| alpha | substitute (generated) | control ({control}) | "
+          "substitute - control, paired |\n|---|---|---|---|")  # fmt: skip
+    zero = _by(rows, "substitute", 0.0)
     for a in alphas:
-        gen = _by(rows, "replace", a)
+        gen = _by(rows, "substitute", a)
         ctl = _by(rows, "control", a) if a > 0 else zero
         diff = [number(gen[s].get("acc_clean")) - number(ctl[s].get("acc_clean")) for s in gen if s in ctl]
         print(
@@ -91,8 +92,8 @@ def robustness(run: Path) -> None:
     print(f"baselines: effective robustness {_cell(base)} (0 by construction of the fit, on average)\n")
     print("| mode | ratio | clean | mean shifted | effective robustness | ER - ER(real only), paired |")
     print("|---|---|---|---|---|---|")
-    zero = _by(rows, "replace", 0.0)
-    for mode in ("replace", "augment", "control"):
+    zero = _by(rows, "substitute", 0.0)
+    for mode in ("substitute", "augment", "control"):
         for ratio in sorted(
             {r["ratio"] for r in rows if r.get("mode") == mode and r.get("kind") == "contaminated"}
         ):
@@ -132,9 +133,7 @@ def bias(runs: list[Path]) -> None:
     """Bias metrics per generator generation and alpha (mean ± 95% over seeds), one table per run."""
     for run in runs:
         config, rows, _ = _rows(run)
-        real = [
-            r for r in rows if r.get("kind") == "contaminated" and r["mode"] == "replace" and r["ratio"] == 0
-        ]
+        real = real_only(rows)
         print(f"## {run_label(run, config)} ({run})\n")
         print("| alpha | generation | " + " | ".join(BIAS) + " |")
         print("|---|---|" + "---|" * len(BIAS))
@@ -164,8 +163,8 @@ def figures(name: str, runs: list[Path]) -> None:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    if command == "replace":
-        replace(Path(args[0]))
+    if command == "substitute":
+        substitute(Path(args[0]))
     elif command == "robustness":
         robustness(Path(args[0]))
     elif command == "bias":
@@ -173,4 +172,4 @@ if __name__ == "__main__":
     elif command == "figures":
         figures(args[0], [Path(a) for a in args[1:]])
     else:
-        sys.exit(f"unknown command {command!r}; use replace, robustness, bias or figures")
+        sys.exit(f"unknown command {command!r}; use substitute, robustness, bias or figures")

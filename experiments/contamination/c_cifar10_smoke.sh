@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Experiment (c): the CIFAR-10 configuration (configs/contaminate/experiment/cifar10.yaml, meant for one
-# GPU) as a 2-cell CPU smoke run: reference ResNet-18 + replace alpha = 0.5, tiny subsets and steps.
+# GPU) as a 2-cell CPU smoke run: reference ResNet-18 + substitute alpha = 0.5, tiny subsets and steps.
 # CIFAR_ROOT must hold cifar-10-batches-py/ (default: the team's ../shared/data).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

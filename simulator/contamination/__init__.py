@@ -1,6 +1,6 @@
 """Downstream contamination paths: classifiers trained on real data mixed with generated images.
 
-- mixing.py      training sets per mode: replace, augment, control (control), generations
+- mixing.py      training sets per mode: substitute, augment, control, generations (not loop policies)
 - classifiers.py the downstream classifiers (MLP, CNN, ResNet-18) and their training
 - shifts.py      shifted test sets (the CIFAR-10-C corruptions at their published severities)
 - bias.py        bias metrics of classifiers and generators on attribute-labelled data

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import options, registry, strict_json
-from simulator.cli import CONFIG_DIR, discard, fail
+from simulator import entry, options, registry, strict_json
 from simulator.config import ConfigError, check_bool, check_choice, check_float, check_int, check_name
 from simulator.contamination import classifiers, grid, report, shifts
-from simulator.contamination.mixing import MODES, ContaminationError, check_ratio
+from simulator.contamination.mixing import MODES, RENAMED, ContaminationError, check_ratio
 from simulator.contamination.robustness import MIN_POINTS
 from simulator.contamination.sources import (
     KINDS,
@@ -33,12 +30,12 @@ from simulator.contamination.sources import (
     pick_generation,
 )
 from simulator.data.base import Dataset
-from simulator.preflight import cached, check_jobs, check_run_root
+from simulator.entry import CONFIG_DIR
+from simulator.preflight import cached, check_run_root
 from simulator.run import RunDir, RunError
 
 CONFIG_NAME = "contaminate"
-RENAMED = {"real_shifted": "control"}  # old mode names -> new
-USER_ERRORS = (ConfigError, RunError, ContaminationError)
+USER_ERRORS = (*entry.USER_ERRORS, ContaminationError)
 # classifier keys' types (their bounds: simulator.options.BOUNDS); arch, optimizer, augment: validate()
 CLASSIFIER_TYPES = {"steps": int, "batch_size": int, "lr": float, "weight_decay": float, "width": int,
                     "seed": int | None}  # fmt: skip
@@ -326,7 +323,8 @@ def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     config = _plain(cfg)
-    with RunDir(run_path) as run:
+    check_mode_names(run_path)
+    with RunDir(run_path, key="cell") as run:
         run.check_config(config)
         rows = grid.run_grid(
             run,
@@ -345,50 +343,58 @@ def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     return summary
 
 
+def check_mode_names(run_path: Path) -> None:
+    """Refuse in one line to resume a grid whose config.yaml names a mode by its earlier name (its cells.json
+    and rows say e.g. replace where this version says substitute); simulate-report still reads it."""
+    try:
+        modes = (yaml.safe_load((run_path / "config.yaml").read_text()) or {}).get("modes") or {}
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):  # absent or damaged: RunDir says so
+        return
+    old = [m for m in modes if m in RENAMED] if isinstance(modes, dict) else []
+    if old:
+        raise RunError(
+            f"run directory {run_path} was written before contamination mode {old[0]} was renamed "
+            f"{RENAMED[old[0]]}; simulate-report still reads it; run the grid in another directory"
+        )
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    run_path = Path(HydraConfig.get().runtime.output_dir)
-    made_now = run_path.is_dir() and not any(run_path.iterdir())  # hydra made it for this call
-    try:
-        summary = run_contaminate(cfg, run_path)
-    except USER_ERRORS as e:
-        if made_now:
-            discard(run_path, Path(os.path.expanduser(str(cfg.run_root))))
-        fail(str(e))
+    run_path, summary = entry.job(cfg, run_contaminate, USER_ERRORS)
     log.info(
         "%s: %s", run_path, strict_json.dumps({k: summary[k] for k in ("cells", "status") if k in summary})
     )
 
 
+def check_overrides(args: list[str]) -> None:
+    """A command line that sets a mode by its earlier name (modes.replace=...): one line naming today's.
+    Hydra would only say that the key is not in the config."""
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("~+")
+        mode = key[len("modes.") :] if key.startswith("modes.") else None
+        if mode in RENAMED:
+            raise ConfigError(f"modes.{mode}: renamed to modes.{RENAMED[mode]}")
+
+
+def _build(cfg: DictConfig, cache: dict) -> Any:
+    return build(cfg, None, cache)
+
+
 def preflight(args: list[str]) -> None:
-    """Compose, validate and build every job of the sweep before hydra makes anything (as simulator.cli)."""
-    try:
-        check_jobs(args, CONFIG_NAME, lambda cfg, cache: build(cfg, None, cache))
-    except USER_ERRORS as e:
-        fail(str(e))
+    """Compose, validate and build every job of the sweep before hydra makes anything (entry.preflight)."""
+    entry.preflight(args, CONFIG_NAME, _build, USER_ERRORS, check_overrides)
 
 
 def simulate_contaminate() -> None:
     """Console entry point of `simulate-contaminate`."""
-    from simulator.cli import stoppable
-
-    with stoppable():
-        if not any(
-            a in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c") or a.startswith("--info")
-            for a in sys.argv[1:]
-        ):
-            preflight(sys.argv[1:])
-        _main()
+    entry.console(_main, CONFIG_NAME, _build, USER_ERRORS, check_overrides)
 
 
-class SweepReport(Callback):
+class SweepReport(entry.SweepCallback):
     """Hydra callback: after a contamination multirun, draw the figures over all its runs."""
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep = Path(config.hydra.sweep.dir)
-        runs = [p.parent for p in sorted(sweep.glob("*/results.jsonl"))]
-        if runs:
-            print(f"contamination figures: {report.draw(runs, sweep / 'figures')}")
+    def report(self, config: DictConfig, sweep: Path, runs: list[Path]) -> str:
+        return f"contamination figures: {report.draw(runs, sweep / 'figures')}"
 
 
 if __name__ == "__main__":

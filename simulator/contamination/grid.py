@@ -7,7 +7,7 @@
         row_i = accuracy on clean and shifted test sets, bias metrics, generator statistics
         commit(i)                                           # gen_XXX/ = cell XXX; results.jsonl row
 
-Cell i lives in RunDir's gen_{i:03d}/ and its row's "generation" key is i (RunDir's resume key); the
+Cell i lives in RunDir's gen_{i:03d}/ (a RunDir keyed by "cell") and its row's "cell" key is i; the
 generator generation a cell's images come from is "gen_t". Cell 0 is the reference: the standard
 real-trained classifier, whose weights are kept to score generated images and see their classes.
 """
@@ -52,7 +52,7 @@ class Cell:
     """One classifier to train: what data (mode, ratio, generator generation) and which replicate seed."""
 
     kind: str  # "reference" (real only, the main classifier), "baseline" (real only) or "contaminated"
-    mode: str  # a mixing mode; reference and baselines are replace at ratio 0
+    mode: str  # a mixing mode; reference and baselines are substitute at ratio 0
     ratio: float
     seed: int  # replicate seed
     classifier: tuple = ()  # (key, value) pairs overriding the main classifier config (baselines)
@@ -84,10 +84,10 @@ def plan(
     A contaminated cell of replicate s takes its generated images from generator replicate gen_seed(s): its
     own generator when every replicate trains one (so an interval over seeds covers generator variance).
     """
-    cells = [Cell("reference", "replace", 0.0, seeds[0])]
+    cells = [Cell("reference", "substitute", 0.0, seeds[0])]
     for spec in baselines:
         for s in seeds:
-            cell = Cell("baseline", "replace", 0.0, s, tuple(sorted(spec.items())))
+            cell = Cell("baseline", "substitute", 0.0, s, tuple(sorted(spec.items())))
             if cell not in cells:
                 cells.append(cell)
     for mode in MODES:
@@ -250,7 +250,7 @@ def generator_stats(pool: Pool, reference: torch.nn.Module, setup: Setup) -> dic
 
 
 def run_grid(
-    run: RunDir,  # contamination run directory, already locked and config-checked
+    run: RunDir,  # contamination run directory (RunDir(path, key="cell")), locked and config-checked
     setup: Setup,  # the real data (prepare)
     cells: list[Cell],  # plan(...)
     source: GeneratorSource | None,  # generated images (None when no cell needs them)
@@ -321,7 +321,6 @@ def run_grid(
             **{k: opts[k] for k in TRAIN_KEYS if k in opts},
         )
         row: dict[str, Any] = {
-            "generation": i,
             "cell": i,
             "status": "ok",
             **cell.describe(),

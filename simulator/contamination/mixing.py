@@ -1,7 +1,9 @@
 """Classifier training sets for each contamination mode, built from index sets over labelled pools.
 
-- replace (Hataya et al. 2023) and generations: in each class y, k_y = round(alpha * n_y) of the n_y real
-  images are replaced by generated images of class y; the set keeps its size and class proportions.
+- substitute (Hataya et al. 2023) and generations: in each class y, k_y = round(alpha * n_y) of the n_y
+  real images are replaced by generated images of class y; the set keeps its size and class proportions.
+  (Hataya et al. call it "replace"; the mode is named substitute so it is not read as the loop policy
+  `replace`, fully synthetic retraining, which is another thing.)
 - control (Hataya et al.'s control): the same k_y real images are replaced by held-out real images of
   class y (the reserve) instead of generated ones -- plain by default, or passed through a corruption
   (control.shift) for a shifted real source.
@@ -9,7 +11,7 @@
 
 round(x) is floor(x + 1/2). Which images are replaced or added is fixed by per-class random orders drawn
 once per replicate seed: the first k_y of a class's order. So the replaced real images are nested across
-alpha (alpha = 0.5 replaces a subset of what alpha = 0.75 replaces), and replace and its control remove
+alpha (alpha = 0.5 replaces a subset of what alpha = 0.75 replaces), and substitute and its control remove
 the very same real images -- paired comparisons, where only the substitute differs.
 """
 
@@ -21,8 +23,9 @@ from fractions import Fraction
 
 import torch
 
-MODES = ("replace", "augment", "control", "generations")
-FRACTION_MODES = ("replace", "control", "generations")  # ratio = alpha in [0, 1]
+MODES = ("substitute", "augment", "control", "generations")
+FRACTION_MODES = ("substitute", "control", "generations")  # ratio = alpha in [0, 1]
+RENAMED = {"replace": "substitute", "real_shifted": "control"}  # earlier mode names -> today's
 REAL, GENERATED, HELDOUT = 0, 1, 2  # origin codes of a Mixture's rows
 
 
@@ -61,6 +64,8 @@ class Mixture:
 
 def check_ratio(mode: str, ratio: float) -> float:
     """The ratio as a float; a one-line error when it is outside what the mode allows."""
+    if mode in RENAMED:
+        raise ContaminationError(f"contamination mode {mode!r} is renamed {RENAMED[mode]!r}")
     if mode not in MODES:
         raise ContaminationError(f"unknown contamination mode {mode!r}; known: {', '.join(MODES)}")
     bad = isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio != ratio
@@ -133,7 +138,7 @@ def mix(
     ratio: float,
     real: Pool,
     real_order: list[torch.Tensor],  # class_orders(real.labels): the first k_y are the replaced ones
-    extra: Pool | None = None,  # generated pool (replace, augment, generations) or held-out reserve
+    extra: Pool | None = None,  # generated pool (substitute, augment, generations) or held-out reserve
     extra_order: list[torch.Tensor] | None = None,
 ) -> Mixture:
     """The training set of one cell: real rows kept plus the extra rows that replace or augment them."""

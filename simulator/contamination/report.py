@@ -2,7 +2,10 @@
 
 summarize: effective robustness (fit over the run's real-only classifiers) added to every cell, then one
   table row per (kind, mode, ratio, generator generation, classifier) with the mean over seeds and a 95%
-  Student-t half-width: summary.json / summary.csv / summary.md.
+  Student-t half-width (simulator.stats): summary.json (with the cells of each row) / summary.csv /
+  summary.md.
+load_rows: a run's rows as this version writes them; rows of earlier versions (the cell index under
+  "generation", mode "replace" for substitute) are read too.
 draw: accuracy vs ratio per mode with the held-out real control (bands over seeds); the effective
   robustness scatter in logit axes with the baseline fit; bias metrics vs generator generation.
 """
@@ -20,6 +23,7 @@ from typing import Any
 import yaml
 
 from simulator import strict_json
+from simulator.contamination.mixing import RENAMED
 from simulator.contamination.robustness import add_effective_robustness, logit, predicted
 from simulator.report import _plt, load_run
 from simulator.stats import student_t_interval
@@ -90,10 +94,28 @@ def is_contamination_run(path: Path) -> bool:
     return isinstance(config, dict) and config.get("task") == "contaminate"
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and 95% Student-t half-width (0 for a single value) of the finite values."""
-    m, half, _ = student_t_interval(values)
-    return m, half
+def upgrade(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as this version writes it: the cell index under "cell" (earlier versions wrote it under
+    "generation", RunDir's loop key, or under both) and the mode by its name today (replace -> substitute)."""
+    row = dict(row)
+    if "generation" in row:
+        cell = row.pop("generation")
+        row.setdefault("cell", cell)
+    if row.get("mode") in RENAMED:
+        row["mode"] = RENAMED[row["mode"]]
+    return row
+
+
+def load_rows(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(config, rows) of a contamination run directory, rows upgraded (any version's run reads the same)."""
+    config, rows = load_run(path)
+    return config, [upgrade(r) for r in rows]
+
+
+def real_only(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The grid's real-only contaminated cells (substitute at alpha = 0): every mode's ratio-0 anchor."""
+    return [r for r in rows if r.get("kind") == "contaminated" and r.get("mode") == "substitute"
+            and r.get("ratio") == 0]  # fmt: skip
 
 
 def interval_covers(config: dict[str, Any]) -> list[str]:
@@ -127,10 +149,11 @@ def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         first = members[0]
         entry: dict[str, Any] = {k: first.get(k) for k in GROUP_KEYS if first.get(k) is not None}
         entry["seeds"] = len(members)
+        entry["cells"] = [r.get("cell") for r in members]
         per_shift = [k for k in dict.fromkeys(k for r in members for k in r) if k.startswith(("acc_", "er_"))]
         for m in dict.fromkeys([*METRICS, *sorted(per_shift)]):  # accuracy and ER per shift too
             if any(r.get(m) is not None for r in members):
-                entry[m], entry[f"{m}_ci"] = mean_ci([r.get(m) for r in members])
+                entry[m], entry[f"{m}_ci"], _ = student_t_interval([r.get(m) for r in members])
         out.append(entry)
     return out
 
@@ -167,9 +190,9 @@ def summarize(run_path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     (run_path / "summary.json").write_text(
         strict_json.dumps(strict_json.strict_row(summary), indent=1, default=str)
     )
-    cols = list(dict.fromkeys(k for t in tab for k in t))
+    cols = [k for k in dict.fromkeys(k for t in tab for k in t) if k != "cells"]  # (summary.json has them)
     with open(run_path / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols)
+        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(tab)
     main = [c for c in cols if not c.endswith("_ci")]
@@ -208,7 +231,7 @@ def _curve(rows: list[dict[str, Any]], metric: str, x_key: str = "ratio") -> tup
         if r.get(metric) is not None and r.get(x_key) is not None:
             groups[r[x_key]].append(r[metric])
     xs = sorted(groups)
-    stats = [mean_ci(groups[x]) for x in xs]
+    stats = [student_t_interval(groups[x]) for x in xs]
     return xs, [s[0] for s in stats], [s[1] for s in stats]
 
 
@@ -226,9 +249,9 @@ def _band(ax: Any, xs: list, mean: list, half: list, label: str, style: str = "-
 
 
 def _accuracy_figure(loaded: list, out: Path, plt: Any) -> Path | None:
-    """Clean (solid) and mean shifted (dashed) accuracy vs alpha (replace, control) and vs r (augment)."""
+    """Clean (solid) and mean shifted (dashed) accuracy vs alpha (substitute, control) and vs r (augment)."""
     if not any(
-        r.get("mode") in ("replace", "augment", "control")
+        r.get("mode") in ("substitute", "augment", "control")
         and r.get("kind") == "contaminated"
         and r.get("ratio", 0) > 0
         for _, _, rows, _ in loaded
@@ -239,16 +262,16 @@ def _accuracy_figure(loaded: list, out: Path, plt: Any) -> Path | None:
     for path, config, rows, _ in loaded:
         prefix = f"{run_label(path, config)}: " if len(loaded) > 1 else ""
         cont = [r for r in rows if r.get("kind") == "contaminated"]
-        zero = [r for r in cont if r["mode"] == "replace" and r["ratio"] == 0]  # alpha = r = 0: real only
-        for ax, modes in ((axes[0], ("replace", "control")), (axes[1], ("augment",))):
+        zero = real_only(rows)  # alpha = r = 0
+        for ax, modes in ((axes[0], ("substitute", "control")), (axes[1], ("augment",))):
             for mode in modes:
                 sel = [r for r in cont if r["mode"] == mode] + [
-                    dict(r, mode=mode) for r in zero if mode != "replace"
+                    dict(r, mode=mode) for r in zero if mode != "substitute"
                 ]
                 if not [r for r in sel if r["ratio"] > 0]:
                     continue
                 label = {
-                    "replace": "generated (replace)",
+                    "substitute": "generated (substitute)",
                     "control": "held-out real (control)",
                     "augment": "real + generated (augment)",
                 }[mode]
@@ -267,7 +290,7 @@ def _accuracy_figure(loaded: list, out: Path, plt: Any) -> Path | None:
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
         _legend(ax)
-    axes[0].set_title("replace vs the held-out real control (95% bands over seeds)", fontsize=9)
+    axes[0].set_title("substitute vs the held-out real control (95% bands over seeds)", fontsize=9)
     axes[1].set_title("augment", fontsize=9)
     fig.tight_layout()
     path = out / "accuracy_vs_ratio.png"
@@ -301,10 +324,8 @@ def _robustness_figure(loaded: list, out: Path, plt: Any) -> Path | None:
             lw=1,
             label=f"fit: w={fit[0]:.2f}, b={fit[1]:.2f}",
         )
-        zero = [
-            r for r in rows if r.get("kind") == "contaminated" and r["mode"] == "replace" and r["ratio"] == 0
-        ]
-        for mode in ("replace", "augment", "control", "generations"):
+        zero = real_only(rows)
+        for mode in ("substitute", "augment", "control", "generations"):
             sel = [
                 r for r in rows if r.get("kind") == "contaminated" and r["mode"] == mode and r["ratio"] > 0
             ]
@@ -355,11 +376,9 @@ def _bias_figure(loaded: list, out: Path, plt: Any) -> Path | None:
         squeeze=False,
     )
     rows = loaded[0][2]
-    real_only = [
-        r for r in rows if r.get("kind") == "contaminated" and r["mode"] == "replace" and r["ratio"] == 0
-    ]
+    zero = real_only(rows)
     reference = {  # what real data gives, drawn as a dashed line: the level a generation is compared with
-        **{m: mean_ci([r.get(m) for r in real_only])[0] for m in panels if not m.startswith("gen_")},
+        **{m: student_t_interval([r.get(m) for r in zero])[0] for m in panels if not m.startswith("gen_")},
         "gen_aligned_frac": next((r["real_aligned_frac"] for r in rows if r.get("real_aligned_frac")), None),
         "gen_ref_acc": next((r["acc_clean"] for r in rows if r.get("kind") == "reference"), None),
     }
@@ -387,7 +406,7 @@ def draw(runs: list[Path], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     loaded = []
     for p in runs:
-        config, rows = load_run(p)
+        config, rows = load_rows(p)
         rows, fits = with_robustness([r for r in rows if r.get("status") == "ok"])
         loaded.append((p, config, rows, fits))
     plt = _plt()
@@ -402,6 +421,6 @@ def draw(runs: list[Path], out: Path) -> list[Path]:
 def report(runs: list[Path], out: Path) -> Path:
     """simulate-report's entry for contamination runs: summaries per run and the figures over all of them."""
     for p in runs:
-        summarize(p, load_run(p)[1])
+        summarize(p, load_rows(p)[1])
     draw(runs, out)
     return out

@@ -268,7 +268,7 @@ class GeneratorSource:
         return len({self.gen_seed(s) for s in self.seeds}) == len(self.seeds) > 1
 
     def default_generation(self) -> int | None:
-        """The generation replace/augment cells use: None for a generator trained on the spot or external."""
+        """The generation substitute/augment cells use: None for a spot-trained or external generator."""
         if self.kind != "run":
             return None
         return pick_generation(self.spec.get("generation", "last"), self.committed, "generator.generation")
