@@ -196,6 +196,8 @@ CONTAMINATE = [
     (["+modes.nope=[0.5]"], "modes.nope: unknown key"),
     (["modes.replace=[1.5]"], "modes.replace: renamed to modes.substitute"),
     (["modes.substitute=[1.5]"], "modes.substitute: alpha must be a number in [0, 1], got 1.5"),
+    (["eval.shifts=[cifar10c:fog:3]"], "eval.cifar10c_root: cifar10c:fog needs its folder"),
+    (["eval.shifts=[cifar10.1]", "eval.cifar10_1_root={files}"], "cifar10.1_v6_data.npy: no such file"),
     (["-m", "classifier.lr=0.001,-1"], "classifier.lr: must be a finite number > 0, got -1"),
 ]
 

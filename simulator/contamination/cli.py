@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from simulator import entry, options, registry, strict_json
 from simulator.config import ConfigError, check_bool, check_choice, check_float, check_int, check_name
-from simulator.contamination import classifiers, grid, report, shifts
+from simulator.contamination import classifiers, grid, released, report, shifts
 from simulator.contamination.mixing import MODES, RENAMED, ContaminationError, check_ratio
 from simulator.contamination.robustness import MIN_POINTS
 from simulator.contamination.sources import (
@@ -108,7 +108,7 @@ def validate(cfg: DictConfig) -> None:
             f"eval.severity: must be an integer in 1..5 or a list of distinct ones, got {severity!r}"
         )
     for name in cfg.eval.shifts:
-        if name not in shifts.SHIFTS:
+        if name not in shifts.SHIFTS and not released.is_released(name):  # released: checked by build
             raise ConfigError(f"eval.shifts: unknown shift {name!r}; known: {', '.join(shifts.SHIFTS)}")
     baselines = _plain(cfg.eval.baselines) or []
     for i, b in enumerate(baselines):
@@ -211,8 +211,11 @@ def build(cfg: DictConfig, run_path: Path | None = None, cache: dict | None = No
         setup = cached(cache, ("setup", config["data"], *(config[k] for k in keys)), lambda: grid.prepare(
             data, seed=cfg.seed, split_fraction=cfg.split.fraction, control_shift=cfg.control.shift,
             control_severity=cfg.control.severity, shift_names=list(cfg.eval.shifts),
-            severity=_plain(cfg.eval.severity),
+            severity=_plain(cfg.eval.severity), cifar10c_root=cfg.eval.cifar10c_root,
+            cifar10_1_root=cfg.eval.cifar10_1_root,
         ))  # fmt: skip
+    except released.ReleasedError as e:  # a released test set missing, misnamed or of the wrong shape
+        raise ConfigError(str(e)) from None
     except ValueError as e:  # a shift the images cannot take (grayscale of 1-channel digits)
         raise ConfigError(f"eval.shifts: {e}") from None
     shape = tuple(setup.test.images.shape[1:])

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from simulator import seeding
-from simulator.contamination import bias, classifiers, shifts
+from simulator.contamination import bias, classifiers, released, shifts
 from simulator.contamination.mixing import (
     GENERATED,
     HELDOUT,
@@ -116,12 +116,13 @@ class Setup:
     real: Pool  # the classifier's real training split
     reserve: Pool  # held-out real images after the control shift (the control substitutes)
     test: Pool
-    test_sets: dict[str, torch.Tensor]  # shift name -> shifted copy of test.images
+    test_sets: dict[str, torch.Tensor]  # shift name -> shifted copy of test.images, or a released test set
     num_classes: int
     num_attrs: int = 0
     aligned: torch.Tensor | None = None
     attribute_of: Any = None
     sizes: list[int] = field(default_factory=list)  # real split's class sizes
+    test_labels: dict[str, torch.Tensor] = field(default_factory=dict)  # released sets' own labels
 
 
 def prepare(
@@ -131,10 +132,13 @@ def prepare(
     split_fraction: float,
     control_shift: str | None,
     control_severity: int,
-    shift_names: list[str],
+    shift_names: list[str],  # computed shifts (shifts.SHIFTS) and released sets (released.is_released)
     severity: int | list[int],  # one severity, or a list: a test set per (shift, severity)
+    cifar10c_root: str | None = None,  # the released sets' folders (released.py)
+    cifar10_1_root: str | None = None,
 ) -> Setup:
-    """Split the real training images, shift the reserve and the test set; all from seed's streams."""
+    """Split the real training images, shift the reserve and the test set; all from seed's streams. The
+    released test sets named among shift_names are read from their folders, with their own labels."""
     if data.train_labels is None or data.test_labels is None:
         raise ContaminationError(
             "data: the contamination paths need a labelled source (train and test labels)"
@@ -151,11 +155,16 @@ def prepare(
     test_attrs = getattr(data, "test_attrs", None)
     test = Pool(data.test, data.test_labels.long(), test_attrs)
     images = data.test.dim() == 4
+    computed = [n for n in shift_names if not released.is_released(n)]
     sets = (
-        shifts.shifted_sets(data.test, shift_names, severity, seeding.generator(seed, "test-shifts"))
+        shifts.shifted_sets(data.test, computed, severity, seeding.generator(seed, "test-shifts"))
         if images
         else {}
     )
+    given = released.load_all(
+        shift_names, severity, cifar10c_root, cifar10_1_root, tuple(data.test.shape[1:]), num_classes
+    )
+    sets.update({name: x for name, (x, _) in given.items()})
     real = full.take(keep)
     return Setup(
         full=full,
@@ -168,6 +177,7 @@ def prepare(
         aligned=getattr(data, "aligned", None),
         attribute_of=getattr(data, "attribute_of", None),
         sizes=class_sizes(real.labels, num_classes),
+        test_labels={name: y for name, (_, y) in given.items()},
     )
 
 
@@ -217,7 +227,7 @@ def evaluate(net: torch.nn.Module, setup: Setup) -> tuple[dict[str, float], torc
     pred = classifiers.predict(net, setup.test.images)
     row = {"acc_clean": float((pred == setup.test.labels).double().mean())}
     for name, images in setup.test_sets.items():
-        row[f"acc_{name}"] = classifiers.accuracy(net, images, setup.test.labels)
+        row[f"acc_{name}"] = classifiers.accuracy(net, images, setup.test_labels.get(name, setup.test.labels))
     if setup.test_sets:
         row["acc_shift_mean"] = sum(row[f"acc_{n}"] for n in setup.test_sets) / len(setup.test_sets)
     return row, pred
