@@ -57,6 +57,15 @@ def _source_factories() -> dict[str, Callable[..., Any]]:
     return out
 
 
+def source_class(name: str) -> type:
+    """The class of data source name (its options: the constructor's, simulator.options.options_schema)."""
+    for module, (table, _) in SOURCE_MODULES.items():
+        classes = getattr(importlib.import_module(module), table)
+        if name in classes:
+            return classes[name]
+    raise KeyError(name)
+
+
 def family_class(name: str) -> type:
     """The class of family name (a key of FAMILIES)."""
     return _import(FAMILIES[name])
@@ -191,10 +200,7 @@ def make_policy(cfg: DictConfig) -> policies.Policy:
     """The data policy named by cfg.policy.name, built with the group's other keys as options."""
     options = {k: v for k, v in _options(cfg.policy).items() if k != "name"}
     cls = policies.POLICIES[cfg.policy.name]
-    if options.get("weight_real") is not None and not cls.weighted:
-        weighted = ", ".join(name for name, c in policies.POLICIES.items() if c.weighted)
-        raise ConfigError(f"policy.weight_real: only for policies with a real and a synthetic part "
-                          f"({weighted}), not {cfg.policy.name}")  # fmt: skip
+    # a non-null weight_real of a policy without a synthetic part is refused by config.check_policy
     options = {k: v for k, v in options.items() if k != "weight_real" or cls.weighted}
     from simulator.data.toy import TOY_SOURCES
 
