@@ -164,9 +164,7 @@ def check_guidance(cfg: DictConfig, data: Dataset | None = None) -> None:
     before any work, from the config alone (and the data when given): a resume checks it again, and its
     config.yaml must equal this config, so the saved model options are these."""
     opts = cfg.model.get("options") or {}
-    p = opts.get("label_dropout")
-    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))):
-        raise ConfigError(f"model.options.label_dropout: must be a number in [0, 1), got {p!r}")
+    p = opts.get("label_dropout")  # its type and range: config.validate (the family's options schema)
     family = cfg.model.family
     checkpoint = OmegaConf.select(cfg, "init.checkpoint", default=None)
     dropout_family = "label_dropout" in inspect.signature(_import(FAMILIES[family])).parameters
