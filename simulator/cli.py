@@ -19,7 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import entry, gaussian_stats_loop, options, registry, stability, strict_json
+from simulator import entry, gaussian_stats_loop, registry, stability, strict_json
 from simulator.config import validate
 from simulator.entry import CONFIG_DIR, fail
 from simulator.loop import generation_loop
@@ -142,11 +142,7 @@ def _simulate(cfg: DictConfig) -> None:
 
 
 def _validate(cfg: DictConfig) -> None:
-    options.check_known_keys(cfg, "config")
-    validate(cfg, families=sorted(registry.FAMILIES), sources=registry.source_names(),
-             policies=sorted(registry.policies.POLICIES), metrics=registry.metric_names())  # fmt: skip
-    options.check_model_options(cfg, registry.family_class(cfg.model.family))
-    options.check_metric_options(cfg)
+    validate(cfg)  # the schema (keys, types, bounds) and the rules between sections
     registry.check_metric_options(cfg)
     if cfg.init.checkpoint is not None:
         read_checkpoint(str(cfg.init.checkpoint))  # unreadable: one line before check_guidance opens it

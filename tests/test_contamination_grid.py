@@ -364,7 +364,7 @@ def test_the_loop_and_the_grid_read_the_same_coloured_digits_through_the_registr
         (["modes.generations=[0.5]"], "modes.generations: needs generator.kind=run"),
         (["eval.shifts=[fog]"], "eval.shifts: unknown shift 'fog'"),
         (["seeds=[]"], "seeds: must be a non-empty list"),
-        (["eval.severity=[1,6]"], "eval.severity: must be an integer in 1..5 or a list"),
+        (["eval.severity=[1,6]"], "eval.severity: must be an integer in [1, 5] or a list"),
         (["split.fraction=1.0"], "split.fraction: 1.0 leaves no held-out real images for modes.control"),
         (["generator.seed=-1"], "generator.seed: must be an integer >= 0 or null"),
         (["classifier.seed=x"], "classifier.seed: must be an integer >= 0 or null"),
