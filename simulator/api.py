@@ -83,7 +83,7 @@ def as_overrides(overrides: Sequence[str] | Mapping | DictConfig | None) -> list
         raise ConfigError(f"overrides: must be a list of 'key=value' strings or a mapping, got {overrides!r}")
     flags = [o for o in overrides if o.startswith("-")]
     if flags:
-        raise ConfigError(f"overrides: {flags[0]!r} is a command-line flag; simulator.run takes overrides only")
+        raise ConfigError(f"overrides: {flags[0]!r} is a command-line flag; simulator.run takes overrides")
     return list(overrides)
 
 

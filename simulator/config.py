@@ -4,7 +4,7 @@ Hydra composes the config from the groups in configs/; this module checks the
 result before any work starts. The checks are written out here, rather than as
 dataclass schemas in hydra's ConfigStore, because a schema violation surfaces
 as hydra's multi-line error with exit code 1, while a bad field must be one
-line and exit code 2 (DESIGN.md section 6).
+line and exit code 2 (docs/architecture.md, "Errors").
 """
 
 from __future__ import annotations

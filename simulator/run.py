@@ -1,4 +1,4 @@
-"""Run directory: atomic per-generation commit, resume, lock, config check (DESIGN.md section 4).
+"""Run directory: atomic per-generation commit, resume, lock, config check (docs/architecture.md).
 
     <run>/config.yaml      resolved config; a changed config refuses to resume
     <run>/state.json       last committed generation, status, code version, file checksums
