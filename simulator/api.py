@@ -103,15 +103,19 @@ def run(overrides: Sequence[str] | Mapping | DictConfig | None = None) -> RunRes
 
     args = as_overrides(overrides)
     keys.register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        try:
+            jobs = sweep_jobs(args, "config")
+        except Exception:  # hydra's own error (bad syntax, unknown key): check_jobs words it in one line
+            jobs = None
+    if jobs is not None and len(jobs) > 1:  # refused before the preflight builds every job
+        raise ConfigError(
+            f"overrides: {' '.join(args) or '(none)'} is a sweep of {len(jobs)} jobs; simulator.run runs "
+            "one: pin every swept key (e.g. policy=mix seed=0) or use experiment=single"
+        )
     check_jobs(args, "config", cli.build)  # every mistake is one ConfigError line, before anything is made
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        jobs = sweep_jobs(args, "config")
-        if len(jobs) > 1:
-            raise ConfigError(
-                f"overrides: {' '.join(args) or '(none)'} is a sweep of {len(jobs)} jobs; simulator.run runs "
-                "one: pin every swept key (e.g. policy=mix seed=0) or use experiment=single"
-            )
-        full = compose("config", overrides=jobs[0], return_hydra_config=True)
+        full = compose("config", overrides=(jobs or [[]])[0], return_hydra_config=True)
     HydraConfig.instance().set_config(full)  # ${hydra:job.override_dirname} resolves against this job
     hydra_cfg = full.hydra
     multirun = str(hydra_cfg.mode).endswith("MULTIRUN")

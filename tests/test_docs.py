@@ -58,8 +58,8 @@ def test_results_columns_are_the_documented_ones(tmp_path: Path) -> None:
     metric_columns = {c for cols in COLUMNS.values() for c in cols}
     # every column a metric can write is documented, and nothing else is documented as a metric column
     assert metric_columns <= set(names)
-    base = {"generation", "status", "policy", "n_train", "train", "seconds_fit", "seconds_sample", "seconds_eval",
-            "error", "nonfinite"}  # fmt: skip
+    base = {"generation", "status", "policy", "n_train", "train", "seconds_fit", "seconds_sample",
+            "seconds_eval", "error", "nonfinite"}  # fmt: skip
     assert set(names) == base | metric_columns | {f"<column>{p}" for p in PATTERNS}
     seen = set().union(*rows)
     for key in seen:  # every key the run wrote is documented, directly or as <column>_sem / _nonfinite
