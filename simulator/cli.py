@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import gaussian_stats_loop, keys, options, registry, stability, strict_json
+from simulator import gaussian_stats_loop, keys, registry, stability, strict_json
 from simulator.config import ConfigError, validate
 from simulator.loop import generation_loop
 from simulator.models.base import world
@@ -175,11 +175,7 @@ def _simulate(cfg: DictConfig) -> None:
 
 
 def _validate(cfg: DictConfig) -> None:
-    options.check_known_keys(cfg, "config")
-    validate(cfg, families=sorted(registry.FAMILIES), sources=registry.source_names(),
-             policies=sorted(registry.policies.POLICIES), metrics=registry.metric_names())  # fmt: skip
-    options.check_model_options(cfg, registry.family_class(cfg.model.family))
-    options.check_metric_options(cfg)
+    validate(cfg)  # the schema (keys, types, bounds) and the rules between sections
     registry.check_metric_options(cfg)
     if cfg.init.checkpoint is not None:
         read_checkpoint(str(cfg.init.checkpoint))  # unreadable: one line before check_guidance opens it
