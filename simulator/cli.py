@@ -19,7 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import entry, gaussian_stats_loop, registry, stability, strict_json
+from simulator import entry, gaussian_stats_loop, keys, registry, stability, strict_json
 from simulator.config import validate
 from simulator.entry import CONFIG_DIR, fail
 from simulator.loop import generation_loop
@@ -128,9 +128,7 @@ def distributed_run_path(run_path: Path, device: str) -> Path:
 def shared_gen0_path(run_path: Path, config: dict[str, Any]) -> Path:
     """<run_root>/<name>/_gen0/<hash>: generation 0's home for every run of config's sweep that differs
     only in keys that cannot change generation 0 (the policy, and keys that never change results)."""
-    ignore = (*RunDir.RESUMABLE_KEYS, "policy", "share_gen0", "name", "eval.report_metrics")
-    science = {k: v for k, v in config.items() if k not in ignore}
-    science["eval"] = {k: v for k, v in config.get("eval", {}).items() if f"eval.{k}" not in ignore}
+    science = keys.drop(config, (*keys.NON_SCIENCE, "policy", "name"))
     digest = hashlib.sha256(json.dumps(science, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return run_path.parent / "_gen0" / digest
 

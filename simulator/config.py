@@ -5,8 +5,8 @@ starts: first the schema (simulator.options.check: unknown keys, types, bounds, 
 then the rules one section's value sets for another (which policy's options, which family's, which
 metrics exist, init.checkpoint / init.pretrained). The schema is not registered in hydra's ConfigStore,
 because a violation there surfaces as hydra's multi-line error with exit code 1, while a bad field must
-be one line and exit code 2 (DESIGN.md section 6). Every key here has its default in a configs/ file
-(tests/test_schema.py holds the two to the same keys).
+be one line and exit code 2 (docs/architecture.md, "Errors"). Every key here has its default in a
+configs/ file (tests/test_schema.py holds the two to the same keys).
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from simulator import options
-from simulator.config import ConfigError, run_name
+from simulator import keys, options
+from simulator.config import ConfigError
 from simulator.preflight import check_jobs
 from simulator.run import RunError
 
@@ -35,8 +35,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, RunError)  # each entry
 HELP_FLAGS = ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c")  # hydra answers these, runs nothing
 log = logging.getLogger("simulator")
 
-if not OmegaConf.has_resolver("sim_run_name"):  # the run directory's name in both configs' hydra.run.dir
-    OmegaConf.register_new_resolver("sim_run_name", run_name)
+keys.register_resolvers()  # both configs' run directory names (and config.yaml's excluded keys)
 
 
 def fail(message: str, created: Path | None = None) -> None:

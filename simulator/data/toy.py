@@ -151,7 +151,7 @@ class ToySource:
 
 
 class GaussianSource(ToySource):
-    """N(mean, cov) in d dimensions: the target of every closed-form collapse result (SCIENCE.md)."""
+    """N(mean, cov) in d dimensions: the target of every closed-form collapse result (docs/science.md)."""
 
     name = "gaussian"
 
