@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import gaussian_stats_loop, options, registry, stability, strict_json
+from simulator import gaussian_stats_loop, options, registry, stability, step_log, strict_json
 from simulator.config import ConfigError, run_name, validate
 from simulator.loop import generation_loop
 from simulator.models.base import world
@@ -104,6 +104,8 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     with RunDir(run_path, durable=cfg.durable, writer=world()[0] == 0) as run:
         run.check_config(config)  # type: ignore[arg-type]
         stats_path = gaussian_stats_loop.wants_statistics(cfg)  # model.path=statistics: no samples drawn
+        logs = {} if stats_path else {"step_logger": step_log.for_generations(
+            cfg.logger.name, run.path / "tensorboard", cfg.logger.every)}  # fmt: skip
         rows = (gaussian_stats_loop.statistics_loop if stats_path else generation_loop)(
             run, data, make_model, policy,
             generations=cfg.generations, seed=cfg.seed,
@@ -118,7 +120,7 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
             curation_beta=cfg.sample.get("curation_beta"),
             save_samples=cfg.sample.save, shard_size=cfg.sample.get("shard_size"), gen0_cache=gen0_cache,
             metrics=tuple(cfg.eval.metrics), metric_options=OmegaConf.to_container(cfg.eval.options),
-            eval_samples=cfg.eval.n_samples, progress=cfg.progress,
+            eval_samples=cfg.eval.n_samples, progress=cfg.progress, **logs,
         )  # fmt: skip
         summary = stability.summarize(rows, cfg.eval.stability_metric) if cfg.eval.stability_metric else {}
         last = rows[-1]

@@ -140,6 +140,12 @@ def validate(cfg: DictConfig, *, families: list[str], sources: list[str], polici
         if name not in metrics:
             raise ConfigError(f"eval.metrics: unknown metric {name!r}; known: {', '.join(sorted(metrics))}")
     check_int(cfg, "eval.n_samples", 1, optional=True)
+    if _get(cfg, "logger") is not None:  # step-level training logs (simulator.step_log)
+        from simulator import step_log
+
+        problem = step_log.check(_get(cfg, "logger.name"), _get(cfg, "logger.every"))
+        if problem:
+            raise ConfigError(problem)
     for key in ("data.options", "model.options", "eval.options"):
         if not OmegaConf.is_dict(_get(cfg, key)):
             raise ConfigError(f"{key}: must be a mapping of option names to values, got {_get(cfg, key)!r}")

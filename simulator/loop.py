@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from simulator import distributed, seeding
+from simulator import distributed, seeding, step_log
 from simulator import samples as store
 from simulator.curation import Reward, soft_select
 from simulator.data.base import Dataset
@@ -98,6 +98,7 @@ def generation_loop(
     metric_options: dict | None = None,  # options passed to metrics (projections, k, ...)
     eval_samples: int | None = None,  # number of samples metrics see (default: all)
     progress: bool = True,  # tqdm bars over generations and training steps
+    step_logger: Callable[[int], step_log.StepLogger | None] | None = None,  # t -> logger of G_t's fit
 ) -> list[dict[str, Any]]:
     """Run or resume generations 0..T in `run`; returns the results rows."""
     chains = data.train.shape[0]
@@ -255,9 +256,11 @@ def generation_loop(
                         extra["checkpoint"] = FitCheckpoint(tmp / "fit_state.pt", checkpoint_every, seconds)
                 if weights is not None:
                     extra["weights"] = weights
-                stats = model.fit(
-                    train, labels, steps=n_steps, generator=gen("fit"), progress=progress, **extra
-                )
+                logger = step_logger(t) if step_logger is not None and main else None
+                with step_log.logging_to(logger):  # logger=tensorboard: per-step scalars, nothing else
+                    stats = model.fit(
+                        train, labels, steps=n_steps, generator=gen("fit"), progress=progress, **extra
+                    )
                 if getattr(model, "resumable_fit", False) and carry_optimizer and warm_start:
                     opt_state = model.optimizer_state
                     if main:  # before fit.json: a finished fit always has its optimizer state beside it

@@ -97,7 +97,8 @@ class RunDir:
 
     # keys that may change between invocations without changing the science of a run
     RESUMABLE_KEYS = ("generations", "progress", "device", "threads", "durable", "run_root", "eval.figures",
-                      "share_gen0", "train.checkpoint_every", "train.checkpoint_minutes")  # fmt: skip
+                      "share_gen0", "train.checkpoint_every", "train.checkpoint_minutes",
+                      "logger")  # fmt: skip
 
     MANIFEST = "manifest.json"  # checksums of a gen dir's files, written inside it before the rename
     SCRATCH = ("fit_state.pt", "fit.json")  # resume aids inside gen_XXX.tmp, dropped at commit

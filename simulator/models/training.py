@@ -23,6 +23,9 @@ Resumable fits (FitCheckpoint). Every `every_steps` steps or `every_seconds` sec
 objective's weights, optimizer, EMA, grad scaler, step, generator states, minibatch sampler and the losses
 so far to the checkpoint path (tmp file + os.replace); a fit that finds the file resumes from it and ends
 bit for bit where the uninterrupted fit would (CPU).
+
+Step logs. While a simulator.step_log logger is active (`logger=tensorboard`), rank 0 hands it every step's
+loss and learning rate and the samples per second, once every `every` steps; it only reads the losses.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from simulator import distributed
+from simulator import distributed, step_log
 from simulator.models.base import Diverged, FitCheckpoint
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -325,6 +328,9 @@ def train(
     )
     model: Any = None  # objective, DDP-wrapped and/or compiled on the first step
     last_save = time.monotonic()
+    logger = step_log.active() if distributed.is_main() else None  # logger=tensorboard (reads only)
+    log_first, log_clock = start, time.perf_counter()
+    log_lrs: list[float] = []
 
     def save(step: int) -> None:
         nonlocal last_save
@@ -343,6 +349,7 @@ def train(
         for step in tqdm(range(start, steps), desc=desc, leave=False, disable=not progress,
                          initial=start, total=steps):  # fmt: skip
             batch = objective.draw(draws)
+            rows_drawn = batch[0].shape[0]  # the global minibatch (throughput counts every rank's rows)
             if model is None:
                 model = _wrap(objective, batch, options, device, ddp_on)
             if ddp_on:
@@ -351,6 +358,8 @@ def train(
             lr = options.lr * options.factor(step, steps)
             for group in opt.param_groups:
                 group["lr"] = lr
+            if logger is not None:
+                log_lrs.append(lr)
             with autocast:
                 loss = model(*batch)
             losses[step] = loss.detach()
@@ -382,6 +391,11 @@ def train(
                 ema.step(objective.net.parameters())
             if save_now:
                 save(step + 1)
+            if logger is not None and ((step + 1 - start) % logger.every == 0 or step == steps - 1):
+                logged = losses[log_first : step + 1].tolist()  # rank 0's rows under DDP
+                seconds = max(time.perf_counter() - log_clock, 1e-9)
+                logger.steps(log_first, logged, log_lrs, len(logged) * rows_drawn / seconds)
+                log_first, log_lrs, log_clock = step + 1, [], time.perf_counter()
             if on_step is not None:
                 on_step(step)
     finally:
