@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -121,7 +120,9 @@ def validate(cfg: DictConfig, *, families: list[str], sources: list[str], polici
     check_bool(cfg, "sample.save")
     check_int(cfg, "sample.shard_size", 1, optional=True)
     checkpoint = _get(cfg, "init.checkpoint")
-    if checkpoint is not None and not Path(str(checkpoint)).is_file():
+    from simulator import weights  # either name of a generation's model file
+
+    if checkpoint is not None and not weights.resolve(str(checkpoint)).is_file():
         raise ConfigError(f"init.checkpoint: file not found: {checkpoint}")
     pretrained = _get(cfg, "init.pretrained")
     if pretrained is not None:

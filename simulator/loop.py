@@ -39,6 +39,8 @@ from simulator.policies import REAL, TRUTH, Policy, PolicyError, assemble, curat
 from simulator.report import save_grid
 from simulator.run import RunDir, SharedGen0, write_atomic
 from simulator.strict_json import strict_row
+from simulator.weights import load as load_weights
+from simulator.weights import load_model, model_name
 
 
 def _load(path: Path) -> Any:
@@ -46,7 +48,7 @@ def _load(path: Path) -> Any:
 
 
 def _fitted(tmp: Path) -> dict[str, Any] | None:
-    """The training stats of a fit finished before an interruption (its model is tmp/model.pt)."""
+    """The training stats of a fit finished before an interruption (its model waits in tmp)."""
     path = tmp / "fit.json"
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -169,7 +171,7 @@ def generation_loop(
             return store.load(run.gen_dir(t), rows, kind)
         if t not in held:  # sample.save=false: regenerate them exactly from the saved model
             m = make_model()
-            m.load_state_dict(_load(run.gen_dir(t) / "model.pt"))
+            m.load_state_dict(load_model(run.gen_dir(t)))
             held[t] = draw_rows(m, t, range(n_draw)) if sharded else draw(m, t)
         x = held[t][0 if kind == store.SAMPLES else 1]
         return x if rows is None else x[:, :rows]
@@ -203,9 +205,9 @@ def generation_loop(
     params0 = params_star = None  # parameters of G_0 and of the fit to real data (theta*)
     opt_state = None  # optimizer state of the last fit (carry_optimizer)
     if done:  # repair() has checked every committed file against its checksum
-        model.load_state_dict(_load(run.gen_dir(done[-1]) / "model.pt"))
+        model.load_state_dict(load_model(run.gen_dir(done[-1])))
         first = make_model()
-        first.load_state_dict(_load(run.gen_dir(0) / "model.pt"))
+        first.load_state_dict(load_model(run.gen_dir(0)))
         params0 = first.parameters_vector()
         star = run.gen_dir(0) / "params_star.pt"
         params_star = _load(star) if star.exists() else params0
@@ -219,10 +221,10 @@ def generation_loop(
         fitted = distributed.broadcast_object(_fitted(tmp) if main else None)
         try:
             if fitted is not None:  # fitted before an interruption: the model waits in gen_XXX.tmp
-                model.load_state_dict(_load(tmp / "model.pt"))
+                model.load_state_dict(load_model(tmp))
                 stats, n_train = fitted["train"], fitted["n_train"]
             elif t == 0 and init_checkpoint:
-                model.load_state_dict(_load(Path(init_checkpoint)))
+                model.load_state_dict(load_weights(Path(init_checkpoint)))
                 stats, n_train = {"loaded": str(init_checkpoint)}, 0
             elif t == 0 and init_pretrained:  # make_model built G_0 from the diffusers directory itself
                 stats, n_train = {"loaded": str(init_pretrained)}, 0
@@ -276,7 +278,8 @@ def generation_loop(
         row["train"] = stats
         row["seconds_fit"] = time.perf_counter() - clock
         if main and fitted is None:  # the model first, then the marker that says the fit is done
-            store.save_atomic(model.state_dict(), tmp / "model.pt", run.durable)
+            state = model.state_dict()  # model.safetensors (a plain tensor dict), else model.pt
+            store.save_atomic(state, tmp / model_name(state), run.durable)
             write_atomic(tmp / "fit.json", json.dumps({"train": stats, "n_train": n_train}), run.durable)
 
         clock = time.perf_counter()
@@ -322,7 +325,7 @@ def generation_loop(
             if hasattr(model, "export"):  # e.g. a diffusers pipeline directory (export_pipeline)
                 model.export(tmp)
             if sharded and not save_samples:
-                store.remove(tmp)  # redrawn from model.pt when a later generation needs them
+                store.remove(tmp)  # redrawn from the model file when a later generation needs them
             if samples.dim() == 5:  # images (C, n, ch, h, w): a sample grid per generation
                 save_grid(samples[0, :64], tmp / "samples.png")
             if chains > 1 and values:

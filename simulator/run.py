@@ -3,7 +3,8 @@
     <run>/config.yaml      resolved config; a changed config refuses to resume
     <run>/state.json       last committed generation, status, code version, file checksums
     <run>/results.jsonl    one row per committed generation
-    <run>/gen_XXX/         model.pt, samples (simulator.samples), metrics.json, manifest.json
+    <run>/gen_XXX/         model.safetensors (model.pt: older runs), samples (simulator.samples),
+                           metrics.json, manifest.json
                            (written as gen_XXX.tmp/, renamed when whole)
 
 The gen_XXX directories are the truth: each carries manifest.json (its results

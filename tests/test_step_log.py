@@ -55,7 +55,8 @@ def test_tensorboard_scalars_per_generation_and_results_unchanged(tmp_path):
         assert tags["train/loss"][0].value == pytest.approx(first_loss, rel=1e-6)  # float32 of the same
     assert _rows(logged) == _rows(plain)  # logging changes no result
     for name in ("gen_000", "gen_001"):
-        assert (logged / name / "model.pt").read_bytes() == (plain / name / "model.pt").read_bytes()
+        model = "model.safetensors"
+        assert (logged / name / model).read_bytes() == (plain / name / model).read_bytes()
 
 
 def test_logger_options_are_one_line(monkeypatch):
