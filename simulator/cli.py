@@ -119,7 +119,7 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
             curation_k=cfg.sample.curation_k, curation_reward=reward,
             curation_beta=cfg.sample.get("curation_beta"),
             save_samples=cfg.sample.save, shard_size=cfg.sample.get("shard_size"), gen0_cache=gen0_cache,
-            metrics=tuple(cfg.eval.metrics), metric_options=OmegaConf.to_container(cfg.eval.options),
+            metrics=tuple(cfg.eval.metrics), metric_options=OmegaConf.to_container(cfg.eval.options),  # type: ignore[arg-type]
             eval_samples=cfg.eval.n_samples, progress=cfg.progress, **logs,
         )  # fmt: skip
         summary = stability.summarize(rows, cfg.eval.stability_metric) if cfg.eval.stability_metric else {}

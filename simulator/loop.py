@@ -156,7 +156,7 @@ def generation_loop(
         k, mine = curation_k, [rows[i] for i in distributed.shard(len(rows))]
         candidates = [i * k + j for i in mine for j in range(k)]
         y_all = class_labels(t, n_draw * k)
-        x = m.sample(n_draw * k, y_all, generator=seeding.generator(seed, t, "sample"),
+        x = m.sample(n_draw * k, y_all, generator=seeding.generator(seed, t, "sample"),  # type: ignore[call-arg]
                      indices=candidates, **bias).cpu()  # fmt: skip
         y = None if y_all is None else y_all[candidates]
         if k > 1:
@@ -196,7 +196,8 @@ def generation_loop(
         shared = SharedGen0(gen0_cache / f"n{n_draw}").acquire()  # the number of samples may differ
         if shared.ready():
             shared.adopt(run, policy.describe())
-            done, shared = [0], shared.release()
+            shared.release()
+            done, shared = [0], None
     distributed.barrier()
     done = distributed.broadcast_object(done)
     rows = run.rows()
@@ -264,7 +265,7 @@ def generation_loop(
                         train, labels, steps=n_steps, generator=gen("fit"), progress=progress, **extra
                     )
                 if getattr(model, "resumable_fit", False) and carry_optimizer and warm_start:
-                    opt_state = model.optimizer_state
+                    opt_state = model.optimizer_state  # type: ignore[attr-defined]  # resumable_fit
                     if main:  # before fit.json: a finished fit always has its optimizer state beside it
                         store.save_atomic(opt_state, tmp / "optimizer.pt", run.durable)
                 del train, labels
@@ -334,7 +335,8 @@ def generation_loop(
             if t == 0 and shared is not None:
                 shared.publish(run)
         if shared is not None:
-            shared = shared.release()
+            shared.release()
+            shared = None
         distributed.barrier()  # the other ranks read the committed generation from here on
         del samples
         rows.append(strict_row(row))  # as committed: non-finite values are None

@@ -121,9 +121,9 @@ def _describe(hint: Any) -> tuple[str, bool]:
         words = [_describe(a)[0] for a in args if a is not type(None)]
         return " or ".join(dict.fromkeys(words)), type(None) in args
     origin = typing.get_origin(hint) or hint
-    words = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
              tuple: "a list", list: "a list"}  # fmt: skip
-    return words.get(origin, "a value"), False
+    return names.get(origin, "a value"), False
 
 
 def _accepts(hint: Any, value: Any) -> bool:

@@ -183,7 +183,7 @@ class RunDir:
 
     def committed(self) -> list[int]:
         """Generations committed so far: gen_000 .. gen_{k-1} (contiguous; a gap ends the list)."""
-        gens = []
+        gens: list[int] = []
         while self.gen_dir(len(gens)).is_dir():
             gens.append(len(gens))
         return gens
@@ -391,11 +391,11 @@ class RunDir:
         if self.durable:
             _fsync_dir(self.path)
         self._event(next(events))
-        with open(self.path / "results.jsonl", "a") as f:
-            f.write(dumps(row) + "\n")
-            f.flush()
+        with open(self.path / "results.jsonl", "a") as results:
+            results.write(dumps(row) + "\n")
+            results.flush()
             if self.durable:
-                os.fsync(f.fileno())
+                os.fsync(results.fileno())
         state = self.state()
         state.update(last_generation=t, status=status, files={**state.get("files", {}), **checksums},
                      code_version=code_version())  # fmt: skip

@@ -62,7 +62,7 @@ def _load(path: Path) -> torch.Tensor:
 def shards(directory: Path, kind: str = SAMPLES) -> list[Path]:
     """The shard files of `kind` in directory, in row order (contiguous from 0; a gap ends the list)."""
     found = {int(m.group(2)) for p in directory.glob(f"{kind}_*.pt") if (m := _SHARD.match(p.name))}
-    out = []
+    out: list[Path] = []
     while len(out) in found:
         out.append(directory / shard_name(kind, len(out)))
     return out

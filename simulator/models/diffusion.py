@@ -16,7 +16,7 @@ import contextlib
 import copy
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
@@ -381,9 +381,10 @@ class DiffusionFamily:
         """
         n = self._check(x).shape[0]
         if self.num_classes is None or labels is not None:
-            lp = -sum(self.bound_terms(x, labels).values())
+            lp = cast(torch.Tensor, -sum(self.bound_terms(x, labels).values()))
         else:
-            per = [-sum(self.bound_terms(x, torch.full((n,), c)).values()) for c in range(self.num_classes)]
+            per = [cast(torch.Tensor, -sum(self.bound_terms(x, torch.full((n,), c)).values()))
+                   for c in range(self.num_classes)]  # fmt: skip
             lp = torch.logsumexp(torch.stack(per), 0) - math.log(self.num_classes)
         return lp.float().unsqueeze(0).to(x.device)
 

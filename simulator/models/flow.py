@@ -25,6 +25,8 @@ LOG_SCALE_BOUND = 3.0  # |log scale| per RealNVP coupling; e^3 per layer is ampl
 class _FlowObjective(Objective):
     """Mean negative log-likelihood (nats per sample) of a minibatch of rows of x."""
 
+    net: nf.NormalizingFlow
+
     def __init__(
         self, flow: nf.NormalizingFlow, x: torch.Tensor, batch_size: int, weights: torch.Tensor | None = None
     ) -> None:
@@ -38,7 +40,7 @@ class _FlowObjective(Objective):
         return self.net.forward_kld(self.x[idx])
 
     @torch.no_grad()
-    def initialize(self, idx: torch.Tensor) -> None:
+    def initialize(self, idx: torch.Tensor) -> None:  # type: ignore[override]
         self.net.forward_kld(self.x[idx])  # ActNorm's first-batch initialisation sees the global batch
 
 

@@ -52,7 +52,7 @@ class _GlowObjective(Objective):
         return -self.family.continuous_log_prob(x, None if self.y is None else self.y[idx]).mean()
 
     @torch.no_grad()
-    def initialize(self, idx: torch.Tensor, noise: torch.Tensor) -> None:
+    def initialize(self, idx: torch.Tensor, noise: torch.Tensor) -> None:  # type: ignore[override]
         self.forward(idx, noise)  # ActNorm's first-batch initialisation sees the global batch
 
 

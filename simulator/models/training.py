@@ -158,9 +158,8 @@ class Objective(nn.Module):
         """The global minibatch's random draws, each with the batch size as its leading dimension."""
         raise NotImplementedError
 
-    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
-        """Mean loss over the rows of `batch` (a slice of `draw`'s tensors)."""
-        raise NotImplementedError
+    # forward(*batch) -> the mean loss over the rows of `batch` (a slice of `draw`'s tensors); each
+    # objective names its own tensors, so it is left to nn.Module (whose default raises)
 
     def initialize(self, *batch: torch.Tensor) -> None:
         """Data-dependent initialisation on the whole global batch before DDP (default: nothing)."""
@@ -372,8 +371,7 @@ def train(
                 due = timed and time.monotonic() - last_save >= checkpoint.every_seconds
                 flags = distributed.all_sum(
                     torch.stack([bad.float(), torch.tensor(float(due), device=device)])
-                )
-                flags = flags.tolist()
+                ).tolist()
                 if flags[0]:
                     raise Diverged(f"non-finite loss at step {step}" if check_every == 1
                                    else f"non-finite loss at or before step {step}")  # fmt: skip
