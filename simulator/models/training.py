@@ -228,6 +228,60 @@ class FitResult:
         return float(self.losses[:k].mean()), float(self.losses[-k:].mean())
 
 
+class TrainedFamily:
+    """The fit skeleton of the torch families (flow, glow, diffusion): resumable, carrying an optimizer.
+
+    fit(...) validates nothing itself: a family's `objective` hook checks the data and builds the Objective,
+    the TrainOptions and the EMA to update (or None); `train` runs the steps; the family's `fit_stats`
+    turns the FitResult into the results row's training stats. The optimizer state of the last fit is kept
+    in `optimizer_state` (train.carry_optimizer hands it to the next generation's fit).
+    """
+
+    resumable_fit = True  # fit(..., checkpoint=FitCheckpoint) resumes an interrupted fit
+    fit_desc = "fit"  # the progress bar's label
+    steps: int  # the family's default optimizer steps per fit
+    device: torch.device
+    optimizer_state: dict[str, Any] | None
+
+    def objective(
+        self, data: torch.Tensor, labels: torch.Tensor | None, weights: torch.Tensor | None,
+        warmup: int | None, ema: str,
+    ) -> tuple[Objective, TrainOptions, EMA | None]:  # fmt: skip
+        """(objective, options, EMA) of one fit; warmup None: the family's own; ema "carry"/"restart"."""
+        raise NotImplementedError
+
+    def fit_stats(self, result: FitResult, steps: int) -> dict[str, Any]:
+        """The row's training stats of a finished fit."""
+        raise NotImplementedError
+
+    def fit(
+        self,
+        data: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        steps: int | None = None,
+        generator: torch.Generator,
+        progress: bool = False,
+        checkpoint: FitCheckpoint | None = None,
+        optimizer_state: dict[str, Any] | None = None,
+        warmup: int | None = None,
+        ema: str = "carry",
+        weights: torch.Tensor | None = None,  # (1, n) or (n,) row weights: weighted minibatch sampling
+    ) -> dict[str, Any]:
+        """Train `steps` steps (None: the family's) on data (1, n, *event) through `train` (DDP under
+        torch.distributed, resumable with a checkpoint). A warm start carries the weights over; the
+        optimizer state only when passed as `optimizer_state` (the previous fit's is
+        `self.optimizer_state`). What is trained and how: the family's `objective`."""
+        objective, options, tracker = self.objective(data, labels, weights, warmup, ema)
+        steps = self.steps if steps is None else int(steps)
+        result = train(
+            objective, steps=steps, generator=generator, options=options, device=self.device, ema=tracker,
+            checkpoint=checkpoint, optimizer_state=optimizer_state, progress=progress, desc=self.fit_desc,
+        )  # fmt: skip
+        self.optimizer_state = result.optimizer_state
+        return self.fit_stats(result, steps)
+
+
 def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
     """The generator minibatch draws come from: `generator` itself on its own device type (the CPU path,
     unchanged), else a generator on `device` seeded once from it (no per-step host copies)."""
