@@ -1,12 +1,45 @@
-"""Reference simulator for self-consuming generative training."""
+"""Reference simulator for self-consuming generative training.
+
+`simulator.run([...overrides])` runs one `simulate` job from Python (simulator/api.py); the parts of the
+loop (`generation_loop`, `RunDir`, the policies, `make_toy`) are importable from here too. Everything but
+`code_version` is imported on first use, so `import simulator` loads neither torch nor hydra.
+"""
 
 from __future__ import annotations
 
 import functools
+import importlib
 import subprocess
 from pathlib import Path
+from typing import Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it (imported lazily by __getattr__)
+_LAZY = {
+    "run": "simulator.api",
+    "RunResult": "simulator.api",
+    "generation_loop": "simulator.loop",
+    "RunDir": "simulator.run",
+    "ConfigError": "simulator.config",
+    "PolicyError": "simulator.policies",
+    "RunError": "simulator.run",
+    "make_toy": "simulator.data.toy",
+    "NON_SCIENCE": "simulator.keys",
+}
+__all__ = ["__version__", "code_version", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'simulator' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 @functools.lru_cache(maxsize=1)

@@ -25,8 +25,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import gaussian_stats_loop, options, registry, stability, step_log, strict_json
-from simulator.config import ConfigError, run_name, validate
+from simulator import gaussian_stats_loop, keys, registry, stability, step_log, strict_json
+from simulator.config import ConfigError, validate
 from simulator.loop import generation_loop
 from simulator.models.base import world
 from simulator.policies import PolicyError
@@ -45,8 +45,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 USER_ERRORS = (ConfigError, RunError, PolicyError)
 log = logging.getLogger("simulator")
 
-if not OmegaConf.has_resolver("sim_run_name"):
-    OmegaConf.register_new_resolver("sim_run_name", run_name)
+keys.register_resolvers()  # configs/config.yaml's run directory name and its excluded keys
 
 
 def fail(message: str, created: Path | None = None) -> None:
@@ -159,9 +158,7 @@ def distributed_run_path(run_path: Path, device: str) -> Path:
 def shared_gen0_path(run_path: Path, config: dict[str, Any]) -> Path:
     """<run_root>/<name>/_gen0/<hash>: generation 0's home for every run of config's sweep that differs
     only in keys that cannot change generation 0 (the policy, and keys that never change results)."""
-    ignore = (*RunDir.RESUMABLE_KEYS, "policy", "share_gen0", "name", "eval.report_metrics")
-    science = {k: v for k, v in config.items() if k not in ignore}
-    science["eval"] = {k: v for k, v in config.get("eval", {}).items() if f"eval.{k}" not in ignore}
+    science = keys.drop(config, (*keys.NON_SCIENCE, "policy", "name"))
     digest = hashlib.sha256(json.dumps(science, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return run_path.parent / "_gen0" / digest
 
@@ -180,11 +177,7 @@ def _simulate(cfg: DictConfig) -> None:
 
 
 def _validate(cfg: DictConfig) -> None:
-    options.check_known_keys(cfg, "config")
-    validate(cfg, families=sorted(registry.FAMILIES), sources=registry.source_names(),
-             policies=sorted(registry.policies.POLICIES), metrics=registry.metric_names())  # fmt: skip
-    options.check_model_options(cfg, registry.family_class(cfg.model.family))
-    options.check_metric_options(cfg)
+    validate(cfg)  # the schema (keys, types, bounds) and the rules between sections
     registry.check_metric_options(cfg)
     if cfg.init.checkpoint is not None:
         read_checkpoint(str(cfg.init.checkpoint))  # unreadable: one line before check_guidance opens it

@@ -1,124 +1,188 @@
-"""Config validation: every user mistake becomes one line naming the field and what is allowed.
+"""The run config's schema (RunConfig, one dataclass per section) and its validation.
 
-Hydra composes the config from the groups in configs/; this module checks the
-result before any work starts. The checks are written out here, rather than as
-dataclass schemas in hydra's ConfigStore, because a schema violation surfaces
-as hydra's multi-line error with exit code 1, while a bad field must be one
-line and exit code 2 (DESIGN.md section 6).
+Hydra composes the config from the groups in configs/; `validate` checks the result before any work
+starts: first the schema (simulator.options.check: unknown keys, types, bounds, choices, one line each),
+then the rules one section's value sets for another (which policy's options, which family's, which
+metrics exist, init.checkpoint / init.pretrained). The schema is not registered in hydra's ConfigStore,
+because a violation there surfaces as hydra's multi-line error with exit code 1, while a bad field must
+be one line and exit code 2 (docs/architecture.md, "Errors"). Every key here has its default in a
+configs/ file (tests/test_schema.py holds the two to the same keys).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import math
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from simulator.options import (
+    ConfigError,
+    check,
+    choose,
+    interpolated,
+    merge_schemas,
+    opt,
+    options_schema,
+    plain,
+    problem,
+)
 
-class ConfigError(ValueError):
-    """A bad value in the user's config or command line (printed as one line)."""
-
+__all__ = ["ConfigError", "RunConfig", "validate", "run_name"]
 
 DEVICES = ("auto", "cpu", "cuda")
 REWARDS = ("model", "truth", "linear", "quadratic", "classifier")  # simulator.curation
+
+
+@dataclass
+class Init:
+    checkpoint: str | None = None  # a model file (model.safetensors or model.pt) to start generation 0 from
+    pretrained: str | None = None  # a diffusers directory (diffusion runs)
+    pretrained_sha256: str | None = None  # written by the program: the pretrained weights' hash
+
+
+@dataclass
+class Data:
+    source: str = "two_moons"  # a data source's name (registry.source_names())
+    n_train: int | None = opt(500, low=1)  # null: all the source has (image sources)
+    n_test: int | None = opt(2000, low=1)
+    options: dict = opt({})  # the source's constructor options (options_schema of its class)
+
+
+@dataclass
+class Model:
+    family: str = "flow"  # a key of registry.FAMILIES
+    path: str | None = opt(None, choices=("samples", "statistics"))  # gaussian only (gaussian_stats_loop)
+    options: dict = opt({})  # the family's constructor options (options_schema of its class)
+
+
+@dataclass
+class Train:
+    epochs: float | None = opt(None, low=0, strict=True)
+    images: int | None = opt(None, low=1)
+    steps: int | None = opt(150, low=1)
+    steps_gen0: int | None = opt(1000, low=1)
+    warm_start: bool = True
+    carry_optimizer: bool | None = None
+    warmup: int | None = opt(None, low=0)
+    ema: str | None = opt(None, choices=("carry", "restart"))
+    checkpoint_every: int | None = opt(None, low=1)
+    checkpoint_minutes: float | None = opt(10, low=0, strict=True)
+
+
+@dataclass
+class Sample:
+    n: int | None = opt(None, low=1)
+    temperature: float = opt(1.0, low=0, strict=True)
+    guidance: float | None = opt(None, low=0)
+    curation_k: int = opt(1, low=1)
+    curation_reward: str = opt("model", choices=REWARDS)
+    curation_beta: Any = None  # simulator.curation.check (with the reward's options)
+    curation_options: Any = opt({})
+    from_last: int | None = opt(None, low=1)
+    save: bool = True
+    shard_size: int | None = opt(None, low=1)
+
+
+@dataclass
+class Eval:
+    metrics: list[str] = opt(["nll"])  # metric names (metrics.registry)
+    n_samples: int | None = opt(None, low=1)
+    stability_metric: str | None = None
+    report_metrics: list[str] | None = None
+    figures: bool = True
+    options: dict = opt({})  # the metrics' options (metric_schema)
+
+
+@dataclass
+class Logger:
+    name: str = opt("none", choices=("none", "tensorboard"))  # step-level training logs (simulator.step_log)
+    every: int = opt(10, low=1)  # steps per hand-over to the logger
+
+
+@dataclass
+class RunConfig:
+    """configs/config.yaml and its groups; `policy` is the named policy's constructor options + name."""
+
+    name: str = "default"
+    run_root: str = "runs"
+    seed: int = opt(0, low=0)
+    chains: int = opt(1, low=1)
+    generations: int = opt(10, low=1)
+    device: str = opt("cpu", choices=DEVICES)
+    progress: bool = True
+    durable: bool = True
+    threads: int | None = opt(None, low=1)
+    share_gen0: bool | None = None
+    init: Init = opt(Init())
+    data: Data = opt(Data())
+    model: Model = opt(Model())
+    policy: dict = opt({})
+    train: Train = opt(Train())
+    sample: Sample = opt(Sample())
+    eval: Eval = opt(Eval())
+    logger: Logger = opt(Logger())
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default=None)
 
 
-def check_int(cfg: DictConfig, key: str, low: int | None = None, optional: bool = False) -> None:
-    v = _get(cfg, key)
-    if v is None and optional:
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low):
-        bound = f" >= {low}" if low is not None else ""
-        null = " or null" if optional else ""
-        raise ConfigError(f"{key}: must be an integer{bound}{null}, got {v!r}")
-
-
-def check_float(cfg: DictConfig, key: str, low: float | None = None, strict: bool = False) -> None:
-    v = _get(cfg, key)
-    bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-    if not bad and low is not None:
-        bad = v <= low if strict else v < low
-    if bad:
-        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
-        raise ConfigError(f"{key}: must be a finite number{bound}, got {v!r}")
-
-
-def check_choice(cfg: DictConfig, key: str, allowed: tuple[str, ...] | list[str]) -> None:
-    v = _get(cfg, key)
-    if v not in allowed:
-        raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {v!r}")
-
-
-def check_bool(cfg: DictConfig, key: str) -> None:
-    v = _get(cfg, key)
-    if not isinstance(v, bool):
-        raise ConfigError(f"{key}: must be true or false, got {v!r}")
-
-
 def check_name(cfg: DictConfig) -> None:
     """name is one folder inside run_root: the run directory must not escape it."""
     name = _get(cfg, "name")
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ConfigError(f"name: must be a folder name inside run_root (no '/', not '..'), got {name!r}")
+        raise ConfigError(problem("name", "a folder name inside run_root (no '/', not '..')", name))
 
 
-def validate(cfg: DictConfig, *, families: list[str], sources: list[str], policies: list[str],
-             metrics: list[str]) -> None:  # fmt: skip
-    """Raise ConfigError on the first bad field of a composed run config."""
+def check_policy(policy: Any) -> None:
+    """policy: its name, then its other keys against that policy's constructor (weight_real only for
+    policies with a real and a synthetic part; null there is the default of every policy)."""
+    from simulator import policies
+
+    policy = dict(plain(policy))
+    name = choose("policy.name", policy.pop("name", None), sorted(policies.POLICIES))
+    cls = policies.POLICIES[name]
+    if not cls.weighted:
+        if policy.get("weight_real") is not None:
+            weighted = ", ".join(n for n, c in policies.POLICIES.items() if c.weighted)
+            raise ConfigError(f"policy.weight_real: only for policies with a real and a synthetic part "
+                              f"({weighted}), not {name}")  # fmt: skip
+        policy.pop("weight_real", None)
+    check("policy", options_schema(cls), policy)  # type: ignore[arg-type]  # a class is hashable
+
+
+@functools.lru_cache(maxsize=1)
+def metric_schema() -> type:
+    """eval.options: the FID options and the vector metrics' options, one schema."""
+    from simulator.metrics.fid import FIDOptions
+    from simulator.metrics.toy import VectorMetricOptions
+
+    return merge_schemas("MetricOptions", FIDOptions, VectorMetricOptions)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first bad field of a composed run config: the schema, then the rules
+    between sections."""
+    from simulator import curation, registry
+
+    check("", RunConfig, cfg, noun="key", extra=interpolated(cfg))
     check_name(cfg)
-    check_int(cfg, "generations", 1)
-    check_int(cfg, "seed", 0)
-    check_int(cfg, "chains", 1)
-    check_choice(cfg, "device", DEVICES)
-    check_bool(cfg, "progress")
-    check_int(cfg, "threads", 1, optional=True)
-    check_bool(cfg, "durable")
-    if _get(cfg, "share_gen0") is not None:
-        check_bool(cfg, "share_gen0")
-    check_choice(cfg, "data.source", sources)
-    check_int(cfg, "data.n_train", 1, optional=True)  # null: all the source has (image sources)
-    check_int(cfg, "data.n_test", 1, optional=True)
-    check_choice(cfg, "model.family", families)
-    check_choice(cfg, "policy.name", policies)
-    if cfg.policy.name == "mix":
-        check_float(cfg, "policy.lam", 0.0)
-    if cfg.policy.name == "fresh":
-        check_int(cfg, "policy.n_real", 1, optional=True)
-    for key in ("policy.n_syn", "policy.budget"):
-        check_int(cfg, key, 1 if key.endswith("budget") else 0, optional=True)
-    check_int(cfg, "train.steps", 1, optional=True)
-    check_int(cfg, "train.steps_gen0", 1, optional=True)
-    check_bool(cfg, "train.warm_start")
-    if _get(cfg, "train.epochs") is not None:
-        check_float(cfg, "train.epochs", 0.0, strict=True)
-    check_int(cfg, "train.images", 1, optional=True)
-    check_int(cfg, "train.warmup", 0, optional=True)
-    check_int(cfg, "train.checkpoint_every", 1, optional=True)
-    if _get(cfg, "train.checkpoint_minutes") is not None:
-        check_float(cfg, "train.checkpoint_minutes", 0.0, strict=True)
-    if _get(cfg, "train.carry_optimizer") is not None:
-        check_bool(cfg, "train.carry_optimizer")
-    if _get(cfg, "train.ema") is not None:
-        check_choice(cfg, "train.ema", ("carry", "restart"))
-    check_int(cfg, "sample.n", 1, optional=True)
-    check_float(cfg, "sample.temperature", 0.0, strict=True)
-    if _get(cfg, "sample.guidance") is not None:
-        check_float(cfg, "sample.guidance", 0.0)
-    check_int(cfg, "sample.curation_k", 1)
-    check_choice(cfg, "sample.curation_reward", REWARDS)
-    from simulator import curation  # its reward options and beta (one line each)
-
-    options = _get(cfg, "sample.curation_options")
-    options = OmegaConf.to_container(options, resolve=True) if OmegaConf.is_config(options) else options
+    choose("data.source", cfg.data.source, registry.source_names())
+    choose("model.family", cfg.model.family, sorted(registry.FAMILIES))
+    check_policy(cfg.policy)
+    check("data.options", options_schema(registry.source_class(cfg.data.source)), cfg.data.options)
+    check("model.options", options_schema(registry.family_class(cfg.model.family)), cfg.model.options,
+          fixed=("chains", "event_shape"))  # fmt: skip
+    options = plain(_get(cfg, "sample.curation_options"))
     curation.check(cfg.sample.curation_reward, options, _get(cfg, "sample.curation_beta"))
-    check_int(cfg, "sample.from_last", 1, optional=True)
-    check_bool(cfg, "sample.save")
-    check_int(cfg, "sample.shard_size", 1, optional=True)
+    if _get(cfg, "logger.name") == "tensorboard":
+        from simulator import step_log
+
+        if not step_log.available():
+            raise ConfigError(step_log.EXTRA)
     checkpoint = _get(cfg, "init.checkpoint")
     from simulator import weights  # either name of a generation's model file
 
@@ -134,22 +198,13 @@ def validate(cfg: DictConfig, *, families: list[str], sources: list[str], polici
             diffusers_io.read(str(pretrained))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    names = _get(cfg, "eval.metrics")
-    if names is None or not OmegaConf.is_list(names):
-        raise ConfigError(f"eval.metrics: must be a list of metric names, got {names!r}")
-    for name in names:
+    metrics = registry.metric_names()
+    for name in cfg.eval.metrics:
         if name not in metrics:
             raise ConfigError(f"eval.metrics: unknown metric {name!r}; known: {', '.join(sorted(metrics))}")
-    check_int(cfg, "eval.n_samples", 1, optional=True)
-    if _get(cfg, "logger") is not None:  # step-level training logs (simulator.step_log)
-        from simulator import step_log
-
-        problem = step_log.check(_get(cfg, "logger.name"), _get(cfg, "logger.every"))
-        if problem:
-            raise ConfigError(problem)
-    for key in ("data.options", "model.options", "eval.options"):
-        if not OmegaConf.is_dict(_get(cfg, key)):
-            raise ConfigError(f"{key}: must be a mapping of option names to values, got {_get(cfg, key)!r}")
+    eval_options = dict(plain(cfg.eval.options))
+    eval_options.pop("backend", None)  # FIDOptions.parse says it was removed
+    check("eval.options", metric_schema(), eval_options)
 
 
 def run_name(override_dirname: str) -> str:

@@ -1,4 +1,4 @@
-"""The generation loop: one flat function (DESIGN.md section 1).
+"""The generation loop: one flat function (docs/architecture.md, "The generation loop").
 
     G_0 = fit(init, R)  or  load(checkpoint)
     for t in 1..T:

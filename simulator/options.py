@@ -1,63 +1,322 @@
-"""Typed options: the known config keys and the types of every option, one line per mistake.
+"""Typed options: one checker for every config section and every option, one line per mistake.
 
-Two sources of truth, so nothing is listed twice:
-- the known keys of a command's config are the keys its YAML files define (configs/ is the schema); a
-  key added with '+' that no file defines (`+sample.tempreature=0.5`) is refused, not silently ignored;
-- the options of a family, data source or policy are its constructor's keyword arguments, typed by the
-  constructor's annotations; bounds that a type cannot say (a width >= 1, a rate > 0) are named in
-  BOUNDS by option name, so every family that takes `hidden` or `lr` checks it the same way.
+A schema is a dataclass. Its annotations give the types (bool, int, float, str, lists, mappings, Literal
+choices, `| None` where null is allowed, nested dataclasses for nested sections); `opt(...)` puts bounds,
+choices and `nonfinite=True` in a field's metadata. `check(prefix, schema, values)` walks a mapping
+against it: an unknown key is refused (naming the allowed ones), a value of the wrong type, out of its
+bounds or choices, or non-finite where the field does not allow it, is one line through `problem`:
+`field: must be ..., got value`.
 
-Every failure is a ConfigError whose message is one line: `field: must be ..., got value`.
+Schemas come from three places, all through `check`:
+- the run config (simulator.config.RunConfig) and the contamination grid's config, written out;
+- a family's, data source's or policy's options: `options_schema(cls)` builds the dataclass from the
+  constructor's keyword arguments and annotations, with bounds by option name (BOUNDS: every family that
+  takes `hidden` or `lr` checks it the same way) and the class' own rules (its OPTIONS attribute);
+- the metrics' options: FIDOptions and VectorMetricOptions, dataclasses next to the metrics.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import inspect
 import math
 import re
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from simulator.config import ConfigError
+
+class ConfigError(ValueError):
+    """A bad value in the user's config or command line (printed as one line)."""
+
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-# subtrees whose keys belong to code (a family's, a source's or the metrics' options, and any *_options
-# such as sample.curation_options), checked where the code reads them
-OPEN = ("options",)
-# groups whose files are global patches (named setups, smoke runs, launchers): checked by the tests to
-# use only keys the other files define, so a typo there cannot widen the schema
-PATCH_GROUPS = ("experiment", "debug", "launcher")
-# keys written by the program itself, not by a YAML file
-WRITTEN = {"config": ("init.pretrained_sha256",)}
+MISSING = dataclasses.MISSING
 
-# model and metric option name -> (lowest, strict, highest, strict high): bounds by meaning (data sources
-# check their own options in their constructors)
+
+def opt(default: Any = MISSING, *, low: float | None = None, high: float | None = None, strict: bool = False,
+        strict_high: bool = False, choices: Iterable[Any] | None = None, nonfinite: bool = False,
+        ) -> Any:  # fmt: skip
+    """A schema field: its default and its rules (bounds low/high, strict: > rather than >=, choices,
+    nonfinite: inf and nan allowed). Bounds of a list of numbers apply to its items."""
+    meta = {"low": low, "high": high, "strict": strict, "strict_high": strict_high, "nonfinite": nonfinite,
+            "choices": None if choices is None else tuple(choices)}  # fmt: skip
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# option name -> rules, for schemas built from constructor signatures (options_schema): bounds by meaning
 POSITIVE_INTS = (
     "blocks hidden layers bins components em_iters batch_size steps levels blocks_per_level layers_per_block "
     "train_timesteps sample_steps likelihood_timesteps sample_batch projections k max_elems mmd_max n_bpd "
-    "kid_subsets kid_subset_size tiny_steps num_classes n_real width"
+    "kid_subsets kid_subset_size tiny_steps num_classes n_real width dim size resolution workers budget"
 ).split()
-BOUNDS: dict[str, tuple[float | None, bool, float | None, bool]] = {
-    **dict.fromkeys(POSITIVE_INTS, (1, False, None, False)),
-    **dict.fromkeys(("warmup", "ddof", "tiny_seed"), (0, False, None, False)),
-    **dict.fromkeys(("tol", "bandwidth", "tail_bound", "logit_alpha"), (0, True, None, False)),
-    "lr": (0, False, None, False),  # 0 holds the weights still (tests of sampling and evaluation use it)
-    **dict.fromkeys(("weight_decay", "reg_covar", "grad_clip"), (0, False, None, False)),
-    "label_dropout": (0, False, 1, True),
-    "ema_decay": (0, False, 1, True),
-    "eta": (0, False, 1, False),
+BOUNDS: dict[str, dict[str, Any]] = {
+    **dict.fromkeys(POSITIVE_INTS, {"low": 1}),
+    **dict.fromkeys(("warmup", "ddof", "tiny_seed", "seed", "split_seed", "n_syn"), {"low": 0}),
+    **dict.fromkeys(
+        ("tol", "bandwidth", "tail_bound", "logit_alpha", "noise", "spacing", "radius", "extent"),
+        {"low": 0, "strict": True},
+    ),  # fmt: skip
+    "lr": {"low": 0},  # 0 holds the weights still (tests of sampling and evaluation use it)
+    **dict.fromkeys(("weight_decay", "reg_covar", "grad_clip", "lam"), {"low": 0}),
+    "label_dropout": {"low": 0, "high": 1, "strict_high": True},
+    "ema_decay": {"low": 0, "high": 1, "strict_high": True},
+    "eta": {"low": 0, "high": 1},
+    "weight_real": {"low": 0, "high": 1},
 }
-# eval.options: the keys the metrics read (FIDOptions' fields are added by metric_option_types)
-TOY_METRIC_OPTIONS = {"projections": int, "k": int, "max_elems": int, "mmd_max": int, "n_bpd": int}
 
 
+# -- the one formatter and the type rules -----------------------------------------------------------------
+
+
+def problem(field: str, what: str, value: Any) -> str:
+    """The one line of every validation error."""
+    return f"{field}: must be {what}, got {value!r}"
+
+
+def unknown(field: str, allowed: Iterable[str], noun: str = "option", why: str = "") -> str:
+    """The one line of a key that nothing reads (or that the program sets itself)."""
+    why = why or (f"unknown {noun}" + (" (nothing reads it)" if noun == "key" else ""))
+    return f"{field}: {why}; allowed: {', '.join(sorted(allowed))}"
+
+
+def choose(field: str, value: Any, allowed: Iterable[Any], *, null: bool = False,
+           error: type[Exception] = ConfigError) -> Any:  # fmt: skip
+    """value when it is one of allowed (or None with null), else error with the one line."""
+    allowed = tuple(allowed)
+    if (value is None and null) or (value in allowed and not isinstance(value, bool)):
+        return value
+    raise error(problem(field, f"one of {', '.join(map(str, allowed))}{' or null' if null else ''}", value))
+
+
+def _union(hint: Any) -> tuple[Any, ...] | None:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bounds(rules: Mapping[str, Any]) -> str:
+    low, high = rules.get("low"), rules.get("high")
+    if low is not None and high is not None:
+        left, right = "(" if rules.get("strict") else "[", ")" if rules.get("strict_high") else "]"
+        return f" in {left}{low:g}, {high:g}{right}"
+    if low is not None:
+        return f" {'>' if rules.get('strict') else '>='} {low:g}"
+    if high is not None:
+        return f" {'<' if rules.get('strict_high') else '<='} {high:g}"
+    return ""
+
+
+def _within(value: Any, rules: Mapping[str, Any]) -> bool:
+    low, high = rules.get("low"), rules.get("high")
+    if low is not None and not (value > low if rules.get("strict") else value >= low):
+        return False
+    return high is None or bool(value < high if rules.get("strict_high") else value <= high)
+
+
+WORDS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), str: ("a string", "strings"),
+         float: ("a finite number", "finite numbers"), dict: ("a mapping", "mappings")}  # fmt: skip
+
+
+def describe(hint: Any, rules: Mapping[str, Any] | None = None) -> str:
+    """What a value of hint must be, in words ('an integer >= 1 or null')."""
+    rules = rules or {}
+    args = _union(hint)
+    if args is not None:
+        words = [describe(a, rules) for a in args if a is not type(None)]
+        return " or ".join(dict.fromkeys(words)) + (" or null" if type(None) in args else "")
+    if rules.get("choices") is not None:
+        return f"one of {', '.join(map(str, rules['choices']))}"
+    origin = typing.get_origin(hint) or hint
+    if origin is typing.Literal:
+        return f"one of {', '.join(map(str, typing.get_args(hint)))}"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    if origin in (list, tuple):
+        item = (typing.get_args(hint) or (Any,))[0]
+        plural = WORDS.get(item, (None, None))[1]
+        if plural == "finite numbers" and rules.get("nonfinite"):
+            plural = "numbers"
+        return f"a list of {plural}{_bounds(rules)}" if plural else "a list"
+    single = WORDS.get(origin, ("a value", None))[0]
+    if origin is float and rules.get("nonfinite"):
+        single = "a number"
+    return single + (_bounds(rules) if origin in (int, float) else "")
+
+
+def accepts(hint: Any, value: Any, rules: Mapping[str, Any] | None = None) -> bool:
+    """Whether value fits hint and the field's rules (bounds, choices, finiteness)."""
+    rules = rules or {}
+    args = _union(hint)
+    if args is not None:
+        return any(accepts(a, value, rules) for a in args)
+    if hint is type(None):
+        return value is None
+    if rules.get("choices") is not None:
+        return value in rules["choices"] and not isinstance(value, bool)
+    if hint is Any or hint is object:
+        return True
+    origin = typing.get_origin(hint) or hint
+    if origin is typing.Literal:
+        return value in typing.get_args(hint) and not isinstance(value, bool)
+    if dataclasses.is_dataclass(hint) or origin is dict:
+        return isinstance(value, Mapping)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        item = (typing.get_args(hint) or (Any,))[0]
+        return all(accepts(item, v, rules) for v in value)
+    if origin is bool:
+        return isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool) and _within(value, rules)
+    if origin is float:
+        finite = rules.get("nonfinite") or (_number(value) and math.isfinite(value))
+        return _number(value) and bool(finite) and (math.isnan(value) or _within(value, rules))
+    if origin is str:
+        return isinstance(value, str)
+    return True  # types a YAML value cannot have (a tensor, a callable): the constructor decides
+
+
+# -- the one checker ---------------------------------------------------------------------------------------
+
+
+def _rules(f: dataclasses.Field) -> dict[str, Any]:
+    return {k: v for k, v in f.metadata.items() if v is not None and v is not False}  # (low 0 is a rule)
+
+
+@functools.cache
+def hints(schema: type) -> dict[str, Any]:
+    """A schema's resolved annotations."""
+    return typing.get_type_hints(schema)
+
+
+def plain(values: Any) -> Any:
+    """A DictConfig/ListConfig as plain Python containers (interpolations resolved); others unchanged."""
+    if isinstance(values, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(values, resolve=True)
+    return values
+
+
+def check(prefix: str, schema: type, values: Any, *, fixed: Iterable[str] = (), extra: Iterable[str] = (),
+          noun: str = "option", error: type[Exception] = ConfigError) -> None:  # fmt: skip
+    """values (a mapping) against schema; raises error with one line naming the first bad field.
+
+    fixed: names the program sets itself (refused from the user); extra: further keys allowed as they are
+    (an experiment's own keys that its values interpolate); noun: "key" for config sections."""
+    values = plain(values)
+    dot = f"{prefix}." if prefix else ""
+    if not isinstance(values, Mapping):
+        raise error(problem(prefix or "config", "a mapping", values))
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    fixed, allowed = set(fixed), [n for n in fields if n not in set(fixed)]
+    for name, value in values.items():
+        field = f"{dot}{name}"
+        if name in fixed:
+            raise error(unknown(field, allowed, why="set by the program"))
+        if name not in fields:
+            if name in extra:
+                continue
+            raise error(unknown(field, allowed, noun))
+        hint, rules = hints(schema)[name], _rules(fields[name])
+        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+            check(field, cast(type, hint), value, noun=noun, error=error)
+        else:
+            check_value(field, hint, value, error=error, **rules)
+
+
+def check_value(
+    field: str, hint: Any, value: Any, *, error: type[Exception] = ConfigError, **rules: Any
+) -> Any:
+    """One value against a type and rules (as opt's); returns it, or raises error with the one line."""
+    if not accepts(hint, value, rules):
+        raise error(problem(field, describe(hint, rules), value))
+    return value
+
+
+def parse(prefix: str, schema: type, values: Any, **kw: Any) -> Any:
+    """check, then the schema's instance (nested sections as their dataclasses; absent keys: defaults)."""
+    values = plain(values)
+    check(prefix, schema, values, **kw)
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.name in values:
+            hint = hints(schema)[f.name]
+            nested = dataclasses.is_dataclass(hint) and isinstance(values[f.name], Mapping)
+            out[f.name] = parse(f"{prefix}.{f.name}", hint, values[f.name]) if nested else values[f.name]
+    return schema(**out)
+
+
+# -- schemas from constructors ------------------------------------------------------------------------------
+
+
+@functools.cache
+def options_schema(cls: Any) -> type:
+    """The dataclass of cls' keyword options: annotated types (Any where unannotated), defaults, and the
+    rules of BOUNDS by option name, overridden by the class' own OPTIONS ({name: {rule: value}})."""
+    target = cls.__init__ if inspect.isclass(cls) else cls
+    try:
+        annotations = typing.get_type_hints(target)
+    except Exception:  # an annotation that does not resolve: check names only
+        annotations = {}
+    own = getattr(cls, "OPTIONS", {})
+    specs = []
+    for p in inspect.signature(cls).parameters.values():
+        if p.kind not in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name == "self":
+            continue
+        rules = {**BOUNDS.get(p.name, {}), **own.get(p.name, {})}
+        default = None if p.default is inspect.Parameter.empty else p.default
+        specs.append((p.name, annotations.get(p.name, Any), opt(default, **rules)))
+    name = getattr(cls, "__name__", "options")
+    schema = dataclasses.make_dataclass(f"{name}Options", specs)
+    if inspect.isclass(cls) and any(
+        p.kind is p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values()
+    ):
+        base = next(b for b in cls.__mro__[1:] if "__init__" in vars(b))  # **options go to the base class
+        schema = merge_schemas(f"{name}Options", schema, options_schema(base))
+    return schema
+
+
+def merge_schemas(name: str, *schemas: type) -> type:
+    """One schema holding the fields of several (the first schema's field wins a shared name)."""
+    specs: dict[str, tuple] = {}
+    for schema in schemas:
+        for f in dataclasses.fields(schema):
+            if f.name not in specs:
+                new = dataclasses.field(
+                    default=f.default, default_factory=f.default_factory, metadata=f.metadata
+                )
+                specs[f.name] = (f.name, hints(schema)[f.name], new)
+    return dataclasses.make_dataclass(name, list(specs.values()))
+
+
+def check_call(prefix: str, cls: Any, error: type[Exception] = ConfigError, **values: Any) -> None:
+    """A constructor's arguments against options_schema(cls) (for classes that check themselves)."""
+    check(prefix, options_schema(cls), values, error=error)
+
+
+# -- the known keys of a command's YAML files ---------------------------------------------------------------
+
+# subtrees whose keys belong to code (a family's, a source's or the metrics' options, and any *_options
+# such as sample.curation_options), checked where the code reads them
+OPEN = ("options",)
+# keys written by the program itself, not by a YAML file
+WRITTEN = {"config": ("init.pretrained_sha256",)}
 INTERPOLATION = re.compile(r"\$\{([\w.]+)\}")
+PATCH_GROUPS = ("experiment", "debug", "launcher")
 
 
 def _paths(node: Any, prefix: str) -> set[str]:
@@ -73,7 +332,7 @@ def _paths(node: Any, prefix: str) -> set[str]:
     return out
 
 
-def _package(text: str, group: str) -> str | None:
+def _package(text: str, group: str) -> str:
     """'' for a global file, else the key prefix of a group file (its '# @package' or its group path)."""
     for line in text.splitlines()[:3]:
         if line.startswith("# @package"):
@@ -84,7 +343,8 @@ def _package(text: str, group: str) -> str | None:
 
 @functools.lru_cache(maxsize=4)
 def known_keys(config_name: str) -> frozenset[str]:
-    """Every key path the YAML files of config_name define (its primary file and its groups' files)."""
+    """Every key path the YAML files of config_name define (its primary file and its groups' files): the
+    tests hold each command's schema to exactly these, so a key has a YAML default and a type."""
     primary = yaml.safe_load((CONFIG_DIR / f"{config_name}.yaml").read_text()) or {}
     keys = _paths(primary, "")
     for entry in primary.get("defaults", []):
@@ -100,110 +360,19 @@ def known_keys(config_name: str) -> frozenset[str]:
     return frozenset(keys | {".".join(k.split(".")[:i]) for k in keys for i in range(1, k.count(".") + 1)})
 
 
-def check_known_keys(cfg: DictConfig, config_name: str = "config") -> None:
-    """Refuse a key that no YAML file of the command defines (a '+key=value' that nothing reads)."""
-    known = known_keys(config_name)
-    plain = OmegaConf.to_container(cfg, resolve=False)
-    read = set(INTERPOLATION.findall(repr(plain)))  # an experiment's own keys that its values interpolate
-    for path in sorted(_paths(plain, "")):  # type: ignore[arg-type]
-        if path not in known and not any(path == r or path.startswith(r + ".") for r in read):
-            parent = path.rpartition(".")[0]
-            siblings = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent)
-            raise ConfigError(
-                f"{path}: unknown key (nothing reads it); known keys here: {', '.join(siblings)}"
-            )
+def schema_paths(schema: type, prefix: str = "") -> set[str]:
+    """Dotted key paths of a config schema, nested sections included (their own keys too)."""
+    out = set()
+    for f in dataclasses.fields(schema):
+        path = f"{prefix}{f.name}"
+        out.add(path)
+        hint = hints(schema)[f.name]
+        if dataclasses.is_dataclass(hint):
+            out |= schema_paths(cast(type, hint), path + ".")
+    return out
 
 
-def _describe(hint: Any) -> tuple[str, bool]:
-    """('an integer', null allowed?) for the one-line error."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = typing.get_args(hint)
-        words = [_describe(a)[0] for a in args if a is not type(None)]
-        return " or ".join(dict.fromkeys(words)), type(None) in args
-    origin = typing.get_origin(hint) or hint
-    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-             tuple: "a list", list: "a list"}  # fmt: skip
-    return names.get(origin, "a value"), False
-
-
-def _accepts(hint: Any, value: Any) -> bool:
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return any(_accepts(a, value) for a in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    origin = typing.get_origin(hint) or hint
-    if origin is bool:
-        return isinstance(value, bool)
-    if origin is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if origin is str:
-        return isinstance(value, str)
-    if origin in (tuple, list):
-        return isinstance(value, (list, tuple))
-    return True  # Any and the types a YAML value cannot have: the constructor decides
-
-
-def _bound_text(low: float | None, strict: bool, high: float | None, strict_high: bool) -> str:
-    if low is not None and high is not None:
-        return f" in {'(' if strict else '['}{low:g}, {high:g}{')' if strict_high else ']'}"
-    return f" {'>' if strict else '>='} {low:g}" if low is not None else ""
-
-
-def check_value(field: str, name: str, hint: Any, value: Any) -> None:
-    """One option against its type and its name's bounds; ConfigError naming field otherwise."""
-    low, strict, high, strict_high = BOUNDS.get(name, (None, False, None, False))
-    ok = _accepts(hint, value)
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and number and low is not None:
-        ok = value > low if strict else value >= low
-    if ok and number and high is not None:
-        ok = value < high if strict_high else value <= high
-    if not ok:
-        what, null = _describe(hint)
-        bounds = _bound_text(low, strict, high, strict_high)
-        raise ConfigError(f"{field}: must be {what}{bounds}{' or null' if null else ''}, got {value!r}")
-
-
-def signature_types(fn: Any) -> dict[str, Any]:
-    """Keyword options of a constructor and their annotated types (Any where unannotated)."""
-    target = fn.__init__ if inspect.isclass(fn) else fn
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception:  # an annotation that does not resolve: check names only
-        hints = {}
-    params = inspect.signature(fn).parameters.values()
-    return {p.name: hints.get(p.name, Any) for p in params
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"}  # fmt: skip
-
-
-def check_options(field: str, values: dict[str, Any], types_: dict[str, Any], *, fixed: tuple = ()) -> None:
-    """values against types_: unknown names refused (those in fixed are set by the program)."""
-    for name, value in values.items():
-        if name in fixed or name not in types_:
-            allowed = ", ".join(sorted(k for k in types_ if k not in fixed))
-            why = "set by the program" if name in fixed else "unknown option"
-            raise ConfigError(f"{field}.{name}: {why}; allowed: {allowed}")
-        check_value(f"{field}.{name}", name, types_[name], value)
-
-
-@functools.lru_cache(maxsize=1)
-def metric_option_types() -> dict[str, Any]:
-    """eval.options: the FID options (their dataclass' types) and the vector metrics' options."""
-    from simulator.metrics.fid import FIDOptions
-
-    return {**{f: hint for f, hint in typing.get_type_hints(FIDOptions).items()}, **TOY_METRIC_OPTIONS}
-
-
-def check_model_options(cfg: DictConfig, cls: type) -> None:
-    """model.options against the family's constructor (chains and event_shape come from the run)."""
-    values = OmegaConf.to_container(cfg.model.options, resolve=True) or {}
-    check_options("model.options", values, signature_types(cls), fixed=("chains", "event_shape"))  # type: ignore[arg-type]
-
-
-def check_metric_options(cfg: DictConfig) -> None:
-    """eval.options: every key one a metric reads, of the right type ('backend' has its own message)."""
-    values = dict(OmegaConf.to_container(cfg.eval.options, resolve=True) or {})  # type: ignore[arg-type]
-    values.pop("backend", None)  # FIDOptions.parse says it was removed
-    check_options("eval.options", values, metric_option_types())
+def interpolated(cfg: DictConfig) -> set[str]:
+    """Top-level keys that the config's own values interpolate (an experiment's own keys, e.g. `start`)."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    return {name.split(".")[0] for name in INTERPOLATION.findall(repr(raw))}

@@ -17,6 +17,7 @@ import torch
 
 from simulator import seeding
 from simulator.data.base import Truth
+from simulator.options import accepts, check_call, describe, problem
 
 REAL = -1  # member id of the real training set; synthetic members are generation numbers
 TRUTH = -2  # member id of generation t's fresh draw from the data source's exact sampler (fresh, truth)
@@ -45,13 +46,10 @@ def _draw_without_replacement(chains: int, total: int, k: int, generator: torch.
     return keys.topk(k, dim=1).indices.sort(dim=1).values
 
 
-def _check_weight_real(weight_real: float | None) -> float | None:
-    if weight_real is None:
-        return None
-    bad = isinstance(weight_real, bool) or not isinstance(weight_real, (int, float))
-    if bad or not 0 <= weight_real <= 1:
-        raise PolicyError(f"policy.weight_real: must be a number in [0, 1] or null, got {weight_real!r}")
-    return float(weight_real)
+def _check(cls: type, **values: object) -> None:
+    """A policy's options against its constructor's schema (simulator.options: types, bounds by name
+    (lam >= 0, n_real >= 1, weight_real in [0, 1], ...) and cls.OPTIONS), one PolicyError line."""
+    check_call("policy", cls, PolicyError, **values)
 
 
 def _split_weights(weight_real: float | None, n_real: int, n_syn: int) -> torch.Tensor | None:
@@ -87,8 +85,8 @@ class Policy:
     def draw_from_last(self, k: int) -> Policy:
         """Draw the synthetic part equally from generations t-1, ..., t-k (Alemohammad et al., appendix:
         the mixture of the last k models); k = 1 is the previous generation alone. Returns self."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise PolicyError(f"sample.from_last: must be an integer >= 1, got {k!r}")
+        if not accepts(int, k, {"low": 1}):
+            raise PolicyError(problem("sample.from_last", describe(int, {"low": 1}), k))
         self.from_last = k
         return self
 
@@ -132,6 +130,7 @@ class Replace(Policy):
     name = "replace"
 
     def __init__(self, n_syn: int | None = None):
+        _check(Replace, n_syn=n_syn)
         self.n_syn = n_syn
 
     def n_synthetic(self, n_real: int) -> int:
@@ -154,10 +153,9 @@ class Mix(Policy):
     weighted = True
 
     def __init__(self, lam: float = 0.5, weight_real: float | None = None):
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
-            raise PolicyError(f"policy.lam: must be >= 0, got {lam}")
+        _check(Mix, lam=lam, weight_real=weight_real)
         self.lam = float(lam)
-        self.weight_real = _check_weight_real(weight_real)
+        self.weight_real = None if weight_real is None else float(weight_real)
         if self.weight_real is not None and self.lam == 0:
             raise PolicyError("policy.weight_real: needs synthetic rows to weigh against (lam > 0); use null")
 
@@ -193,6 +191,7 @@ class Fresh(Policy):
     name = "fresh"
     weighted = True
     SOURCES = ("fixed", "truth")
+    OPTIONS = {"source": {"choices": SOURCES}}  # rules beyond the annotations and options.BOUNDS
 
     def __init__(
         self,
@@ -201,14 +200,9 @@ class Fresh(Policy):
         source: str | None = None,
         weight_real: float | None = None,
     ):
-        if (n_real is not None and n_real < 1) or (n_syn is not None and n_syn < 0):
-            raise PolicyError(f"policy.n_real must be >= 1 and policy.n_syn >= 0, got {n_real}, {n_syn}")
-        if source is not None and source not in self.SOURCES:
-            raise PolicyError(
-                f"policy.source: must be one of {', '.join(self.SOURCES)} or null, got {source!r}"
-            )
+        _check(Fresh, n_real=n_real, n_syn=n_syn, source=source, weight_real=weight_real)
         self.n_real, self.n_syn, self.source = n_real, n_syn, source or "fixed"
-        self.weight_real = _check_weight_real(weight_real)
+        self.weight_real = None if weight_real is None else float(weight_real)
         if self.weight_real is not None and n_syn == 0:
             raise PolicyError(
                 "policy.weight_real: needs synthetic rows to weigh against (n_syn > 0); use null"
@@ -254,6 +248,7 @@ class Accumulate(Policy):
     name = "accumulate"
 
     def __init__(self, n_syn: int | None = None):
+        _check(Accumulate, n_syn=n_syn)
         self.n_syn = n_syn
 
     def n_synthetic(self, n_real: int) -> int:
@@ -278,10 +273,8 @@ class AccumulateSubsample(Accumulate):
     name = "accumulate_subsample"
 
     def __init__(self, n_syn: int | None = None, budget: int | None = None):
-        super().__init__(n_syn)
-        if budget is not None and budget < 1:
-            raise PolicyError(f"policy.budget: must be >= 1, got {budget}")
-        self.budget = budget
+        _check(AccumulateSubsample, n_syn=n_syn, budget=budget)
+        self.n_syn, self.budget = n_syn, budget
 
     def select(self, t, n_real, chains, generator):
         members = (REAL, *range(t))

@@ -36,7 +36,10 @@ def check_jobs(args: list[str], config_name: str, check: Callable[[DictConfig, d
     """
     from hydra import initialize_config_dir
 
+    from simulator import keys
     from simulator.options import CONFIG_DIR
+
+    keys.register_resolvers()  # configs/config.yaml's exclude_keys are resolved as it composes
 
     def command_line(e: Exception) -> ConfigError:
         first = (str(e).strip() or type(e).__name__).splitlines()[0]

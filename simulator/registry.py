@@ -57,6 +57,15 @@ def _source_factories() -> dict[str, Callable[..., Any]]:
     return out
 
 
+def source_class(name: str) -> type:
+    """The class of data source name (its options: the constructor's, simulator.options.options_schema)."""
+    for module, (table, _) in SOURCE_MODULES.items():
+        classes = getattr(importlib.import_module(module), table)
+        if name in classes:
+            return classes[name]
+    raise KeyError(name)
+
+
 def family_class(name: str) -> type:
     """The class of family name (a key of FAMILIES)."""
     return _import(FAMILIES[name])
@@ -155,9 +164,7 @@ def check_guidance(cfg: DictConfig, data: Dataset | None = None) -> None:
     before any work, from the config alone (and the data when given): a resume checks it again, and its
     config.yaml must equal this config, so the saved model options are these."""
     opts = cfg.model.get("options") or {}
-    p = opts.get("label_dropout")
-    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))):
-        raise ConfigError(f"model.options.label_dropout: must be a number in [0, 1), got {p!r}")
+    p = opts.get("label_dropout")  # its type and range: config.validate (the family's options schema)
     family = cfg.model.family
     checkpoint = OmegaConf.select(cfg, "init.checkpoint", default=None)
     dropout_family = "label_dropout" in inspect.signature(_import(FAMILIES[family])).parameters
@@ -191,10 +198,7 @@ def make_policy(cfg: DictConfig) -> policies.Policy:
     """The data policy named by cfg.policy.name, built with the group's other keys as options."""
     options = {k: v for k, v in _options(cfg.policy).items() if k != "name"}
     cls = policies.POLICIES[cfg.policy.name]
-    if options.get("weight_real") is not None and not cls.weighted:
-        weighted = ", ".join(name for name, c in policies.POLICIES.items() if c.weighted)
-        raise ConfigError(f"policy.weight_real: only for policies with a real and a synthetic part "
-                          f"({weighted}), not {cfg.policy.name}")  # fmt: skip
+    # a non-null weight_real of a policy without a synthetic part is refused by config.check_policy
     options = {k: v for k, v in options.items() if k != "weight_real" or cls.weighted}
     from simulator.data.toy import TOY_SOURCES
 

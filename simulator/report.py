@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from simulator import stability
+from simulator import keys, stability
 from simulator.strict_json import number
 
 SKIP_COLUMNS = {"generation", "status", "policy", "train", "error", "n_train"}
@@ -196,10 +196,8 @@ def _state(path: Path) -> dict[str, Any]:
 
 
 def _seedless(config: dict[str, Any]) -> str:
-    c = {
-        k: v for k, v in config.items() if k not in ("seed", "progress", "device", "run_root", "generations")
-    }
-    return json.dumps(c, sort_keys=True, default=str)
+    """The config without its seed and the keys that do not change the science: one regime's key."""
+    return json.dumps(keys.drop(config, ("seed", *keys.NON_SCIENCE)), sort_keys=True, default=str)
 
 
 def _policyless(config: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""Run directory: atomic per-generation commit, resume, lock, config check (DESIGN.md section 4).
+"""Run directory: atomic per-generation commit, resume, lock, config check (docs/architecture.md).
 
     <run>/config.yaml      resolved config; a changed config refuses to resume
     <run>/state.json       last committed generation, status, code version, file checksums
@@ -30,12 +30,13 @@ import os
 import re
 import shutil
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from simulator import code_version
+from simulator import code_version, keys
 from simulator.strict_json import dumps, strict_row
 
 
@@ -96,10 +97,8 @@ def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> li
 class RunDir:
     """One run's directory. Use as a context manager to hold its lock."""
 
-    # keys that may change between invocations without changing the science of a run
-    RESUMABLE_KEYS = ("generations", "progress", "device", "threads", "durable", "run_root", "eval.figures",
-                      "share_gen0", "train.checkpoint_every", "train.checkpoint_minutes",
-                      "logger")  # fmt: skip
+    # keys that may change between invocations without changing the science of a run (simulator/keys.py)
+    RESUMABLE_KEYS = keys.NON_SCIENCE
 
     MANIFEST = "manifest.json"  # checksums of a gen dir's files, written inside it before the rename
     SCRATCH = ("fit_state.pt", "fit.json")  # resume aids inside gen_XXX.tmp, dropped at commit
@@ -528,3 +527,16 @@ class SharedGen0:
             _link_or_copy(f, staging / f.name)
         shutil.rmtree(self.path, ignore_errors=True)
         os.replace(staging, self.path)
+
+
+class _CallableModule(types.ModuleType):
+    """`simulator.run(...)` is the Python API (simulator/api.py), and simulator.run is also this module:
+    importing a submodule rebinds the package's attribute to it, so the module forwards a call to the API."""
+
+    def __call__(self, overrides: Any = None) -> Any:
+        from simulator.api import run
+
+        return run(overrides)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,10 +1,10 @@
 """Theory of self-consuming retraining, and the same quantities measured from a run's rows.
 
-Closed forms (SCIENCE.md) for the Gaussian family under replace / accumulate / mix, the
+Closed forms (docs/science.md) for the Gaussian family under replace / accumulate / mix, the
 sufficient stability condition of Bertrand et al. (ICLR 2024), and a fitted contraction rate with
 a verdict, so that a measured trajectory can be set against the theory. numpy/scipy only.
 
-Conventions (SCIENCE.md): generation 0 is the truth N(mu_0, Sigma_0); fit t uses n i.i.d. samples
+Conventions (docs/science.md): generation 0 is the truth N(mu_0, Sigma_0); fit t uses n i.i.d. samples
 of model t-1 (fit 1 uses the real data); a = (n-1)/n.
 """
 
@@ -74,7 +74,7 @@ def gaussian_expected(
     temperature s (covariance s Sigma). accumulate: pooled MLE (ddof 0) over all n t points so
     far. mix(lam): n real points plus m = round(lam n) samples of the previous model, ddof 0, so
     rho = m / (n + m) (= lam / (1 + lam)); the model of generation 0 is the perturbed start.
-    tempered_real: SCIENCE.md's convention draws fit 1's data from the truth at temperature s too
+    tempered_real: docs/science.md's convention draws fit 1's data from the truth at temperature s too
     (E[Sigma_t] = s^t Sigma_0); False keeps the real data untempered, as in the generation loop.
     """
     ts = np.asarray(t)

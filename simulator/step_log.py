@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-LOGGERS = ("none", "tensorboard")
 EXTRA = 'logger=tensorboard needs the tensorboard extra: pip install -e ".[tensorboard]" -c constraints.txt'
 
 
@@ -87,17 +86,6 @@ def available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def check(name: Any, every: Any) -> str | None:
-    """The one-line problem with logger options (name, every), or None when they are usable here."""
-    if name not in LOGGERS:
-        return f"logger.name: must be one of {', '.join(LOGGERS)}, got {name!r}"
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        return f"logger.every: must be an integer >= 1, got {every!r}"
-    if name == "tensorboard" and not available():
-        return EXTRA
-    return None
 
 
 def for_generations(name: str, folder: Path, every: int = 10) -> Any:

@@ -36,7 +36,7 @@ def test_default_config_composes():
 def test_tiny_single_run(tmp_path):
     out = simulate("experiment=single", *TINY, "policy=mix", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    run = tmp_path / "runs" / "default" / "model.options.blocks=2,model.options.hidden=16,policy=mix"
+    run = tmp_path / "runs" / "default-tiny" / "model.options.blocks=2,model.options.hidden=16,policy=mix"
     rows = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in rows] == [0, 1, 2]
     assert not (run / "figures").exists()  # debug=tiny switches figures off
@@ -48,7 +48,7 @@ def test_tiny_single_run(tmp_path):
 def test_default_sweep_draws_the_comparison(tmp_path):
     out = simulate(*TINY, "generations=2", "eval.figures=true", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    sweep = tmp_path / "runs" / "regimes_2d"
+    sweep = tmp_path / "runs" / "regimes_2d-tiny"
     runs = {tuple(p.name.split(",")[-2:]) for p in sweep.iterdir() if (p / "results.jsonl").exists()}
     policies = ("accumulate", "mix_high", "mix_low", "replace", "real_only")
     assert runs == {(f"policy={p}", f"seed={s}") for p in policies for s in range(3)}  # 5 regimes x 3 seeds
@@ -116,7 +116,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 
 
 def test_run_made_by_another_config_is_refused(tmp_path):
-    run = tmp_path / "runs" / "default" / "model.options.blocks=2,model.options.hidden=16,policy=mix"
+    run = tmp_path / "runs" / "default-tiny" / "model.options.blocks=2,model.options.hidden=16,policy=mix"
     assert simulate("experiment=single", *TINY, "policy=mix", cwd=tmp_path).returncode == 0
     edited = yaml.safe_load((run / "config.yaml").read_text())
     edited["policy"]["lam"] = 0.75  # as if the config file had been edited since
@@ -134,7 +134,7 @@ def test_lambda_by_seed_sweep_and_report(tmp_path):
     out = simulate("-m", "experiment=single", *TINY, "policy=mix", "policy.lam=0.5,1", "seed=0,1",
                    "eval.metrics=[moments]", "eval.stability_metric=var_ratio", cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    sweep = tmp_path / "runs" / "default"
+    sweep = tmp_path / "runs" / "default-tiny"
     runs = sorted(p.name for p in sweep.iterdir() if (p / "results.jsonl").exists())
     assert len(runs) == 4 and all("policy.lam=" in r and "seed=" in r for r in runs)
     table = (sweep / "figures" / "summary.csv").read_text().splitlines()

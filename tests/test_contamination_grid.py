@@ -315,7 +315,7 @@ def test_every_named_experiment_composes_and_validates(experiment, tmp_path):
         (["modes.generations=[0.5]"], "modes.generations: needs generator.kind=run"),
         (["eval.shifts=[fog]"], "eval.shifts: unknown shift 'fog'"),
         (["seeds=[]"], "seeds: must be a non-empty list"),
-        (["eval.severity=[1,6]"], "eval.severity: must be an integer in 1..5 or a list"),
+        (["eval.severity=[1,6]"], "eval.severity: must be an integer in [1, 5] or a list"),
         (["split.fraction=1.0"], "split.fraction: 1.0 leaves no held-out real images for modes.control"),
         (["generator.seed=-1"], "generator.seed: must be an integer >= 0 or null"),
         (["classifier.seed=x"], "classifier.seed: must be an integer >= 0 or null"),

@@ -1,4 +1,4 @@
-"""The Gaussian family under self-consuming retraining against the closed forms of SCIENCE.md.
+"""The Gaussian family under self-consuming retraining against the closed forms of docs/science.md.
 
 Every test runs tens of thousands of independent chains in one tensor program and compares the
 chain average of a quantity with stability.gaussian_expected, with a tolerance of Z standard

@@ -5,7 +5,7 @@ p > 0.0005. There are 6 cases x 9 comparisons = 54 of them against the loop's sa
 more (Bartlett vs explicit scatters, S_t's blocks, fresh), so by Bonferroni a correct implementation
 fails somewhere with probability <= 65 x 0.0005 = 3.3%; the seeds are fixed, so the outcome is
 reproducible. Means are
-compared with closed forms to 4 standard errors taken from the same draws (SCIENCE.md).
+compared with closed forms to 4 standard errors taken from the same draws (docs/science.md).
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def test_fresh_from_the_truth_matches_refitting_on_new_draws():
 
 @pytest.mark.parametrize("policy,ddof,s", [("replace", 0, 1.0), ("replace", 1, 0.9), ("accumulate", 0, 1.0)])
 def test_means_match_the_closed_forms(policy, ddof, s):
-    """Generation g is fit g + 1 of SCIENCE.md; the loop never tempers the real data."""
+    """Generation g is fit g + 1 of docs/science.md; the loop never tempers the real data."""
     n, d, gens = 100, 2, np.array([1, 5, 20])
     sigma0 = torch.tensor([[1.0, 0.4], [0.4, 2.0]], dtype=F64)
     r = simulate_gaussian_statistics(policy, n, 20, 20_000, torch.ones(d), sigma0, ddof=ddof,

@@ -195,7 +195,7 @@ GUIDED = ["model=diffusion_tiny", "data=digits", "model.options.num_classes=10",
         (["model=diffusion_tiny", "data=digits", "sample.guidance=2"], "guidance needs a class-conditional"),
         (GUIDED, "sample.guidance: the model is trained without label dropout"),
         (GUIDED + ["model.options.label_dropout=0"], "trained without label dropout"),
-        (["sample.guidance=-1"], "sample.guidance: must be a finite number >= 0, got -1"),
+        (["sample.guidance=-1"], "sample.guidance: must be a finite number >= 0 or null, got -1"),
         (["model=diffusion_tiny", "model.options.label_dropout=x"], "model.options.label_dropout: must be"),
     ],
 )

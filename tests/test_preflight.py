@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from simulator import options
 from simulator.cli import CONFIG_DIR, run_config
-from simulator.config import ConfigError
+from simulator.config import ConfigError, RunConfig, metric_schema, validate
+from simulator.contamination.schema import ContaminateConfig
 from simulator.preflight import compose_jobs, sweep_jobs
 from tests.conftest import compose_config
 
@@ -48,35 +49,32 @@ def test_shared_compositions_equal_hydras_own(hydra_dir):
     assert OmegaConf.to_container(cfg) == OmegaConf.to_container(compose("config", overrides=job))
 
 
+SCHEMAS = {"config": RunConfig, "contaminate": ContaminateConfig}
+
+
 @pytest.mark.parametrize(
     "config,group", [("config", "experiment"), ("contaminate", "contaminate/experiment")]
 )
 def test_named_setups_use_only_known_keys(hydra_dir, config, group):
-    """experiment/ and debug/ files are patches: they may only set keys the groups' files define."""
+    """experiment/ and debug/ files are patches: they may only set keys the command's schema defines."""
     debug = group.replace("experiment", "debug")
     runs = [f"{g}={p[:-5]}" for g in (group, debug) for p in sorted(os.listdir(os.path.join(CONFIG_DIR, g)))]
     for override in runs:
-        overrides = [override]
-        cfg = compose(config, overrides=overrides)
-        options.check_known_keys(cfg, config)
+        cfg = compose(config, overrides=[override])
+        options.check("", SCHEMAS[config], cfg, noun="key", extra=options.interpolated(cfg))
         if config == "config":
-            options.check_metric_options(cfg)
+            values = {k: v for k, v in OmegaConf.to_container(cfg.eval.options).items() if k != "backend"}
+            options.check("eval.options", metric_schema(), values)
 
 
 def test_unknown_key_and_option_messages():
     with pytest.raises(ConfigError, match=r"^sample\.tempreature: unknown key .* temperature"):
-        options.check_known_keys(compose_config("+sample.tempreature=0.5"))
+        validate(compose_config("+sample.tempreature=0.5"))
     with pytest.raises(
         ConfigError, match=r"^model\.options\.grad_clip: must be a finite number >= 0 or null"
     ):
-        options.check_model_options(compose_config("+model.options.grad_clip=-1"), _flow())
-    options.check_model_options(compose_config("+model.options.grad_clip=null"), _flow())  # null is allowed
-
-
-def _flow() -> type:
-    from simulator.models.flow import FlowFamily
-
-    return FlowFamily
+        validate(compose_config("+model.options.grad_clip=-1"))
+    validate(compose_config("+model.options.grad_clip=null"))  # null is allowed
 
 
 def test_shrinking_generations_warns_and_keeps_the_run(tmp_path, capsys):

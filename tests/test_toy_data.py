@@ -265,7 +265,7 @@ def test_hydra_list_options() -> None:
 
 
 BAD = [
-    ("nope", {}, "data.name: unknown toy source 'nope'"),
+    ("nope", {}, "data.name: must be one of gaussian, gmm"),
     ("gaussian", {"foo": 1}, "data.foo: unknown option"),
     ("gaussian", {"std": -1.0}, "data.std"),
     ("gaussian", {"std": 1.0, "cov": [[1, 0], [0, 1]]}, "data.cov: give either std or cov"),

@@ -253,8 +253,8 @@ BAD = [
     (["policy=replace", "+policy.weight_real=0.5"], "policy.weight_real: only for policies with a real and a "
                                                     "synthetic part (mix, fresh), not replace"),
     (["policy=accumulate", "+policy.weight_real=0.5"], "policy.weight_real: only for policies"),
-    (["policy=mix", "policy.weight_real=1.5"], "policy.weight_real: must be a number in [0, 1] or null"),
-    (["policy=mix", "policy.weight_real=yes"], "policy.weight_real: must be a number in [0, 1] or null"),
+    (["policy=mix", "policy.weight_real=1.5"], "policy.weight_real: must be a finite number in [0, 1]"),
+    (["policy=mix", "policy.weight_real=yes"], "policy.weight_real: must be a finite number in [0, 1]"),
     (["policy=mix", "policy.lam=0", "policy.weight_real=0.5"], "policy.weight_real: needs synthetic rows"),
     (["policy=fresh", "policy.n_syn=0", "policy.weight_real=0.5"], "policy.weight_real: needs synthetic"),
 ]  # fmt: skip

@@ -4,7 +4,7 @@ Runs: runs/bertrand/* (a RealNVP flow on two moons, started from a flow trained 
 with all real data plus lambda x n of its own samples; fully synthetic = replace), seeds 0-2.
 Errors e_t: KL(truth || model) and the Frechet distance to held-out points (results.jsonl);
 generation 0 is the rings start. With finite samples and 150 training steps per generation the
-error stops at a floor (SCIENCE.md: a statistical error term), which lambda = 0 reaches in one
+error stops at a floor (docs/science.md: a statistical error term), which lambda = 0 reaches in one
 generation; a log-linear fit over all generations then mixes the contraction with the floor.
 So the contraction is measured on the excess e_t - floor (floor: the lambda = 0 run of the same
 seed, mean over its second half), over the generations before the error first comes within a

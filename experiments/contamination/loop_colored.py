@@ -3,7 +3,8 @@
 A fully synthetic loop (policy replace) and a mixed one (policy mix, lambda = 1: all real images plus as
 many samples of the previous generation, Bertrand et al. 2024), both fine-tuned from the previous
 generation, written to runs/colored_loops/<policy>_s<seed>/ (resumable): one loop run per replicate seed
-(0, 1, 2), so the classifiers' intervals cover the loop's own variance (generator.replicates). Until
+(0, 1, 2), so the classifiers' intervals cover the loop's own variance (generator.replicates); the two
+policies of a seed share generation 0 (share_gen0: they differ only from generation 1 on). Until
 simulator.data.colored is listed in registry.SOURCE_MODULES the source is added here at runtime; the
 data and model blocks below are what a configs/data/colored_digits.yaml and a class-conditional
 diffusion model config would hold.
@@ -43,7 +44,7 @@ MODEL = {
     },
 }
 POLICIES = {"replace": ["policy=replace"], "mix": ["policy=mix", "policy.lam=1.0"]}
-STEPS = ["generations=4", "train.steps=300", "train.steps_gen0=2000"]
+STEPS = ["generations=4", "train.steps=300", "train.steps_gen0=2000", "share_gen0=true"]
 TINY = ["generations=1", "train.steps=2", "train.steps_gen0=2"]
 
 
@@ -51,7 +52,7 @@ def main(args: list[str]) -> None:
     tiny = "--tiny" in args
     names = [a for a in args if not a.startswith("--")] or list(POLICIES)
     seeds = next((a.split("=", 1)[1] for a in args if a.startswith("--seeds=")), "0,1,2")
-    for name, seed in [(n, int(s)) for n in names for s in seeds.split(",")]:
+    for name, seed in [(n, int(s)) for s in seeds.split(",") for n in names]:  # seed-major: gen 0 shared
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(
                 "config",

@@ -14,7 +14,7 @@ variance V has variance V + h^2 and the points' mean, so E[V] follows a linear r
   replace:    E V_{t+1} = (n-1)/n (E V_t + h^2)                        -> (n-1) h^2, bounded
   accumulate: pool of k n points (k = t + 1) plus n new ones,
               E V_{t+1} = [k n V + (n - 1 + k/(k+1)) (V + h^2)] / ((k+1) n),  V = E V_t
-              (h = 0 gives SCIENCE.md's factor 1 - 1/((k+1)^2 n)); grows like h^2 log t.
+              (h = 0 gives docs/science.md's factor 1 - 1/((k+1)^2 n)); grows like h^2 log t.
 
 Usage: python experiments/gerstgrasser/analyze.py [--runs runs] [--out figures]
 """
@@ -140,7 +140,7 @@ def gaussian_part(runs: list[Path], out: Path) -> list[str]:
         f"T = last fit. ±: 95% Student-t half width over chains; z: (measured − closed form) / SE over "
         f"chains. Accumulate limits sin(π/√n)/(π/√n): {limits}. `**`: |z| > {Z:g}. Heavy tail: "
         "under replace E[σ_t⁴]/E[σ_t²]² = (1 + 2/(n-1))^T exceeds chains·d/10, so the mean is carried "
-        "by a few rare chains and typically falls short; its interval understates (SCIENCE.md).",
+        "by a few rare chains and typically falls short; its interval understates (docs/science.md).",
     ]
     return lines
 

@@ -209,7 +209,7 @@ def main() -> None:
         "±: 95% Student-t half width over chains; z: (measured − closed form) / SE over chains, a test "
         "statistic. `**`: |z| > 5. Heavy tail: E[σ_t²] and E[W2²] (through the mean's random walk, whose "
         "steps have variance σ_k²/n) are carried by rare chains once E[σ_t⁴]/E[σ_t²]² = (1 + 2/(n-1))^t "
-        "exceeds chains/10 (SCIENCE.md); a 1000-chain mean then typically falls short and its interval "
+        "exceeds chains/10 (docs/science.md); a 1000-chain mean then typically falls short and its interval "
         "is unreliable.",
         "",
         "## Two-component GMM (EM), replace",

@@ -19,29 +19,27 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import classifiers, options, registry, seeding, shifts, strict_json
+from simulator import classifiers, registry, seeding, shifts, strict_json
 from simulator.cli import CONFIG_DIR, discard, fail
-from simulator.config import ConfigError, check_bool, check_choice, check_float, check_int, check_name
+from simulator.config import ConfigError, check_name
 from simulator.contamination import grid, report
-from simulator.contamination.mixing import MODES, ContaminationError, check_ratio
+from simulator.contamination.mixing import ContaminationError, check_ratio
 from simulator.contamination.robustness import MIN_POINTS
+from simulator.contamination.schema import Classifier, ContaminateConfig
 from simulator.contamination.sources import (
-    KINDS,
     GeneratorSource,
     load_external,
     loop_generations,
     pick_generation,
 )
 from simulator.data.base import Dataset
+from simulator.options import check, choose, interpolated, options_schema, problem
 from simulator.preflight import cached, check_jobs, check_run_root
 from simulator.run import RunDir, RunError
 
 CONFIG_NAME = "contaminate"
 RENAMED = {"real_shifted": "control"}  # old mode names -> new
 USER_ERRORS = (ConfigError, RunError, ContaminationError)
-# classifier keys' types (their bounds: simulator.options.BOUNDS); arch, optimizer, augment: validate()
-CLASSIFIER_TYPES = {"steps": int, "batch_size": int, "lr": float, "weight_decay": float, "width": int,
-                    "seed": int | None}  # fmt: skip
 log = logging.getLogger("simulator")
 
 
@@ -50,78 +48,40 @@ def _plain(node: Any) -> Any:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first bad field of a composed contamination config."""
-    check_name(cfg)
-    check_int(cfg, "seed", 0)
-    seeds = _plain(cfg.get("seeds"))
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
-        or len(set(seeds)) != len(seeds)
-    ):
-        raise ConfigError(f"seeds: must be a non-empty list of distinct integers >= 0, got {seeds!r}")
-    check_choice(cfg, "device", ("auto", "cpu", "cuda"))
-    check_bool(cfg, "progress")
-    check_int(cfg, "threads", 1, optional=True)
-    if cfg.data.source not in sources():
-        raise ConfigError(f"data.source: must be one of {', '.join(sources())}; got {cfg.data.source!r}")
-    modes = _plain(cfg.modes) or {}
-    for mode, ratios in modes.items():
+    """Raise ConfigError on the first bad field of a composed contamination config: the schema
+    (simulator.contamination.schema), then the rules between values."""
+    for mode in _plain(cfg.get("modes")) or {}:
         if mode in RENAMED:
             raise ConfigError(f"modes.{mode}: renamed to modes.{RENAMED[mode]}")
-        if mode not in MODES:
-            raise ConfigError(f"modes.{mode}: unknown mode; known: {', '.join(MODES)}")
-        if not isinstance(ratios, list):
-            raise ConfigError(f"modes.{mode}: must be a list of ratios, got {ratios!r}")
+    check("", ContaminateConfig, cfg, noun="key", extra=interpolated(cfg))
+    check_name(cfg)
+    seeds = _plain(cfg.seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(problem("seeds", "a non-empty list of distinct integers >= 0", seeds))
+    choose("data.source", cfg.data.source, sources())
+    modes = _plain(cfg.modes) or {}
+    for mode, ratios in modes.items():
         for r in ratios:
             try:
                 check_ratio(mode, r)
             except ContaminationError as e:
                 raise ConfigError(str(e)) from None
-    check_choice(cfg, "classifier.arch", classifiers.ARCHS)
-    check_int(cfg, "classifier.steps", 1)
-    check_int(cfg, "classifier.batch_size", 1)
-    check_float(cfg, "classifier.lr", 0.0, strict=True)
-    check_float(cfg, "classifier.weight_decay", 0.0)
-    check_choice(cfg, "classifier.optimizer", classifiers.OPTIMIZERS)
-    check_choice(cfg, "classifier.augment", classifiers.AUGMENTS)
-    check_int(cfg, "classifier.seed", 0, optional=True)
-    check_float(cfg, "split.fraction", 0.0, strict=True)
-    if cfg.split.fraction > 1:
-        raise ConfigError(f"split.fraction: must be in (0, 1], got {cfg.split.fraction}")
     if cfg.split.fraction == 1 and any(r > 0 for r in modes.get("control") or []):
         raise ConfigError(
             "split.fraction: 1.0 leaves no held-out real images for modes.control; use a fraction < 1 "
             "or modes.control=[]"
         )
-    if cfg.control.shift is not None:
-        check_choice(cfg, "control.shift", list(shifts.SHIFTS))
-    check_int(cfg, "control.severity", 1)
-    if cfg.control.severity > 5:
-        raise ConfigError(f"control.severity: must be an integer in 1..5, got {cfg.control.severity}")
     severity = _plain(cfg.eval.severity)
-    levels = severity if isinstance(severity, list) else [severity]
-    if (
-        not levels
-        or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5 for s in levels)
-        or len(set(levels)) != len(levels)
-    ):
+    if isinstance(severity, list) and (not severity or len(set(severity)) != len(severity)):
         raise ConfigError(
-            f"eval.severity: must be an integer in 1..5 or a list of distinct ones, got {severity!r}"
+            problem("eval.severity", "an integer in [1, 5] or a list of distinct ones", severity)
         )
     for name in cfg.eval.shifts:
         if name not in shifts.SHIFTS:
             raise ConfigError(f"eval.shifts: unknown shift {name!r}; known: {', '.join(shifts.SHIFTS)}")
     baselines = _plain(cfg.eval.baselines) or []
     for i, b in enumerate(baselines):
-        if not isinstance(b, dict) or b.get("arch", cfg.classifier.arch) not in classifiers.ARCHS:
-            raise ConfigError(
-                f"eval.baselines[{i}]: must be a mapping with arch in {classifiers.ARCHS}, got {b!r}"
-            )
-        unknown = set(b) - set(cfg.classifier)
-        if unknown:
-            raise ConfigError(f"eval.baselines[{i}]: unknown classifier keys {sorted(unknown)}")
+        check(f"eval.baselines[{i}]", Classifier, b, noun="key")
     if baselines and len(baselines) * len(seeds) + 1 < MIN_POINTS:
         raise ConfigError(
             f"eval.baselines: effective robustness needs >= {MIN_POINTS} real-only models "
@@ -137,11 +97,7 @@ def _validate_generator(cfg: DictConfig, modes: dict[str, list]) -> None:
     )
     if not needs:
         return
-    gen = cfg.generator
-    check_choice(cfg, "generator.kind", KINDS)
-    check_int(cfg, "generator.seed", 0, optional=True)
-    check_choice(cfg, "generator.samples", ("auto", "saved", "model"))
-    check_float(cfg, "generator.temperature", 0.0, strict=True)
+    gen = cfg.generator  # kind, seed, samples, temperature: the schema (validate)
     if gen.kind == "external":
         path = gen.get("path")
         if not path or not Path(os.path.expanduser(str(path))).exists():
@@ -150,9 +106,7 @@ def _validate_generator(cfg: DictConfig, modes: dict[str, list]) -> None:
             raise ConfigError("modes.generations: needs generator.kind=run (a loop run directory)")
         return
     if gen.kind == "train":
-        check_choice(cfg, "generator.family", sorted(registry.FAMILIES))
-        check_int(cfg, "generator.steps", 1, optional=True)
-        check_bool(cfg, "generator.per_class")
+        choose("generator.family", gen.family, sorted(registry.FAMILIES))
         if modes.get("generations"):
             raise ConfigError("modes.generations: needs generator.kind=run (a loop run directory)")
         return
@@ -208,7 +162,8 @@ def load_data(cfg: DictConfig) -> Dataset:
             )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"data ({cfg.data.source}): {e}") from None
-    raise ConfigError(f"data.source: must be one of {', '.join(sources())}; got {cfg.data.source!r}")
+    choose("data.source", cfg.data.source, sources())
+    raise AssertionError("unreachable: a source of sources() is read above")
 
 
 def build(cfg: DictConfig, run_path: Path | None = None, cache: dict | None = None) -> tuple[Any, ...]:
@@ -220,7 +175,6 @@ def build(cfg: DictConfig, run_path: Path | None = None, cache: dict | None = No
     the grid constructed, the generator's options (kind=train: its model constructed once), the external
     images' class counts and the held-out reserve against what the cells need, run_root writable.
     """
-    options.check_known_keys(cfg, CONFIG_NAME)
     validate(cfg)
     check_run_root(cfg)
     device = registry.resolve_device(cfg.device)
@@ -273,14 +227,8 @@ def build(cfg: DictConfig, run_path: Path | None = None, cache: dict | None = No
 
 
 def check_classifier(field: str, opts: dict[str, Any], shape: tuple[int, ...], num_classes: int) -> None:
-    """One classifier of the grid: its options' types and bounds, and the network constructed once."""
-    for key, value in opts.items():
-        if key == "hidden":
-            if not isinstance(value, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1
-                                                  for h in value):  # fmt: skip
-                raise ConfigError(f"{field}.hidden: must be a list of integers >= 1, got {value!r}")
-        elif key in CLASSIFIER_TYPES:
-            options.check_value(f"{field}.{key}", key, CLASSIFIER_TYPES[key], value)
+    """One classifier of the grid: its options against the schema, and the network constructed once."""
+    check(field, Classifier, opts, noun="key")
     net_opts = {k: opts[k] for k in grid.NET_KEYS if k in opts}
     try:
         classifiers.make_classifier(opts["arch"], shape, num_classes, generator=torch.Generator(), **net_opts)
@@ -298,8 +246,8 @@ def check_generator(
     if gen["kind"] == "train":
         family = gen["family"]
         opts = dict(gen.get("options") or {})
-        types = options.signature_types(registry.family_class(family))
-        options.check_options("generator.options", opts, types, fixed=("chains", "event_shape"))
+        schema = options_schema(registry.family_class(family))
+        check("generator.options", schema, opts, fixed=("chains", "event_shape"))
         if not gen.get("per_class"):
             opts["num_classes"] = source.num_classes
         model = OmegaConf.create({"model": {"family": family, "options": opts}, "chains": 1})

@@ -35,6 +35,7 @@ from simulator import registry, seeding, weights
 from simulator import samples as store
 from simulator.contamination.mixing import ContaminationError, Pool
 from simulator.models.base import GenerativeModel
+from simulator.options import choose
 from simulator.run import RunDir
 
 SAMPLES = ("auto", "saved", "model")
@@ -239,8 +240,8 @@ class GeneratorSource:
                     else [f"generator.run_dirs[{i}]" for i in range(len(dirs))]
                 )
                 self.run_dirs[None] = self._dirs(dirs, fields)
-        elif self.kind not in KINDS:
-            raise ContaminationError(f"generator.kind: must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        else:
+            choose("generator.kind", self.kind, KINDS, error=ContaminationError)
 
     def _dirs(self, dirs: list, fields: list[str]) -> list[Path]:
         """Check loop run directories; keep the generations all of them have committed."""
@@ -359,9 +360,9 @@ class GeneratorSource:
         return images.take(torch.cat([o[:n] for o, n in zip(order, need, strict=True)]))
 
     def _make(self, t: int | None, g: int | None, need: list[int]) -> Pool:
-        mode = self.spec.get("samples", "auto")
-        if mode not in SAMPLES:
-            raise ContaminationError(f"generator.samples: must be one of {', '.join(SAMPLES)}, got {mode!r}")
+        mode = choose(
+            "generator.samples", self.spec.get("samples", "auto"), SAMPLES, error=ContaminationError
+        )
         root = (self.spec.get("seed") or 0) if g is None else g  # a shared loop run: generator.seed or 0
         stream = seeding.generator(root, "pool", "spot" if t is None else t)
         temperature = float(self.spec.get("temperature", 1.0))

@@ -18,7 +18,6 @@ of its pixels, nearest palette colour by cosine similarity (exact on real images
 from __future__ import annotations
 
 import colorsys
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -28,6 +27,7 @@ import torch
 
 from simulator.data.base import Dataset
 from simulator.data.images import Digits
+from simulator.options import check, check_call, choose, options_schema
 from simulator.seeding import child
 from simulator.seeding import generator as seeded_generator
 
@@ -113,6 +113,9 @@ class ColoredDigits:
     """scikit-learn's digits, coloured with a class-correlated hue (train) or a balanced one (test)."""
 
     name = "colored_digits"
+    # rules beyond the annotations and options.BOUNDS (split_seed >= 0)
+    OPTIONS = {"colors": {"low": 1, "high": NUM_CLASSES}, "strength": {"low": 0, "high": 1},
+               "imbalance": {"low": 1}, "style": {"choices": STYLES}, **Digits.OPTIONS}  # fmt: skip
 
     def __init__(
         self,
@@ -124,16 +127,10 @@ class ColoredDigits:
         test_fraction: float = 0.2,
         split_seed: int = 0,
     ) -> None:
-        if isinstance(colors, bool) or not isinstance(colors, int) or not 1 <= colors <= NUM_CLASSES:
-            raise _error("options.colors", f"must be an integer in 1..{NUM_CLASSES}, got {colors!r}")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-            raise _error("options.strength", f"must be a number in [0, 1], got {strength!r}")
+        check_call("data.options", ColoredDigits, colors=colors, strength=strength, imbalance=imbalance,
+                   style=style, test_fraction=test_fraction, split_seed=split_seed)  # fmt: skip
         if colors == 1 and strength != 1:
             raise _error("options.strength", "must be 1 with a single colour")
-        if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or not imbalance >= 1:
-            raise _error("options.imbalance", f"must be a number >= 1, got {imbalance!r}")
-        if style not in STYLES:
-            raise _error("options.style", f"must be one of {', '.join(STYLES)}, got {style!r}")
         self.colors, self.strength, self.imbalance, self.style = (
             colors,
             float(strength),
@@ -215,11 +212,6 @@ COLORED_SOURCES: dict[str, type[ColoredDigits]] = {ColoredDigits.name: ColoredDi
 
 def make_colored(name: str, **options: Any) -> ColoredDigits:
     """The coloured source called name, built from options; one-line ValueError for unknown options."""
-    if name not in COLORED_SOURCES:
-        raise _error("name", f"unknown coloured source {name!r}; allowed: {', '.join(COLORED_SOURCES)}")
-    cls = COLORED_SOURCES[name]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    for key in options:
-        if key not in allowed:
-            raise _error(key, f"unknown option for {name!r}; allowed: {', '.join(allowed)}")
+    cls = COLORED_SOURCES[choose("data.name", name, COLORED_SOURCES)]
+    check("data.options", options_schema(cls), options)  # type: ignore[arg-type]  # a class is hashable
     return cls(**options)

@@ -25,7 +25,6 @@ draws the subsets when n_train / n_test ask for fewer images than a split holds 
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from simulator.data.base import Dataset
+from simulator.options import check, check_call, check_value, choose, options_schema
 from simulator.seeding import child
 from simulator.seeding import generator as seeded_generator
 
@@ -49,21 +49,13 @@ def _error(field: str, message: str) -> ValueError:
 
 
 def _integer(field: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise _error(field, f"must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return int(check_value(f"data.{field}", int, value, low=minimum))
 
 
-def _boolean(field: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise _error(field, f"must be true or false, got {value!r}")
-    return bool(value)
-
-
-def _fraction(field: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise _error(field, f"must be a number strictly between 0 and 1, got {value!r}")
-    return float(value)
+def _options(cls: type, **values: Any) -> None:
+    """A source's options against its constructor's schema (simulator.options: types, bounds by name
+    (resolution, workers >= 1; split_seed >= 0) and cls.OPTIONS); one line."""
+    check_call("data", cls, **values)
 
 
 def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -152,10 +144,11 @@ class Digits(ImageSource):
     """scikit-learn's bundled 8x8 handwritten digits: 1797 grayscale images, labels 0-9, no download."""
 
     name = "digits"
+    OPTIONS = {"test_fraction": {"low": 0, "high": 1, "strict": True, "strict_high": True}}
 
     def __init__(self, *, test_fraction: float = 0.2, split_seed: int = 0) -> None:
-        self.test_fraction = _fraction("test_fraction", test_fraction)
-        self.split_seed = _integer("split_seed", split_seed, 0)
+        _options(Digits, test_fraction=test_fraction, split_seed=split_seed)
+        self.test_fraction, self.split_seed = float(test_fraction), int(split_seed)
 
     def _splits(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         from sklearn.datasets import load_digits
@@ -193,9 +186,9 @@ class Cifar10(ImageSource):
     def __init__(
         self, *, root: str = DEFAULT_ROOT, download: bool = False, resolution: int = 32, classes: Any = None
     ) -> None:
+        _options(Cifar10, download=download, resolution=resolution)
         self.root = Path(os.path.expanduser(str(root)))
-        self.download = _boolean("download", download)
-        self.resolution = _integer("resolution", resolution, 1)
+        self.download, self.resolution = bool(download), int(resolution)
         self.classes = None if classes is None else self._class_ids(classes)
         self.class_names = [CIFAR10_CLASSES[i] for i in (self.classes or range(10))]  # label k's name
 
@@ -241,6 +234,7 @@ class ImageFolder(ImageSource):
     """Every image under root (recursively), centre-cropped and resized; labels from sub-folder names."""
 
     name = "image_folder"
+    OPTIONS = {"limit": {"low": 2}, **Digits.OPTIONS}
 
     def __init__(
         self,
@@ -256,13 +250,16 @@ class ImageFolder(ImageSource):
     ) -> None:
         if root is None:
             raise _error("options.root", "image_folder needs a folder of images (data.options.root=PATH)")
+        _options(ImageFolder, resolution=resolution, grayscale=grayscale, labels=labels, limit=limit,
+                 test_fraction=test_fraction, split_seed=split_seed, workers=workers)  # fmt: skip
         self.root = Path(os.path.expanduser(str(root)))
-        self.resolution = _integer("resolution", resolution, 1)
-        self.grayscale, self.labels = _boolean("grayscale", grayscale), _boolean("labels", labels)
-        self.limit = None if limit is None else _integer("limit", limit, 2)
-        self.test_fraction = _fraction("test_fraction", test_fraction)
-        self.split_seed = _integer("split_seed", split_seed, 0)
-        self.workers = _integer("workers", workers, 1)
+        self.resolution, self.grayscale, self.labels = int(resolution), bool(grayscale), bool(labels)
+        self.limit = None if limit is None else int(limit)
+        self.test_fraction, self.split_seed, self.workers = (
+            float(test_fraction),
+            int(split_seed),
+            int(workers),
+        )
         self.class_names: list[str] | None = None  # sub-folder names, set when labels are read
 
     def _missing(self) -> ValueError:
@@ -347,15 +344,6 @@ IMAGE_SOURCES: dict[str, type[ImageSource]] = {cls.name: cls for cls in (Digits,
 
 def make_image(name: str, **options: Any) -> ImageSource:
     """The image source called name, built from options; one-line ValueError for unknown names or options."""
-    if name not in IMAGE_SOURCES:
-        raise _error("name", f"unknown image source {name!r}; allowed: {', '.join(IMAGE_SOURCES)}")
-    cls = IMAGE_SOURCES[name]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "options")]
-    if cls is FFHQ:
-        allowed += [
-            p for p in inspect.signature(ImageFolder.__init__).parameters if p not in ("self", *allowed)
-        ]
-    for key in options:
-        if key not in allowed:
-            raise _error(key, f"unknown option for image source {name!r}; allowed: {', '.join(allowed)}")
+    cls = IMAGE_SOURCES[choose("data.name", name, IMAGE_SOURCES)]
+    check("data", options_schema(cls), options)  # type: ignore[arg-type]  # FFHQ's: its own and ImageFolder's (its **options)
     return cls(**options)

@@ -22,7 +22,6 @@ All sources expose the exact mean and covariance in Truth.params ("mean", "cov")
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from simulator.data.base import Dataset, Truth
+from simulator.options import check, check_call, check_value, choose, options_schema
 from simulator.seeding import child
 from simulator.seeding import generator as seeded_generator
 
@@ -65,23 +65,14 @@ def _floats(field: str, value: Any) -> torch.Tensor:
     return out.to(F64)
 
 
-def _positive(field: str, value: Any) -> float:
-    out = _floats(field, value)
-    if out.dim() != 0 or out.item() <= 0:
-        raise _error(field, f"must be a positive number, got {value!r}")
-    return out.item()
-
-
 def _integer(field: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _error(field, f"must be an integer >= {minimum}, got {value!r}")
-    return value
+    return check_value(f"data.{field}", int, value, low=minimum)
 
 
-def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise _error(field, f"must be one of {', '.join(allowed)}, got {value!r}")
-    return value
+def _options(cls: type, **values: Any) -> None:
+    """A source's options against its constructor's schema (simulator.options: types, bounds by name
+    (noise, spacing, radius, extent > 0; dim, size >= 1; seed >= 0) and cls.OPTIONS); one line."""
+    check_call("data", cls, **values)
 
 
 def _per_item(field: str, value: Any, k: int, what: str) -> torch.Tensor:
@@ -160,11 +151,12 @@ class ToySource:
 
 
 class GaussianSource(ToySource):
-    """N(mean, cov) in d dimensions: the target of every closed-form collapse result (SCIENCE.md)."""
+    """N(mean, cov) in d dimensions: the target of every closed-form collapse result (docs/science.md)."""
 
     name = "gaussian"
 
     def __init__(self, *, dim: int | None = None, mean: Any = 0.0, std: Any = None, cov: Any = None) -> None:
+        _options(GaussianSource, dim=dim)
         if std is not None and cov is not None:
             raise _error("cov", "give either std or cov, not both")
         mean_t = _floats("mean", mean)
@@ -174,7 +166,7 @@ class GaussianSource(ToySource):
         sizes = {"mean": mean_t.shape[0] if mean_t.dim() == 1 else None}
         sizes["std"] = std_t.shape[0] if std_t is not None and std_t.dim() == 1 else None
         sizes["cov"] = cov_t.shape[0] if cov_t is not None and cov_t.dim() >= 1 else None
-        d = _integer("dim", dim, 1) if dim is not None else next((s for s in sizes.values() if s), 2)
+        d = dim if dim is not None else next((s for s in sizes.values() if s), 2)
         for field, size in sizes.items():
             if size is not None and size != d:
                 raise _error(field, f"has {size} entries but the dimension is {d}")
@@ -246,6 +238,7 @@ class GMMSource(_IsotropicMixture):
 
     name = "gmm"
     LAYOUTS = ("grid", "circle", "random")
+    OPTIONS = {"layout": {"choices": LAYOUTS}}  # rules beyond the annotations and options.BOUNDS
 
     def __init__(
         self,
@@ -258,9 +251,8 @@ class GMMSource(_IsotropicMixture):
         weights: Any = None,
         seed: int = 0,
     ) -> None:
-        d, k = _integer("dim", dim, 1), _integer("components", components, 1)
-        layout, spacing = _choice("layout", layout, self.LAYOUTS), _positive("spacing", spacing)
-        seed = _integer("seed", seed, 0)
+        _options(GMMSource, dim=dim, components=components, layout=layout, spacing=spacing, seed=seed)
+        d, k = dim, components
         if layout == "grid":
             side = round(k ** (1 / d))
             if side**d != k:
@@ -293,9 +285,10 @@ class EightGaussians(_IsotropicMixture):
     """Eight equal Gaussians on a circle (radius 2, std 0.2), starting at angle 0."""
 
     name = "eight_gaussians"
+    OPTIONS = {"std": {"low": 0, "strict": True}}
 
     def __init__(self, *, radius: float = 2.0, std: float = 0.2) -> None:
-        radius, std = _positive("radius", radius), _positive("std", std)
+        _options(EightGaussians, radius=radius, std=std)
         angle = 2 * math.pi * torch.arange(8, dtype=F64) / 8
         means = radius * torch.stack([torch.cos(angle), torch.sin(angle)], -1)
         self._set_mixture(means, torch.full((8,), std, dtype=F64), torch.ones(8, dtype=F64))
@@ -316,13 +309,13 @@ class TwoMoons(ToySource):
     name = "two_moons"
     NODES_PER_PANEL = 8
     GRADED = 16  # geometric panels at each end, down to width 2^-16 of a uniform panel
+    OPTIONS = {"panels": {"low": 4}}
 
     def __init__(self, *, noise: float = 0.1, standardize: bool = True, panels: int | None = None) -> None:
-        self.noise = _positive("noise", noise)
-        if not isinstance(standardize, bool):
-            raise _error("standardize", f"must be true or false, got {standardize!r}")
+        _options(TwoMoons, noise=noise, standardize=standardize, panels=panels)
+        self.noise = float(noise)
         panels = max(16, math.ceil(math.pi / self.noise)) if panels is None else panels
-        self.dim, self.standardize, self.panels = 2, standardize, _integer("panels", panels, 4)
+        self.dim, self.standardize, self.panels = 2, standardize, panels
         self._raw_mean = torch.tensor([0.5, 0.25], dtype=F64)
         c = 0.125 - 1 / math.pi
         s2 = self.noise**2
@@ -395,7 +388,8 @@ class Checkerboard(ToySource):
     name = "checkerboard"
 
     def __init__(self, *, size: int = 4, extent: float = 4.0) -> None:
-        self.dim, self.size, self.extent = 2, _integer("size", size, 1), _positive("extent", extent)
+        _options(Checkerboard, size=size, extent=extent)
+        self.dim, self.size, self.extent = 2, size, float(extent)
         # One edge tensor serves the sampler and log_prob, so a sample never lands outside its own cell.
         self._edges = -self.extent + torch.arange(self.size + 1, dtype=F64) * (2 * self.extent / self.size)
         ij = torch.cartesian_prod(torch.arange(self.size), torch.arange(self.size))
@@ -438,15 +432,16 @@ class Rings(ToySource):
 
     name = "rings"
     WEIGHTINGS = ("radius", "uniform")
+    OPTIONS = {"weighting": {"choices": WEIGHTINGS}}
 
     def __init__(
         self, *, radii: Any = (1.0, 2.0, 3.0), noise: float = 0.1, weighting: str = "radius"
     ) -> None:
+        _options(Rings, noise=noise, weighting=weighting)
         r = _floats("radii", radii)
         if r.dim() != 1 or len(r) == 0 or (r <= 0).any():
             raise _error("radii", f"must be a non-empty list of positive numbers, got {radii!r}")
-        self.dim, self.noise = 2, _positive("noise", noise)
-        self.weighting = _choice("weighting", weighting, self.WEIGHTINGS)
+        self.dim, self.noise, self.weighting = 2, float(noise), weighting
         self._radii = r
         # "radius": equal density per unit length of ring, as in FFJORD's rings.
         w = r.clone() if self.weighting == "radius" else torch.ones_like(r)
@@ -484,11 +479,6 @@ TOY_SOURCES: dict[str, type[ToySource]] = {
 
 def make_toy(name: str, **options: Any) -> ToySource:
     """The toy source called name, built from options; one-line ValueError for unknown names or options."""
-    if name not in TOY_SOURCES:
-        raise _error("name", f"unknown toy source {name!r}; allowed: {', '.join(TOY_SOURCES)}")
-    cls = TOY_SOURCES[name]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    for key in options:
-        if key not in allowed:
-            raise _error(key, f"unknown option for toy source {name!r}; allowed: {', '.join(allowed)}")
+    cls = TOY_SOURCES[choose("data.name", name, TOY_SOURCES)]
+    check("data", options_schema(cls), options)  # type: ignore[arg-type]  # a class is hashable
     return cls(**options)

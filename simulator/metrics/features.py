@@ -14,7 +14,7 @@ precision/recall with torch-fidelity's features-to-metric functions, whichever e
   with weights_only=True (an unreadable file is retrained); under torch.distributed every rank uses
   rank 0's weights.
 - inception: torch-fidelity's `inception-v3-compat` 2048-d pool3 features, from a weights file made
-  offline by ../shared/tools/make_fid_weights.py (default path DEFAULT_WEIGHTS), or downloaded from
+  offline by tools/make_fid_weights.py (default path DEFAULT_WEIGHTS), or downloaded from
   torch-fidelity's release URL when allow_download is true and no path is given. We read the weights
   with torch.load(weights_only=True) (tensors only: a file that needs unpickling of anything else is a
   one-line ValueError, never run) and hand torch-fidelity's FeatureExtractorInceptionV3 an in-memory
@@ -38,7 +38,7 @@ from simulator import distributed as D
 from simulator.seeding import child
 
 DEFAULT_WEIGHTS = "~/.cache/simulator/fid-inception-v3-pool3.pth"
-MAKE_WEIGHTS = "python ../shared/tools/make_fid_weights.py --out {path}"  # the offline recipe
+MAKE_WEIGHTS = "python tools/make_fid_weights.py --out {path}"  # the offline recipe
 INCEPTION = "inception-v3-compat"
 INCEPTION_DIM = 2048  # pool3 features
 

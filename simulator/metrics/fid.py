@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import os
-import typing
 import warnings
 import weakref
 from dataclasses import dataclass, fields
@@ -50,6 +49,7 @@ import torch
 from simulator import distributed as D
 from simulator.metrics import features as fx
 from simulator.metrics.registry import MetricContext, register
+from simulator.options import opt, parse
 from simulator.seeding import derive_seed
 from simulator.seeding import generator as seeded_generator
 
@@ -72,24 +72,25 @@ def clear_memory_cache() -> None:
 
 @dataclass
 class FIDOptions:
-    """The eval.options the fid metric reads, validated in one place."""
+    """The eval.options the image metrics read (fid; n_bpd: bpd), a schema of simulator.options."""
 
-    extractor: str = "inception"
+    extractor: str = opt("inception", choices=("inception", "tiny"))
     weights_path: str | None = None
     allow_download: bool = False
     cache_dir: str = "~/.cache/simulator"
     kid: bool = False
     prc: bool = False
-    batch_size: int = 64
-    n_real: int | None = None
-    reference: str = "test"
+    batch_size: int = opt(64, low=1)
+    n_real: int | None = opt(None, low=1)
+    reference: str = opt("test", choices=("test", "train"))
     data_id: str | None = None
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    k: int = 3
-    tiny_steps: int = 600
-    tiny_seed: int = 0
+    kid_subsets: int = opt(100, low=1)
+    kid_subset_size: int = opt(1000, low=1)
+    k: int = opt(3, low=1)
+    tiny_steps: int = opt(600, low=1)
+    tiny_seed: int = opt(0, low=0)
     device: str | None = None
+    n_bpd: int | None = opt(None, low=1)  # bpd: held-out images scored (null: all)
 
     @classmethod
     def parse(cls, options: dict[str, Any]) -> FIDOptions:
@@ -97,19 +98,8 @@ class FIDOptions:
         if options.get("backend") is not None:
             raise ValueError("eval.options.backend: removed; FID has one path (torch-fidelity's metric "
                              "functions on our features), drop the key")  # fmt: skip
-        from simulator.options import check_value
-
-        hints = typing.get_type_hints(cls)
         given = {f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None}
-        for name, value in given.items():  # types and bounds: simulator.options, as every other option
-            check_value(f"eval.options.{name}", name, hints[name], value)
-        out = cls(**given)
-        for name, allowed in (("extractor", ("inception", "tiny")), ("reference", ("test", "train"))):
-            if getattr(out, name) not in allowed:
-                raise ValueError(
-                    f"eval.options.{name}: must be one of {', '.join(allowed)}, got {getattr(out, name)!r}"
-                )
-        return out
+        return parse("eval.options", cls, given)
 
 
 @dataclass

@@ -12,13 +12,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from simulator.metrics.registry import MetricContext, register
+from simulator.options import opt
 from simulator.seeding import child
 
 MAX_ELEMS = 2**24  # float64 elements per chunk of chains (128 MiB); options["max_elems"] overrides
+
+
+@dataclass
+class VectorMetricOptions:
+    """The eval.options these metrics read (a schema of simulator.options, checked before a run)."""
+
+    projections: int = opt(64, low=1)  # sliced_w: random directions
+    k: int = opt(3, low=1)  # knn_pr: neighbours
+    max_elems: int = opt(MAX_ELEMS, low=1)  # float64 elements per chunk of chains
+    mmd_max: int = opt(1000, low=1)  # mmd: samples and test rows used at most
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The one protocol every generative family follows (DESIGN.md section 3).
+"""The one protocol every generative family follows (docs/architecture.md, "Families").
 
 Shapes: every tensor a family takes or returns carries a leading *chain*
 dimension C. Toy families (gaussian, gmm, kde) run C independent chains in one

@@ -1,0 +1,104 @@
+"""The contamination grid's config schema (configs/contaminate.yaml and configs/contaminate/), checked by
+simulator.options.check like the run config: unknown keys, types, bounds and choices, one line each.
+What one value decides for another (a mode's ratios, distinct seeds, the generator's files) stays as
+explicit rules in simulator.contamination.cli.validate, after this pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from simulator import classifiers, shifts
+from simulator.contamination.sources import KINDS, SAMPLES
+from simulator.options import opt
+
+SEVERITY: dict[str, Any] = {"low": 1, "high": 5}  # CIFAR-10-C's levels (simulator/shifts.py)
+
+
+@dataclass
+class Classifier:
+    """classifier (and each of eval.baselines, whose keys override it)."""
+
+    seed: int | None = opt(None, low=0)
+    arch: str = opt("mlp", choices=classifiers.ARCHS)
+    steps: int = opt(600, low=1)
+    batch_size: int = opt(64, low=1)
+    lr: float = opt(1e-3, low=0, strict=True)
+    weight_decay: float = opt(5e-4, low=0)
+    optimizer: str = opt("adamw", choices=classifiers.OPTIMIZERS)
+    augment: str = opt("none", choices=classifiers.AUGMENTS)
+    width: int = opt(32, low=1)
+    hidden: list[int] = opt([256, 256], low=1)
+
+
+@dataclass
+class Control:
+    shift: str | None = opt(None, choices=tuple(shifts.SHIFTS))
+    severity: int = opt(3, **SEVERITY)
+
+
+@dataclass
+class Data:
+    source: str = "digits"  # contamination.cli.sources()
+    n_train: int | None = opt(None, low=1)
+    n_test: int | None = opt(None, low=1)
+    options: dict = opt({})  # the source's constructor options
+
+
+@dataclass
+class Generator:
+    kind: str = opt("train", choices=KINDS)
+    path: str | None = None  # kind=external: a folder or .npz
+    seed: int | None = opt(None, low=0)
+    replicates: list[str] | None = None  # kind=run: one loop run directory per replicate seed
+    samples: str = opt("auto", choices=SAMPLES)
+    temperature: float = opt(1.0, low=0, strict=True)
+    family: str | None = None  # kind=train: a key of registry.FAMILIES
+    per_class: bool = False
+    steps: int | None = opt(None, low=1)
+    options: dict = opt({})  # kind=train: the family's constructor options
+    run_dir: str | None = None
+    run_dirs: list[str] | None = None
+    generation: Any = "last"  # an integer or "last" (sources.pick_generation)
+    generations: list[Any] | None = None
+
+
+@dataclass
+class Modes:
+    replace: list[float] = opt([])  # ratio ranges: mixing.check_ratio
+    augment: list[float] = opt([])
+    control: list[float] = opt([])
+    generations: list[float] = opt([])
+
+
+@dataclass
+class Split:
+    fraction: float = opt(0.5, low=0, high=1, strict=True)
+
+
+@dataclass
+class Eval:
+    shifts: list[str] = opt([])  # names of simulator.shifts.SHIFTS
+    severity: int | list[int] = opt(5, **SEVERITY)
+    baselines: list[dict] | None = None  # Classifier keys each
+    save_models: bool = False
+    figures: bool = True
+
+
+@dataclass
+class ContaminateConfig:
+    task: str = "contaminate"
+    name: str = "contaminate"
+    run_root: str = "runs"
+    seed: int = opt(0, low=0)
+    seeds: list[int] = opt([0, 1, 2], low=0)
+    device: str = opt("cpu", choices=("auto", "cpu", "cuda"))
+    threads: int | None = opt(None, low=1)
+    progress: bool = True
+    modes: Modes = opt(Modes())
+    split: Split = opt(Split())
+    eval: Eval = opt(Eval())
+    classifier: Classifier = opt(Classifier())
+    control: Control = opt(Control())
+    data: Data = opt(Data())
+    generator: Generator = opt(Generator())

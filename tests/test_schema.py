@@ -1,0 +1,157 @@
+"""The one typed options layer: simulator.options.check on a schema, and every family, data source,
+policy, metric and config section checked through it (one line naming the field and what is allowed)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from simulator import options, policies, registry
+from simulator.config import RunConfig, metric_schema
+from simulator.contamination.schema import ContaminateConfig
+from simulator.metrics.fid import FIDOptions
+from simulator.options import ConfigError, check, opt, options_schema, parse
+
+
+@dataclasses.dataclass
+class Inner:
+    rate: float = opt(0.5, low=0, high=1, strict_high=True)
+    mode: str = opt("a", choices=("a", "b"))
+
+
+@dataclasses.dataclass
+class Outer:
+    n: int = opt(1, low=1)
+    flag: bool = False
+    scale: float = opt(1.0, low=0, strict=True)
+    bound: float = opt(0.0, nonfinite=True)  # inf and nan allowed here
+    path: str | None = None
+    sizes: list[int] = opt([2], low=1)
+    kind: str | None = opt(None, choices=("x", "y"))
+    inner: Inner = opt(Inner())
+
+
+def line(values: dict, **kw) -> str:
+    with pytest.raises(ConfigError) as err:
+        check("top", Outer, values, **kw)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_valid_values_pass_and_parse_to_the_dataclass():
+    check("top", Outer, {"n": 3, "flag": True, "scale": 2, "path": None, "sizes": [1, 4], "kind": "y"})
+    out = parse("top", Outer, {"n": 2, "inner": {"rate": 0.25}})
+    assert out == Outer(n=2, inner=Inner(rate=0.25)) and isinstance(out.inner, Inner)
+
+
+def test_unknown_key_names_the_allowed_ones():
+    assert (
+        line({"nn": 1}) == "top.nn: unknown option; allowed: bound, flag, inner, kind, n, path, scale, sizes"
+    )
+    assert line({"x": 1}, noun="key").startswith("top.x: unknown key (nothing reads it); allowed: bound")
+    assert line({"n": 1}, fixed=("n",)).startswith("top.n: set by the program; allowed: bound, flag")
+    check("top", Outer, {"start": "fitted"}, extra=("start",))  # an experiment's own interpolated key
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"n": "two"}, "top.n: must be an integer >= 1, got 'two'"),
+        ({"n": 2.5}, "top.n: must be an integer >= 1, got 2.5"),
+        ({"n": True}, "top.n: must be an integer >= 1, got True"),  # a bool is not an integer
+        ({"n": 0}, "top.n: must be an integer >= 1, got 0"),
+        ({"flag": 1}, "top.flag: must be true or false, got 1"),
+        ({"scale": float("inf")}, "top.scale: must be a finite number > 0, got inf"),
+        ({"scale": float("nan")}, "top.scale: must be a finite number > 0, got nan"),
+        ({"scale": 0}, "top.scale: must be a finite number > 0, got 0"),
+        ({"scale": False}, "top.scale: must be a finite number > 0, got False"),
+        ({"path": 3}, "top.path: must be a string or null, got 3"),
+        ({"sizes": [1, 0]}, "top.sizes: must be a list of integers >= 1, got [1, 0]"),
+        ({"sizes": 3}, "top.sizes: must be a list of integers >= 1, got 3"),
+        ({"kind": "z"}, "top.kind: must be one of x, y or null, got 'z'"),
+        ({"inner": 3}, "top.inner: must be a mapping, got 3"),
+        ({"inner": {"rate": 1}}, "top.inner.rate: must be a finite number in [0, 1), got 1"),
+        ({"inner": {"mode": "c"}}, "top.inner.mode: must be one of a, b, got 'c'"),
+        ({"inner": {"nope": 1}}, "top.inner.nope: unknown option; allowed: mode, rate"),
+    ],
+)
+def test_each_mistake_is_one_line(values, message):
+    assert line(values) == message
+
+
+def test_nonfinite_only_where_the_field_allows_it_and_null_only_where_optional():
+    check("top", Outer, {"bound": float("inf")})
+    check("top", Outer, {"bound": float("nan")})
+    check("top", Outer, {"path": None, "kind": None})
+    assert line({"n": None}) == "top.n: must be an integer >= 1, got None"
+    assert line({"inner": {"mode": None}}) == "top.inner.mode: must be one of a, b, got None"
+
+
+def test_error_type_is_the_callers():
+    with pytest.raises(policies.PolicyError, match=r"^policy\.lam: must be a finite number >= 0, got -1$"):
+        policies.Mix(-1)
+    with pytest.raises(policies.PolicyError, match=r"^policy\.source: must be one of fixed, truth or null"):
+        policies.Fresh(source="later")
+
+
+@pytest.mark.parametrize("family", sorted(registry.FAMILIES))
+def test_every_family_schema_comes_from_its_constructor(family):
+    """A family's options are its constructor's keywords; a wrong type is one line through the checker."""
+    cls = registry.family_class(family)
+    schema = options_schema(cls)
+    names = {f.name for f in dataclasses.fields(schema)}
+    assert {"chains", "event_shape"} <= names
+    with pytest.raises(ConfigError) as err:
+        check("model.options", schema, {"nope": 1}, fixed=("chains", "event_shape"))
+    assert str(err.value).startswith("model.options.nope: unknown option; allowed: ")
+    assert "chains" not in str(err.value).split("allowed: ")[1].split(", ")
+    int_options = [f.name for f in dataclasses.fields(schema) if options.hints(schema)[f.name] is int]
+    for name in int_options:  # every integer option refuses a bool and a fraction in one line
+        for bad in (True, 2.5):
+            with pytest.raises(ConfigError, match=rf"^model\.options\.{name}: must be an integer"):
+                check("model.options", schema, {name: bad})
+
+
+@pytest.mark.parametrize("source", registry.source_names())
+def test_every_data_source_checks_its_options_through_the_layer(source):
+    cls = registry.source_class(source)
+    with pytest.raises(ConfigError, match=r"^data(\.options)?\.nope: unknown option; allowed: "):
+        registry._source_factories()[source](source, nope=1)
+    schema = options_schema(cls)
+    assert [f.name for f in dataclasses.fields(schema)], source
+
+
+@pytest.mark.parametrize("name", sorted(policies.POLICIES))
+def test_every_policy_checks_its_options_through_the_layer(name):
+    cls = policies.POLICIES[name]
+    schema = options_schema(cls)
+    first = dataclasses.fields(schema)[0].name
+    with pytest.raises(policies.PolicyError, match=rf"^policy\.{first}: must be "):
+        cls(**{first: "many"})
+
+
+def test_metric_options_are_one_schema_of_both_dataclasses():
+    schema = metric_schema()
+    names = {f.name for f in dataclasses.fields(schema)}
+    assert {f.name for f in dataclasses.fields(FIDOptions)} <= names
+    assert {"projections", "k", "max_elems", "mmd_max", "n_bpd"} <= names
+    with pytest.raises(ConfigError, match=r"^eval\.options\.projections: must be an integer >= 1, got 0$"):
+        check("eval.options", schema, {"projections": 0})
+    with pytest.raises(ConfigError, match=r"^eval\.options\.extractor: must be one of inception, tiny"):
+        FIDOptions.parse({"extractor": "vgg"})
+
+
+@pytest.mark.parametrize("schema,config", [(RunConfig, "config"), (ContaminateConfig, "contaminate")])
+def test_config_schema_holds_exactly_the_keys_the_yaml_files_define(schema, config):
+    """Every schema key has a YAML default and every YAML key a type (policy's: its constructors')."""
+    keys = options.schema_paths(schema)
+    if schema is RunConfig:
+        keys |= {
+            f"policy.{f.name}"
+            for p in policies.POLICIES.values()
+            for f in dataclasses.fields(options_schema(p))
+        }
+        keys.add("policy.name")
+    assert keys == set(options.known_keys(config))
