@@ -19,7 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import entry, gaussian_stats_loop, keys, registry, stability, strict_json
+from simulator import entry, gaussian_stats_loop, keys, registry, stability, step_log, strict_json
 from simulator.config import validate
 from simulator.entry import CONFIG_DIR, fail
 from simulator.loop import generation_loop
@@ -75,6 +75,8 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     with RunDir(run_path, durable=cfg.durable, writer=world()[0] == 0) as run:
         run.check_config(config)  # type: ignore[arg-type]
         stats_path = gaussian_stats_loop.wants_statistics(cfg)  # model.path=statistics: no samples drawn
+        logs = {} if stats_path else {"step_logger": step_log.for_generations(
+            cfg.logger.name, run.path / "tensorboard", cfg.logger.every)}  # fmt: skip
         rows = (gaussian_stats_loop.statistics_loop if stats_path else generation_loop)(
             run, data, make_model, policy,
             generations=cfg.generations, seed=cfg.seed,
@@ -88,8 +90,8 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
             curation_k=cfg.sample.curation_k, curation_reward=reward,
             curation_beta=cfg.sample.get("curation_beta"),
             save_samples=cfg.sample.save, shard_size=cfg.sample.get("shard_size"), gen0_cache=gen0_cache,
-            metrics=tuple(cfg.eval.metrics), metric_options=OmegaConf.to_container(cfg.eval.options),
-            eval_samples=cfg.eval.n_samples, progress=cfg.progress,
+            metrics=tuple(cfg.eval.metrics), metric_options=OmegaConf.to_container(cfg.eval.options),  # type: ignore[arg-type]
+            eval_samples=cfg.eval.n_samples, progress=cfg.progress, **logs,
         )  # fmt: skip
         summary = stability.summarize(rows, cfg.eval.stability_metric) if cfg.eval.stability_metric else {}
         last = rows[-1]

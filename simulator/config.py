@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -39,7 +38,7 @@ REWARDS = ("model", "truth", "linear", "quadratic", "classifier")  # simulator.c
 
 @dataclass
 class Init:
-    checkpoint: str | None = None  # a model.pt to start generation 0 from
+    checkpoint: str | None = None  # a model file (model.safetensors or model.pt) to start generation 0 from
     pretrained: str | None = None  # a diffusers directory (diffusion runs)
     pretrained_sha256: str | None = None  # written by the program: the pretrained weights' hash
 
@@ -98,6 +97,12 @@ class Eval:
 
 
 @dataclass
+class Logger:
+    name: str = opt("none", choices=("none", "tensorboard"))  # step-level training logs (simulator.step_log)
+    every: int = opt(10, low=1)  # steps per hand-over to the logger
+
+
+@dataclass
 class RunConfig:
     """configs/config.yaml and its groups; `policy` is the named policy's constructor options + name."""
 
@@ -118,6 +123,7 @@ class RunConfig:
     train: Train = opt(Train())
     sample: Sample = opt(Sample())
     eval: Eval = opt(Eval())
+    logger: Logger = opt(Logger())
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -145,7 +151,7 @@ def check_policy(policy: Any) -> None:
             raise ConfigError(f"policy.weight_real: only for policies with a real and a synthetic part "
                               f"({weighted}), not {name}")  # fmt: skip
         policy.pop("weight_real", None)
-    check("policy", options_schema(cls), policy)
+    check("policy", options_schema(cls), policy)  # type: ignore[arg-type]  # a class is hashable
 
 
 @functools.lru_cache(maxsize=1)
@@ -172,8 +178,15 @@ def validate(cfg: DictConfig) -> None:
           fixed=("chains", "event_shape"))  # fmt: skip
     options = plain(_get(cfg, "sample.curation_options"))
     curation.check(cfg.sample.curation_reward, options, _get(cfg, "sample.curation_beta"))
+    if _get(cfg, "logger.name") == "tensorboard":
+        from simulator import step_log
+
+        if not step_log.available():
+            raise ConfigError(step_log.EXTRA)
     checkpoint = _get(cfg, "init.checkpoint")
-    if checkpoint is not None and not Path(str(checkpoint)).is_file():
+    from simulator import weights  # either name of a generation's model file
+
+    if checkpoint is not None and not weights.resolve(str(checkpoint)).is_file():
         raise ConfigError(f"init.checkpoint: file not found: {checkpoint}")
     pretrained = _get(cfg, "init.pretrained")
     if pretrained is not None:

@@ -1,6 +1,6 @@
 """`model.path=statistics`: the Gaussian family's generation loop on sufficient statistics, from the CLI.
 
-Runs in the same run directory format as simulator.loop (gen_XXX/model.pt, metrics.json,
+Runs in the same run directory format as simulator.loop (gen_XXX/model.safetensors, metrics.json,
 chain_metrics.pt, results.jsonl rows with the same metric names, resume after the last committed
 generation, bit for bit), but no generation ever holds a sample: G_t is fitted to the drawn
 statistics of D_t (simulator.models.gaussian_stats) and the metrics are computed from statistics:
@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from simulator import weights
 from simulator.config import ConfigError
 from simulator.data.base import Dataset
 from simulator.loop import _aggregate
@@ -150,7 +151,7 @@ def statistics_loop(
     policy: Policy,  # replace, mix, accumulate, or fresh with policy.source=truth
     generations: int = 10,  # T: generations after generation 0
     seed: int = 0,  # root of every seed stream (S_t: (seed, t, "sample"), as in the loop)
-    init_checkpoint: str | None = None,  # G_0 from this model.pt instead of the fit to the real data
+    init_checkpoint: str | None = None,  # G_0 from this model file instead of the fit to the real data
     n_samples: int | None = None,  # rows of S_t (only their count matters: the rows metrics see)
     temperature: float = 1.0,  # sampling bias s: S_t ~ N(mu_t, s Sigma_t)
     curation_k: int = 1,  # must be 1 (curation needs the samples)
@@ -181,7 +182,7 @@ def statistics_loop(
         real = Stats(real.count, real.mean.expand(chains, -1), real.scatter.expand(chains, -1, -1))
     init = None
     if init_checkpoint:
-        state = _load(Path(init_checkpoint))
+        state = weights.load(Path(init_checkpoint))
         init = (state["mean"].to(F64).expand_as(real.mean), state["cov"].to(F64).expand_as(real.scatter))
     truth = fresh_n = None
     if policy.name == "fresh":  # policy.source=truth (check() refused the rest)
@@ -226,7 +227,7 @@ def statistics_loop(
         evaluated = chain.draw(t)
         row["seconds_sample"] = time.perf_counter() - clock
         torch.save(chain.state_dict(), tmp / "statistics.pt")
-        torch.save({"mean": chain.mean.to(dtype), "cov": chain.cov.to(dtype)}, tmp / "model.pt")
+        weights.save({"mean": chain.mean.to(dtype), "cov": chain.cov.to(dtype)}, tmp / weights.SAFETENSORS)
 
         clock = time.perf_counter()
         if t == 0:

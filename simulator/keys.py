@@ -31,11 +31,14 @@ NON_SCIENCE: tuple[str, ...] = (
     "eval.report_metrics",  # extra metrics in the sweep's comparison figure
     "train.checkpoint_every",  # fit checkpoints inside gen_XXX.tmp (resume aids)
     "train.checkpoint_minutes",
+    "logger.name",  # step-level training logs (logger=tensorboard): written beside the run, change no result
+    "logger.every",
 )
 
 # command-line keys that are not config values of the run: the folder name itself, config groups that
 # only patch other keys (their effect is in the resolved config.yaml), and hydra's own switches
-NOT_IN_DIRNAME: tuple[str, ...] = ("name", "experiment", "debug", "launcher", "hydra.mode", "hydra.verbose")
+NOT_IN_DIRNAME: tuple[str, ...] = ("name", "experiment", "debug", "launcher", "logger", "hydra.mode",
+                                   "hydra.verbose")  # fmt: skip
 
 
 def dirname_excluded() -> list[str]:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from simulator import distributed, seeding
+from simulator import distributed, seeding, step_log
 from simulator import samples as store
 from simulator.curation import Reward, soft_select
 from simulator.data.base import Dataset
@@ -39,6 +39,8 @@ from simulator.policies import REAL, TRUTH, Policy, PolicyError, assemble, curat
 from simulator.report import save_grid
 from simulator.run import RunDir, SharedGen0, write_atomic
 from simulator.strict_json import strict_row
+from simulator.weights import load as load_weights
+from simulator.weights import load_model, model_name
 
 
 def _load(path: Path) -> Any:
@@ -46,7 +48,7 @@ def _load(path: Path) -> Any:
 
 
 def _fitted(tmp: Path) -> dict[str, Any] | None:
-    """The training stats of a fit finished before an interruption (its model is tmp/model.pt)."""
+    """The training stats of a fit finished before an interruption (its model waits in tmp)."""
     path = tmp / "fit.json"
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -98,6 +100,7 @@ def generation_loop(
     metric_options: dict | None = None,  # options passed to metrics (projections, k, ...)
     eval_samples: int | None = None,  # number of samples metrics see (default: all)
     progress: bool = True,  # tqdm bars over generations and training steps
+    step_logger: Callable[[int], step_log.StepLogger | None] | None = None,  # t -> logger of G_t's fit
 ) -> list[dict[str, Any]]:
     """Run or resume generations 0..T in `run`; returns the results rows."""
     chains = data.train.shape[0]
@@ -153,7 +156,7 @@ def generation_loop(
         k, mine = curation_k, [rows[i] for i in distributed.shard(len(rows))]
         candidates = [i * k + j for i in mine for j in range(k)]
         y_all = class_labels(t, n_draw * k)
-        x = m.sample(n_draw * k, y_all, generator=seeding.generator(seed, t, "sample"),
+        x = m.sample(n_draw * k, y_all, generator=seeding.generator(seed, t, "sample"),  # type: ignore[call-arg]
                      indices=candidates, **bias).cpu()  # fmt: skip
         y = None if y_all is None else y_all[candidates]
         if k > 1:
@@ -168,7 +171,7 @@ def generation_loop(
             return store.load(run.gen_dir(t), rows, kind)
         if t not in held:  # sample.save=false: regenerate them exactly from the saved model
             m = make_model()
-            m.load_state_dict(_load(run.gen_dir(t) / "model.pt"))
+            m.load_state_dict(load_model(run.gen_dir(t)))
             held[t] = draw_rows(m, t, range(n_draw)) if sharded else draw(m, t)
         x = held[t][0 if kind == store.SAMPLES else 1]
         return x if rows is None else x[:, :rows]
@@ -193,7 +196,8 @@ def generation_loop(
         shared = SharedGen0(gen0_cache / f"n{n_draw}").acquire()  # the number of samples may differ
         if shared.ready():
             shared.adopt(run, policy.describe())
-            done, shared = [0], shared.release()
+            shared.release()
+            done, shared = [0], None
     distributed.barrier()
     done = distributed.broadcast_object(done)
     rows = run.rows()
@@ -202,9 +206,9 @@ def generation_loop(
     params0 = params_star = None  # parameters of G_0 and of the fit to real data (theta*)
     opt_state = None  # optimizer state of the last fit (carry_optimizer)
     if done:  # repair() has checked every committed file against its checksum
-        model.load_state_dict(_load(run.gen_dir(done[-1]) / "model.pt"))
+        model.load_state_dict(load_model(run.gen_dir(done[-1])))
         first = make_model()
-        first.load_state_dict(_load(run.gen_dir(0) / "model.pt"))
+        first.load_state_dict(load_model(run.gen_dir(0)))
         params0 = first.parameters_vector()
         star = run.gen_dir(0) / "params_star.pt"
         params_star = _load(star) if star.exists() else params0
@@ -218,10 +222,10 @@ def generation_loop(
         fitted = distributed.broadcast_object(_fitted(tmp) if main else None)
         try:
             if fitted is not None:  # fitted before an interruption: the model waits in gen_XXX.tmp
-                model.load_state_dict(_load(tmp / "model.pt"))
+                model.load_state_dict(load_model(tmp))
                 stats, n_train = fitted["train"], fitted["n_train"]
             elif t == 0 and init_checkpoint:
-                model.load_state_dict(_load(Path(init_checkpoint)))
+                model.load_state_dict(load_weights(Path(init_checkpoint)))
                 stats, n_train = {"loaded": str(init_checkpoint)}, 0
             elif t == 0 and init_pretrained:  # make_model built G_0 from the diffusers directory itself
                 stats, n_train = {"loaded": str(init_pretrained)}, 0
@@ -255,11 +259,13 @@ def generation_loop(
                         extra["checkpoint"] = FitCheckpoint(tmp / "fit_state.pt", checkpoint_every, seconds)
                 if weights is not None:
                     extra["weights"] = weights
-                stats = model.fit(
-                    train, labels, steps=n_steps, generator=gen("fit"), progress=progress, **extra
-                )
+                logger = step_logger(t) if step_logger is not None and main else None
+                with step_log.logging_to(logger):  # logger=tensorboard: per-step scalars, nothing else
+                    stats = model.fit(
+                        train, labels, steps=n_steps, generator=gen("fit"), progress=progress, **extra
+                    )
                 if getattr(model, "resumable_fit", False) and carry_optimizer and warm_start:
-                    opt_state = model.optimizer_state
+                    opt_state = model.optimizer_state  # type: ignore[attr-defined]  # resumable_fit
                     if main:  # before fit.json: a finished fit always has its optimizer state beside it
                         store.save_atomic(opt_state, tmp / "optimizer.pt", run.durable)
                 del train, labels
@@ -273,7 +279,8 @@ def generation_loop(
         row["train"] = stats
         row["seconds_fit"] = time.perf_counter() - clock
         if main and fitted is None:  # the model first, then the marker that says the fit is done
-            store.save_atomic(model.state_dict(), tmp / "model.pt", run.durable)
+            state = model.state_dict()  # model.safetensors (a plain tensor dict), else model.pt
+            store.save_atomic(state, tmp / model_name(state), run.durable)
             write_atomic(tmp / "fit.json", json.dumps({"train": stats, "n_train": n_train}), run.durable)
 
         clock = time.perf_counter()
@@ -319,7 +326,7 @@ def generation_loop(
             if hasattr(model, "export"):  # e.g. a diffusers pipeline directory (export_pipeline)
                 model.export(tmp)
             if sharded and not save_samples:
-                store.remove(tmp)  # redrawn from model.pt when a later generation needs them
+                store.remove(tmp)  # redrawn from the model file when a later generation needs them
             if samples.dim() == 5:  # images (C, n, ch, h, w): a sample grid per generation
                 save_grid(samples[0, :64], tmp / "samples.png")
             if chains > 1 and values:
@@ -328,7 +335,8 @@ def generation_loop(
             if t == 0 and shared is not None:
                 shared.publish(run)
         if shared is not None:
-            shared = shared.release()
+            shared.release()
+            shared = None
         distributed.barrier()  # the other ranks read the committed generation from here on
         del samples
         rows.append(strict_row(row))  # as committed: non-finite values are None

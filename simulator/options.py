@@ -27,7 +27,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -233,7 +233,7 @@ def check(prefix: str, schema: type, values: Any, *, fixed: Iterable[str] = (), 
             raise error(unknown(field, allowed, noun))
         hint, rules = hints(schema)[name], _rules(fields[name])
         if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
-            check(field, hint, value, noun=noun, error=error)
+            check(field, cast(type, hint), value, noun=noun, error=error)
         else:
             check_value(field, hint, value, error=error, **rules)
 
@@ -368,7 +368,7 @@ def schema_paths(schema: type, prefix: str = "") -> set[str]:
         out.add(path)
         hint = hints(schema)[f.name]
         if dataclasses.is_dataclass(hint):
-            out |= schema_paths(hint, path + ".")
+            out |= schema_paths(cast(type, hint), path + ".")
     return out
 
 

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from simulator import weights
 from simulator.config import ConfigError
 from simulator.data.base import Dataset
 
@@ -154,7 +154,7 @@ def plain(node: Any) -> Any:
 @functools.lru_cache(maxsize=8)
 def _read_checkpoint(path: str, mtime: float) -> dict[str, Any]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = weights.load(Path(path))  # safetensors by suffix, else torch.load(weights_only=True)
     except Exception as e:  # a text file, a truncated zip, a pickle with code in it
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise ConfigError(
@@ -167,7 +167,7 @@ def _read_checkpoint(path: str, mtime: float) -> dict[str, Any]:
 
 def read_checkpoint(path: str) -> dict[str, Any]:
     """The state dict at path, loaded tensors-only; ConfigError when it is not one."""
-    p = Path(os.path.expanduser(path))
+    p = weights.resolve(os.path.expanduser(path))
     if not p.is_file():
         raise ConfigError(f"init.checkpoint: file not found: {path}")
     return _read_checkpoint(str(p), p.stat().st_mtime)

@@ -113,7 +113,7 @@ def save_grid(images: Any, path: Path, nrow: int = 8) -> None:
     array = grid.permute(1, 2, 0).squeeze(-1).numpy()
     scale = max(1, 256 // max(grid.shape[1:]))  # blow tiny grids (8x8 digits) up for viewing
     image = Image.fromarray(array, mode="L" if ch == 1 else "RGB")
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+    image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST).save(path)
 
 
 def _plt():

@@ -3,7 +3,8 @@
     <run>/config.yaml      resolved config; a changed config refuses to resume
     <run>/state.json       last committed generation, status, code version, file checksums
     <run>/results.jsonl    one row per committed generation
-    <run>/gen_XXX/         model.pt, samples (simulator.samples), metrics.json, manifest.json
+    <run>/gen_XXX/         model.safetensors (model.pt: older runs), samples (simulator.samples),
+                           metrics.json, manifest.json
                            (written as gen_XXX.tmp/, renamed when whole)
 
 The gen_XXX directories are the truth: each carries manifest.json (its results
@@ -184,7 +185,7 @@ class RunDir:
 
     def committed(self) -> list[int]:
         """Generations committed so far: gen_000 .. gen_{k-1} (contiguous; a gap ends the list)."""
-        gens = []
+        gens: list[int] = []
         while self.gen_dir(len(gens)).is_dir():
             gens.append(len(gens))
         return gens
@@ -392,11 +393,11 @@ class RunDir:
         if self.durable:
             _fsync_dir(self.path)
         self._event(next(events))
-        with open(self.path / "results.jsonl", "a") as f:
-            f.write(dumps(row) + "\n")
-            f.flush()
+        with open(self.path / "results.jsonl", "a") as results:
+            results.write(dumps(row) + "\n")
+            results.flush()
             if self.durable:
-                os.fsync(f.fileno())
+                os.fsync(results.fileno())
         state = self.state()
         state.update(last_generation=t, status=status, files={**state.get("files", {}), **checksums},
                      code_version=code_version())  # fmt: skip

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from simulator import distributed
+from simulator import distributed, weights
 
 SAMPLES, LABELS = "samples", "labels"
 PARTIAL = ".partial"  # where save_atomic writes before its rename
@@ -40,14 +40,15 @@ def shard_ranges(n: int, size: int) -> list[range]:
 
 
 def save_atomic(obj: object, path: Path, durable: bool = True) -> None:
-    """torch.save through a temporary file and a rename: readers (and resumes) never see half a file.
+    """torch.save (safetensors for a .safetensors path: simulator.weights) through a temporary file and a
+    rename: readers (and resumes) never see half a file.
 
     The temporary file has the final name inside `.partial/` (torch.save names the archive inside the
     file after it), so the bytes equal a plain torch.save(obj, path). RunDir.commit removes `.partial/`.
     """
     staging = path.parent / PARTIAL
     staging.mkdir(exist_ok=True)
-    torch.save(obj, staging / path.name)
+    weights.save(obj, staging / path.name)  # type: ignore[arg-type]
     if durable:
         with open(staging / path.name, "rb") as f:
             os.fsync(f.fileno())
@@ -61,7 +62,7 @@ def _load(path: Path) -> torch.Tensor:
 def shards(directory: Path, kind: str = SAMPLES) -> list[Path]:
     """The shard files of `kind` in directory, in row order (contiguous from 0; a gap ends the list)."""
     found = {int(m.group(2)) for p in directory.glob(f"{kind}_*.pt") if (m := _SHARD.match(p.name))}
-    out = []
+    out: list[Path] = []
     while len(out) in found:
         out.append(directory / shard_name(kind, len(out)))
     return out

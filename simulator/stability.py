@@ -79,7 +79,7 @@ def gaussian_expected(
     """
     ts = np.asarray(t)
     if ts.size and (np.any(ts < 0) or np.any(ts != np.round(ts))):
-        raise ValueError(f"generations must be non-negative integers, got {t}")
+        raise ValueError(f"generations must be non-negative integers, got {t!r}")
     ts = ts.astype(int)
     if n < 2 or d < 1 or ddof not in (0, 1) or not temperature > 0:
         raise ValueError(
@@ -379,7 +379,11 @@ def summarize(rows: list[dict[str, Any]], metric: str, *, start: int = 0) -> dic
     died = any(r.get("status") == "diverged" for r in rows) or bool(lost)
     keep = gens >= start
     if keep.sum() >= 3:  # the sweep report's rule, on this run alone against its first generation
-        verdict_ = regime_verdict([vals[keep]], generations=gens[keep], diverged=[died])["verdict"]
+        verdict_ = regime_verdict(
+            [list(vals[keep])],
+            generations=list(gens[keep]),
+            diverged=[died],  # type: ignore[arg-type]
+        )["verdict"]
     else:
         verdict_ = "diverging" if died or not np.isfinite(vals).all() else "inconclusive"
     return {

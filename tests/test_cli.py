@@ -52,7 +52,7 @@ def test_default_sweep_draws_the_comparison(tmp_path):
     runs = {tuple(p.name.split(",")[-2:]) for p in sweep.iterdir() if (p / "results.jsonl").exists()}
     policies = ("accumulate", "mix_high", "mix_low", "replace", "real_only")
     assert runs == {(f"policy={p}", f"seed={s}") for p in policies for s in range(3)}  # 5 regimes x 3 seeds
-    assert len(list((sweep / "_gen0").glob("*/n*/model.pt"))) == 3  # one generation 0 per seed
+    assert len(list((sweep / "_gen0").glob("*/n*/model.safetensors"))) == 3  # one generation 0 per seed
     assert (sweep / "figures" / "stability.png").stat().st_size > 0
     replace = sweep / "model.options.blocks=2,model.options.hidden=16,policy=replace,seed=0"
     assert (replace / "figures" / "samples.png").stat().st_size > 0

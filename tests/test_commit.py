@@ -156,7 +156,7 @@ def test_sigkill_before_every_commit_event_resumes_identical(tmp_path, whole, ca
 
 # ---- every file of a run directory deleted, truncated and edited -----------------------------------------
 TOP = ["config.yaml", "state.json", "results.jsonl", ".lock", "summary.json"]
-GEN_FILES = ["model.pt", "samples.pt", "chain_metrics.pt", "metrics.json", "manifest.json"]
+GEN_FILES = ["model.safetensors", "samples.pt", "chain_metrics.pt", "metrics.json", "manifest.json"]
 
 
 def damage(path: Path, how: str) -> None:
@@ -236,7 +236,7 @@ def test_state_json_lost_is_rebuilt_and_a_corrupted_model_still_caught(tmp_path,
     path = tmp_path / "run"
     shutil.copytree(whole, path)
     (path / "state.json").unlink()
-    damage(path / "gen_002" / "model.pt", "edit")
+    damage(path / "gen_002" / "model.safetensors", "edit")
     capsys.readouterr()
     run_config(compose_config(*GAUSS), path)
     assert "gen_002 failed its checksum; moved generations 2..3" in capsys.readouterr().err

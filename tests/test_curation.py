@@ -24,6 +24,7 @@ from scipy import stats
 from simulator import curation
 from simulator.config import ConfigError
 from simulator.policies import curate
+from simulator.weights import load_model
 
 
 def z_bound(checks: int, alpha: float = 1e-4) -> float:
@@ -207,7 +208,7 @@ def test_iterated_curation_moves_the_mean_along_the_tilt(tmp_path):
     )  # fmt: skip
     run_config(cfg, tmp_path / "run")
     run = RunDir(tmp_path / "run")
-    params = [torch.load(run.gen_dir(t) / "model.pt", weights_only=True) for t in range(T + 1)]
+    params = [load_model(run.gen_dir(t)) for t in range(T + 1)]
     z = []
     for t in range(1, T + 1):
         mu0, cov0 = params[t - 1]["mean"].double(), params[t - 1]["cov"].double()

@@ -59,7 +59,8 @@ def strip(rows):
 
 
 def files(path):
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.glob("gen_*/*.pt"))}
+    found = [*path.glob("gen_*/*.pt"), *path.glob("gen_*/*.safetensors")]  # tensors files, both formats
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(found)}
 
 
 def kill_until_done(cfg, path, kills: int, max_delay: float, seed: int = 0) -> int:
@@ -126,7 +127,8 @@ def test_sigkill_at_chosen_sample_shards_resumes_from_the_last_whole_shard(tmp_p
     ctx.set_forkserver_preload(["simulator.cli", "tests.test_faults"])
     # after gen 1's first shard; after its third (the second is then drawn anew); right after gen 2's fit
     # saved its model (before the marker that says the fit is done); then a life that finishes
-    victims = ["gen_001.tmp/samples_00000.pt", "gen_001.tmp/samples_00002.pt", "gen_002.tmp/model.pt", ""]
+    victims = ["gen_001.tmp/samples_00000.pt", "gen_001.tmp/samples_00002.pt",
+               "gen_002.tmp/model.safetensors", ""]  # fmt: skip
     lives = []
     for victim in victims:
         p = ctx.Process(target=_killed_after, args=(cfg, path, victim, str(log)))
@@ -136,19 +138,19 @@ def test_sigkill_at_chosen_sample_shards_resumes_from_the_last_whole_shard(tmp_p
         log.write_text(log.read_text() + "life\n")
     assert lives == [-signal.SIGKILL] * 3 + [0]
     events = [life.strip().splitlines() for life in log.read_text().split("life\n")[:-1]]
-    assert "save gen_001.tmp/model.pt" in events[0]
+    assert "save gen_001.tmp/model.safetensors" in events[0]
     # the second life resumed gen 1 from gen_001.tmp: no fit, only the two missing shards
     assert events[1] == ["save gen_001.tmp/samples_00001.pt", "save gen_001.tmp/samples_00002.pt"]
     # the third finished gen 1 without drawing again; gen 2, killed before its fit was marked done, is refit
-    assert events[2] == ["fit", "save gen_002.tmp/model.pt"]
-    assert events[3][:3] == ["fit", "save gen_002.tmp/model.pt", "save gen_002.tmp/samples_00000.pt"]
+    assert events[2] == ["fit", "save gen_002.tmp/model.safetensors"]
+    assert events[3][:3] == ["fit", "save gen_002.tmp/model.safetensors", "save gen_002.tmp/samples_00000.pt"]
     whole, killed = RunDir(tmp_path / "whole"), RunDir(path)
     assert strip(killed.rows()) == strip(whole.rows())
     assert files(killed.path) == files(whole.path), "files differ from the uninterrupted run"
     assert not list(killed.path.glob("gen_*.tmp")) and not list(killed.path.glob("gen_*/fit*"))
 
 
-@pytest.mark.parametrize("victim", ["model.pt", "samples.pt", "metrics.json"])
+@pytest.mark.parametrize("victim", ["model.safetensors", "samples.pt", "metrics.json"])
 def test_corrupted_file_is_detected_and_recomputed(tmp_path, victim, capsys):
     cfg = compose_config(*GAUSS, "generations=5")
     run_config(cfg, tmp_path / "whole")

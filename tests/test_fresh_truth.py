@@ -20,6 +20,7 @@ from simulator.data.base import Dataset
 from simulator.loop import generation_loop
 from simulator.models.gaussian import GaussianFamily
 from simulator.run import RunDir
+from simulator.weights import load_model
 from tests.conftest import compose_config
 
 N, K, T, D = 100, 50, 10, 2  # fixed training set, fresh rows per generation, generations, dimension
@@ -33,10 +34,7 @@ def means(tmp_path, name: str, chains: int, *overrides: str, generations: int = 
                          "eval.stability_metric=null", "sample.save=false", "durable=false",
                          *overrides)  # fmt: skip
     run_config(cfg, tmp_path / name)
-    gens = [
-        torch.load(tmp_path / name / f"gen_{t:03d}" / "model.pt", weights_only=True)
-        for t in range(generations + 1)
-    ]
+    gens = [load_model(tmp_path / name / f"gen_{t:03d}") for t in range(generations + 1)]
     return torch.stack([g["mean"].double() for g in gens])
 
 

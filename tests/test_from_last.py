@@ -24,6 +24,7 @@ from simulator.config import ConfigError
 from simulator.policies import REAL, assemble
 from simulator.registry import make_policy
 from simulator.run import RunDir
+from simulator.weights import load_model
 from tests.conftest import compose_config
 from tests.test_policies import N_REAL, C, make_pool
 
@@ -106,10 +107,7 @@ def test_from_last_is_refused_for_accumulate_and_bad_values():
 
 def traces(path, generations: int) -> torch.Tensor:
     run = RunDir(path)
-    covs = [
-        torch.load(run.gen_dir(t) / "model.pt", weights_only=True)["cov"].double()
-        for t in range(generations + 1)
-    ]
+    covs = [load_model(run.gen_dir(t))["cov"].double() for t in range(generations + 1)]
     return torch.stack([c.diagonal(dim1=-2, dim2=-1).sum(-1) for c in covs])  # (T + 1, chains)
 
 

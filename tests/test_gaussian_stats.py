@@ -36,6 +36,7 @@ from simulator.models.gaussian_stats import (
     draw_stats,
     simulate_gaussian_statistics,
 )
+from simulator.weights import load_model
 from tests.conftest import compose_config
 
 ALPHA = 0.0005  # per comparison (Bonferroni, see the module docstring)
@@ -160,7 +161,7 @@ def _run(tmp_path, d: int, overrides: list[str], path: str, seed: int) -> dict:
     run_config(cfg, run)
     out = {}
     for t in TIMES:
-        model = torch.load(run / f"gen_{t:03d}" / "model.pt", weights_only=True)
+        model = load_model(run / f"gen_{t:03d}")
         cov = model["cov"].double()
         out[f"tr_{t}"] = cov.diagonal(dim1=1, dim2=2).sum(-1)
         out[f"mu2_{t}"] = model["mean"].double().square().sum(-1)
@@ -285,5 +286,5 @@ def test_statistics_run_resumes_bit_for_bit(tmp_path):
     assert [{k: v for k, v in r.items() if k not in drop} for r in rows[0]] == [
         {k: v for k, v in r.items() if k not in drop} for r in rows[1]
     ]
-    for name in ("model.pt", "statistics.pt"):
+    for name in ("model.safetensors", "statistics.pt"):
         assert (tmp_path / "a/gen_006" / name).read_bytes() == (tmp_path / "b/gen_006" / name).read_bytes()

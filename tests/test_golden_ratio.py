@@ -17,6 +17,7 @@ from scipy import stats
 
 from simulator.cli import run_config
 from simulator.stability import golden_ratio_stationary
+from simulator.weights import load_model
 from tests.conftest import compose_config
 
 N, D, CHAINS, T, BURN = 100, 2, 300, 30, 12  # w >= 0.45: the start has faded to 0.55^12 < 1e-3
@@ -33,7 +34,7 @@ def stationary(tmp_path, w: float) -> np.ndarray:
                          "sample.save=false", "durable=false")  # fmt: skip
     run = tmp_path / f"w{w}"
     run_config(cfg, run)
-    err = [torch.load(run / f"gen_{t:03d}" / "model.pt", weights_only=True)["mean"].double().square().sum(1)
+    err = [load_model(run / f"gen_{t:03d}")["mean"].double().square().sum(1)
            for t in range(BURN + 1, T + 1)]  # fmt: skip
     return torch.stack(err).mean(0).numpy()
 

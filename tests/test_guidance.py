@@ -14,6 +14,7 @@ from scipy import stats
 from simulator.config import ConfigError
 from simulator.models import diffusion_sampler
 from simulator.models.diffusion import CPU_ROWS, DiffusionFamily, _DiffusionObjective
+from simulator.weights import load_model
 from tests.conftest import compose_config
 
 TINY = dict(block_out_channels=(4, 8), layers_per_block=1, sample_steps=5, likelihood_timesteps=4)
@@ -247,7 +248,7 @@ def test_a_guided_run_samples_what_the_guided_model_draws(tmp_path) -> None:
     gen0 = tmp_path / "run" / "gen_000"
     x, y = store.load(gen0), store.load(gen0, kind=store.LABELS)
     fam = make(num_classes=10, label_dropout=0.1, sample_steps=4)
-    fam.load_state_dict(torch.load(gen0 / "model.pt", weights_only=True))
+    fam.load_state_dict(load_model(gen0))
     g = seeding.generator(0, 0, "sample")
     assert torch.equal(x, fam.sample(x.shape[1], y.reshape(-1), generator=g, guidance=3))
     assert not torch.equal(x, fam.sample(x.shape[1], y.reshape(-1), generator=g))

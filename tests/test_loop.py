@@ -13,6 +13,7 @@ from simulator.cli import run_config
 from simulator.metrics import registry as metric_registry
 from simulator.models.base import Diverged
 from simulator.run import RunDir, RunError
+from simulator.weights import load_model
 from tests.conftest import compose_config
 
 CRASH_AT = {"generation": None}
@@ -140,8 +141,8 @@ def test_diverged_generation_is_recorded(tmp_path, monkeypatch):
 def test_warm_start_and_scratch_differ_for_flows(tmp_path):
     warm = run_config(compose_config(*FLOW, "generations=1"), tmp_path / "w")
     cold = run_config(compose_config(*FLOW, "generations=1", "train.warm_start=false"), tmp_path / "c")
-    a = torch.load(tmp_path / "w" / "gen_001" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "c" / "gen_001" / "model.pt", weights_only=True)
+    a = load_model(tmp_path / "w" / "gen_001")
+    b = load_model(tmp_path / "c" / "gen_001")
     assert warm["status"] == cold["status"] == "complete"
     assert any(not torch.equal(a[k], b[k]) for k in a)
 

@@ -20,6 +20,7 @@ from simulator.config import ConfigError
 from simulator.models import diffusers_io
 from simulator.models.diffusion import DiffusionFamily
 from simulator.run import RunError
+from simulator.weights import load_model
 from tests.conftest import compose_config
 
 T = 40  # the checkpoint's own schedule: differs from the family's default (1000) on purpose
@@ -160,7 +161,7 @@ def test_two_generations_from_a_checkpoint_export_pipelines(
     assert same_weights(DDPMPipeline.from_pretrained(run / "gen_000" / "pipeline").unet, tiny_unet())
     for cls in (DDPMPipeline, DDIMPipeline):
         pipe = cls.from_pretrained(run / "gen_001" / "pipeline")
-        state = torch.load(run / "gen_001" / "model.pt", weights_only=True)
+        state = load_model(run / "gen_001")
         ema = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
         assert all(torch.equal(v, ema[k]) for k, v in pipe.unet.state_dict().items())  # EMA weights
         assert pipe.scheduler.config.num_train_timesteps == T

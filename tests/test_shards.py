@@ -22,7 +22,8 @@ def strip(rows):
 
 
 def pt_files(path):
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.glob("gen_*/*.pt"))}
+    found = [*path.glob("gen_*/*.pt"), *path.glob("gen_*/*.safetensors")]  # tensors files, both formats
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(found)}
 
 
 def test_shards_resume_and_load_any_rows(tmp_path):
@@ -87,7 +88,7 @@ def test_checksums_survive_a_kill_between_rename_and_state(tmp_path, capsys):
         "files"
     ]
     assert strip(RunDir(path).rows()) == strip(RunDir(tmp_path / "whole").rows())
-    target = path / "gen_003" / "model.pt"  # the restored checksum catches a later corruption
+    target = path / "gen_003" / "model.safetensors"  # the restored checksum catches a later corruption
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
@@ -126,10 +127,10 @@ def test_generation_0_is_shared_by_the_policies_of_a_sweep(tmp_path):
         k: v for k, v in first[0].items() if k != "policy"
     }
     assert second[0]["policy"] == "accumulate"
-    a, b = (runs[p] / "gen_000" / "model.pt" for p in runs)
+    a, b = (runs[p] / "gen_000" / "model.safetensors" for p in runs)
     assert os.path.samefile(a, b)  # hard links, not copies
     # sharing changes nothing: the accumulate run equals one made alone, file for file
     assert strip(RunDir(runs["accumulate"]).rows()) == strip(RunDir(alone).rows())
     assert pt_files(runs["accumulate"]) == pt_files(alone)
     state = RunDir(runs["accumulate"]).state()["files"]
-    assert "gen_000/model.pt" in state and RunDir(runs["accumulate"]).verify_all(0)
+    assert "gen_000/model.safetensors" in state and RunDir(runs["accumulate"]).verify_all(0)

@@ -12,6 +12,8 @@ from simulator.models.diffusion import DiffusionFamily
 from simulator.models.flow import FlowFamily
 from simulator.models.glow import GlowFamily
 from simulator.models.training import EMA, EpochBatches, Objective, TrainOptions, train
+from simulator.weights import load as load_weights
+from simulator.weights import load_model
 
 
 def gen(seed: int) -> torch.Generator:
@@ -260,10 +262,8 @@ def test_killed_mid_fit_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     assert strip == [{k: v for k, v in r.items() if not k.startswith("seconds") and k != "train"}
                      for r in resumed.rows()]  # fmt: skip
     for t in range(3):
-        for name in ("model.pt", "optimizer.pt"):
-            a, b = (
-                torch.load(p / f"gen_{t:03d}" / name, weights_only=True) for p in (whole.path, resumed.path)
-            )
+        for name in ("model.safetensors", "optimizer.pt"):
+            a, b = (load_weights(p / f"gen_{t:03d}" / name) for p in (whole.path, resumed.path))
             assert same(a, b), (t, name)
 
 
@@ -282,9 +282,9 @@ def test_carried_optimizer_changes_the_fine_tuning(tmp_path):
 
     run_config(compose_config(*FLOW_RUN, "policy=mix", "train.carry_optimizer=false"), tmp_path / "fresh")
     run_config(compose_config(*FLOW_RUN, "policy=mix", "train.carry_optimizer=true"), tmp_path / "carry")
-    a, b = (torch.load(tmp_path / p / "gen_001" / "model.pt", weights_only=True) for p in ("fresh", "carry"))
+    a, b = (load_model(tmp_path / p / "gen_001") for p in ("fresh", "carry"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    x, y = (torch.load(tmp_path / p / "gen_000" / "model.pt", weights_only=True) for p in ("fresh", "carry"))
+    x, y = (load_model(tmp_path / p / "gen_000") for p in ("fresh", "carry"))
     assert all(torch.equal(x[k], y[k]) for k in x), "generation 0 has no optimizer to carry"
 
 

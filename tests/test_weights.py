@@ -23,6 +23,7 @@ from simulator.models.gaussian import GaussianFamily
 from simulator.models.gmm import GMMFamily
 from simulator.models.kde import KDEFamily
 from simulator.models.training import EpochBatches
+from simulator.weights import load_model
 from tests.conftest import compose_config
 
 F64 = torch.float64
@@ -228,7 +229,7 @@ def run_gaussian(tmp_path, name: str, *overrides: str) -> dict[str, torch.Tensor
                          "eval.metrics=[]", "eval.figures=false", "eval.stability_metric=null",
                          "sample.save=false", *overrides)  # fmt: skip
     run_config(cfg, tmp_path / name)
-    return {t: torch.load(tmp_path / name / f"gen_{t:03d}" / "model.pt", weights_only=True) for t in range(4)}
+    return {t: load_model(tmp_path / name / f"gen_{t:03d}") for t in range(4)}
 
 
 def test_weight_real_at_the_row_share_is_the_unweighted_loop_bit_for_bit(tmp_path):

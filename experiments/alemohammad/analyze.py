@@ -1,7 +1,7 @@
 """Alemohammad et al. (ICLR 2024, "Self-consuming generative models go MAD") reproduced from run dirs.
 
 1. Sampling bias (runs/alemohammad_bias): E tr Sigma_t / tr Sigma_0 and the mean drift from
-   gen_XXX/model.pt against stability.gaussian_expected(..., tempered_real=False); precision and
+   gen_XXX's model file against stability.gaussian_expected(..., tempered_real=False); precision and
    recall from results.jsonl.
 2. 25-mode GMM (runs/alemohammad_gmm, runs/alemohammad_fresh): modes kept, counted from
    gen_XXX samples -- a mode is kept when at least 10% of its fair share of the samples
@@ -31,6 +31,7 @@ from simulator.report import find_runs, load_run
 from simulator.stability import gaussian_expected
 from simulator.stats import student_t_band
 from simulator.strict_json import number  # null (not finite) -> NaN
+from simulator.weights import load_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -50,7 +51,7 @@ def bias_part(runs: list[Path], axes: list, lines: list[str]) -> None:
     loaded = []
     for run in runs:
         config, rows = load_run(run)
-        states = [torch.load(g / "model.pt", weights_only=True) for g in gens_of(run)]
+        states = [load_model(g) for g in gens_of(run)]
         mean = torch.stack([s["mean"] for s in states]).double().numpy()  # (T, C, d)
         cov = torch.stack([s["cov"] for s in states]).double().numpy()
         loaded.append((float(config["sample"]["temperature"]), config, rows, mean, cov))

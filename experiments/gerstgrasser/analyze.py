@@ -1,7 +1,7 @@
 """Gerstgrasser et al. (2024) / Kazdan et al. (2024) reproduced: replace vs accumulate vs subsample.
 
 Gaussian (runs/gerstgrasser/*): per chain, tr Sigma_t / tr Sigma_0 and ||mu_t - mu_0||^2 / tr Sigma_0
-from gen_XXX/model.pt, chain mean and its 95% Student-t interval over chains (simulator.stats.
+from gen_XXX's model file, chain mean and its 95% Student-t interval over chains (simulator.stats.
 student_t_band: every ± and band here), against stability.gaussian_expected (replace: a^t;
 accumulate: prod_k (1 - 1/(k^2 n)), limit sin(pi/sqrt n)/(pi/sqrt n)). These ratios do not depend
 on d, so one closed-form curve serves every dimension. Loop generation g is fit t = g + 1. A z-score
@@ -33,6 +33,7 @@ from simulator.data.toy import make_toy
 from simulator.report import find_runs, load_run
 from simulator.stability import accumulate_limit, gaussian_expected, summarize
 from simulator.stats import student_t_band
+from simulator.weights import load_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -63,7 +64,7 @@ def ratios(run: Path) -> tuple[dict, np.ndarray, np.ndarray]:
     opts = config["data"]["options"]
     tr, drift = [], []
     for g in gens_of(run):
-        state = torch.load(g / "model.pt", weights_only=True)
+        state = load_model(g)
         cov, mean = state["cov"].double(), state["mean"].double()
         d = mean.shape[-1]
         tr0 = float(opts["std"]) ** 2 * d
@@ -166,7 +167,7 @@ def kde_points_variance(run: Path) -> np.ndarray:
     h = float(config["model"]["options"]["bandwidth"])
     out = []
     for g in gens_of(run):
-        x = torch.load(g / "model.pt", weights_only=True)["points"].double()  # (C, N, d)
+        x = load_model(g)["points"].double()  # (C, N, d)
         out.append((x.var(1, unbiased=False).sum(-1) + x.shape[-1] * h**2).numpy())
     return np.array(out)
 

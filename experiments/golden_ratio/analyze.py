@@ -1,7 +1,7 @@
 """He, Xu and Cheng (2025), golden-ratio weighting: table and figure from the run directories alone.
 
 Per run (one weight w = policy.weight_real) and chain, the stationary error is the mean of
-||mu_t - mu||^2 over generations BURN+1..T (gen_XXX/model.pt holds every chain's fitted mean); its
+||mu_t - mu||^2 over generations BURN+1..T (gen_XXX's model file holds every chain's fitted mean); its
 Student-t 95% interval is over the chains, which are independent. Beside it: the exact closed form for
 the gaussian family as it runs (covariance estimated too) and He et al.'s, which takes sigma as known
 (simulator.stability.golden_ratio_stationary; derivation in README.md).
@@ -22,6 +22,7 @@ import yaml
 from scipy import stats
 
 from simulator.stability import golden_ratio_stationary
+from simulator.weights import load_model
 
 BURN = 30  # generations left out before averaging (the start fades like (1 - w)^t; w >= 0.2 here)
 PHI_INV = (math.sqrt(5) - 1) / 2
@@ -36,10 +37,7 @@ def stationary_error(run: Path, burn: int = BURN) -> dict[str, float]:
     d = int(config["data"]["options"]["dim"])
     truth = torch.as_tensor(config["data"]["options"]["mean"], dtype=torch.float64).expand(d)
     err = torch.stack(
-        [
-            (torch.load(g / "model.pt", weights_only=True)["mean"].double() - truth).square().sum(1)
-            for g in gens
-        ]
+        [(load_model(g)["mean"].double() - truth).square().sum(1) for g in gens]
     )  # (T - burn, C)
     per_chain = err.mean(0).numpy()
     c = len(per_chain)

@@ -1,12 +1,12 @@
 """Shumailov et al. (Nature 2024) reproduced: figures and tables from the run directories alone.
 
 Gaussian (runs/shumailov/*): per chain, the fitted mean and variance of every generation come
-from gen_XXX/model.pt; their chain means (with 95% Student-t intervals over the 1000 chains,
+from gen_XXX's model file; their chain means (with 95% Student-t intervals over the 1000 chains,
 simulator.stats.student_t_band: every ± and band here) are drawn over the closed forms of
 stability.gaussian_expected; the z-score (measured - closed form) / SE is a test statistic, not an
 interval. Loop generation g is fit t = g + 1.
 GMM (runs/shumailov_gmm/base): per chain, both components' covariances and weights from
-gen_XXX/model.pt: the log-determinants collapse and components are lost.
+gen_XXX's model file: the log-determinants collapse and components are lost.
 
 Usage: python experiments/shumailov/analyze.py [--runs runs] [--out figures]
 """
@@ -25,6 +25,7 @@ from simulator.models.gmm import GMMFamily
 from simulator.report import find_runs, load_run
 from simulator.stability import gaussian_expected
 from simulator.stats import student_t_band
+from simulator.weights import load_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -37,11 +38,11 @@ HEAVY = ("var_ratio", "w2_sq")
 
 
 def load_params(run: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Stack keys of every gen_XXX/model.pt of a run into arrays (T, C, ...), in generation order."""
+    """Stack keys of every gen_XXX's model file of a run into arrays (T, C, ...), in generation order."""
     gens = sorted(run.glob("gen_[0-9][0-9][0-9]*"), key=lambda p: int(p.name[4:]))
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for g in gens:
-        state = torch.load(g / "model.pt", map_location="cpu", weights_only=True)
+        state = load_model(g)
         for k in keys:
             out[k].append(state[k].double().numpy())
     return {k: np.stack(v) for k, v in out.items()}

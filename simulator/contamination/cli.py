@@ -241,12 +241,14 @@ def check_generator(
             raise ConfigError(str(e).replace("model.options", "generator.options", 1)) from None
     elif gen["kind"] == "run":  # a loop run of other data: its images would only be found at the first cell
         for d in {p for paths in source.run_dirs.values() for p in paths}:
-            loop = OmegaConf.load(d / "config.yaml")
+            loop: Any = OmegaConf.load(d / "config.yaml")
             if loop.get("data") is None:
                 continue
             node = OmegaConf.create({"data": _plain(loop.data), "chains": 1, "seed": 0})
             got = cached(
-                cache, ("loop-data", _plain(loop.data)), lambda n=node: registry.make_data(n).event_shape
+                cache,
+                ("loop-data", _plain(loop.data)),
+                lambda n=node: registry.make_data(n).event_shape,  # type: ignore[misc]
             )
             if tuple(got) != shape:
                 raise ConfigError(

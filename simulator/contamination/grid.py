@@ -360,11 +360,11 @@ def run_grid(
                 )
             )
         if cell.kind == "contaminated" and cell.mode != "control" and cell.ratio > 0 and source is not None:
-            key = (cell.gen_t, cell.gen_seed)
-            if key not in gen_rows:
+            gen_key = (cell.gen_t, cell.gen_seed)
+            if gen_key not in gen_rows:
                 pool = source.pool(cell.gen_t, cell.gen_seed, needs[cell.gen_t])
-                gen_rows[key] = generator_stats(pool, reference, setup)  # type: ignore[arg-type]
-            row.update(gen_rows[key])
+                gen_rows[gen_key] = generator_stats(pool, reference, setup)  # type: ignore[arg-type]
+            row.update(gen_rows[gen_key])
         row["train"] = stats
         row["seconds"] = time.perf_counter() - clock
         if i == 0 or save_models:

@@ -12,7 +12,7 @@ from simulator.contamination import classifiers, shifts
 from simulator.contamination.sources import KINDS, SAMPLES
 from simulator.options import opt
 
-SEVERITY = {"low": 1, "high": 5}  # CIFAR-10-C's levels (simulator/contamination/shifts.py)
+SEVERITY: dict[str, Any] = {"low": 1, "high": 5}  # CIFAR-10-C's levels (simulator/contamination/shifts.py)
 
 
 @dataclass

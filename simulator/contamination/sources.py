@@ -5,7 +5,7 @@ A generator is either
   run per class in `run_dirs` (list position = class); or one loop run per replicate seed in `replicates`
   (list position = position in `seeds`), so that replicates differ in their generator as well. Its images
   are the loop's own saved samples (gen_XXX samples and labels, simulator.samples) when they hold enough of
-  every class, else fresh draws from gen_XXX/model.pt, the family rebuilt from the run's config.yaml
+  every class, else fresh draws from gen_XXX's model file, the family rebuilt from the run's config.yaml
   through registry.make_model_factory;
 - or trained on the spot (`kind: train`) on the real training images: one class-conditional model, or one
   unconditional model per class (`per_class: true`), saved under <run>/generator/seed_<g>/ once and reused.
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import registry, seeding
+from simulator import registry, seeding, weights
 from simulator import samples as store
 from simulator.contamination.mixing import ContaminationError, Pool
 from simulator.models.base import GenerativeModel
@@ -79,7 +79,7 @@ def load_loop_model(run_dir: Path, t: int, event_shape: tuple[int, ...], device:
     """Generation t's model of a loop run, its family rebuilt from the run's own config.yaml."""
     cfg: DictConfig = OmegaConf.load(run_dir / "config.yaml")  # type: ignore[assignment]
     model = _model_factory(OmegaConf.to_container(cfg.model), event_shape, device)()  # type: ignore[arg-type]
-    model.load_state_dict(_load(run_dir / f"gen_{t:03d}" / "model.pt"))
+    model.load_state_dict(weights.load_model(run_dir / f"gen_{t:03d}"))
     return model
 
 

@@ -213,5 +213,5 @@ COLORED_SOURCES: dict[str, type[ColoredDigits]] = {ColoredDigits.name: ColoredDi
 def make_colored(name: str, **options: Any) -> ColoredDigits:
     """The coloured source called name, built from options; one-line ValueError for unknown options."""
     cls = COLORED_SOURCES[choose("data.name", name, COLORED_SOURCES)]
-    check("data.options", options_schema(cls), options)
+    check("data.options", options_schema(cls), options)  # type: ignore[arg-type]  # a class is hashable
     return cls(**options)

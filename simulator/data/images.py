@@ -345,5 +345,5 @@ IMAGE_SOURCES: dict[str, type[ImageSource]] = {cls.name: cls for cls in (Digits,
 def make_image(name: str, **options: Any) -> ImageSource:
     """The image source called name, built from options; one-line ValueError for unknown names or options."""
     cls = IMAGE_SOURCES[choose("data.name", name, IMAGE_SOURCES)]
-    check("data", options_schema(cls), options)  # FFHQ's: its own and ImageFolder's (its **options)
+    check("data", options_schema(cls), options)  # type: ignore[arg-type]  # FFHQ's: its own and ImageFolder's (its **options)
     return cls(**options)

@@ -28,6 +28,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +175,7 @@ def get_extractor(
     )
     memo = (str(path), str(device))
     if memo in _LOADED:
-        return _LOADED[memo]
+        return cast(TinyCNN, _LOADED[memo])
     net = _read_extractor(path, device)
     if net is None:
         images = images.reshape(-1, *images.shape[-3:])
@@ -292,7 +293,7 @@ def is_fidelity(extractor: nn.Module) -> bool:
 
 def feature_dim(extractor: nn.Module) -> int:
     """F, the width of the extractor's features."""
-    return INCEPTION_DIM if is_fidelity(extractor) else int(extractor.feature_dim)
+    return INCEPTION_DIM if is_fidelity(extractor) else int(cast(Any, extractor).feature_dim)
 
 
 def features(extractor: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

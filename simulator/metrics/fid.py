@@ -124,7 +124,7 @@ def tensor_id(t: torch.Tensor) -> str:
         return seen[2]
     a = t.detach().cpu().contiguous()
     h = hashlib.sha256(f"{tuple(a.shape)}{a.dtype}".encode())
-    h.update(memoryview(a.reshape(-1).view(torch.uint8).numpy()))
+    h.update(memoryview(a.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
     _HASHES[id(t)] = (weakref.ref(t), t._version, h.hexdigest()[:16])
     return _HASHES[id(t)][2]
 
@@ -141,7 +141,7 @@ def checksum(saved: dict[str, Any]) -> str:
             raise TypeError(f"{name} is a {type(t).__name__}, not a tensor")
         a = t.detach().cpu().contiguous()
         h.update(f"|{name}|{a.dtype}|{tuple(a.shape)}|".encode())
-        h.update(memoryview(a.reshape(-1).view(torch.uint8).numpy()))
+        h.update(memoryview(a.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
     return h.hexdigest()
 
 

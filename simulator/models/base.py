@@ -7,6 +7,7 @@ tensor program; neural families run one chain (C = 1). Data is (C, n, *event).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -127,6 +128,26 @@ def check_weights(weights: torch.Tensor | None, chains: int, n: int) -> torch.Te
     if bool((spread <= 8 * torch.finfo(torch.float64).eps * w.max(1).values).all()):
         return None
     return w * (n / total)
+
+
+def seeded_build(generator: torch.Generator, build: Callable[[], Any]) -> Any:
+    """build() with the global CPU RNG seeded from one draw of generator (torch layers initialise through
+    it): the RNG is forked, so the caller's stream is untouched, and only the CPU default generator is
+    seeded (torch.manual_seed would also reseed every GPU). The torch families' reset."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        return build()
+
+
+def plain_state(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """module's state dict as detached CPU copies (names prefixed), loadable with weights_only=True."""
+    return {f"{prefix}{k}": v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def flat_parameters(module: torch.nn.Module) -> torch.Tensor:
+    """All of module's parameters flattened to (1, P) on the CPU, for parameter distances."""
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()]).cpu().unsqueeze(0)
 
 
 def world() -> tuple[int, int]:

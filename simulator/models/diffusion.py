@@ -16,15 +16,15 @@ import contextlib
 import copy
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from simulator.models import diffusers_io, diffusion_sampler
 from simulator.models import diffusion_bound as bound
-from simulator.models.base import FitCheckpoint, check_weights
-from simulator.models.training import EMA, EpochBatches, Objective, TrainOptions, train
+from simulator.models.base import check_weights, flat_parameters, plain_state, seeded_build
+from simulator.models.training import EMA, EpochBatches, FitResult, Objective, TrainedFamily, TrainOptions
 
 SAMPLERS = ("ddpm", "ddim")
 SCHEDULES = ("linear", "squaredcos_cap_v2")
@@ -68,12 +68,12 @@ class _DiffusionObjective(Objective):
         return torch.nn.functional.mse_loss(f._eps(self.net, xt, t, y, pad=False), noise)
 
 
-class DiffusionFamily:
+class DiffusionFamily(TrainedFamily):
     """A diffusers UNet2DModel behind the GenerativeModel protocol (uint8 images, one chain)."""
 
     exact_likelihood = False
     per_sample_seeds = True  # sample(n, ..., indices=...) gives rows of sample(n): the loop shards it
-    resumable_fit = True  # fit(..., checkpoint=FitCheckpoint) resumes an interrupted fit
+    fit_desc = "diffusion fit"
 
     def __init__(
         self,
@@ -205,12 +205,10 @@ class DiffusionFamily:
 
         With `pretrained`, "from scratch" is the pretrained checkpoint: its weights are read again.
         """
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        # Layers initialise through the global CPU RNG; fork it so the caller's RNG is untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            unet = diffusers_io.load_unet(self.pretrained) if self.pretrained else self._build()
-            self.unet = unet.to(self.device).eval()
+        # Layers initialise through the global CPU RNG (seeded_build forks it)
+        unet = seeded_build(generator, lambda: diffusers_io.load_unet(self.pretrained) if self.pretrained
+                            else self._build())  # fmt: skip
+        self.unet = unet.to(self.device).eval()
         self.ema = copy.deepcopy(self.unet).requires_grad_(False) if self.ema_decay else None
         # diffusers' EMAModel, its shadow parameters aliasing self.ema's (so self.ema is the average)
         self.ema_tracker = EMA(self.ema, self.ema_decay) if self.ema is not None else None
@@ -278,27 +276,15 @@ class DiffusionFamily:
             raise ValueError(f"{what} labels must be {n} ints in [0, {self.num_classes}): {labels.shape}")
         return labels.to(self.device)
 
-    def fit(
-        self,
-        data: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        *,
-        steps: int | None = None,
-        generator: torch.Generator,
-        progress: bool = False,
-        checkpoint: FitCheckpoint | None = None,
-        optimizer_state: dict[str, Any] | None = None,
-        warmup: int | None = None,
-        ema: str = "carry",
-        weights: torch.Tensor | None = None,  # (1, n) or (n,) row weights: weighted minibatch sampling
-    ) -> dict[str, Any]:
+    def objective(
+        self, data: torch.Tensor, labels: torch.Tensor | None, weights: torch.Tensor | None,
+        warmup: int | None, ema: str,
+    ) -> tuple[Objective, TrainOptions, EMA | None]:  # fmt: skip
         """Denoising score matching (Ho et al.'s L_simple) on uint8 images (1, n, ch, h, w) with AdamW.
 
-        Trains through simulator.models.training (DDP, resumable with a checkpoint). A warm start carries
-        the weights over, and the EMA too unless ema="restart" (the average then starts again from the
-        current weights, with its warm-up); the optimiser state only when passed as `optimizer_state`
-        (the previous fit's is `self.optimizer_state`). `warmup` (learning-rate warm-up steps) overrides
-        the family's. loss_first / loss_last are means over the first / last min(10, steps) steps.
+        A warm start carries the EMA too unless ema="restart" (the average then starts again from the
+        current weights, with its warm-up). loss_first / loss_last are means over the first / last
+        min(10, steps) steps.
         """
         if ema not in ("carry", "restart"):
             raise ValueError(f"ema must be 'carry' or 'restart', got {ema!r}")
@@ -307,7 +293,6 @@ class DiffusionFamily:
             raise ValueError("diffusion fit needs at least one image")
         y = self._labels(labels, x8.shape[0], "fit")
         w = check_weights(weights, 1, x8.shape[0])
-        steps = self.steps if steps is None else int(steps)
         options = TrainOptions(
             optimizer="adamw", lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
             warmup=self.warmup if warmup is None else warmup, amp=self.amp, compile=self.compile,
@@ -315,13 +300,9 @@ class DiffusionFamily:
         )  # fmt: skip
         if ema == "restart" and self.ema_tracker is not None:
             self.ema_tracker.restart(self.unet.parameters())
-        objective = _DiffusionObjective(self, x8, y, None if w is None else w[0])
-        result = train(
-            objective, steps=steps, generator=generator, options=options,
-            device=self.device, ema=self.ema_tracker, checkpoint=checkpoint, optimizer_state=optimizer_state,
-            progress=progress, desc="diffusion fit",
-        )  # fmt: skip
-        self.optimizer_state = result.optimizer_state
+        return _DiffusionObjective(self, x8, y, None if w is None else w[0]), options, self.ema_tracker
+
+    def fit_stats(self, result: FitResult, steps: int) -> dict[str, Any]:
         self.losses = result.losses
         first, last = result.mean_first_last(10)
         return {"loss_first": first, "loss_last": last, "steps": float(steps), "seconds": result.seconds}
@@ -381,9 +362,10 @@ class DiffusionFamily:
         """
         n = self._check(x).shape[0]
         if self.num_classes is None or labels is not None:
-            lp = -sum(self.bound_terms(x, labels).values())
+            lp = cast(torch.Tensor, -sum(self.bound_terms(x, labels).values()))
         else:
-            per = [-sum(self.bound_terms(x, torch.full((n,), c)).values()) for c in range(self.num_classes)]
+            per = [cast(torch.Tensor, -sum(self.bound_terms(x, torch.full((n,), c)).values()))
+                   for c in range(self.num_classes)]  # fmt: skip
             lp = torch.logsumexp(torch.stack(per), 0) - math.log(self.num_classes)
         return lp.float().unsqueeze(0).to(x.device)
 
@@ -392,9 +374,9 @@ class DiffusionFamily:
     def state_dict(self) -> dict[str, Any]:
         """Plain CPU tensors: 'unet.*' (trained weights), 'ema.*' (averaged weights), 'ema_steps', and
         'null_class' when label dropout trained one (so a checkpoint says whether it can be guided)."""
-        out = {f"unet.{k}": v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
+        out = plain_state(self.unet, "unet.")
         if self.ema is not None:
-            out.update({f"ema.{k}": v.detach().cpu().clone() for k, v in self.ema.state_dict().items()})
+            out.update(plain_state(self.ema, "ema."))
         out["ema_steps"] = torch.tensor(self.ema_steps)
         if self.null_class is not None:
             out["null_class"] = torch.tensor(self.null_class)
@@ -430,4 +412,4 @@ class DiffusionFamily:
 
     def parameters_vector(self) -> torch.Tensor:
         """The weights used for sampling (the EMA when there is one) flattened to (1, P) on the CPU."""
-        return torch.cat([p.detach().reshape(-1) for p in self._net().parameters()]).cpu().unsqueeze(0)
+        return flat_parameters(self._net())

@@ -15,8 +15,8 @@ from typing import Any
 import normflows as nf
 import torch
 
-from simulator.models.base import FitCheckpoint, check_weights
-from simulator.models.training import EpochBatches, Objective, TrainOptions, train
+from simulator.models.base import check_weights, flat_parameters, plain_state, seeded_build
+from simulator.models.training import EMA, EpochBatches, FitResult, Objective, TrainedFamily, TrainOptions
 
 ARCHS = ("realnvp", "nsf")
 LOG_SCALE_BOUND = 3.0  # |log scale| per RealNVP coupling; e^3 per layer is ample with ActNorm
@@ -24,6 +24,8 @@ LOG_SCALE_BOUND = 3.0  # |log scale| per RealNVP coupling; e^3 per layer is ampl
 
 class _FlowObjective(Objective):
     """Mean negative log-likelihood (nats per sample) of a minibatch of rows of x."""
+
+    net: nf.NormalizingFlow
 
     def __init__(
         self, flow: nf.NormalizingFlow, x: torch.Tensor, batch_size: int, weights: torch.Tensor | None = None
@@ -38,15 +40,67 @@ class _FlowObjective(Objective):
         return self.net.forward_kld(self.x[idx])
 
     @torch.no_grad()
-    def initialize(self, idx: torch.Tensor) -> None:
+    def initialize(self, idx: torch.Tensor) -> None:  # type: ignore[override]
         self.net.forward_kld(self.x[idx])  # ActNorm's first-batch initialisation sees the global batch
 
 
-class FlowFamily:
+@contextlib.contextmanager
+def frozen_actnorm(net: torch.nn.Module) -> Iterator[None]:
+    """Evaluate net without side effects: an ActNorm not yet fitted would otherwise initialise itself from
+    whatever batch it sees first (making results depend on their batch); until a fit it is the identity."""
+    acts = [m for m in net.modules() if isinstance(m, nf.flows.ActNorm)]
+    fresh = [(m, m.data_dep_init_done) for m in acts if not m.data_dep_init_done > 0]
+    for m, flag in fresh:
+        m.data_dep_init_done = torch.ones_like(flag)
+    try:
+        yield
+    finally:
+        for m, flag in fresh:
+            m.data_dep_init_done = flag
+
+
+class NormflowsFamily(TrainedFamily):
+    """What FlowFamily and GlowFamily share: a normflows model in `self.flow`, built by `self._build()`."""
+
+    flow: nf.NormalizingFlow
+    device: torch.device
+
+    def _build(self) -> nf.NormalizingFlow:
+        raise NotImplementedError
+
+    def reset(self, generator: torch.Generator) -> None:
+        """Re-initialise every parameter (and ActNorm's first-batch flag) from scratch, deterministically
+        from generator (layers initialise through the global CPU RNG: seeded_build)."""
+        self.flow = seeded_build(generator, self._build)
+        self.flow.to(self.device).eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The flow's floating dtype (float32 by default; tests may cast the flow to float64)."""
+        return next(self.flow.parameters()).dtype
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain CPU tensors (weights, masks, LU buffers, ActNorm flags) that load with weights_only=True."""
+        return plain_state(self.flow)
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any:
+        """Load weights saved by state_dict into this (same-architecture) flow; the ActNorm flags come
+        along, so no re-initialisation."""
+        out = self.flow.load_state_dict(state)
+        # ActNorm reassigns its flag as a new CPU tensor on first use; keep every buffer on the device.
+        self.flow.to(self.device)
+        return out
+
+    def parameters_vector(self) -> torch.Tensor:
+        """All trainable parameters flattened to (1, P) on the CPU, for parameter distances."""
+        return flat_parameters(self.flow)
+
+
+class FlowFamily(NormflowsFamily):
     """A normflows NormalizingFlow behind the GenerativeModel protocol (vectors, one chain)."""
 
     exact_likelihood = True
-    resumable_fit = True  # fit(..., checkpoint=FitCheckpoint) resumes an interrupted fit
+    fit_desc = "flow fit"
 
     def __init__(
         self,
@@ -137,52 +191,23 @@ class FlowFamily:
                 flows.append(nf.flows.ActNorm((d,)))
         return nf.NormalizingFlow(nf.distributions.DiagGaussian(d, trainable=False), flows)
 
-    def reset(self, generator: torch.Generator) -> None:
-        """Re-initialise every parameter from scratch, deterministically from generator."""
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        # Layers initialise through the global CPU RNG; fork it so the caller's RNG is untouched and
-        # seed only the CPU default generator (torch.manual_seed would also reseed every GPU).
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            self.flow = self._build()
-        self.flow.to(self.device).eval()
-
     # -- training -----------------------------------------------------------------------------
 
-    def fit(
-        self,
-        data: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        *,
-        steps: int | None = None,
-        generator: torch.Generator,
-        progress: bool = False,
-        checkpoint: FitCheckpoint | None = None,
-        optimizer_state: dict[str, Any] | None = None,
-        warmup: int | None = None,
-        ema: str = "carry",  # no EMA in this family: accepted for the protocol, nothing to carry
-        weights: torch.Tensor | None = None,  # (1, n) or (n,) row weights: weighted minibatch sampling
-    ) -> dict[str, Any]:
-        """Maximum likelihood on data (1, n, d) with Adam; labels are ignored (unconditional flow).
-
-        Trains through simulator.models.training (DDP under torch.distributed, resumable with a
-        checkpoint). A warm start carries the parameters over; the optimiser state only when passed
-        as `optimizer_state` (the previous fit's is `self.optimizer_state`). `warmup` (steps of linear
-        learning-rate warm-up) overrides the family's.
-        """
+    def objective(
+        self, data: torch.Tensor, labels: torch.Tensor | None, weights: torch.Tensor | None,
+        warmup: int | None, ema: str,
+    ) -> tuple[Objective, TrainOptions, EMA | None]:  # fmt: skip
+        """Maximum likelihood on data (1, n, d) with Adam; labels are ignored (unconditional flow), and so
+        is ema (no EMA in this family: nothing to carry)."""
         x = self._check_data(data)[0].to(self.device, self.dtype)
         w = check_weights(weights, 1, len(x))
-        steps = self.steps if steps is None else int(steps)
         options = TrainOptions(
             optimizer="adam", lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
             warmup=self.warmup if warmup is None else warmup, schedule=self.schedule, compile=self.compile,
         )  # fmt: skip
-        objective = _FlowObjective(self.flow, x, self.batch_size, None if w is None else w[0])
-        result = train(
-            objective, steps=steps, generator=generator, options=options, device=self.device,
-            checkpoint=checkpoint, optimizer_state=optimizer_state, progress=progress, desc="flow fit",
-        )  # fmt: skip
-        self.optimizer_state = result.optimizer_state
+        return _FlowObjective(self.flow, x, self.batch_size, None if w is None else w[0]), options, None
+
+    def fit_stats(self, result: FitResult, steps: int) -> dict[str, Any]:
         losses = result.losses
         return {
             "loss_first": float(losses[0]) if steps else math.nan,
@@ -192,20 +217,6 @@ class FlowFamily:
         }
 
     # -- sampling and likelihood --------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _frozen_actnorm(self) -> Iterator[None]:
-        """Evaluate without side effects: an ActNorm not yet fitted would otherwise initialise itself
-        from whatever batch it sees first (making samples depend on their batch); treat it as identity."""
-        acts = [m for m in self.flow.modules() if isinstance(m, nf.flows.ActNorm)]
-        fresh = [(m, m.data_dep_init_done) for m in acts if not m.data_dep_init_done > 0]
-        for m, flag in fresh:
-            m.data_dep_init_done = torch.ones_like(flag)
-        try:
-            yield
-        finally:
-            for m, flag in fresh:
-                m.data_dep_init_done = flag
 
     @torch.no_grad()
     def sample(
@@ -225,7 +236,7 @@ class FlowFamily:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         z = torch.randn(n, self.dim, generator=generator, device=generator.device)
         z = (z * math.sqrt(temperature)).to(self.device, self.dtype)
-        with self._frozen_actnorm():
+        with frozen_actnorm(self.flow):
             x = [self.flow.forward(c) for c in z.split(self.chunk)] if n > 0 else [z]
         return torch.cat(x).unsqueeze(0)
 
@@ -235,34 +246,12 @@ class FlowFamily:
         if x.dim() == 2:
             x = x.unsqueeze(0)
         flat = self._check_data(x)[0].to(self.device, self.dtype)
-        with self._frozen_actnorm():
+        with frozen_actnorm(self.flow):
             lp = [self.flow.log_prob(c) for c in flat.split(self.chunk)] if len(flat) else [flat[:, 0]]
         return torch.cat(lp).unsqueeze(0).to(x.device)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The flow's floating dtype (float32 by default; tests may cast the flow to float64)."""
-        return next(self.flow.parameters()).dtype
 
     def _check_data(self, data: torch.Tensor) -> torch.Tensor:
         """Validate a (1, n, d) tensor; one clear error otherwise."""
         if data.dim() != 3 or data.shape[0] != 1 or tuple(data.shape[2:]) != self.event_shape:
             raise ValueError(f"flow expects (1, n, {self.dim}) data, got {tuple(data.shape)}")
         return data
-
-    # -- state --------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain CPU tensors (weights, masks, ActNorm flags) that load with weights_only=True."""
-        return {k: v.detach().cpu().clone() for k, v in self.flow.state_dict().items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> Any:
-        """Load weights saved by state_dict into this (same-architecture) flow."""
-        out = self.flow.load_state_dict(state)
-        # ActNorm reassigns its flag as a new CPU tensor on first use; keep every buffer on the device.
-        self.flow.to(self.device)
-        return out
-
-    def parameters_vector(self) -> torch.Tensor:
-        """All trainable parameters flattened to (1, P) on the CPU, for parameter distances."""
-        return torch.cat([p.detach().reshape(-1) for p in self.flow.parameters()]).cpu().unsqueeze(0)

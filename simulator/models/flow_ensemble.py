@@ -111,6 +111,7 @@ class FlowEnsembleFamily:
         for g in self._chain_generators(generator, "init"):
             chain = []
             for a, b in shapes[:-1]:
+                shape: tuple[int, ...]
                 for shape in ((self.blocks, 2, a, b), (self.blocks, 2, 1, b)):
                     u = torch.rand(shape, generator=g, device=g.device)
                     chain.append(((2 * u - 1) / math.sqrt(a)).cpu())

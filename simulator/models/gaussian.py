@@ -112,7 +112,55 @@ def affine_tril(mean: torch.Tensor, factor: torch.Tensor, z: torch.Tensor, scale
     return x
 
 
-class GaussianFamily:
+class ClosedFormFamily:
+    """What the closed-form families (gaussian, gmm, kde) share: the protocol's fit and sample around each
+    family's `_fit(x, weights, generator)` (x: data (C, n, d) in the family's dtype; weights as given, for
+    check_weights) and `_sample(n, generator, s)` (s: the checked temperature), after `_require`."""
+
+    chains: int
+    event_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def _require(self) -> None:
+        raise NotImplementedError
+
+    def _fit(
+        self, x: torch.Tensor, weights: torch.Tensor | None, generator: torch.Generator | None
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _sample(self, n: int, generator: torch.Generator, s: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fit(
+        self,
+        data: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        weights: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Closed-form fit to data (C, n, *event) with per-row weights (C, n) or (n,) (see `_fit`); labels,
+        steps and progress are unused, and so is generator except where `_fit` says (gmm's EM start)."""
+        return self._fit(prepare_data(data, self.chains, self.event_shape, self.dtype), weights, generator)
+
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Draw (C, n, *event) at temperature s (s < 1 is sampling bias); see `_sample`."""
+        self._require()
+        s = check_temperature(temperature)
+        return self._sample(int(n), generator, s)
+
+
+class GaussianFamily(ClosedFormFamily):
     """N(mu, Sigma) fitted in closed form (ddof 0: maximum likelihood; ddof 1: unbiased covariance)."""
 
     exact_likelihood = True
@@ -156,21 +204,13 @@ class GaussianFamily:
         if self.mean is None:
             raise RuntimeError("GaussianFamily has no parameters yet: call fit() or load_state_dict() first")
 
-    def fit(
-        self,
-        data: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        *,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        weights: torch.Tensor | None = None,
+    def _fit(
+        self, x: torch.Tensor, weights: torch.Tensor | None, generator: torch.Generator | None
     ) -> dict[str, Any]:
         """Closed-form fit to data (C, n, *event); labels, steps and generator are unused (exact fit).
 
         weights (C, n) or (n,): the weighted fit with p_i = w_i / sum w. See `_fit_weighted`.
         """
-        x = prepare_data(data, self.chains, self.event_shape, self.dtype)
         n = x.shape[1]
         w = check_weights(weights, self.chains, n)
         if w is not None:
@@ -210,17 +250,8 @@ class GaussianFamily:
         ll = -0.5 * (self.dim * _LOG_2PI + logdet + self.dim * norm)
         return {"log_likelihood": float(ll.mean())}
 
-    def sample(
-        self,
-        n: int,
-        labels: torch.Tensor | None = None,
-        *,
-        generator: torch.Generator,
-        temperature: float = 1.0,
-    ) -> torch.Tensor:
+    def _sample(self, n: int, generator: torch.Generator, s: float) -> torch.Tensor:
         """Draw (C, n, *event) from N(mu, s Sigma), s = temperature (s < 1 is sampling bias)."""
-        self._require()
-        s = check_temperature(temperature)
         z = standard_normal((self.chains, int(n), self.dim), generator, self.dtype, self.mean.device)
         x = affine_tril(self.mean, self._factor, z, math.sqrt(s))
         return x.reshape(self.chains, int(n), *self.event_shape)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -66,8 +67,8 @@ class Stats:
         outer = delta.unsqueeze(-1) * delta.unsqueeze(-2)
         return Stats(n, mean, self.scatter + other.scatter + outer * (self.count * other.count / n))
 
-    def to_dict(self) -> dict[str, torch.Tensor | int]:
-        out = {"count": self.count, "mean": self.mean, "scatter": self.scatter}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"count": self.count, "mean": self.mean, "scatter": self.scatter}
         return out if self.root is None else {**out, "root": self.root}
 
     @classmethod
@@ -179,7 +180,10 @@ class StatisticsChains:
         if truth is not None:
             t_mean, t_cov = (v.to(F64) for v in truth)
             self.truth = (t_mean.expand_as(real.mean), psd_factor(t_cov.expand_as(real.scatter))[0])
-        self.mean = self.cov = self.factor = None  # G_t's parameters (C, d), (C, d, d), a root of cov
+        # G_t's parameters (C, d), (C, d, d), a root of cov
+        self.mean: torch.Tensor | None = None
+        self.cov: torch.Tensor | None = None
+        self.factor: torch.Tensor | None = None
         self.syn: Stats | None = None  # the first n_syn rows of S_t
         self.pool: Stats | None = None  # accumulate: D_t, the real set and S_0..S_{t-1}'s rows
 

@@ -14,7 +14,6 @@ dimension when `num_classes` is set). The flow maps latents z to data x (normflo
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -22,8 +21,9 @@ from typing import Any
 import normflows as nf
 import torch
 
-from simulator.models.base import FitCheckpoint, check_weights
-from simulator.models.training import EpochBatches, Objective, TrainOptions, train
+from simulator.models.base import check_weights
+from simulator.models.flow import NormflowsFamily, frozen_actnorm
+from simulator.models.training import EMA, EpochBatches, FitResult, Objective, TrainOptions
 from simulator.seeding import derive_seed
 
 PREPROCESS = ("logit", "shift")  # logit(alpha + (1 - 2 alpha) x) as RealNVP, or x - 0.5 as Glow
@@ -52,16 +52,16 @@ class _GlowObjective(Objective):
         return -self.family.continuous_log_prob(x, None if self.y is None else self.y[idx]).mean()
 
     @torch.no_grad()
-    def initialize(self, idx: torch.Tensor, noise: torch.Tensor) -> None:
+    def initialize(self, idx: torch.Tensor, noise: torch.Tensor) -> None:  # type: ignore[override]
         self.forward(idx, noise)  # ActNorm's first-batch initialisation sees the global batch
 
 
-class GlowFamily:
+class GlowFamily(NormflowsFamily):
     """A normflows MultiscaleFlow behind the GenerativeModel protocol (uint8 images, one chain)."""
 
     exact_likelihood = True
     per_sample_seeds = True  # sample(n, ..., indices=...) gives rows `indices` of the n-sample draw
-    resumable_fit = True  # fit(..., checkpoint=FitCheckpoint) resumes an interrupted fit
+    fit_desc = "glow fit"
 
     def __init__(
         self,
@@ -150,16 +150,6 @@ class GlowFamily:
         transform = nf.transforms.Logit(self.logit_alpha) if self.preprocess == "logit" else None
         return nf.MultiscaleFlow(q0, flows, merges, transform, class_cond=self.num_classes is not None)
 
-    def reset(self, generator: torch.Generator) -> None:
-        """Re-initialise every parameter (and ActNorm's first-batch flag) from scratch, from generator."""
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        # 1x1 convolutions and conv nets initialise through the global CPU RNG: fork it so the caller's
-        # stream is untouched, and seed only the CPU default generator (not every GPU).
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            self.flow = self._build()
-        self.flow.to(self.device).eval()
-
     # -- data ---------------------------------------------------------------------------------
 
     def _images(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,30 +196,17 @@ class GlowFamily:
 
     # -- training -----------------------------------------------------------------------------
 
-    def fit(
-        self,
-        data: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        *,
-        steps: int | None = None,
-        generator: torch.Generator,
-        progress: bool = False,
-        checkpoint: FitCheckpoint | None = None,
-        optimizer_state: dict[str, Any] | None = None,
-        warmup: int | None = None,
-        ema: str = "carry",  # no EMA in this family: accepted for the protocol, nothing to carry
-        weights: torch.Tensor | None = None,  # (1, n) or (n,) row weights: weighted minibatch sampling
-    ) -> dict[str, Any]:
-        """Maximum likelihood on dequantized uint8 images (1, n, ch, h, w) with Adam.
+    def objective(
+        self, data: torch.Tensor, labels: torch.Tensor | None, weights: torch.Tensor | None,
+        warmup: int | None, ema: str,
+    ) -> tuple[Objective, TrainOptions, EMA | None]:  # fmt: skip
+        """Maximum likelihood on dequantized uint8 images (1, n, ch, h, w) with Adam (ema: nothing to carry).
 
         Labels train the class-conditional base; a conditional flow given no labels maximises the class
-        marginal instead. Trains through simulator.models.training (DDP, resumable with a checkpoint). A
-        warm start carries the weights (and the fitted ActNorm); the optimiser state only when passed as
-        `optimizer_state` (the previous fit's is `self.optimizer_state`). ActNorm initialises from the
-        first batch after a reset only. `warmup` (learning-rate warm-up steps) overrides the family's.
+        marginal instead. A warm start carries the weights (and the fitted ActNorm); ActNorm initialises
+        from the first batch after a reset only.
         """
         u = self._images(data).to(self.device)
-        steps = self.steps if steps is None else int(steps)
         options = TrainOptions(
             optimizer="adam", lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
             warmup=self.warmup if warmup is None else warmup, compile=self.compile,
@@ -237,11 +214,9 @@ class GlowFamily:
         )  # fmt: skip
         w = check_weights(weights, 1, len(u))
         objective = _GlowObjective(self, u, self._labels(labels, len(u)), None if w is None else w[0])
-        result = train(
-            objective, steps=steps, generator=generator, options=options, device=self.device,
-            checkpoint=checkpoint, optimizer_state=optimizer_state, progress=progress, desc="glow fit",
-        )  # fmt: skip
-        self.optimizer_state = result.optimizer_state
+        return objective, options, None
+
+    def fit_stats(self, result: FitResult, steps: int) -> dict[str, Any]:
         bits = self.dim * math.log(2)  # nats per image -> bits per dimension
         first, last = (float(result.losses[0]), float(result.losses[-1])) if steps else (math.nan, math.nan)
         return {
@@ -254,20 +229,6 @@ class GlowFamily:
         }
 
     # -- sampling and likelihood --------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _frozen_actnorm(self) -> Iterator[None]:
-        """Evaluate without side effects: an unfitted ActNorm would initialise itself from whatever batch
-        it sees first (making results depend on the batch); until a fit it acts as the identity."""
-        acts = [m for m in self.flow.modules() if isinstance(m, nf.flows.ActNorm)]
-        fresh = [(m, m.data_dep_init_done) for m in acts if not m.data_dep_init_done > 0]
-        for m, flag in fresh:
-            m.data_dep_init_done = torch.ones_like(flag)
-        try:
-            yield
-        finally:
-            for m, flag in fresh:
-                m.data_dep_init_done = flag
 
     def base_moments(self, level: int, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-std of level's Gaussian base, broadcastable to (n, *shape); mirrors normflows."""
@@ -313,7 +274,7 @@ class GlowFamily:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         sizes = [math.prod(s) for s in self.latent_shapes()]
-        with torch.no_grad(), self._frozen_actnorm():
+        with torch.no_grad(), frozen_actnorm(self.flow):
             for rows in self._rows(n, indices).split(self.chunk):
                 eps, y = self._noise(rows, labels, n, generator)
                 e = eps.to(self.device, self.dtype).split(sizes, dim=1)
@@ -385,32 +346,10 @@ class GlowFamily:
                 for i in range(len(u))
             ]) if len(u) else torch.empty(0, *self.event_shape)  # fmt: skip
         out = []
-        with self._frozen_actnorm():
+        with frozen_actnorm(self.flow):
             for rows in torch.arange(len(u)).split(self.chunk):
                 xc = self.dequantize(u[rows.to(u.device)], noise[rows])
                 y = None if y_all is None else y_all[rows.to(y_all.device)]
                 out.append(self.continuous_log_prob(xc, y) - self.dim * math.log(256))
         lp = torch.cat(out) if out else torch.empty(0, device=self.device)
         return lp.unsqueeze(0).to(x.device)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The flow's floating dtype (float32 by default; tests may cast the flow to float64)."""
-        return next(self.flow.parameters()).dtype
-
-    # -- state --------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain CPU tensors (weights, LU buffers, ActNorm flags) that load with weights_only=True."""
-        return {k: v.detach().cpu().clone() for k, v in self.flow.state_dict().items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> Any:
-        """Load weights saved by state_dict; the ActNorm flags come along, so no re-initialisation."""
-        out = self.flow.load_state_dict(state)
-        # ActNorm reassigns its flag as a new CPU tensor on first use; keep every buffer on the device.
-        self.flow.to(self.device)
-        return out
-
-    def parameters_vector(self) -> torch.Tensor:
-        """All trainable parameters flattened to (1, P) on the CPU, for parameter distances."""
-        return torch.cat([p.detach().reshape(-1) for p in self.flow.parameters()]).cpu().unsqueeze(0)

@@ -20,10 +20,9 @@ import torch
 
 from simulator.models.base import Diverged, check_weights
 from simulator.models.gaussian import (
+    ClosedFormFamily,
     check_chains,
-    check_temperature,
     flatten_query,
-    prepare_data,
     resolve_dtype,
     standard_normal,
 )
@@ -31,7 +30,7 @@ from simulator.models.gaussian import (
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-class GMMFamily:
+class GMMFamily(ClosedFormFamily):
     """K-component Gaussian mixture (full or diagonal covariances), maximum likelihood by EM."""
 
     exact_likelihood = True
@@ -147,22 +146,14 @@ class GMMFamily:
 
     # --- protocol --------------------------------------------------------------------------------
 
-    def fit(
-        self,
-        data: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        *,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        weights: torch.Tensor | None = None,
+    def _fit(
+        self, x: torch.Tensor, weights: torch.Tensor | None, generator: torch.Generator | None
     ) -> dict[str, Any]:
         """EM on data (C, n, *event) for at most em_iters iterations (weighted by row weights (C, n) or (n,)).
 
         labels are unused; so is steps, the neural families' step budget from the train config:
         EM's own budget is em_iters and tol.
         """
-        x = prepare_data(data, self.chains, self.event_shape, self.dtype)
         w = check_weights(weights, self.chains, x.shape[1])
         if w is not None:
             w = w.to(x.device, x.dtype)  # mean 1 per chain: sums over rows keep the scale of n
@@ -205,17 +196,8 @@ class GMMFamily:
             "log_likelihood": float(final.double().mean()),
         }
 
-    def sample(
-        self,
-        n: int,
-        labels: torch.Tensor | None = None,
-        *,
-        generator: torch.Generator,
-        temperature: float = 1.0,
-    ) -> torch.Tensor:
+    def _sample(self, n: int, generator: torch.Generator, s: float) -> torch.Tensor:
         """Draw (C, n, *event): a component by weight, then N(mu_k, s Sigma_k) with s = temperature."""
-        self._require()
-        s, n = check_temperature(temperature), int(n)
         dev = self.means.device
         comp = torch.multinomial(self.weights.to(generator.device), n, replacement=True, generator=generator)
         comp = comp.to(dev)  # (C, n)

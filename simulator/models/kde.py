@@ -19,10 +19,9 @@ import torch
 
 from simulator.models.base import check_weights
 from simulator.models.gaussian import (
+    ClosedFormFamily,
     check_chains,
-    check_temperature,
     flatten_query,
-    prepare_data,
     resolve_dtype,
     standard_normal,
 )
@@ -31,7 +30,7 @@ _LOG_2PI = math.log(2.0 * math.pi)
 _CHUNK_ELEMENTS = 1 << 24  # bound on the (C, chunk, n, d) difference tensor built in log_prob
 
 
-class KDEFamily:
+class KDEFamily(ClosedFormFamily):
     """Gaussian KDE with bandwidth h: sample = a stored point + h sqrt(s) N(0, I)."""
 
     exact_likelihood = True
@@ -47,18 +46,10 @@ class KDEFamily:
         self.points: torch.Tensor | None = None  # (C, n, d)
         self.weights: torch.Tensor | None = None  # (C, n) kernel weights p_j summing to 1; None: 1/n each
 
-    def fit(
-        self,
-        data: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        *,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        weights: torch.Tensor | None = None,
+    def _fit(
+        self, x: torch.Tensor, weights: torch.Tensor | None, generator: torch.Generator | None
     ) -> dict[str, Any]:
         """Store data's points (C, n, *event) and kernel weights; labels, steps, generator: unused."""
-        x = prepare_data(data, self.chains, self.event_shape, self.dtype)
         if x.shape[1] < 1:
             raise ValueError("a KDE needs at least one point per chain")
         w = check_weights(weights, self.chains, x.shape[1])
@@ -70,17 +61,8 @@ class KDEFamily:
         self.weights = p.to(x.device, self.dtype)
         return {"points": float(x.shape[1]), "n_eff": float((1 / p.square().sum(1)).mean())}
 
-    def sample(
-        self,
-        n: int,
-        labels: torch.Tensor | None = None,
-        *,
-        generator: torch.Generator,
-        temperature: float = 1.0,
-    ) -> torch.Tensor:
+    def _sample(self, n: int, generator: torch.Generator, s: float) -> torch.Tensor:
         """Draw (C, n, *event): a uniformly chosen stored point plus h sqrt(s) N(0, I) noise."""
-        self._require()
-        s, n = check_temperature(temperature), int(n)
         dev = self.points.device
         if self.weights is None:
             idx = torch.randint(

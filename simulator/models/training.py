@@ -23,6 +23,9 @@ Resumable fits (FitCheckpoint). Every `every_steps` steps or `every_seconds` sec
 objective's weights, optimizer, EMA, grad scaler, step, generator states, minibatch sampler and the losses
 so far to the checkpoint path (tmp file + os.replace); a fit that finds the file resumes from it and ends
 bit for bit where the uninterrupted fit would (CPU).
+
+Step logs. While a simulator.step_log logger is active (`logger=tensorboard`), rank 0 hands it every step's
+loss and learning rate and the samples per second, once every `every` steps; it only reads the losses.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from simulator import distributed
+from simulator import distributed, step_log
 from simulator.models.base import Diverged, FitCheckpoint
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -155,9 +158,8 @@ class Objective(nn.Module):
         """The global minibatch's random draws, each with the batch size as its leading dimension."""
         raise NotImplementedError
 
-    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
-        """Mean loss over the rows of `batch` (a slice of `draw`'s tensors)."""
-        raise NotImplementedError
+    # forward(*batch) -> the mean loss over the rows of `batch` (a slice of `draw`'s tensors); each
+    # objective names its own tensors, so it is left to nn.Module (whose default raises)
 
     def initialize(self, *batch: torch.Tensor) -> None:
         """Data-dependent initialisation on the whole global batch before DDP (default: nothing)."""
@@ -224,6 +226,60 @@ class FitResult:
         if not k:
             return math.nan, math.nan
         return float(self.losses[:k].mean()), float(self.losses[-k:].mean())
+
+
+class TrainedFamily:
+    """The fit skeleton of the torch families (flow, glow, diffusion): resumable, carrying an optimizer.
+
+    fit(...) validates nothing itself: a family's `objective` hook checks the data and builds the Objective,
+    the TrainOptions and the EMA to update (or None); `train` runs the steps; the family's `fit_stats`
+    turns the FitResult into the results row's training stats. The optimizer state of the last fit is kept
+    in `optimizer_state` (train.carry_optimizer hands it to the next generation's fit).
+    """
+
+    resumable_fit = True  # fit(..., checkpoint=FitCheckpoint) resumes an interrupted fit
+    fit_desc = "fit"  # the progress bar's label
+    steps: int  # the family's default optimizer steps per fit
+    device: torch.device
+    optimizer_state: dict[str, Any] | None
+
+    def objective(
+        self, data: torch.Tensor, labels: torch.Tensor | None, weights: torch.Tensor | None,
+        warmup: int | None, ema: str,
+    ) -> tuple[Objective, TrainOptions, EMA | None]:  # fmt: skip
+        """(objective, options, EMA) of one fit; warmup None: the family's own; ema "carry"/"restart"."""
+        raise NotImplementedError
+
+    def fit_stats(self, result: FitResult, steps: int) -> dict[str, Any]:
+        """The row's training stats of a finished fit."""
+        raise NotImplementedError
+
+    def fit(
+        self,
+        data: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        steps: int | None = None,
+        generator: torch.Generator,
+        progress: bool = False,
+        checkpoint: FitCheckpoint | None = None,
+        optimizer_state: dict[str, Any] | None = None,
+        warmup: int | None = None,
+        ema: str = "carry",
+        weights: torch.Tensor | None = None,  # (1, n) or (n,) row weights: weighted minibatch sampling
+    ) -> dict[str, Any]:
+        """Train `steps` steps (None: the family's) on data (1, n, *event) through `train` (DDP under
+        torch.distributed, resumable with a checkpoint). A warm start carries the weights over; the
+        optimizer state only when passed as `optimizer_state` (the previous fit's is
+        `self.optimizer_state`). What is trained and how: the family's `objective`."""
+        objective, options, tracker = self.objective(data, labels, weights, warmup, ema)
+        steps = self.steps if steps is None else int(steps)
+        result = train(
+            objective, steps=steps, generator=generator, options=options, device=self.device, ema=tracker,
+            checkpoint=checkpoint, optimizer_state=optimizer_state, progress=progress, desc=self.fit_desc,
+        )  # fmt: skip
+        self.optimizer_state = result.optimizer_state
+        return self.fit_stats(result, steps)
 
 
 def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
@@ -325,6 +381,9 @@ def train(
     )
     model: Any = None  # objective, DDP-wrapped and/or compiled on the first step
     last_save = time.monotonic()
+    logger = step_log.active() if distributed.is_main() else None  # logger=tensorboard (reads only)
+    log_first, log_clock = start, time.perf_counter()
+    log_lrs: list[float] = []
 
     def save(step: int) -> None:
         nonlocal last_save
@@ -343,6 +402,7 @@ def train(
         for step in tqdm(range(start, steps), desc=desc, leave=False, disable=not progress,
                          initial=start, total=steps):  # fmt: skip
             batch = objective.draw(draws)
+            rows_drawn = batch[0].shape[0]  # the global minibatch (throughput counts every rank's rows)
             if model is None:
                 model = _wrap(objective, batch, options, device, ddp_on)
             if ddp_on:
@@ -351,6 +411,8 @@ def train(
             lr = options.lr * options.factor(step, steps)
             for group in opt.param_groups:
                 group["lr"] = lr
+            if logger is not None:
+                log_lrs.append(lr)
             with autocast:
                 loss = model(*batch)
             losses[step] = loss.detach()
@@ -363,8 +425,7 @@ def train(
                 due = timed and time.monotonic() - last_save >= checkpoint.every_seconds
                 flags = distributed.all_sum(
                     torch.stack([bad.float(), torch.tensor(float(due), device=device)])
-                )
-                flags = flags.tolist()
+                ).tolist()
                 if flags[0]:
                     raise Diverged(f"non-finite loss at step {step}" if check_every == 1
                                    else f"non-finite loss at or before step {step}")  # fmt: skip
@@ -382,6 +443,11 @@ def train(
                 ema.step(objective.net.parameters())
             if save_now:
                 save(step + 1)
+            if logger is not None and ((step + 1 - start) % logger.every == 0 or step == steps - 1):
+                logged = losses[log_first : step + 1].tolist()  # rank 0's rows under DDP
+                seconds = max(time.perf_counter() - log_clock, 1e-9)
+                logger.steps(log_first, logged, log_lrs, len(logged) * rows_drawn / seconds)
+                log_first, log_lrs, log_clock = step + 1, [], time.perf_counter()
             if on_step is not None:
                 on_step(step)
     finally:
