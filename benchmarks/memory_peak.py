@@ -74,7 +74,7 @@ def case(policy_name: str, run_dir: str) -> dict[str, float]:
     from simulator.data.base import Dataset
     from simulator.loop import generation_loop
     from simulator.policies import POLICIES
-    from simulator.run import RunDir
+    from simulator.rundir import RunDir
 
     real = torch.empty(1, N, *SHAPE, dtype=torch.uint8)  # filled in chunks: no transient copies
     for rows in torch.arange(N).split(5000):

@@ -20,10 +20,10 @@ _LAZY = {
     "run": "simulator.api",
     "RunResult": "simulator.api",
     "generation_loop": "simulator.loop",
-    "RunDir": "simulator.run",
+    "RunDir": "simulator.rundir",
     "ConfigError": "simulator.config",
     "PolicyError": "simulator.policies",
-    "RunError": "simulator.run",
+    "RunError": "simulator.rundir",
     "make_toy": "simulator.data.toy",
     "NON_SCIENCE": "simulator.keys",
 }

@@ -33,7 +33,7 @@ from simulator.preflight import (
     plain,
     read_checkpoint,
 )
-from simulator.run import RunDir
+from simulator.rundir import RunDir
 
 USER_ERRORS = (*entry.USER_ERRORS, PolicyError)
 log = logging.getLogger("simulator")

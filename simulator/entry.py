@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from simulator import keys, options
 from simulator.config import ConfigError
 from simulator.preflight import check_jobs
-from simulator.run import RunError
+from simulator.rundir import RunError
 
 CONFIG_DIR = str(options.CONFIG_DIR)  # hydra's config_path: a string
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, RunError)  # each entry point adds its own

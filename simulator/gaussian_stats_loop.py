@@ -35,7 +35,7 @@ from simulator.metrics.toy import frechet_distance, gaussian_stats
 from simulator.models.base import Diverged
 from simulator.models.gaussian_stats import F64, StatisticsChains, Stats, fit, log_likelihood
 from simulator.policies import Policy
-from simulator.run import RunDir
+from simulator.rundir import RunDir
 
 PATHS = ("samples", "statistics")
 METRICS = ("nll", "kl_truth", "frechet", "moments", "param_dist")  # exact from statistics

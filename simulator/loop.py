@@ -37,7 +37,8 @@ from simulator.metrics import registry as metric_registry
 from simulator.models.base import Diverged, FitCheckpoint, GenerativeModel
 from simulator.policies import REAL, TRUTH, Policy, PolicyError, assemble, curate, draw_truth
 from simulator.report import save_grid
-from simulator.run import RunDir, SharedGen0, write_atomic
+from simulator.rundir import RunDir, write_atomic
+from simulator.shared_gen0 import SharedGen0
 from simulator.strict_json import strict_row
 from simulator.weights import load as load_weights
 from simulator.weights import load_model, model_name

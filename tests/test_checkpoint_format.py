@@ -9,7 +9,7 @@ import torch
 
 from simulator import weights
 from simulator.cli import run_config
-from simulator.run import RunDir, make_manifest, read_manifest, sha256
+from simulator.rundir import RunDir, make_manifest, read_manifest, sha256
 from tests.conftest import compose_config
 
 FLOW = ["data=two_moons", "model=flow", "model.options.blocks=2", "model.options.hidden=16", "debug=tiny",

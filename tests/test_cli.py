@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simulator.run import RunDir
+from simulator.rundir import RunDir
 from tests.conftest import compose_config
 
 TINY = ["debug=tiny", "model.options.blocks=2", "model.options.hidden=16"]
@@ -173,7 +173,7 @@ def test_ctrl_c_and_sigterm_end_in_one_line_keeping_whole_generations(tmp_path, 
 
 def test_report_skips_broken_runs_with_one_line_each(tmp_path, capsys):
     from simulator.cli import simulate_report
-    from simulator.run import write_atomic
+    from simulator.rundir import write_atomic
 
     def run(name: str, config: str, lines: list[str]) -> Path:
         path = tmp_path / "sweep" / name

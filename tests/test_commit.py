@@ -19,7 +19,7 @@ import torch
 
 from simulator.cli import run_config
 from simulator.metrics import registry as metric_registry
-from simulator.run import COMMIT_EVENTS, RunDir, RunError
+from simulator.rundir import COMMIT_EVENTS, RunDir, RunError
 from tests.conftest import compose_config
 
 GAUSS = ["data=gaussian", "model=gaussian", "eval=fast", "chains=4", "data.n_train=20", "generations=3",

@@ -20,7 +20,7 @@ from simulator.config import ConfigError
 from simulator.contamination import cli, grid, report, sources
 from simulator.data.images import make_image
 from simulator.models.diffusion import DiffusionFamily
-from simulator.run import RunError
+from simulator.rundir import RunError
 
 TINY_DIFFUSION = {"block_out_channels": [8, 16], "num_classes": 10, "sample_steps": 2, "train_timesteps": 10}
 

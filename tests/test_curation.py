@@ -196,7 +196,7 @@ def test_iterated_curation_moves_the_mean_along_the_tilt(tmp_path):
     beta sqrt(a'Sigma a) = 0.56), a sixth of the standard error 1/sqrt(600).
     """
     from simulator.cli import run_config
-    from simulator.run import RunDir
+    from simulator.rundir import RunDir
     from tests.conftest import compose_config
 
     chains, n, T, beta, a = 200, 20, 3, 0.5, torch.tensor([1.0, 0.5], dtype=torch.float64)
@@ -231,7 +231,7 @@ def test_sharded_image_sampling_draws_the_same_curated_samples(tmp_path):
     from simulator import samples as store
     from simulator.cli import run_config
     from simulator.contamination import classifiers
-    from simulator.run import RunDir
+    from simulator.rundir import RunDir
     from tests.conftest import compose_config
 
     net = classifiers.make_classifier(

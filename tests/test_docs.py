@@ -14,7 +14,7 @@ from simulator.loop import generation_loop
 from simulator.models.gaussian import GaussianFamily
 from simulator.policies import Mix
 from simulator.preflight import COLUMNS
-from simulator.run import RunDir
+from simulator.rundir import RunDir
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 VECTOR_METRICS = (
@@ -89,7 +89,7 @@ def test_state_manifest_and_summary_keys_are_the_documented_ones(tmp_path: Path)
 
 def test_report_tables_are_the_documented_ones(tmp_path: Path) -> None:
     from simulator import report
-    from simulator.run import write_atomic
+    from simulator.rundir import write_atomic
 
     runs = []
     for seed in (0, 1):

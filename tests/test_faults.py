@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from simulator.cli import run_config
-from simulator.run import RunDir
+from simulator.rundir import RunDir
 from tests.conftest import compose_config
 
 GAUSS = ["data=gaussian", "model=gaussian", "eval=fast", "chains=64", "data.n_train=50",

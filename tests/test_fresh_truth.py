@@ -19,7 +19,7 @@ from simulator.cli import preflight, run_config
 from simulator.data.base import Dataset
 from simulator.loop import generation_loop
 from simulator.models.gaussian import GaussianFamily
-from simulator.run import RunDir
+from simulator.rundir import RunDir
 from simulator.weights import load_model
 from tests.conftest import compose_config
 

@@ -23,7 +23,7 @@ from simulator.cli import run_config
 from simulator.config import ConfigError
 from simulator.policies import REAL, assemble
 from simulator.registry import make_policy
-from simulator.run import RunDir
+from simulator.rundir import RunDir
 from simulator.weights import load_model
 from tests.conftest import compose_config
 from tests.test_policies import N_REAL, C, make_pool

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from simulator import keys, report
 from simulator.cli import CONFIG_DIR, shared_gen0_path
-from simulator.run import RunDir, RunError
+from simulator.rundir import RunDir, RunError
 
 ROOT = Path(__file__).resolve().parents[1]
 # a value for every non-science key that differs from its default

@@ -12,7 +12,7 @@ import torch
 from simulator.cli import run_config
 from simulator.metrics import registry as metric_registry
 from simulator.models.base import Diverged
-from simulator.run import RunDir, RunError
+from simulator.rundir import RunDir, RunError
 from simulator.weights import load_model
 from tests.conftest import compose_config
 
@@ -99,7 +99,7 @@ def test_changed_config_is_refused(tmp_path):
 
 def test_second_process_is_refused(tmp_path):
     with RunDir(tmp_path):
-        code = f"from simulator.run import RunDir; RunDir({str(tmp_path)!r}).__enter__()"
+        code = f"from simulator.rundir import RunDir; RunDir({str(tmp_path)!r}).__enter__()"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert out.returncode != 0 and "in use by another process" in out.stderr
         with pytest.raises(RunError, match="in use"):
@@ -148,7 +148,7 @@ def test_warm_start_and_scratch_differ_for_flows(tmp_path):
 
 
 def test_config_differences_ignore_new_null_options():
-    from simulator.run import config_differences
+    from simulator.rundir import config_differences
 
     old = {"train": {"steps": 5}, "seed": 0}
     assert config_differences(old, {"train": {"steps": 5, "epochs": None}, "seed": 0}) == []

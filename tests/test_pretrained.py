@@ -19,7 +19,7 @@ from simulator.cli import run_config
 from simulator.config import ConfigError
 from simulator.models import diffusers_io
 from simulator.models.diffusion import DiffusionFamily
-from simulator.run import RunError
+from simulator.rundir import RunError
 from simulator.weights import load_model
 from tests.conftest import compose_config
 

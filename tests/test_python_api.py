@@ -18,7 +18,7 @@ from simulator.data.toy import make_toy
 from simulator.loop import generation_loop
 from simulator.models.gaussian import GaussianFamily
 from simulator.policies import Replace
-from simulator.run import RunDir
+from simulator.rundir import RunDir
 
 data = make_toy("gaussian").load(chains=8, n_train=50, n_test=100, generator=torch.Generator().manual_seed(0))
 with RunDir(sys.argv[1], durable=False) as run:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from simulator.cli import run_config
-from simulator.run import RunDir
+from simulator.rundir import RunDir
 from tests.conftest import compose_config
 
 # tiny class-conditional glow on 8x8 digits; curation (best of 2 by the model's likelihood) and 3 shards

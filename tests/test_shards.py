@@ -11,7 +11,7 @@ import torch
 from simulator import samples as store
 from simulator.cli import run_config
 from simulator.models.glow import GlowFamily
-from simulator.run import RunDir
+from simulator.rundir import RunDir
 from tests.conftest import compose_config
 
 GAUSS = ["data=gaussian", "model=gaussian", "eval=fast", "chains=8", "data.n_train=20", "generations=3"]

@@ -222,7 +222,7 @@ FLOW_RUN = ["data=two_moons", "model=flow", "model.options.blocks=2", "model.opt
 
 
 def _steps(path) -> list[float]:
-    from simulator.run import RunDir
+    from simulator.rundir import RunDir
 
     return [r["train"]["steps"] for r in RunDir(path).rows()]
 
@@ -242,7 +242,7 @@ def test_image_budget_gives_every_lambda_the_same_steps(tmp_path):
 
 def test_killed_mid_fit_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     from simulator.cli import run_config
-    from simulator.run import RunDir
+    from simulator.rundir import RunDir
     from tests.conftest import compose_config
 
     cfg = compose_config(*FLOW_RUN, "policy=mix", "train.carry_optimizer=true", "train.warmup=3",

@@ -33,7 +33,7 @@ from simulator.data.base import Dataset
 from simulator.entry import CONFIG_DIR
 from simulator.options import check, choose, interpolated, options_schema, problem
 from simulator.preflight import cached, check_run_root
-from simulator.run import RunDir, RunError
+from simulator.rundir import RunDir, RunError
 
 CONFIG_NAME = "contaminate"
 USER_ERRORS = (*entry.USER_ERRORS, ContaminationError)

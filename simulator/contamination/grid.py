@@ -40,7 +40,7 @@ from simulator.contamination.mixing import (
 )
 from simulator.contamination.sources import GeneratorSource
 from simulator.data.base import Dataset
-from simulator.run import RunDir, RunError, write_atomic
+from simulator.rundir import RunDir, RunError, write_atomic
 from simulator.strict_json import strict_row
 
 TRAIN_KEYS = ("batch_size", "lr", "weight_decay", "optimizer", "augment")

@@ -36,7 +36,7 @@ from simulator import samples as store
 from simulator.contamination.mixing import ContaminationError, Pool
 from simulator.models.base import GenerativeModel
 from simulator.options import choose
-from simulator.run import RunDir
+from simulator.rundir import RunDir
 
 SAMPLES = ("auto", "saved", "model")
 KINDS = ("train", "run", "external")
