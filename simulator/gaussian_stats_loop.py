@@ -37,7 +37,6 @@ from simulator.models.gaussian_stats import F64, StatisticsChains, Stats, fit, l
 from simulator.policies import Policy
 from simulator.rundir import RunDir
 
-PATHS = ("samples", "statistics")
 METRICS = ("nll", "kl_truth", "frechet", "moments", "param_dist")  # exact from statistics
 SAMPLE_METRICS = ("frechet", "moments")  # these read S_t's statistics; the rest only G_t's parameters
 LOG_2PI = math.log(2 * math.pi)
@@ -49,11 +48,9 @@ def wants_statistics(cfg: DictConfig) -> bool:
 
 
 def check(cfg: DictConfig) -> None:
-    """One ConfigError line for a model.path the run cannot take; nothing for the sample path."""
-    path = OmegaConf.select(cfg, "model.path", default="samples")
-    if path not in PATHS:
-        raise ConfigError(f"model.path: must be one of {', '.join(PATHS)}; got {path!r}")
-    if path == "samples":
+    """One ConfigError line for a model.path=statistics the run cannot take; nothing for the sample path
+    (model.path's value itself is checked by the config schema, simulator.config.Model.path)."""
+    if not wants_statistics(cfg):
         return
     if cfg.model.family != "gaussian":
         raise ConfigError(

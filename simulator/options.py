@@ -308,6 +308,15 @@ def check_call(prefix: str, cls: Any, error: type[Exception] = ConfigError, **va
     check(prefix, options_schema(cls), values, error=error)
 
 
+def check_args(prefix: str, cls: Any, args: Mapping[str, Any], *, skip: Iterable[str] = (),
+               error: type[Exception] = ConfigError) -> None:  # fmt: skip
+    """A constructor's own arguments (its `locals()`, taken as its first statement) against
+    options_schema(cls): the rules and the line of the config path, from Python too. skip: arguments the
+    program sets itself (a family's chains and event_shape), checked by the constructor's own rules."""
+    names = [f.name for f in dataclasses.fields(options_schema(cls)) if f.name not in set(skip)]
+    check(prefix, options_schema(cls), {n: args[n] for n in names if n in args}, error=error)
+
+
 # -- the known keys of a command's YAML files ---------------------------------------------------------------
 
 # subtrees whose keys belong to code (a family's, a source's or the metrics' options, and any *_options

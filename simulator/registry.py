@@ -132,9 +132,9 @@ def make_model_factory(
     try:
         factory()
     except (TypeError, ValueError) as e:
-        message = str(e)
-        raise ConfigError(message if message.startswith("init.") else
-                          f"model.options ({cfg.model.family}): {message}") from None  # fmt: skip
+        message = str(e)  # a line that names its field (the family's options checks) stands as it is
+        named = message.startswith(("init.", "model.options.", "chains:"))
+        raise ConfigError(message if named else f"model.options ({cfg.model.family}): {message}") from None
     return factory
 
 

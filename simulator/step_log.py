@@ -19,6 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from simulator.config import Logger
+from simulator.options import check
+
 EXTRA = 'logger=tensorboard needs the tensorboard extra: pip install -e ".[tensorboard]" -c constraints.txt'
 
 
@@ -27,8 +30,7 @@ class StepLogger:
     a fit may be shorter). The base class records nothing (tests subclass it)."""
 
     def __init__(self, every: int = 10) -> None:
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        check("logger", Logger, {"every": every})  # the config's logger section: logger.every's rule
         self.every = every
 
     def steps(self, first: int, losses: list[float], lrs: list[float], samples_per_second: float) -> None:

@@ -86,8 +86,8 @@ BAD = [
 ]
 # caught when the run starts (they need the data's shape or the machine): the real command line
 BAD_AT_START = [
-    (["model.options.arch=nope"], "model.options (flow)"),
-    (["chains=4"], "model.options (flow)"),
+    (["model.options.arch=nope"], "model.options.arch: must be one of realnvp, nsf, got 'nope'"),
+    (["chains=4"], "chains: must be 1 (model.family=flow runs one chain per run"),
     (["+model.options.nope=1"], "model.options.nope: unknown option"),
     (["device=cuda"] if not __import__("torch").cuda.is_available() else ["device=tpu"], "device"),
 ]

@@ -226,7 +226,7 @@ def test_contrast_severity_is_monotone_and_grayscale_removes_colour():
     assert shifts.shifted_sets(x[:, :1], ["grayscale", "contrast"], 2, g).keys() == {"contrast"}
     with pytest.raises(ValueError, match="unknown shift 'fog'"):
         shifts.apply("fog", x, 1, g)
-    with pytest.raises(ValueError, match="severity must be an integer in 1..5"):
+    with pytest.raises(ValueError, match=r"^severity: must be an integer in \[1, 5\], got 6$"):
         shifts.apply("contrast", x, 6, g)
 
 

@@ -64,10 +64,24 @@ def test_label_dropout_adds_one_null_class_embedding_only_when_on() -> None:
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(label_dropout=0.1), "label_dropout needs a class-conditional model"),
-        (dict(num_classes=3, label_dropout=1.0), r"label_dropout must be in \[0, 1\)"),
-        (dict(num_classes=3, label_dropout=-0.1), r"label_dropout must be in \[0, 1\)"),
-        (dict(num_classes=3, label_dropout="a lot"), r"label_dropout must be in \[0, 1\), got 'a lot'"),
+        (
+            dict(label_dropout=0.1),
+            r"^model\.options\.label_dropout: must be 0 or null unless the model is "
+            r"class-conditional \(num_classes set\), got 0\.1$",
+        ),
+        (
+            dict(num_classes=3, label_dropout=1.0),
+            r"^model\.options\.label_dropout: must be a finite number in "
+            r"\[0, 1\) or null, got 1\.0$",
+        ),
+        (
+            dict(num_classes=3, label_dropout=-0.1),
+            r"label_dropout: must be a finite number in \[0, 1\) or null",
+        ),
+        (
+            dict(num_classes=3, label_dropout="a lot"),
+            r"label_dropout: must be a .* in \[0, 1\) or null, got 'a lot'",
+        ),
     ],
 )
 def test_bad_label_dropout_is_one_line(kw, match) -> None:

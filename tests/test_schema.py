@@ -4,6 +4,7 @@ policy, metric and config section checked through it (one line naming the field 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -155,3 +156,71 @@ def test_config_schema_holds_exactly_the_keys_the_yaml_files_define(schema, conf
         }
         keys.add("policy.name")
     assert keys == set(options.known_keys(config))
+
+
+# one option each family's schema refuses (a choice or a bound declared once: BOUNDS or the class' OPTIONS)
+BAD_OPTION = {"gaussian": ("ddof", 2), "gmm": ("covariance", "spherical"), "kde": ("bandwidth", 0),
+              "flow": ("arch", "glow"), "flow_ensemble": ("hidden", 0), "glow": ("split_mode", "diagonal"),
+              "diffusion": ("sampler", "euler")}  # fmt: skip
+
+
+def _shape(family: str) -> tuple[int, ...]:
+    return (1, 8, 8) if family in ("glow", "diffusion") else (2,)
+
+
+def test_every_family_has_a_bad_option_here():
+    assert set(BAD_OPTION) == set(registry.FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(registry.FAMILIES))
+def test_a_family_built_from_python_gives_the_config_paths_line(family):
+    """The constructor checks its arguments with the schema the config checks model.options with: the
+    same ConfigError line, naming model.options.<option>, from Python as from the command line."""
+    from simulator.config import validate
+    from tests.conftest import compose_config
+
+    name, value = BAD_OPTION[family]
+    with pytest.raises(ConfigError) as direct:
+        registry.family_class(family)(chains=1, event_shape=_shape(family), **{name: value})
+    with pytest.raises(ConfigError) as config:
+        validate(compose_config(f"model={family}", f"++model.options.{name}={value}"))
+    assert str(direct.value) == str(config.value)
+    assert str(direct.value).startswith(f"model.options.{name}: must be ")
+
+
+def test_a_rule_between_options_is_the_same_line_both_ways():
+    """sample_steps must divide train_timesteps: not a per-option rule, so the constructor states it, through
+    the one formatter; the config path (the model built once) passes the line on as it is."""
+    from simulator.models.diffusion import DiffusionFamily
+    from tests.conftest import compose_config
+
+    line = "model.options.sample_steps: must be a divisor of train_timesteps (40), got 30"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(line)}$"):
+        DiffusionFamily(chains=1, event_shape=(1, 8, 8), train_timesteps=40, sample_steps=30)
+    cfg = compose_config(
+        "model=diffusion_tiny", "++model.options.train_timesteps=40", "model.options.sample_steps=30"
+    )
+    with pytest.raises(ConfigError, match=rf"^{re.escape(line)}$"):
+        registry.make_model_factory(cfg, (1, 8, 8), "cpu")
+
+
+def test_classifier_arguments_are_checked_with_the_contamination_schema():
+    import torch
+
+    from simulator.contamination import classifiers
+    from simulator.contamination.schema import ContaminateConfig
+
+    with pytest.raises(ConfigError) as direct:
+        classifiers.make_classifier("vgg", (1, 8, 8), 3, generator=torch.Generator())
+    with pytest.raises(ConfigError) as config:
+        check("", ContaminateConfig, {"classifier": {"arch": "vgg"}}, noun="key")
+    line = "classifier.arch: must be one of mlp, cnn, resnet18, got 'vgg'"
+    assert str(direct.value) == str(config.value) == line
+    field = "eval.baselines[0]"  # another section of the same schema: the caller names it
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(field)}\.optimizer: must be one of adamw, sgd, got 'adam'$"
+    ):
+        x, y = torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)
+        classifiers.train_classifier(
+            torch.nn.Linear(2, 2), x, y, steps=1, generator=torch.Generator(), optimizer="adam", prefix=field
+        )

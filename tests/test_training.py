@@ -71,9 +71,12 @@ def test_ema_updates_its_module_in_place_restarts_and_round_trips():
 
 @pytest.mark.parametrize(
     "field, value, match",
-    [("optimizer", "lion", "optimizer must be one of"), ("schedule", "step", "schedule must be one of"),
-     ("amp", "fp16", r"amp must be one of .*fp16 only on CUDA"), ("lr", -1.0, "lr must be >= 0"),
-     ("warmup", -1, "warmup must be >= 0"), ("check_every", 0, "check_every must be >= 1")],
+    [("optimizer", "lion", r"^model\.options\.optimizer: must be one of adam, adamw, sgd, got 'lion'$"),
+     ("schedule", "step", r"^model\.options\.schedule: must be one of constant, cosine, got 'step'$"),
+     ("amp", "fp16", r"^model\.options\.amp: must be none or bf16 on cpu \(fp16 needs CUDA\), got 'fp16'$"),
+     ("lr", -1.0, r"^model\.options\.lr: must be a finite number >= 0, got -1\.0$"),
+     ("warmup", -1, r"^model\.options\.warmup: must be an integer >= 0, got -1$"),
+     ("check_every", 0, r"^model\.options\.check_every: must be an integer >= 1 or null, got 0$")],
 )  # fmt: skip
 def test_bad_options_are_one_line_errors_naming_the_field(field, value, match):
     with pytest.raises(ValueError, match=match) as err:

@@ -15,6 +15,7 @@ so a classifier is a deterministic function of (data, options, seed) on the CPU.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,10 +24,29 @@ from torch import nn
 
 from simulator.models.base import FitCheckpoint
 from simulator.models.training import EpochBatches, Objective, TrainOptions, train
+from simulator.options import ConfigError, check, opt, problem
 
 ARCHS = ("mlp", "cnn", "resnet18")
 OPTIMIZERS = ("adamw", "sgd")
 AUGMENTS = ("none", "crop", "crop_flip")
+PREFIX = "classifier"  # the contamination config's section of these options
+
+
+@dataclass
+class Classifier:
+    """The contamination config's classifier section (and each of eval.baselines, whose keys override it):
+    the schema make_classifier and train_classifier check their arguments with."""
+
+    seed: int | None = opt(None, low=0)
+    arch: str = opt("mlp", choices=ARCHS)
+    steps: int = opt(600, low=1)
+    batch_size: int = opt(64, low=1)
+    lr: float = opt(1e-3, low=0, strict=True)
+    weight_decay: float = opt(5e-4, low=0)
+    optimizer: str = opt("adamw", choices=OPTIMIZERS)
+    augment: str = opt("none", choices=AUGMENTS)
+    width: int = opt(32, low=1)
+    hidden: list[int] = opt([256, 256], low=1)
 
 
 class SmallCNN(nn.Module):
@@ -75,12 +95,12 @@ def make_classifier(
     width: int = 32,
     hidden: tuple[int, ...] | list[int] = (256, 256),
     device: str = "cpu",
+    prefix: str = PREFIX,  # the options' section in the caller's config (error lines name prefix.<key>)
 ) -> nn.Module:
     """A freshly initialised classifier; the weights are a function of generator's seed alone."""
-    if arch not in ARCHS:
-        raise ValueError(f"classifier.arch: must be one of {', '.join(ARCHS)}; got {arch!r}")
+    check(prefix, Classifier, {"arch": arch, "width": width, "hidden": hidden})
     if num_classes < 2:
-        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+        raise ConfigError(problem("num_classes", "at least 2 for a classifier", num_classes))
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     # Layers initialise through the global CPU RNG; fork it so nobody else's draws move.
     with torch.random.fork_rng(devices=[]):
@@ -88,7 +108,8 @@ def make_classifier(
         if arch == "mlp":
             net = _mlp(math.prod(in_shape), num_classes, list(hidden))
         elif len(in_shape) != 3:
-            raise ValueError(f"classifier.arch={arch} needs images (ch, h, w); got shape {tuple(in_shape)}")
+            what = f"mlp for data of shape {tuple(in_shape)} ({arch} needs images (ch, h, w))"
+            raise ConfigError(problem(f"{prefix}.arch", what, arch))
         elif arch == "cnn":
             net = SmallCNN(in_shape[0], num_classes, width)
         else:
@@ -164,14 +185,15 @@ def train_classifier(
     augment: str = "none",  # "none", "crop" or "crop_flip" (images only)
     progress: bool = False,
     checkpoint: FitCheckpoint | None = None,  # resumable training (simulator.models.training)
+    prefix: str = PREFIX,  # the options' section in the caller's config (error lines name prefix.<key>)
 ) -> dict[str, Any]:
     """Cross-entropy training for `steps` minibatches with cosine decay; returns loss and timing stats.
 
     Trains through simulator.models.training: data parallel under torch.distributed, resumable with a
     checkpoint; a non-finite loss raises Diverged.
     """
-    if optimizer not in OPTIMIZERS or augment not in AUGMENTS:
-        raise ValueError(f"optimizer must be in {OPTIMIZERS} and augment in {AUGMENTS}")
+    train_options = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay}
+    check(prefix, Classifier, {**train_options, "optimizer": optimizer, "augment": augment})
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"need as many labels as inputs (> 0), got {len(x)} and {len(y)}")
     device = next(net.parameters()).device

@@ -213,9 +213,12 @@ def check_classifier(field: str, opts: dict[str, Any], shape: tuple[int, ...], n
     check(field, Classifier, opts, noun="key")
     net_opts = {k: opts[k] for k in grid.NET_KEYS if k in opts}
     try:
-        classifiers.make_classifier(opts["arch"], shape, num_classes, generator=torch.Generator(), **net_opts)
+        classifiers.make_classifier(
+            opts["arch"], shape, num_classes, generator=torch.Generator(), prefix=field, **net_opts
+        )
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{field}: {e}") from None
+        message = str(e)  # the classifier's own lines name field.<key> already
+        raise ConfigError(message if message.startswith(f"{field}.") else f"{field}: {message}") from None
 
 
 def check_generator(

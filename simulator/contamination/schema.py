@@ -8,27 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from simulator.contamination import classifiers, shifts
+from simulator.contamination import shifts
+from simulator.contamination.classifiers import Classifier
 from simulator.contamination.sources import KINDS, SAMPLES
 from simulator.options import opt
 
-SEVERITY: dict[str, Any] = {"low": 1, "high": 5}  # CIFAR-10-C's levels (simulator/contamination/shifts.py)
-
-
-@dataclass
-class Classifier:
-    """classifier (and each of eval.baselines, whose keys override it)."""
-
-    seed: int | None = opt(None, low=0)
-    arch: str = opt("mlp", choices=classifiers.ARCHS)
-    steps: int = opt(600, low=1)
-    batch_size: int = opt(64, low=1)
-    lr: float = opt(1e-3, low=0, strict=True)
-    weight_decay: float = opt(5e-4, low=0)
-    optimizer: str = opt("adamw", choices=classifiers.OPTIMIZERS)
-    augment: str = opt("none", choices=classifiers.AUGMENTS)
-    width: int = opt(32, low=1)
-    hidden: list[int] = opt([256, 256], low=1)
+SEVERITY: dict[str, Any] = shifts.SEVERITY  # CIFAR-10-C's levels, 1..5
 
 
 @dataclass

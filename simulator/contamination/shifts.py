@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from simulator.options import check_value
 from simulator.seeding import child
 
 NOISE_SIGMA = (0.04, 0.06, 0.08, 0.09, 0.10)  # CIFAR-10-C gaussian_noise, fraction of the [0, 1] range
@@ -33,13 +35,14 @@ BLUR_SIGMA = (0.4, 0.6, 0.7, 0.8, 1.0)  # CIFAR-10-C gaussian_blur, pixels
 BLUR_TRUNCATE = 4.0  # skimage / scipy default: the kernel reaches int(4 sigma + 1/2) pixels
 JPEG_QUALITY = (80, 65, 58, 50, 40)  # CIFAR-10-C jpeg_compression, PIL quality
 GRAY_MIX = (0.2, 0.4, 0.6, 0.8, 1.0)  # weight of the luminance in the blend (not a CIFAR-10-C corruption)
+# CIFAR-10-C's levels 1..5 (every table above has one value per level): the rule of every severity
+SEVERITY: dict[str, Any] = {"low": 1, "high": len(NOISE_SIGMA)}
 
 Shift = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
 
 
 def _level(table: tuple, severity: int) -> float:
-    if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= len(table):
-        raise ValueError(f"severity must be an integer in 1..{len(table)}, got {severity!r}")
+    check_value("severity", int, severity, **SEVERITY)  # the rule of the config's severities (schema.py)
     return table[severity - 1]
 
 

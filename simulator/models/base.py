@@ -14,6 +14,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from simulator.options import ConfigError, check_args, check_value, problem
+
+OPTIONS_PREFIX = "model.options"  # where a family's constructor options sit in the run config
+
 
 class Diverged(RuntimeError):
     """Training produced a NaN or infinite loss; the loop records the generation as diverged."""
@@ -155,3 +159,23 @@ def world() -> tuple[int, int]:
     from simulator.distributed import world as _world
 
     return _world()
+
+
+def check_options(cls: type, args: dict[str, Any], prefix: str = OPTIONS_PREFIX) -> None:
+    """A family's constructor arguments (its locals() as its first statement) against the schema the config
+    path checks model.options with (simulator.options.options_schema(cls): annotations, BOUNDS by option
+    name, cls.OPTIONS): one ConfigError line naming prefix.<option>, the same from Python as from the
+    config. chains and event_shape are the program's (set from the data): the constructor checks them."""
+    check_args(prefix, cls, args, skip=("chains", "event_shape"))
+
+
+def refuse(field: str, what: str, value: Any) -> ConfigError:
+    """The one-line error of a rule between options (or between an option and the data or the machine)
+    that a per-option schema cannot state: simulator.options.problem's line, as a ConfigError."""
+    return ConfigError(problem(field, what, value))
+
+
+def check_temperature(temperature: float) -> float:
+    """The sampling temperature s (the base or covariance scale; s < 1 is sampling bias): a finite number
+    >= 0, one line naming it."""
+    return float(check_value("temperature", float, temperature, low=0))

@@ -23,7 +23,15 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from simulator.models import diffusers_io, diffusion_sampler
 from simulator.models import diffusion_bound as bound
-from simulator.models.base import check_weights, flat_parameters, plain_state, seeded_build
+from simulator.models.base import (
+    OPTIONS_PREFIX,
+    check_options,
+    check_weights,
+    flat_parameters,
+    plain_state,
+    refuse,
+    seeded_build,
+)
 from simulator.models.training import EMA, EpochBatches, FitResult, Objective, TrainedFamily, TrainOptions
 
 SAMPLERS = ("ddpm", "ddim")
@@ -74,6 +82,11 @@ class DiffusionFamily(TrainedFamily):
     exact_likelihood = False
     per_sample_seeds = True  # sample(n, ..., indices=...) gives rows of sample(n): the loop shards it
     fit_desc = "diffusion fit"
+    # rules beyond the annotations and options.BOUNDS, for the config path and the constructor alike
+    OPTIONS = {"block_out_channels": {"low": 1}, "train_timesteps": {"low": 2},
+               "lr": {"low": 0, "strict": True}, "beta_schedule": {"choices": SCHEDULES},
+               "prediction_type": {"choices": ("epsilon",)}, "sampler": {"choices": SAMPLERS},
+               "amp": {"choices": tuple(AMP)}}  # fmt: skip
 
     def __init__(
         self,
@@ -107,6 +120,7 @@ class DiffusionFamily(TrainedFamily):
         pretrained: str | None = None,  # a diffusers directory: its UNet and schedule replace the options
         export_pipeline: bool | None = False,  # export(dir) writes dir/pipeline/ when true (null: off)
     ) -> None:
+        check_options(DiffusionFamily, locals())  # each option: its type, bounds and choices (OPTIONS)
         ch, h, w = (int(s) for s in event_shape) if len(event_shape) == 3 else (0, 0, 0)
         schedule: dict[str, Any] = {"num_train_timesteps": train_timesteps, "beta_schedule": beta_schedule}
         self.pretrained = None if pretrained is None else diffusers_io.read(pretrained)
@@ -118,39 +132,34 @@ class DiffusionFamily(TrainedFamily):
             beta_schedule = str(schedule.get("beta_schedule", "linear"))
             prediction_type = str(schedule.get("prediction_type", "epsilon"))
         ch_list = tuple(int(c) for c in block_out_channels)
-        numeric = isinstance(label_dropout, (int, float, type(None)))
-        p_drop = float(label_dropout or 0) if numeric else math.nan
+        p_drop = float(label_dropout or 0)
         scale = 2 ** max(len(ch_list) - 1, 0)
-        checks = [  # (bad, one-line message naming the option), checked in order before any work
-            (chains != 1, "model.family=diffusion runs one chain (chains=1); use seeds for replicates"),
-            (len(event_shape) != 3, f"diffusion models (ch, h, w) images; got event_shape {event_shape}"),
-            (not ch_list or min(ch_list) < 1 or h % scale or w % scale,
-             f"block_out_channels {ch_list} needs h, w divisible by {scale}; got {h}x{w}"),
-            (num_classes is not None and num_classes < 1, f"num_classes must be >= 1 or None: {num_classes}"),
-            (not 0 <= p_drop < 1, f"label_dropout must be in [0, 1), got {label_dropout!r}"),
-            (p_drop > 0 and num_classes is None,
-             "label_dropout needs a class-conditional model (num_classes), got num_classes=None"),
-            (p_drop > 0 and self.pretrained is not None,
-             "label_dropout: an init.pretrained UNet has no null class embedding; train generation 0 "
-             "with init.pretrained=null"),
-            (self.pretrained is None and beta_schedule not in SCHEDULES,
-             f"beta_schedule must be one of {SCHEDULES}: {beta_schedule!r}"),
-            (prediction_type != "epsilon", f"prediction_type must be 'epsilon', got {prediction_type!r}"),
-            (sampler not in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {sampler!r}"),
-            (train_timesteps < 2, f"train_timesteps must be >= 2, got {train_timesteps}"),
-            (not 1 <= sample_steps <= train_timesteps or train_timesteps % sample_steps,
-             f"sample_steps {sample_steps} must divide train_timesteps {train_timesteps}"),
-            (not 0 <= eta <= 1, f"eta must be in [0, 1], got {eta}"),
-            (amp not in AMP or (amp == "fp16" and torch.device(device).type != "cuda"),
-             f"amp must be one of {tuple(AMP)} (fp16 only on CUDA), got {amp!r}"),
-            (not 0 <= (ema_decay or 0) < 1, f"ema_decay must be in [0, 1) or None: {ema_decay}"),
-            (steps < 0 or warmup < 0, f"steps and warmup must be >= 0, got {steps}, {warmup}"),
-        ] + [(not v > 0, f"{k} must be > 0, got {v}") for k, v in [
-            ("lr", lr), ("batch_size", batch_size), ("likelihood_timesteps", likelihood_timesteps),
-            ("sample_batch", sample_batch), ("layers_per_block", layers_per_block)]]  # fmt: skip
-        for bad, message in checks:
+        P = OPTIONS_PREFIX
+        rules = [  # (bad, field, must be, got): what one option needs of another, the data or the machine
+            (chains != 1, "chains", "1 (model.family=diffusion runs one chain; use seeds for replicates)",
+             chains),
+            (len(event_shape) != 3, "event_shape", "(ch, h, w): model.family=diffusion models images",
+             tuple(event_shape)),
+            (not ch_list or h % scale or w % scale, f"{P}.block_out_channels",
+             f"a non-empty list of L widths with the image size divisible by 2**(L-1), images {h}x{w}",
+             list(ch_list)),
+            (p_drop > 0 and num_classes is None, f"{P}.label_dropout",
+             "0 or null unless the model is class-conditional (num_classes set)", label_dropout),
+            (p_drop > 0 and self.pretrained is not None, f"{P}.label_dropout",
+             "0 or null with init.pretrained (its UNet has no null class embedding; train generation 0 "
+             "with init.pretrained=null)", label_dropout),
+            (prediction_type != "epsilon", "init.pretrained",
+             "a diffusers directory whose scheduler predicts epsilon (its prediction_type)", prediction_type),
+            (train_timesteps < 2, "init.pretrained",
+             "a diffusers directory with >= 2 timesteps (its num_train_timesteps)", train_timesteps),
+            (train_timesteps % sample_steps, f"{P}.sample_steps",
+             f"a divisor of train_timesteps ({train_timesteps})", sample_steps),
+            (amp == "fp16" and torch.device(device).type != "cuda", f"{P}.amp",
+             f"none or bf16 on {device} (fp16 needs CUDA)", amp),
+        ]  # fmt: skip
+        for bad, field, what, value in rules:
             if bad:
-                raise ValueError(message)
+                raise refuse(field, what, value)
         self.chains = 1
         self.event_shape = (ch, h, w)
         self.block_out_channels, self.layers_per_block, self.attention = ch_list, layers_per_block, attention

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from simulator.models.base import check_temperature
 from simulator.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -82,8 +83,7 @@ def draw(
     guidance: float | None,
 ) -> torch.Tensor:
     """DiffusionFamily.sample's body: rows `indices` (default all) of n samples, uint8 (1, rows, ch, h, w)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    temperature = check_temperature(temperature)
     w = check_guidance(fam, guidance)
     order = list(range(n)) if indices is None else [int(i) for i in indices]
     if any(not 0 <= i < n for i in order):

@@ -15,8 +15,24 @@ from typing import Any
 import normflows as nf
 import torch
 
-from simulator.models.base import check_weights, flat_parameters, plain_state, seeded_build
-from simulator.models.training import EMA, EpochBatches, FitResult, Objective, TrainedFamily, TrainOptions
+from simulator.models.base import (
+    check_options,
+    check_temperature,
+    check_weights,
+    flat_parameters,
+    plain_state,
+    refuse,
+    seeded_build,
+)
+from simulator.models.training import (
+    EMA,
+    SCHEDULES,
+    EpochBatches,
+    FitResult,
+    Objective,
+    TrainedFamily,
+    TrainOptions,
+)
 
 ARCHS = ("realnvp", "nsf")
 LOG_SCALE_BOUND = 3.0  # |log scale| per RealNVP coupling; e^3 per layer is ample with ActNorm
@@ -101,6 +117,8 @@ class FlowFamily(NormflowsFamily):
 
     exact_likelihood = True
     fit_desc = "flow fit"
+    # rules beyond the annotations and options.BOUNDS, for the config path and the constructor alike
+    OPTIONS = {"arch": {"choices": ARCHS}, "schedule": {"choices": SCHEDULES}}
 
     def __init__(
         self,
@@ -124,12 +142,12 @@ class FlowFamily(NormflowsFamily):
         compile: bool = False,  # torch.compile the training objective
         device: str = "cpu",
     ) -> None:
+        check_options(FlowFamily, locals())  # each option: its type, bounds and choices (OPTIONS)
         if chains != 1:
-            raise ValueError("model.family=flow runs one chain per run; use seeds (multirun) for replicates")
-        if arch not in ARCHS:
-            raise ValueError(f"unknown flow arch {arch!r}; known: {', '.join(ARCHS)}")
+            raise refuse("chains", "1 (model.family=flow runs one chain per run; use seeds (multirun) for "
+                         "replicates)", chains)  # fmt: skip
         if len(event_shape) != 1:
-            raise ValueError(f"model.family=flow models vectors; got event shape {tuple(event_shape)}")
+            raise refuse("event_shape", "(d,): model.family=flow models vectors", tuple(event_shape))
         self.chains = 1
         self.event_shape = tuple(event_shape)
         self.dim = int(event_shape[0])
@@ -140,7 +158,6 @@ class FlowFamily(NormflowsFamily):
         self.schedule = schedule
         self.optimizer_state: dict[str, Any] | None = None  # the last fit's optimizer (carry_optimizer)
         self.device = torch.device(device)
-        TrainOptions(lr=lr, warmup=warmup, schedule=schedule).check(self.device)  # bad options: one line now
         self.chunk = 4096  # rows per forward pass in sample/log_prob: bounds memory, not results
         # The constructor builds a deterministic network (seed 0) so a fresh object is reproducible.
         self.reset(torch.Generator().manual_seed(0))
@@ -232,8 +249,7 @@ class FlowFamily(NormflowsFamily):
         All noise is drawn first, then pushed through the flow in chunks; each sample depends only
         on its own noise, so the chunk size changes nothing beyond matmul roundoff. Labels are ignored.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        temperature = check_temperature(temperature)
         z = torch.randn(n, self.dim, generator=generator, device=generator.device)
         z = (z * math.sqrt(temperature)).to(self.device, self.dtype)
         with frozen_actnorm(self.flow):

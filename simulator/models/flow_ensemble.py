@@ -42,7 +42,14 @@ import torch
 from tqdm import tqdm
 
 from simulator import seeding
-from simulator.models.base import broadcast_chains, check_finite, check_weights
+from simulator.models.base import (
+    broadcast_chains,
+    check_finite,
+    check_options,
+    check_temperature,
+    check_weights,
+    refuse,
+)
 
 LOG_SCALE_BOUND = 3.0  # the same cap as flow.py: |log scale| <= 3 per coupling
 LOG_2PI = math.log(2 * math.pi)
@@ -55,6 +62,7 @@ class FlowEnsembleFamily:
     """C independent RealNVP flows on vectors behind the GenerativeModel protocol (data (C, n, d))."""
 
     exact_likelihood = True
+    OPTIONS = {"layers": {"low": 0}}  # 0 hidden layers: linear conditioners (beyond options.BOUNDS)
 
     def __init__(
         self,
@@ -71,14 +79,11 @@ class FlowEnsembleFamily:
         actnorm: bool = True,  # ActNorm after every coupling, initialised from the first batch
         device: str = "cpu",
     ) -> None:
+        check_options(FlowEnsembleFamily, locals())  # each option: its type, bounds and choices (OPTIONS)
         if chains < 1:
-            raise ValueError(f"chains must be >= 1, got {chains}")
+            raise refuse("chains", "an integer >= 1", chains)
         if len(event_shape) != 1:
-            raise ValueError(
-                f"model.family=flow_ensemble models vectors; got event shape {tuple(event_shape)}"
-            )
-        if blocks < 1 or hidden < 1 or layers < 0:
-            raise ValueError(f"need blocks >= 1, hidden >= 1, layers >= 0; got {blocks}, {hidden}, {layers}")
+            raise refuse("event_shape", "(d,): model.family=flow_ensemble models vectors", tuple(event_shape))
         self.chains = int(chains)
         self.event_shape = tuple(event_shape)
         self.dim = int(event_shape[0])
@@ -357,8 +362,7 @@ class FlowEnsembleFamily:
         Chain c's noise comes from its own stream, all drawn before the flow runs; each sample
         depends only on its own noise, so the pass sizes change nothing. Labels are ignored.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        temperature = check_temperature(temperature)
         gens = self._chain_generators(generator, "sample")
         z = torch.stack([torch.randn(n, self.dim, generator=g, device=g.device) for g in gens])
         z = (z * math.sqrt(temperature)).to(self.device, self.dtype)

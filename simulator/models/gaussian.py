@@ -12,26 +12,32 @@ from typing import Any
 
 import torch
 
-from simulator.models.base import Diverged, broadcast_chains, check_weights
+from simulator.models.base import (
+    Diverged,
+    broadcast_chains,
+    check_options,
+    check_temperature,
+    check_weights,
+    refuse,
+)
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """The torch dtype a config string names ("float32" or "float64"); one clear error otherwise."""
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
+    """The torch dtype a config string names ("float32" or "float64": the dtype option's choices, checked
+    with the family's other options)."""
+    return DTYPES[name]
 
 
 def check_chains(chains: int, event_shape: tuple[int, ...]) -> tuple[int, tuple[int, ...], int]:
     """Validate (chains, event_shape) and return them with the flattened event size d."""
     if int(chains) < 1:
-        raise ValueError(f"chains must be >= 1, got {chains}")
+        raise refuse("chains", "an integer >= 1", chains)
     shape = tuple(int(s) for s in event_shape)
     if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"event_shape must be a non-empty tuple of positive sizes, got {event_shape}")
+        raise refuse("event_shape", "a non-empty tuple of positive sizes", event_shape)
     return int(chains), shape, math.prod(shape)
 
 
@@ -64,14 +70,6 @@ def standard_normal(
 ) -> torch.Tensor:
     """N(0, 1) draws made on the generator's own device, then moved: reproducible wherever the model is."""
     return torch.randn(shape, generator=generator, dtype=dtype, device=generator.device).to(device)
-
-
-def check_temperature(temperature: float) -> float:
-    """The sampling temperature s (covariance scale); must be finite and >= 0."""
-    s = float(temperature)
-    if not math.isfinite(s) or s < 0:
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    return s
 
 
 def psd_factor(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,13 +162,14 @@ class GaussianFamily(ClosedFormFamily):
     """N(mu, Sigma) fitted in closed form (ddof 0: maximum likelihood; ddof 1: unbiased covariance)."""
 
     exact_likelihood = True
+    # rules beyond the annotations and options.BOUNDS, for the config path and the constructor alike
+    OPTIONS = {"ddof": {"low": 0, "high": 1}, "dtype": {"choices": tuple(DTYPES)}}
 
     def __init__(
         self, *, chains: int, event_shape: tuple[int, ...], ddof: int = 0, dtype: str = "float32"
     ) -> None:
+        check_options(GaussianFamily, locals())  # each option: its type, bounds and choices (OPTIONS)
         self.chains, self.event_shape, self.dim = check_chains(chains, event_shape)
-        if ddof not in (0, 1):
-            raise ValueError(f"ddof must be 0 or 1, got {ddof}")
         self.ddof = int(ddof)
         self.dtype = resolve_dtype(dtype)
         self.mean: torch.Tensor | None = None  # (C, d)

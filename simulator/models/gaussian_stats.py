@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from simulator import seeding
-from simulator.models.base import Diverged
-from simulator.models.gaussian import psd_factor
+from simulator.models.base import OPTIONS_PREFIX, Diverged, check_temperature
+from simulator.models.gaussian import GaussianFamily, psd_factor
+from simulator.options import check_call, choose
 
 F64 = torch.float64
 POLICIES = ("replace", "mix", "fresh", "accumulate")
@@ -165,12 +166,9 @@ class StatisticsChains:
         truth: tuple[torch.Tensor, torch.Tensor] | None = None,
         init: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
     ) -> None:  # fmt: skip
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)} on statistics, got {policy!r}")
-        if ddof not in (0, 1):
-            raise ValueError(f"ddof must be 0 or 1, got {ddof}")
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+        choose("policy.name", policy, POLICIES)  # the policies whose training set statistics determine
+        check_call(OPTIONS_PREFIX, GaussianFamily, ddof=ddof)  # the Gaussian family's rule for ddof
+        check_temperature(temperature)
         if policy == "fresh" and (truth is None or not fresh_n or fresh_n < 1):
             raise ValueError("fresh on statistics needs the Gaussian truth and fresh_n >= 1 new points")
         self.policy, self.real, self.n_syn, self.ddof = policy, real, int(n_syn), int(ddof)

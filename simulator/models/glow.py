@@ -21,7 +21,7 @@ from typing import Any
 import normflows as nf
 import torch
 
-from simulator.models.base import check_weights
+from simulator.models.base import OPTIONS_PREFIX, check_options, check_temperature, check_weights, refuse
 from simulator.models.flow import NormflowsFamily, frozen_actnorm
 from simulator.models.training import EMA, EpochBatches, FitResult, Objective, TrainOptions
 from simulator.seeding import derive_seed
@@ -62,6 +62,13 @@ class GlowFamily(NormflowsFamily):
     exact_likelihood = True
     per_sample_seeds = True  # sample(n, ..., indices=...) gives rows `indices` of the n-sample draw
     fit_desc = "glow fit"
+    # rules beyond the annotations and options.BOUNDS, for the config path and the constructor alike
+    OPTIONS = {
+        "split_mode": {"choices": SPLIT_MODES},
+        "preprocess": {"choices": PREPROCESS},
+        "dequantization": {"choices": DEQUANTIZATION},
+        "logit_alpha": {"high": 0.5, "strict_high": True},
+    }
 
     def __init__(
         self,
@@ -87,24 +94,15 @@ class GlowFamily(NormflowsFamily):
         channels_last: bool = False,  # channels_last memory format for the conv nets in training
         device: str = "cpu",
     ) -> None:
+        check_options(GlowFamily, locals())  # each option: its type, bounds and choices (OPTIONS)
         if chains != 1:
-            raise ValueError("model.family=glow runs one chain per run; use seeds (multirun) for replicates")
+            raise refuse("chains", "1 (model.family=glow runs one chain per run; use seeds (multirun) for "
+                         "replicates)", chains)  # fmt: skip
         if len(event_shape) != 3 or min(event_shape) < 1:
-            raise ValueError(f"model.family=glow models images (ch, h, w); got {tuple(event_shape)}")
-        if levels < 1 or blocks_per_level < 1 or hidden < 1:
-            raise ValueError("glow needs levels >= 1, blocks_per_level >= 1 and hidden >= 1")
+            raise refuse("event_shape", "(ch, h, w): model.family=glow models images", tuple(event_shape))
         if event_shape[1] % 2**levels or event_shape[2] % 2**levels:
-            raise ValueError(f"glow image size {event_shape[1:]} must be divisible by 2**levels={2**levels}")
-        if split_mode not in SPLIT_MODES:
-            raise ValueError(f"unknown glow split_mode {split_mode!r}; known: {', '.join(SPLIT_MODES)}")
-        if preprocess not in PREPROCESS:
-            raise ValueError(f"unknown glow preprocess {preprocess!r}; known: {', '.join(PREPROCESS)}")
-        if not 0 <= logit_alpha < 0.5:
-            raise ValueError(f"glow logit_alpha must be in [0, 0.5), got {logit_alpha}")
-        if dequantization not in DEQUANTIZATION:
-            raise ValueError(f"unknown dequantization {dequantization!r}; known: {', '.join(DEQUANTIZATION)}")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"glow num_classes must be >= 1 or None, got {num_classes}")
+            raise refuse(f"{OPTIONS_PREFIX}.levels", f"such that the image size {tuple(event_shape[1:])} is "
+                         "divisible by 2**levels", levels)  # fmt: skip
         self.chains = 1
         self.event_shape = tuple(int(s) for s in event_shape)
         self.dim = math.prod(self.event_shape)  # D: pixels times channels
@@ -271,8 +269,7 @@ class GlowFamily(NormflowsFamily):
     ) -> Iterator[torch.Tensor]:  # fmt: skip
         """Continuous samples in data space (about [0, 1]), `self.chunk` rows at a time: the noise of one
         chunk is drawn right before its forward pass, so memory does not grow with n."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        temperature = check_temperature(temperature)
         sizes = [math.prod(s) for s in self.latent_shapes()]
         with torch.no_grad(), frozen_actnorm(self.flow):
             for rows in self._rows(n, indices).split(self.chunk):

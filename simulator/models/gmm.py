@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from simulator.models.base import Diverged, check_weights
+from simulator.models.base import Diverged, check_options, check_weights
 from simulator.models.gaussian import (
+    DTYPES,
     ClosedFormFamily,
     check_chains,
     flatten_query,
@@ -34,6 +35,13 @@ class GMMFamily(ClosedFormFamily):
     """K-component Gaussian mixture (full or diagonal covariances), maximum likelihood by EM."""
 
     exact_likelihood = True
+    # rules beyond the annotations and options.BOUNDS (tol 0: every em_iters step runs), for the config
+    # path and the constructor alike
+    OPTIONS = {
+        "tol": {"low": 0},
+        "covariance": {"choices": ("full", "diag")},
+        "dtype": {"choices": tuple(DTYPES)},
+    }
 
     def __init__(
         self,
@@ -47,11 +55,8 @@ class GMMFamily(ClosedFormFamily):
         covariance: str = "full",
         dtype: str = "float32",
     ) -> None:
+        check_options(GMMFamily, locals())  # each option: its type, bounds and choices (OPTIONS)
         self.chains, self.event_shape, self.dim = check_chains(chains, event_shape)
-        if components < 1 or em_iters < 1 or tol < 0 or reg_covar < 0:
-            raise ValueError("need components >= 1, em_iters >= 1, tol >= 0 and reg_covar >= 0")
-        if covariance not in ("full", "diag"):
-            raise ValueError(f"covariance must be 'full' or 'diag', got {covariance!r}")
         self.components, self.em_iters, self.tol = int(components), int(em_iters), float(tol)
         self.reg_covar, self.covariance = float(reg_covar), covariance
         self.dtype = resolve_dtype(dtype)

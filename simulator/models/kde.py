@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from simulator.models.base import check_weights
+from simulator.models.base import check_options, check_weights
 from simulator.models.gaussian import (
+    DTYPES,
     ClosedFormFamily,
     check_chains,
     flatten_query,
@@ -34,13 +35,13 @@ class KDEFamily(ClosedFormFamily):
     """Gaussian KDE with bandwidth h: sample = a stored point + h sqrt(s) N(0, I)."""
 
     exact_likelihood = True
+    OPTIONS = {"dtype": {"choices": tuple(DTYPES)}}  # beyond the annotations and options.BOUNDS
 
     def __init__(
         self, *, chains: int, event_shape: tuple[int, ...], bandwidth: float = 0.1, dtype: str = "float32"
     ) -> None:
+        check_options(KDEFamily, locals())  # each option: its type and bounds (bandwidth > 0: options.BOUNDS)
         self.chains, self.event_shape, self.dim = check_chains(chains, event_shape)
-        if not (math.isfinite(bandwidth) and bandwidth > 0):
-            raise ValueError(f"bandwidth must be finite and > 0, got {bandwidth}")
         self.bandwidth = float(bandwidth)
         self.dtype = resolve_dtype(dtype)
         self.points: torch.Tensor | None = None  # (C, n, d)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -46,7 +47,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from simulator import distributed, step_log
-from simulator.models.base import Diverged, FitCheckpoint
+from simulator.models.base import OPTIONS_PREFIX, Diverged, FitCheckpoint, refuse
+from simulator.options import check as check_schema
+from simulator.options import opt
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -56,37 +59,26 @@ CUDA_CHECK_EVERY = 50  # steps between finiteness checks on CUDA (each is one ho
 
 @dataclass
 class TrainOptions:
-    """How a family trains; every field is validated by `check` with a one-line error naming it."""
+    """How a family trains; a schema of simulator.options (the bounds of options.BOUNDS for the names the
+    families share), checked by `check` with the one-line error naming the field."""
 
-    optimizer: str = "adam"  # "adam", "adamw" or "sgd" (momentum 0.9, Nesterov)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup: int = 0  # linear learning-rate warm-up steps at the start of every fit
-    schedule: str = "constant"  # "constant", or "cosine" decay to 0 over the fit's steps
-    grad_clip: float | None = None  # max gradient norm; None or 0: no clipping
-    amp: str = "none"  # "bf16" (CPU or CUDA) or "fp16" (CUDA, with a GradScaler) autocast
-    check_every: int | None = None  # steps between finiteness checks; None: 1 on the CPU, 50 on CUDA
+    optimizer: str = opt("adam", choices=OPTIMIZERS)  # "adam", "adamw" or "sgd" (momentum 0.9, Nesterov)
+    lr: float = opt(1e-3, low=0)
+    weight_decay: float = opt(0.0, low=0)
+    warmup: int = opt(0, low=0)  # linear learning-rate warm-up steps at the start of every fit
+    schedule: str = opt("constant", choices=SCHEDULES)  # "constant", or "cosine" decay to 0 over the fit
+    grad_clip: float | None = opt(None, low=0)  # max gradient norm; None or 0: no clipping
+    amp: str = opt("none", choices=tuple(AMP))  # "bf16" (CPU or CUDA) or "fp16" (CUDA, GradScaler) autocast
+    check_every: int | None = opt(None, low=1)  # steps between finiteness checks; None: 1 CPU, 50 CUDA
     channels_last: bool = False  # convolution weights and image batches in channels_last memory format
     compile: bool = False  # torch.compile the objective
 
-    def check(self, device: torch.device) -> None:
-        """Raise ValueError naming the first bad field."""
-        checks = [
-            (self.optimizer not in OPTIMIZERS,
-             f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (self.schedule not in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
-            (self.amp not in AMP or (self.amp == "fp16" and device.type != "cuda"),
-             f"amp must be one of {tuple(AMP)} (fp16 only on CUDA), got {self.amp!r}"),
-            (not self.lr >= 0, f"lr must be >= 0, got {self.lr}"),
-            (not self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.warmup < 0, f"warmup must be >= 0, got {self.warmup}"),
-            ((self.grad_clip or 0) < 0, f"grad_clip must be > 0 or None, got {self.grad_clip}"),
-            (self.check_every is not None and self.check_every < 1,
-             f"check_every must be >= 1 or None, got {self.check_every}"),
-        ]  # fmt: skip
-        for bad, message in checks:
-            if bad:
-                raise ValueError(message)
+    def check(self, device: torch.device, prefix: str = OPTIONS_PREFIX) -> None:
+        """Raise ConfigError (a ValueError) naming the first bad field, as prefix.<field>."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        check_schema(prefix, TrainOptions, values)
+        if self.amp == "fp16" and device.type != "cuda":  # what the schema cannot say: the machine's part
+            raise refuse(f"{prefix}.amp", f"none or bf16 on {device.type} (fp16 needs CUDA)", self.amp)
 
     def factor(self, step: int, steps: int) -> float:
         """Learning-rate multiplier at step (0-based) of a `steps`-step fit: warm-up times schedule."""
