@@ -356,26 +356,15 @@ def _robustness_figure(loaded: list, out: Path, plt: Any) -> Path | None:
     return path
 
 
-def _bias_figure(loaded: list, out: Path, plt: Any) -> Path | None:
-    """Bias metrics (classifier and generator) vs generator generation, one line per run and alpha."""
-    series = []
-    for path, config, rows, _ in loaded:
-        gen_rows = [r for r in rows if r.get("mode") == "generations" and r.get("kind") == "contaminated"]
-        for alpha in sorted({r["ratio"] for r in gen_rows}):
-            series.append(
-                (f"{run_label(path, config)} (alpha={alpha:g})", [r for r in gen_rows if r["ratio"] == alpha])
-            )
-    if not series:
-        return None
+def _bias_panels(series: list, x_key: str, xlabel: str, rows: list, path: Path, plt: Any) -> Path | None:
+    """One panel per bias metric any series has, each series a mean line with its Student-t band over
+    seeds against x_key; real data's level dashed where it is one number (the real-only classifiers)."""
     panels = [m for m in BIAS_PANELS if any(r.get(m) is not None for _, rs in series for r in rs)]
+    if not panels:
+        return None
     ncol = 4
-    fig, axes = plt.subplots(
-        math.ceil(len(panels) / ncol),
-        ncol,
-        figsize=(3.4 * ncol, 2.8 * math.ceil(len(panels) / ncol)),
-        squeeze=False,
-    )
-    rows = loaded[0][2]
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.8 * nrow), squeeze=False)
     zero = real_only(rows)
     reference = {  # what real data gives, drawn as a dashed line: the level a generation is compared with
         **{m: student_t_interval([r.get(m) for r in zero])[0] for m in panels if not m.startswith("gen_")},
@@ -384,21 +373,56 @@ def _bias_figure(loaded: list, out: Path, plt: Any) -> Path | None:
     }
     for ax, metric in zip(axes.flat, panels, strict=False):
         for label, rs in series:
-            _band(ax, *_curve(rs, metric, "gen_t"), label)
+            _band(ax, *_curve(rs, metric, x_key), label)
         level = reference.get(metric)
         if level is not None and math.isfinite(level):
             ax.axhline(level, color="gray", ls="--", lw=1, label="real data (alpha = 0)")
         ax.set_title(metric, fontsize=9)
-        ax.set_xlabel("generator generation", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     _legend(axes.flat[0])
     fig.tight_layout()
-    path = out / "bias_vs_generation.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _bias_figures(loaded: list, out: Path, plt: Any) -> list[Path | None]:
+    """Bias metrics (classifier and generator) vs the generator's generation (mode generations, one line
+    per run and alpha) and vs alpha (mode substitute, real-only cells at alpha = 0, one line per run)."""
+    by_generation, by_alpha = [], []
+    for path, config, rows, _ in loaded:
+        label = run_label(path, config)
+        contaminated = [r for r in rows if r.get("kind") == "contaminated"]
+        gen_rows = [r for r in contaminated if r.get("mode") == "generations"]
+        for alpha in sorted({r["ratio"] for r in gen_rows}):
+            by_generation.append((f"{label} (alpha={alpha:g})", [r for r in gen_rows if r["ratio"] == alpha]))
+        sub_rows = [r for r in contaminated if r.get("mode") == "substitute"]
+        classifier_bias = [m for m in BIAS_PANELS if m != "acc_clean" and not m.startswith("gen_")]
+        if len({r["ratio"] for r in sub_rows}) > 1 and any(
+            r.get(m) is not None for r in sub_rows for m in classifier_bias
+        ):
+            by_alpha.append((label, sub_rows))
+    rows = loaded[0][2]
+    return [
+        _bias_panels(
+            by_generation, "gen_t", "generator generation", rows, out / "bias_vs_generation.png", plt
+        )
+        if by_generation
+        else None,
+        _bias_panels(
+            by_alpha,
+            "ratio",
+            "alpha (share of real images substituted)",
+            rows,
+            out / "bias_vs_alpha.png",
+            plt,
+        )
+        if by_alpha
+        else None,
+    ]
 
 
 def draw(runs: list[Path], out: Path) -> list[Path]:
@@ -413,7 +437,7 @@ def draw(runs: list[Path], out: Path) -> list[Path]:
     made = [
         _accuracy_figure(loaded, out, plt),
         _robustness_figure(loaded, out, plt),
-        _bias_figure(loaded, out, plt),
+        *_bias_figures(loaded, out, plt),
     ]
     return [m for m in made if m is not None]
 
