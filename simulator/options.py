@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import numbers
 import re
 import types
 import typing
@@ -104,8 +105,8 @@ def _union(hint: Any) -> tuple[Any, ...] | None:
     return None
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _number(value: Any) -> bool:  # numpy scalars count (a script's np.float64 or np.int64)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _bounds(rules: Mapping[str, Any]) -> str:
@@ -182,7 +183,7 @@ def accepts(hint: Any, value: Any, rules: Mapping[str, Any] | None = None) -> bo
     if origin is bool:
         return isinstance(value, bool)
     if origin is int:
-        return isinstance(value, int) and not isinstance(value, bool) and _within(value, rules)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and _within(value, rules)
     if origin is float:
         finite = rules.get("nonfinite") or (_number(value) and math.isfinite(value))
         return _number(value) and bool(finite) and (math.isnan(value) or _within(value, rules))

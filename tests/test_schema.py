@@ -224,3 +224,15 @@ def test_classifier_arguments_are_checked_with_the_contamination_schema():
         classifiers.train_classifier(
             torch.nn.Linear(2, 2), x, y, steps=1, generator=torch.Generator(), optimizer="adam", prefix=field
         )
+
+
+def test_numpy_scalars_are_numbers_and_bools_are_not():
+    """A script's np.int64 / np.float64 pass where an int / float is asked; True is never a number."""
+    import numpy as np
+
+    from simulator import options
+
+    assert options.accepts(int, np.int64(3)) and options.accepts(float, np.float64(0.5))
+    assert options.accepts(float, np.int64(2)) and not options.accepts(int, np.float64(2.0))
+    assert not options.accepts(int, True) and not options.accepts(float, False)
+    assert not options.accepts(float, np.float64("inf"))
