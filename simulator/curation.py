@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from simulator.config import ConfigError
+from simulator.options import choose
 
 REWARDS = ("model", "truth", "linear", "quadratic", "classifier")
 OPTIONS = {  # the options each reward takes (sample.curation_options)
@@ -94,11 +95,7 @@ def check(name: Any, options: Any, beta: Any) -> None:
             raise ConfigError(f"sample.curation_options.checkpoint: file not found: {path}")
         from simulator.contamination import classifiers  # lazily: the contamination paths' module
 
-        arch = options.get("arch", "cnn")
-        if arch not in classifiers.ARCHS:
-            raise ConfigError(
-                f"sample.curation_options.arch: must be one of {', '.join(classifiers.ARCHS)}; got {arch!r}"
-            )
+        choose("sample.curation_options.arch", options.get("arch", "cnn"), classifiers.ARCHS)
 
 
 def _flat(x: torch.Tensor, d: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ from simulator.models.base import (
     seeded_build,
 )
 from simulator.models.training import EMA, EpochBatches, FitResult, Objective, TrainedFamily, TrainOptions
+from simulator.options import choose
 
 SAMPLERS = ("ddpm", "ddim")
 SCHEDULES = ("linear", "squaredcos_cap_v2")
@@ -295,8 +296,7 @@ class DiffusionFamily(TrainedFamily):
         current weights, with its warm-up). loss_first / loss_last are means over the first / last
         min(10, steps) steps.
         """
-        if ema not in ("carry", "restart"):
-            raise ValueError(f"ema must be 'carry' or 'restart', got {ema!r}")
+        choose("train.ema", ema, ("carry", "restart"))  # the config's choice, checked there too
         x8 = self._check(data).to(self.device)  # uint8 on the device; scaled per minibatch
         if x8.shape[0] == 0:
             raise ValueError("diffusion fit needs at least one image")
