@@ -47,7 +47,8 @@ def dirname_excluded() -> list[str]:
 
 
 def drop(config: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
-    """A copy of the nested config without the dotted keys (absent ones are ignored)."""
+    """A copy of the nested config without the dotted keys (absent ones are ignored); a section left
+    empty goes too, so adding a section of non-science keys (e.g. `logger`) changes nothing compared."""
     out = dict(config)
     for key in keys:
         head, _, rest = key.partition(".")
@@ -57,6 +58,8 @@ def drop(config: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
             del out[head]
         elif isinstance(out[head], dict):
             out[head] = drop(out[head], [rest])
+            if not out[head]:
+                del out[head]
     return out
 
 

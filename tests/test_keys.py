@@ -105,3 +105,16 @@ def test_drop_removes_dotted_keys_only():
     config = {"a": 1, "b": {"c": 2, "d": 3}, "e": {"f": 4}}
     assert keys.drop(config, ["a", "b.c", "x.y", "e.f.g"]) == {"b": {"d": 3}, "e": {"f": 4}}
     assert config == {"a": 1, "b": {"c": 2, "d": 3}, "e": {"f": 4}}  # a copy
+
+
+def test_a_section_of_non_science_keys_added_later_changes_no_comparison(tmp_path):
+    """A run made before `logger` existed has no such section: the shared generation 0, the report's
+    regime and the resume check see it as the same config as one with logger=none."""
+    cfg = OmegaConf.to_container(hydra_config("policy=mix"), resolve=False)
+    del cfg["hydra"]
+    older = {k: v for k, v in cfg.items() if k != "logger"}
+    assert "logger" in cfg and keys.drop(cfg, keys.NON_SCIENCE) == keys.drop(older, keys.NON_SCIENCE)
+    run = tmp_path / "sweep" / "a"
+    assert shared_gen0_path(run, cfg) == shared_gen0_path(run, older)
+    assert report._seedless(cfg) == report._seedless(older)
+    assert keys.drop({"a": {"b": 1}, "c": {}}, ["a.b"]) == {"c": {}}  # only a section it emptied goes
