@@ -283,7 +283,7 @@ def test_classifiers_are_seeded_and_train(arch, shape):
     assert classifiers.predict(nets[0], x).shape == (16,)
 
 
-def test_bias_is_drawn_against_alpha_and_against_the_generation_when_the_grid_has_them(tmp_path):
+def test_bias_is_drawn_against_alpha_and_against_the_generation_when_the_grid_has_them(tmp_path, monkeypatch):
     """bias_vs_alpha.png from substitute cells at several alpha (real-only at 0), bias_vs_generation.png
     from generations cells; a grid without bias metrics (plain digits) draws neither."""
     import matplotlib

@@ -356,10 +356,11 @@ def _robustness_figure(loaded: list, out: Path, plt: Any) -> Path | None:
     return path
 
 
-def _bias_panels(series: list, x_key: str, xlabel: str, rows: list, path: Path, plt: Any) -> Path | None:
+def _bias_panels(series: list, x_key: str, xlabel: str, rows: list, path: Path, plt: Any,
+                 metrics: tuple[str, ...] = BIAS_PANELS) -> Path | None:  # fmt: skip
     """One panel per bias metric any series has, each series a mean line with its Student-t band over
     seeds against x_key; real data's level dashed where it is one number (the real-only classifiers)."""
-    panels = [m for m in BIAS_PANELS if any(r.get(m) is not None for _, rs in series for r in rs)]
+    panels = [m for m in metrics if any(r.get(m) is not None for _, rs in series for r in rs)]
     if not panels:
         return None
     ncol = 4
@@ -389,10 +390,17 @@ def _bias_panels(series: list, x_key: str, xlabel: str, rows: list, path: Path, 
     return path
 
 
+def _cells(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> list[tuple]:
+    return sorted((r.get("ratio"), r.get("seed"), *(r.get(m) for m in metrics)) for r in rows)
+
+
 def _bias_figures(loaded: list, out: Path, plt: Any) -> list[Path | None]:
-    """Bias metrics (classifier and generator) vs the generator's generation (mode generations, one line
-    per run and alpha) and vs alpha (mode substitute, real-only cells at alpha = 0, one line per run)."""
-    by_generation, by_alpha = [], []
+    """Bias metrics vs the generator's generation (mode generations, classifier and generator metrics, one
+    line per run and alpha) and vs alpha (mode substitute, real-only cells at alpha = 0, classifier
+    metrics only: the generator is the same at every alpha; runs with the same cells share one line)."""
+    classifier = tuple(m for m in BIAS_PANELS if not m.startswith("gen_"))
+    by_generation: list[tuple[str, list]] = []
+    by_alpha: list[tuple[str, list]] = []
     for path, config, rows, _ in loaded:
         label = run_label(path, config)
         contaminated = [r for r in rows if r.get("kind") == "contaminated"]
@@ -400,26 +408,23 @@ def _bias_figures(loaded: list, out: Path, plt: Any) -> list[Path | None]:
         for alpha in sorted({r["ratio"] for r in gen_rows}):
             by_generation.append((f"{label} (alpha={alpha:g})", [r for r in gen_rows if r["ratio"] == alpha]))
         sub_rows = [r for r in contaminated if r.get("mode") == "substitute"]
-        classifier_bias = [m for m in BIAS_PANELS if m != "acc_clean" and not m.startswith("gen_")]
-        if len({r["ratio"] for r in sub_rows}) > 1 and any(
-            r.get(m) is not None for r in sub_rows for m in classifier_bias
-        ):
+        has_bias = any(r.get(m) is not None for r in sub_rows for m in classifier[1:])  # beyond acc_clean
+        if len({r["ratio"] for r in sub_rows}) < 2 or not has_bias:
+            continue
+        same = [
+            k for k, (_, rs) in enumerate(by_alpha) if _cells(rs, classifier) == _cells(sub_rows, classifier)
+        ]
+        if same:  # e.g. two loop runs' substitute cells, both drawn from their shared generation 0
+            by_alpha[same[0]] = (f"{by_alpha[same[0]][0]}, {label}", by_alpha[same[0]][1])
+        else:
             by_alpha.append((label, sub_rows))
     rows = loaded[0][2]
+    gen_xlabel, alpha_xlabel = "generator generation", "alpha (share of real images substituted)"
     return [
-        _bias_panels(
-            by_generation, "gen_t", "generator generation", rows, out / "bias_vs_generation.png", plt
-        )
+        _bias_panels(by_generation, "gen_t", gen_xlabel, rows, out / "bias_vs_generation.png", plt)
         if by_generation
         else None,
-        _bias_panels(
-            by_alpha,
-            "ratio",
-            "alpha (share of real images substituted)",
-            rows,
-            out / "bias_vs_alpha.png",
-            plt,
-        )
+        _bias_panels(by_alpha, "ratio", alpha_xlabel, rows, out / "bias_vs_alpha.png", plt, classifier)
         if by_alpha
         else None,
     ]
