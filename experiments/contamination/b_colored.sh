@@ -2,7 +2,8 @@
 # Experiment (b): colorized digits -- two loop runs of a class-conditional DDPM (fully synthetic and
 # mixed, generations 0..4), three loop runs each (seeds 0, 1, 2: replicate s reads loop run s, so every
 # interval covers the loop's variance), then classifiers on every generation's images; bias metrics per
-# generation and alpha. About three times the old ~25 minutes on 2 CPU cores; every step resumes.
+# generation and alpha. About an hour of one CPU core for the six loop runs, 6 min for the classifiers;
+# every step resumes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
