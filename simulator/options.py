@@ -267,7 +267,8 @@ def parse(prefix: str, schema: type, values: Any, **kw: Any) -> Any:
 @functools.cache
 def options_schema(cls: Any) -> type:
     """The dataclass of cls' keyword options: annotated types (Any where unannotated), defaults, and the
-    rules of BOUNDS by option name, overridden by the class' own OPTIONS ({name: {rule: value}})."""
+    rules of BOUNDS by option name, or, for a name the class' own OPTIONS lists ({name: {rule: value}}),
+    those rules instead (whole: `{"low": 0}` there means >= 0 even where BOUNDS says > 0)."""
     target = cls.__init__ if inspect.isclass(cls) else cls
     try:
         annotations = typing.get_type_hints(target)
@@ -278,7 +279,7 @@ def options_schema(cls: Any) -> type:
     for p in inspect.signature(cls).parameters.values():
         if p.kind not in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name == "self":
             continue
-        rules = {**BOUNDS.get(p.name, {}), **own.get(p.name, {})}
+        rules = own[p.name] if p.name in own else BOUNDS.get(p.name, {})
         default = None if p.default is inspect.Parameter.empty else p.default
         specs.append((p.name, annotations.get(p.name, Any), opt(default, **rules)))
     name = getattr(cls, "__name__", "options")

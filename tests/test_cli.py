@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import subprocess
@@ -157,13 +158,20 @@ def test_ctrl_c_and_sigterm_end_in_one_line_keeping_whole_generations(tmp_path, 
     args = ["experiment=single", "data=gaussian", "model=gaussian", "eval=fast", "chains=4",
             "generations=100000", "progress=false", "durable=false"]  # fmt: skip
     cmd = [sys.executable, "-c", "from simulator.cli import simulate; simulate()", *args]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the child gets the default dispositions: a signal ignored by the test process (a launcher's pool in an
+    # earlier test can leave SIGINT ignored) stays ignored across exec, and Python then installs no Ctrl-C
+    reset = functools.partial(signal.signal, sig, signal.SIG_DFL)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=reset)  # fmt: skip
     run = tmp_path / "runs" / "default"
     deadline = time.monotonic() + 120
-    while not list(run.glob("*/gen_002")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)  # until a few generations are committed
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    try:
+        while not list(run.glob("*/gen_002")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)  # until a few generations are committed
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never left running when an assertion or the timeout fails the test
     assert proc.returncode == code
     assert len(err.strip().splitlines()) == 1 and "run the same command again" in err
     (path,) = run.iterdir()

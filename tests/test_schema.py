@@ -236,3 +236,15 @@ def test_numpy_scalars_are_numbers_and_bools_are_not():
     assert options.accepts(float, np.int64(2)) and not options.accepts(int, np.float64(2.0))
     assert not options.accepts(int, True) and not options.accepts(float, False)
     assert not options.accepts(float, np.float64("inf"))
+
+
+def test_a_class_own_rules_replace_the_bounds_by_name_whole():
+    """gmm's tol >= 0 (0 runs every EM iteration) although BOUNDS says tol > 0; glow keeps logit_alpha in
+    (0, 0.5): a class that lists an option states all of its rules."""
+    from simulator.models.glow import GlowFamily
+    from simulator.models.gmm import GMMFamily
+
+    options.check("model.options", options.options_schema(GMMFamily), {"tol": 0})
+    for bad in (0, 0.5):
+        with pytest.raises(ConfigError, match=r"logit_alpha: must be a finite number in \(0, 0.5\)"):
+            options.check("model.options", options.options_schema(GlowFamily), {"logit_alpha": bad})

@@ -67,7 +67,7 @@ class GlowFamily(NormflowsFamily):
         "split_mode": {"choices": SPLIT_MODES},
         "preprocess": {"choices": PREPROCESS},
         "dequantization": {"choices": DEQUANTIZATION},
-        "logit_alpha": {"high": 0.5, "strict_high": True},
+        "logit_alpha": {"low": 0, "strict": True, "high": 0.5, "strict_high": True},
     }
 
     def __init__(

@@ -38,7 +38,7 @@ class GMMFamily(ClosedFormFamily):
     # rules beyond the annotations and options.BOUNDS (tol 0: every em_iters step runs), for the config
     # path and the constructor alike
     OPTIONS = {
-        "tol": {"low": 0},
+        "tol": {"low": 0},  # 0: every EM iteration runs (BOUNDS says > 0)
         "covariance": {"choices": ("full", "diag")},
         "dtype": {"choices": tuple(DTYPES)},
     }
