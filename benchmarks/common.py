@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
@@ -16,6 +17,11 @@ from simulator import strict_json
 from simulator.cli import CONFIG_DIR
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def command_line(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: --help prints its docstring (what it measures, its usage)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def config(*overrides: str):

@@ -12,22 +12,27 @@ seconds per optimiser step at the model's batch (128). Everything on one torch t
 runs (threads=1). Usage: OMP_NUM_THREADS=1 python -m benchmarks.digits_costs
 """
 
+# ruff: noqa: E402  (the path line below comes before the project's imports)
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a file: the checkout importable (last: PYTHONPATH wins)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from benchmarks.common import best_of, write
+from benchmarks.common import best_of, command_line, write
 from simulator.cli import CONFIG_DIR
 from simulator.metrics import fid as fidm  # noqa: F401  (registers "fid" and "bpd")
 from simulator.metrics.registry import MetricContext, get
@@ -155,6 +160,7 @@ def measured(cfg: Any, cache: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    command_line(__doc__).parse_args()
     torch.set_num_threads(1)  # as the recorded runs (threads=1), and kind to a shared machine
     cache = Path(tempfile.mkdtemp(prefix="digits-costs-"))
     try:

@@ -8,14 +8,20 @@ so a load change hits both. Target: the ensemble at least 8x faster.
 Usage: OMP_NUM_THREADS=1 python benchmarks/ensemble_flows.py
 """
 
+# ruff: noqa: E402  (the path line below comes before the project's imports)
 from __future__ import annotations
 
 import os
+import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the checkout importable (last: PYTHONPATH wins)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.common import write
+from benchmarks.common import command_line, write
 from simulator import seeding
 from simulator.data.toy import make_toy
 from simulator.models.flow import FlowFamily
@@ -50,6 +56,7 @@ def seconds(fn) -> float:
 
 
 if __name__ == "__main__":
+    command_line(__doc__).parse_args()
     torch.set_num_threads(1)
     data = make_toy("two_moons").sample(CHAINS * N, seeding.generator(0, "data")).view(CHAINS, N, 2)
     load_before = os.getloadavg()

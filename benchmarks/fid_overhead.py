@@ -17,21 +17,26 @@ Every cache lives in a temporary directory; the trained tiny extractors of ~/.ca
 in so no call retrains one. Usage: OMP_NUM_THREADS=1 python -m benchmarks.fid_overhead
 """
 
+# ruff: noqa: E402  (the path line below comes before the project's imports)
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a file: the checkout importable (last: PYTHONPATH wins)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import register_feature_extractor
 
-from benchmarks.common import best_of_interleaved, write
+from benchmarks.common import best_of_interleaved, command_line, write
 from simulator.data.base import Dataset
 from simulator.data.images import make_image, resize_images
 from simulator.metrics import features as fx
@@ -226,6 +231,7 @@ def cached_saving(data: Dataset, root: Path, repeats: int = SAVING_REPEATS) -> d
 
 
 if __name__ == "__main__":
+    command_line(__doc__).parse_args()
     torch.set_num_threads(1)  # every side on one thread: comparable, and kind to a shared machine
     data = make_image("digits").load(generator=torch.Generator().manual_seed(0))
     samples = generated_like(data, N_FAKE, seed=0)

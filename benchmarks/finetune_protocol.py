@@ -14,14 +14,19 @@ Two measurements per seed: `transient` -- bits/dim after k steps of generation 1
 Usage: python benchmarks/finetune_protocol.py [seeds, default 0,1]   (about 10 minutes a seed, 1 CPU core)
 """
 
+# ruff: noqa: E402  (the path line below comes before the project's imports)
 from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the checkout importable (last: PYTHONPATH wins)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.common import config, write
+from benchmarks.common import command_line, config, write
 from simulator import registry, seeding
 
 PROTOCOLS = {"fresh": (False, 0), "carry": (True, 0), "fresh+warmup50": (False, 50)}
@@ -70,5 +75,7 @@ def measure(seed: int) -> dict:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    seeds = [int(s) for s in (sys.argv[1] if len(sys.argv) > 1 else "0,1").split(",")]
+    parser = command_line(__doc__)
+    parser.add_argument("seeds", nargs="?", default="0,1", help="comma-separated seeds (default 0,1)")
+    seeds = [int(s) for s in parser.parse_args().seeds.split(",")]
     write(f"finetune_protocol_seeds_{'_'.join(map(str, seeds))}", {"runs": [measure(s) for s in seeds]})

@@ -8,16 +8,21 @@ checkpoint, checksums, results row. Target: overhead at most 10%.
 Usage: python benchmarks/flow_overhead.py
 """
 
+# ruff: noqa: E402  (the path line below comes before the project's imports)
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the checkout importable (last: PYTHONPATH wins)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import normflows as nf
 import torch
 
-from benchmarks.common import best_of_interleaved, config, write
+from benchmarks.common import best_of_interleaved, command_line, config, write
 from simulator.cli import run_config
 from simulator.data.toy import make_toy
 from simulator.models.flow import LOG_SCALE_BOUND
@@ -60,6 +65,7 @@ def loop() -> None:
 
 
 if __name__ == "__main__":
+    command_line(__doc__).parse_args()
     torch.set_num_threads(1)  # both sides on one thread: tiny couplings, and immune to other load
     t = best_of_interleaved({"bare": bare, "loop": loop}, repeats=4)
     t_bare, t_loop = t["bare"], t["loop"]

@@ -5,15 +5,20 @@ The floor is drawing the same number of normal variates with torch alone
 at most 2x the floor. Usage: python benchmarks/gaussian_chains.py
 """
 
+# ruff: noqa: E402  (the path line below comes before the project's imports)
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: the checkout importable (last: PYTHONPATH wins)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
 import torch
 
-from benchmarks.common import best_of_interleaved, config, write
+from benchmarks.common import best_of_interleaved, command_line, config, write
 from simulator.cli import run_config
 
 CHAINS, GENERATIONS, N, D = 10_000, 200, 100, 2
@@ -50,6 +55,7 @@ def family_only() -> None:
 
 
 if __name__ == "__main__":
+    command_line(__doc__).parse_args()
     torch.set_num_threads(1)  # one thread for every side: the ratio is what counts, and it is stable
     t = best_of_interleaved({"floor": floor, "family": family_only, "loop": lambda: loop(durable=False),
                              "durable": lambda: loop(durable=True)})  # fmt: skip

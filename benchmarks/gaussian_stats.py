@@ -8,11 +8,18 @@ and the statistics path again at n = 10^6, whose cost must stay within 2x of n =
 Wishart, not n points). Usage: python -m benchmarks.gaussian_stats
 """
 
+# ruff: noqa: E402  (the path line below comes before the project's imports)
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the checkout importable (last: PYTHONPATH wins)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.common import best_of_interleaved, write
+from benchmarks.common import best_of_interleaved, command_line, write
 from simulator.models.gaussian import GaussianFamily
 from simulator.models.gaussian_stats import simulate_gaussian_statistics
 from simulator.seeding import generator
@@ -40,6 +47,7 @@ def statistics(n: int) -> None:
 
 
 if __name__ == "__main__":
+    command_line(__doc__).parse_args()
     torch.set_num_threads(1)  # one thread for every side: the ratios are what counts
     t = best_of_interleaved({"floor": floor, "family": family, "statistics": lambda: statistics(N),
                              "statistics_big_n": lambda: statistics(BIG_N)})  # fmt: skip

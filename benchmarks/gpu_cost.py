@@ -14,15 +14,21 @@ two moments), the exported pipeline (EMA, float32) per generation, for 5 policie
     python -m benchmarks.gpu_cost        # writes benchmarks/results/gpu_cost.json and prints a table
 """
 
+# ruff: noqa: E402  (the path line below comes before the project's imports)
 from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a file: the checkout importable (last: PYTHONPATH wins)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.common import RESULTS, write
+from benchmarks.common import RESULTS, command_line, write
 
 ASSUMED_TFLOPS = (100.0, 300.0)
 POLICIES, GENERATIONS, N_SAMPLES = 5, 20, 50_000
@@ -44,6 +50,7 @@ def inception_gflops() -> float:
 
 
 def main() -> None:
+    command_line(__doc__).parse_args()
     flops = json.loads((RESULTS / "unet_flops.json").read_text())
     measured_path = RESULTS / "gpu_throughput_cuda.json"
     measured = json.loads(measured_path.read_text()) if measured_path.exists() else None

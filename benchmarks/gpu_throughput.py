@@ -15,14 +15,20 @@ call (which also absorbs torch.compile's compilation; its time is reported separ
     python -m benchmarks.gpu_throughput            # writes benchmarks/results/gpu_throughput_<device>.json
 """
 
+# ruff: noqa: E402  (the path line below comes before the project's imports)
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
 import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a file: the checkout importable (last: PYTHONPATH wins)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
 

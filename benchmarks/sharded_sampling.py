@@ -7,13 +7,18 @@ checked equal to 1 process's, bit for bit. Times are the best of REPEATS, each b
 Usage: python benchmarks/sharded_sampling.py
 """
 
+# ruff: noqa: E402  (the path line below comes before the project's imports)
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the checkout importable (last: PYTHONPATH wins)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.distributed as dist
@@ -69,7 +74,9 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
 
 def main() -> None:
-    from benchmarks.common import write
+    from benchmarks.common import command_line, write
+
+    command_line(__doc__).parse_args()
 
     torch.set_num_threads(1)
     one_s, one_x = timed(_model())

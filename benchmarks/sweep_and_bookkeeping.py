@@ -8,6 +8,7 @@
 Usage: python -m benchmarks.sweep_and_bookkeeping
 """
 
+# ruff: noqa: E402  (the path line below comes before the project's imports)
 from __future__ import annotations
 
 import json
@@ -18,7 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import config, write
+if __package__ in (None, ""):  # run as a file: the checkout importable (last: PYTHONPATH wins)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import command_line, config, write
 from simulator.cli import run_config
 
 FLOW = ["model.options.blocks=4", "model.options.hidden=32", "generations=3", "train.steps=100",
@@ -62,6 +66,7 @@ def bookkeeping() -> dict:
 
 
 if __name__ == "__main__":
+    command_line(__doc__).parse_args()
     local, joblib = sweep("local"), sweep("joblib")
     result = {"runs": 8, "seconds_local": local, "seconds_joblib_2": joblib, "speedup_joblib": local / joblib}
     result.update(bookkeeping())

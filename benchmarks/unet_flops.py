@@ -14,11 +14,16 @@ that FLOPs / (GPU FLOP/s x utilisation) is GPU time.
 Usage: OMP_NUM_THREADS=1 python -m benchmarks.unet_flops   (writes benchmarks/results/unet_flops.json)
 """
 
+# ruff: noqa: E402  (the path line below comes before the project's imports)
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a file: the checkout importable (last: PYTHONPATH wins)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -26,7 +31,7 @@ from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import write
+from benchmarks.common import command_line, write
 from simulator.cli import CONFIG_DIR
 from simulator.models.diffusion import DiffusionFamily
 
@@ -93,6 +98,7 @@ def pretrained_ddpm_cifar10() -> dict[str, Any]:
 
 
 def main() -> None:
+    command_line(__doc__).parse_args()
     torch.manual_seed(0)
     results = {
         "method": "torch.utils.flop_counter.FlopCounterMode, batch 1, float32 CPU (2 FLOPs per multiply-add)",

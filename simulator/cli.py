@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from simulator.preflight import (
     plain,
     read_checkpoint,
 )
-from simulator.rundir import RunDir
+from simulator.rundir import RunDir, write_atomic
 
 USER_ERRORS = (*entry.USER_ERRORS, PolicyError)
 log = logging.getLogger("simulator")
@@ -54,6 +53,7 @@ def build(cfg: DictConfig, cache: dict | None = None) -> tuple[str, Any, Any, An
     data = cached(cache, data_key, lambda: registry.make_data(cfg))
     registry.check_guidance(cfg, data)
     check_against_data(cfg, data, policy)
+    registry.check_metric_options(cfg)  # what the machine lacks (FID weights), after the config's mistakes
     model_key = ("model", plain(cfg.model), plain(cfg.init), cfg.chains, tuple(data.event_shape), device)
     make_model = cached(cache, model_key, lambda: registry.make_model_factory(cfg, data.event_shape, device))
     cached(cache, ("checkpoint", *model_key), lambda: check_checkpoint(cfg, make_model))
@@ -101,9 +101,8 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
         status = "diverged" if last["status"] == "diverged" else "complete"
         summary.update(policy=policy.describe(), generations=last["generation"], status=status)
         if world()[0] == 0:
-            (run.path / "summary.json").write_text(
-                strict_json.dumps(strict_json.strict_row(summary), indent=1)
-            )
+            text = strict_json.dumps(strict_json.strict_row(summary), indent=1)
+            write_atomic(run.path / "summary.json", text, cfg.durable)  # a rename: never through a link
         if cfg.eval.figures and world()[0] == 0:
             from simulator import report
 
@@ -112,18 +111,16 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
 
 
 def distributed_run_path(run_path: Path, device: str) -> Path:
-    """Under torchrun, join the process group; every rank then uses run_path (returned unchanged).
+    """Under torchrun, or a SLURM or submitit job of several tasks, join the process group (nccl on any CUDA
+    device, gloo on the CPU; simulator.distributed.join); every rank then uses run_path (returned unchanged).
 
     Rank 0 alone writes the run directory (it holds the lock); the other ranks read what it committed
     after a barrier, so the directory must be on a file system every rank sees (a node's disk under
     one torchrun; a shared file system across nodes).
     """
-    import torch.distributed as dist
+    from simulator import distributed
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    distributed.join(device)  # device: build()'s, already this process's own GPU (registry.resolve_device)
     return run_path
 
 
@@ -143,7 +140,6 @@ def _simulate(cfg: DictConfig) -> None:
 
 def _validate(cfg: DictConfig) -> None:
     validate(cfg)  # the schema (keys, types, bounds) and the rules between sections
-    registry.check_metric_options(cfg)
     if cfg.init.checkpoint is not None:
         read_checkpoint(str(cfg.init.checkpoint))  # unreadable: one line before check_guidance opens it
     gaussian_stats_loop.check(cfg)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -111,7 +113,7 @@ class RunConfig:
     seed: int = opt(0, low=0)
     chains: int = opt(1, low=1)
     generations: int = opt(10, low=1)
-    device: str = opt("cpu", choices=DEVICES)
+    device: str = "cpu"  # DEVICES or cuda:N: registry.resolve_device checks the form and the machine
     progress: bool = True
     durable: bool = True
     threads: int | None = opt(None, low=1)
@@ -207,13 +209,43 @@ def validate(cfg: DictConfig) -> None:
     check("eval.options", metric_schema(), eval_options)
 
 
-def run_name(override_dirname: str) -> str:
-    """Directory name of a run inside its experiment folder: the overrides, or 'base' for none.
+# characters a run directory's name keeps as they are: none that a shell or Python's glob reads as a pattern
+# ([ ] * ? { } ...) or that a shell splits or expands; every other one is written %XX (% itself too, so
+# the name stays unique: two command lines never share a directory)
+_NAME_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-,=+@:")
 
-    Names longer than 200 characters keep their first 180 and a hash of the whole, so they stay
-    deterministic (the same command finds the same run) and within file-system limits.
-    """
-    name = override_dirname.replace("/", "_") or "base"
+
+def _escape(text: str) -> str:
+    """text with every character outside _NAME_SAFE as %XX (its UTF-8 bytes), like a URL's."""
+    return "".join(c if c in _NAME_SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in text)
+
+
+def _bounded(name: str) -> str:
+    """Names longer than 200 characters keep their first 180 and a hash of the whole."""
     if len(name) > 200:
         name = f"{name[:180]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+    return name
+
+
+def legacy_run_name(override_dirname: str) -> str:
+    """The name versions before glob-safe names gave a run (brackets and other characters kept)."""
+    return _bounded(override_dirname.replace("/", "_") or "base")
+
+
+def run_name(override_dirname: str, parent: str | None = None) -> str:
+    """Directory name of a run inside its experiment folder: the overrides, or 'base' for none.
+
+    A name a user can type and glob: characters a shell or glob reads as patterns are written %XX
+    (`eval.metrics=[fid]` -> `eval.metrics=%5Bfid%5D`), '/' as '_'. Names longer than 200 characters keep
+    their first 180 and a hash of the whole, so they stay deterministic (the same command finds the same
+    run) and within file-system limits. parent (the experiment folder, given by configs/config.yaml): a run
+    an earlier version made there under its unescaped name is resumed where it is, unless the new name
+    exists too.
+    """
+    name = _bounded(_escape(override_dirname.replace("/", "_")) or "base")
+    if parent is not None:
+        old = legacy_run_name(override_dirname)
+        folder = Path(os.path.expanduser(str(parent)))
+        if old != name and (folder / old).is_dir() and not (folder / name).exists():
+            return old
     return name

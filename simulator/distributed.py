@@ -8,19 +8,120 @@ process) every function here is the identity and needs no process group.
 
 With the nccl backend collectives need CUDA tensors: the helpers move CPU tensors to the current
 CUDA device for the collective and back.
+
+Who starts the processes: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), or a SLURM job step
+with several tasks (srun, as submitit's sbatch script runs it: SLURM_PROCID, SLURM_STEP_NUM_TASKS,
+SLURM_LOCALID, SLURM_STEP_NODELIST), or submitit's local executor with several tasks. `place` reads
+whichever is there; `join` gives the process group torchrun's names and joins it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+log = logging.getLogger("simulator")
 
 
 def _dist() -> Any:
     import torch.distributed as dist
 
     return dist
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where this process sits in its job, as its launcher says: rank, world size, rank on its node, and
+    the rendezvous (master_addr None: torchrun's own variables, already in the environment)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    launcher: str = "none"  # torchrun (or anything that sets WORLD_SIZE), slurm, submitit, none
+
+
+def place() -> Place:
+    """This process's Place from the environment: torchrun's variables first, then a SLURM job step's,
+    then submitit's local executor's; one process (Place()) when none names more than one."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return Place(int(env.get("RANK", "0")), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
+                     launcher="torchrun")  # fmt: skip
+    return _slurm_place() or _submitit_place() or Place()
+
+
+def _slurm_place() -> Place | None:
+    """A task of a SLURM job step with several tasks (srun; submitit's sbatch script runs one)."""
+    env = os.environ
+    # SLURM_STEP_NUM_TASKS: the tasks of this srun step. Not SLURM_NTASKS, which a batch script has too:
+    # a process started there without srun is alone, and would wait forever for the job's other tasks.
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1"))
+    if tasks <= 1:
+        return None
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    addr, port = first_host(nodes or "localhost"), _port(env.get("SLURM_JOB_ID", ""))
+    return Place(int(env["SLURM_PROCID"]), tasks, int(env["SLURM_LOCALID"]), addr, port, "slurm")
+
+
+def _submitit_place() -> Place | None:
+    """A task of a submitit job with several tasks that SLURM did not start (the local executor)."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    try:
+        import submitit
+
+        job = submitit.JobEnvironment()
+    except (ImportError, RuntimeError):  # not installed, or no executor's environment is active
+        return None
+    if job.num_tasks <= 1:
+        return None
+    addr = "127.0.0.1" if job.num_nodes == 1 else job.hostnames[0]
+    return Place(job.global_rank, job.num_tasks, job.local_rank, addr, _port(job.job_id), "submitit")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[007-009,012],cpu3" -> "gpu007"): the rendezvous host.
+
+    SLURM expands each bracket of a name in order and lists the names in order, so the first host takes
+    the first name and, in every bracket, the first value of its first range (leading zeros kept)."""
+    name = re.split(r",(?![^\[]*\])", nodelist.strip())[0]  # commas outside brackets separate names
+    return re.sub(r"\[([^],-]+)[^]]*\]", r"\1", name)
+
+
+def _port(job_id: str) -> int:
+    """MASTER_PORT when set, else a port in 20000..59999 hashed from the job's id: the same on every task of
+    the job without any exchange, and (but for a 1 in 40,000 collision) another for another job's tasks."""
+    given = os.environ.get("MASTER_PORT")
+    if given:
+        return int(given)
+    return 20000 + int(hashlib.sha256(job_id.encode()).hexdigest(), 16) % 40000
+
+
+def join(device: str) -> None:
+    """Join the job's process group when its launcher started several processes (nothing otherwise, or when
+    already joined): nccl for a CUDA device (made current first), gloo on the CPU."""
+    where, dist = place(), _dist()
+    if where.world_size <= 1 or dist.is_initialized():
+        return
+    if where.master_addr is not None:  # torchrun's names, for env:// and for anything else that reads them
+        os.environ.update(RANK=str(where.rank), WORLD_SIZE=str(where.world_size),
+                          LOCAL_RANK=str(where.local_rank), MASTER_ADDR=where.master_addr,
+                          MASTER_PORT=str(where.master_port))  # fmt: skip
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev.index if dev.index is not None else where.local_rank)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    log.info("rank %d of %d (%s, local rank %d) joined the process group: %s on %s", where.rank,
+             where.world_size, where.launcher, where.local_rank, backend, device)  # fmt: skip
 
 
 def active() -> bool:

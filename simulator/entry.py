@@ -5,7 +5,8 @@ job) and their run (one job); the plumbing around them is here, once.
 - console: Ctrl-C and SIGTERM end in one line (stoppable); unless the command line asks for help, every job
   of the sweep is built before hydra makes anything (preflight); then hydra's own main runs the jobs.
 - job: the boundary of one hydra job: a user's mistake (errors) ends in one line on stderr, exit code 2,
-  and the run directory hydra made for this call (empty) is removed with its parents left empty.
+  and the run directory hydra made for this call (empty) is removed with its parents left empty; a full
+  disk (rundir.DiskFull) ends in one line and exit code 1, keeping what was written so the run resumes.
 - SweepCallback: after a multirun, the report over every run the sweep holds.
 """
 
@@ -28,7 +29,7 @@ from omegaconf import DictConfig
 from simulator import keys, options
 from simulator.config import ConfigError
 from simulator.preflight import check_jobs
-from simulator.rundir import RunError
+from simulator.rundir import DiskFull, RunError
 
 CONFIG_DIR = str(options.CONFIG_DIR)  # hydra's config_path: a string
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, RunError)  # each entry point adds its own
@@ -38,12 +39,13 @@ log = logging.getLogger("simulator")
 keys.register_resolvers()  # both configs' run directory names (and config.yaml's excluded keys)
 
 
-def fail(message: str, created: Path | None = None) -> None:
-    """Print one line, remove the empty run directory hydra made for this call, exit 2."""
+def fail(message: str, created: Path | None = None, code: int = 2) -> None:
+    """Print one line, remove the empty run directory hydra made for this call, exit with code (2: the
+    user's mistake; 1: the machine's, e.g. a full disk)."""
     if created is not None and created.is_dir() and not any(created.iterdir()):
         created.rmdir()
     print(f"error: {'; '.join(line.strip() for line in message.strip().splitlines())}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def discard(run_path: Path, root: Path) -> None:
@@ -131,6 +133,9 @@ def job(
     made_now = run_path.is_dir() and not any(run_path.iterdir())
     try:
         return run_path, run(cfg, run_path)
+    except DiskFull as e:  # the machine's: what was written stays (the rerun resumes from it), exit 1
+        fail(str(e), code=1)
+        raise  # not reached: fail exits
     except errors as e:
         if made_now:
             discard(run_path, Path(os.path.expanduser(str(cfg.run_root))))

@@ -33,6 +33,7 @@ NON_SCIENCE: tuple[str, ...] = (
     "train.checkpoint_minutes",
     "logger.name",  # step-level training logs (logger=tensorboard): written beside the run, change no result
     "logger.every",
+    "model.options.sample_batch",  # rows per network call in sampling and bpd: bounds memory (per-row seeds)
 )
 
 # command-line keys that are not config values of the run: the folder name itself, config groups that

@@ -9,7 +9,9 @@
 Every draw comes from a generator named by (seed, generation, purpose), and a
 generation is committed whole or not at all, so running the same command again
 after any interruption resumes and ends with the same results. Inside a generation,
-the fitted model and whole sample shards survive an interruption too (gen_XXX.tmp/).
+the fit checkpoint, the fitted model and whole sample shards survive an interruption
+too (gen_XXX.tmp/): each is written with its checksum and checked before a resume uses
+it (simulator.scratch); a file that fails is set aside and recomputed.
 
 Under torch.distributed every rank runs this function: families with per-sample
 seeds draw their samples sharded across ranks (simulator.samples), rank 0 alone
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -29,7 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from simulator import distributed, seeding, step_log
+from simulator import distributed, scratch, seeding, step_log
 from simulator import samples as store
 from simulator.curation import Reward, soft_select
 from simulator.data.base import Dataset
@@ -37,21 +40,52 @@ from simulator.metrics import registry as metric_registry
 from simulator.models.base import Diverged, FitCheckpoint, GenerativeModel
 from simulator.policies import REAL, TRUTH, Policy, PolicyError, assemble, curate, draw_truth
 from simulator.report import save_grid
-from simulator.rundir import RunDir, write_atomic
+from simulator.rundir import RunDir
 from simulator.shared_gen0 import SharedGen0
 from simulator.strict_json import strict_row
 from simulator.weights import load as load_weights
-from simulator.weights import load_model, model_name
+from simulator.weights import load_model, model_file, model_name
+
+FIT, FIT_STATE, OPTIMIZER = "fit.json", "fit_state.pt", "optimizer.pt"  # in gen_XXX.tmp (and gen_XXX)
+REDONE = ("samples.pt", "labels.pt", "params_star.pt", "chain_metrics.pt")  # made again by every life
 
 
 def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _fitted(tmp: Path) -> dict[str, Any] | None:
-    """The training stats of a fit finished before an interruption (its model waits in tmp)."""
-    path = tmp / "fit.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def _fitted(tmp: Path, corrupt: Path, t: int) -> dict[str, Any] | None:
+    """The training stats of a fit finished before an interruption, when gen_XXX.tmp holds it whole:
+    fit.json, the model and the optimizer state (where one was saved) matching their checksums. One that
+    does not is set aside into corrupt/ with one warning line, and the generation is fitted again.
+
+    Without a finished fit, everything but the fit checkpoint (which train() checks itself) is dropped: it
+    came from the fit that is now done again (its model and optimizer state, when killed before fit.json;
+    its samples, when killed while committing, after RunDir.commit removed fit.json). With one, the files
+    every life writes anew (REDONE) are checked too, so that damage to them is reported, not papered over;
+    sample shards are checked as they are resumed (samples.write_shards)."""
+    then = f"fitting generation {t} again"
+    stats = None
+    if (tmp / FIT).exists() or (tmp / FIT).is_symlink():
+        opt = tmp / OPTIMIZER  # written before fit.json, so its record says it must be there
+        saved = opt.exists() or scratch.record_path(opt).exists()
+        files = [tmp / FIT, model_file(tmp), *([opt] if saved else [])]
+        if all(scratch.check(f, corrupt, then, required=True) for f in files):  # the first bad one ends it
+            try:
+                stats = json.loads((tmp / FIT).read_text())
+                stats = {"train": stats["train"], "n_train": int(stats["n_train"])}
+            except (ValueError, TypeError, KeyError):  # a checksummed fit.json of another version
+                print(f"warning: {tmp.name}/{FIT} is unreadable; {scratch.set_aside(tmp / FIT, corrupt)} "
+                      f"and {then}", file=sys.stderr)  # fmt: skip
+                stats = None
+    if stats is None:
+        for path in tmp.iterdir():
+            if path.name not in (FIT_STATE, scratch.PARTIAL):
+                scratch.forget(path)
+    else:  # never read back from gen_XXX.tmp, but a damaged one is still said (and then written anew)
+        for name in REDONE:
+            scratch.check(tmp / name, corrupt, "writing it again")
+    return stats
 
 
 def _aggregate(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -114,6 +148,7 @@ def generation_loop(
     conditional = data.train_labels is not None and getattr(model, "num_classes", None) is not None
     sharded = bool(getattr(model, "per_sample_seeds", False))  # samples drawn by index, in shards
     main = distributed.is_main()  # rank 0 writes the run directory
+    corrupt = run.path / "corrupt"  # where files that fail their checksums are set aside (RunDir.repair)
     held: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # samples not on disk (toy, unsaved)
     bias = {"temperature": temperature, **({"guidance": guidance} if guidance else {})}  # sample() options
 
@@ -220,7 +255,7 @@ def generation_loop(
         tmp = run.begin(t)  # may hold this generation's fitted model and sample shards (a resume)
         row: dict[str, Any] = {"generation": t, "status": "ok", "policy": policy.describe()}
         clock = time.perf_counter()
-        fitted = distributed.broadcast_object(_fitted(tmp) if main else None)
+        fitted = distributed.broadcast_object(_fitted(tmp, corrupt, t) if main else None)
         try:
             if fitted is not None:  # fitted before an interruption: the model waits in gen_XXX.tmp
                 model.load_state_dict(load_model(tmp))
@@ -257,7 +292,8 @@ def generation_loop(
                     extra = dict(optimizer_state=opt_state if carry else None, warmup=warmup,
                                  ema=ema if t > 0 and warm_start else "carry")  # fmt: skip
                     if checkpoint_every or seconds:  # kept in gen_XXX.tmp until the commit
-                        extra["checkpoint"] = FitCheckpoint(tmp / "fit_state.pt", checkpoint_every, seconds)
+                        extra["checkpoint"] = FitCheckpoint(tmp / FIT_STATE, checkpoint_every, seconds,
+                                                            corrupt)  # fmt: skip
                 if weights is not None:
                     extra["weights"] = weights
                 logger = step_logger(t) if step_logger is not None and main else None
@@ -268,7 +304,7 @@ def generation_loop(
                 if getattr(model, "resumable_fit", False) and carry_optimizer and warm_start:
                     opt_state = model.optimizer_state  # type: ignore[attr-defined]  # resumable_fit
                     if main:  # before fit.json: a finished fit always has its optimizer state beside it
-                        store.save_atomic(opt_state, tmp / "optimizer.pt", run.durable)
+                        store.save_atomic(opt_state, tmp / OPTIMIZER, run.durable)
                 del train, labels
         except Diverged as e:
             row.update(status="diverged", error=str(e))
@@ -282,21 +318,21 @@ def generation_loop(
         if main and fitted is None:  # the model first, then the marker that says the fit is done
             state = model.state_dict()  # model.safetensors (a plain tensor dict), else model.pt
             store.save_atomic(state, tmp / model_name(state), run.durable)
-            write_atomic(tmp / "fit.json", json.dumps({"train": stats, "n_train": n_train}), run.durable)
+            scratch.write_text(json.dumps({"train": stats, "n_train": n_train}), tmp / FIT, run.durable)
 
         clock = time.perf_counter()
         if sharded:  # resumable shards in gen_XXX.tmp, each drawn across the ranks
             make = partial(draw_rows, model, t)
-            store.write_shards(tmp, n_draw, per_shard, make, write=main, durable=run.durable)
+            store.write_shards(tmp, n_draw, per_shard, make, write=main, durable=run.durable, corrupt=corrupt)
             distributed.barrier()  # the other ranks read what rank 0 wrote
             samples = store.load(tmp, n_eval if metrics else min(n_eval, 64))  # metrics or the grid
         else:  # cheap (toy) families: one draw on every rank
             held[t] = draw(model, t)
             samples = held[t][0][:, :n_eval]
-            if main and save_samples:
-                torch.save(held[t][0], tmp / "samples.pt")
+            if main and save_samples:  # drawn again by every life that gets here: never read from tmp
+                store.save_atomic(held[t][0], tmp / "samples.pt", run.durable)
                 if held[t][1] is not None:
-                    torch.save(held[t][1], tmp / "labels.pt")
+                    store.save_atomic(held[t][1], tmp / "labels.pt", run.durable)
         for old in [g for g in held if g not in policy.needs(t + 1) or (save_samples and g < t)]:
             del held[old]  # saved samples are read back from disk, unsaved ones kept while needed
         row["seconds_sample"] = time.perf_counter() - clock
@@ -310,7 +346,7 @@ def generation_loop(
                 ref.fit(data.train, steps=steps_gen0 or steps, generator=gen("fit"), progress=False)
                 params_star = ref.parameters_vector().detach().cpu()
                 if main:
-                    torch.save(params_star, tmp / "params_star.pt")
+                    store.save_atomic(params_star, tmp / "params_star.pt", run.durable)
         ctx = metric_registry.MetricContext(
             model=model, samples=samples, data=data,
             generation=t, generator=gen("metrics"), params0=params0, params_star=params_star,
@@ -331,7 +367,8 @@ def generation_loop(
             if samples.dim() == 5:  # images (C, n, ch, h, w): a sample grid per generation
                 save_grid(samples[0, :64], tmp / "samples.png")
             if chains > 1 and values:
-                torch.save({k: v.detach().cpu() for k, v in values.items()}, tmp / "chain_metrics.pt")
+                chain = {k: v.detach().cpu() for k, v in values.items()}
+                store.save_atomic(chain, tmp / "chain_metrics.pt", run.durable)
             run.commit(t, row, status="complete" if t == generations else "running")
             if t == 0 and shared is not None:
                 shared.publish(run)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
+import re
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -13,8 +15,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from simulator import policies, seeding
-from simulator.config import ConfigError
+from simulator import distributed, policies, seeding
+from simulator.config import DEVICES, ConfigError
 from simulator.data.base import Dataset
 from simulator.models.base import GenerativeModel
 
@@ -95,12 +97,48 @@ def check_metric_options(cfg: DictConfig) -> None:
 
 
 def resolve_device(name: str) -> str:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a config error."""
+    """The device this process builds and runs on, made current: 'auto' -> cuda when available, else cpu;
+    cuda:N -> that GPU; under a launcher with several processes (torchrun, SLURM, submitit) cuda -> the
+    process's own GPU, cuda:<local rank>. Called before anything is constructed, so that no process
+    builds its model on, or opens a CUDA context on, cuda:0. A device the machine lacks is a config error."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but torch sees no GPU; use device=cpu or device=auto")
-    return name
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match is None:
+        raise ConfigError(f"device: must be one of {', '.join(DEVICES)}, cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device: {name} requested but torch sees no GPU; use device=cpu or device=auto")
+    where, count = distributed.place(), torch.cuda.device_count()
+    if where.world_size > 1:
+        if match.group(1) is not None:
+            raise ConfigError(f"device: {name} names one GPU for all {where.world_size} processes "
+                              f"({where.launcher}); use device=cuda: each takes its own")  # fmt: skip
+        index = _own_gpu(where.local_rank, count)
+    elif match.group(1) is None:
+        return "cuda"  # one process: the current device (cuda:0 unless the caller chose)
+    else:
+        index = int(match.group(1))
+        if index >= count:
+            raise ConfigError(
+                f"device: {name} requested but torch sees {count} GPU(s): cuda:0..cuda:{count - 1}"
+            )
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"
+
+
+def _own_gpu(local_rank: int, count: int) -> int:
+    """The GPU of the process with this rank on its node: cuda:<local rank> among the node's GPUs, or the
+    only one it sees when the launcher gave each process its own (CUDA_VISIBLE_DEVICES of one GPU)."""
+    if local_rank < count:
+        return local_rank
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if count == 1 and len(visible) == 1:
+        return 0
+    raise ConfigError(f"device: the process of local rank {local_rank} has no GPU of its own (torch sees "
+                      f"{count} on this node); start at most {count} processes per node (torchrun "
+                      "--nproc_per_node, or SLURM tasks_per_node = gpus_per_node)")  # fmt: skip
 
 
 def _options(node: DictConfig) -> dict[str, Any]:
@@ -109,12 +147,19 @@ def _options(node: DictConfig) -> dict[str, Any]:
 
 def make_data(cfg: DictConfig) -> Dataset:
     """Load the real data named by cfg.data, one independent real draw per chain where possible."""
-    try:
-        source = _source_factories()[cfg.data.source](cfg.data.source, **_options(cfg.data.options))
-        return source.load(chains=cfg.chains, n_train=cfg.data.n_train, n_test=cfg.data.n_test,
-                           generator=seeding.generator(cfg.seed, "data"))  # fmt: skip
-    except (TypeError, ValueError, OSError) as e:  # OSError: a missing or undecodable file
-        raise ConfigError(f"data ({cfg.data.source}): {e}") from None
+    from simulator import preflight  # sizes: an allocation that would not fit is refused before it is made
+
+    field = preflight.data_field(cfg)
+    with preflight.allocation_guard(field, f"loading data.source={cfg.data.source}"):
+        try:
+            source = _source_factories()[cfg.data.source](cfg.data.source, **_options(cfg.data.options))
+            return source.load(chains=cfg.chains, n_train=cfg.data.n_train, n_test=cfg.data.n_test,
+                               generator=seeding.generator(cfg.seed, "data"))  # fmt: skip
+        except (TypeError, ValueError, OSError) as e:  # OSError: a missing or undecodable file
+            raise ConfigError(f"data ({cfg.data.source}): {e}") from None
+        except ArithmeticError as e:  # data.options.noise=1e308: noise**2 overflows
+            raise ConfigError(f"{field}: overflows data.source={cfg.data.source}'s arithmetic "
+                              f"({type(e).__name__}: {e}); use a moderate magnitude") from None  # fmt: skip
 
 
 def make_model_factory(
@@ -129,12 +174,16 @@ def make_model_factory(
     if pretrained is not None:
         _pretrained(cfg, cls, options, str(pretrained))
     factory = partial(cls, chains=cfg.chains, event_shape=tuple(event_shape), **options)
-    try:
-        factory()
-    except (TypeError, ValueError) as e:
-        message = str(e)  # a line that names its field (the family's options checks) stands as it is
-        named = message.startswith(("init.", "model.options.", "chains:"))
-        raise ConfigError(message if named else f"model.options ({cfg.model.family}): {message}") from None
+    from simulator import preflight  # sizes: an allocation that would not fit is refused before it is made
+
+    with preflight.allocation_guard(preflight.model_field(cfg), f"building model.family={cfg.model.family}"):
+        try:
+            factory()
+        except (TypeError, ValueError) as e:
+            message = str(e)  # a line that names its field (the family's options checks) stands as it is
+            named = message.startswith(("init.", "model.options.", "chains:"))
+            message = message if named else f"model.options ({cfg.model.family}): {message}"
+            raise ConfigError(message) from None
     return factory
 
 

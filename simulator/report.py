@@ -125,6 +125,22 @@ def _plt():
     return plt
 
 
+FEATURE_COLUMNS = ("fid", "kid_mean", "kid_std", "precision", "recall")  # all in the fid extractor's space
+
+
+def metric_label(metric: str, config: dict[str, Any]) -> str:
+    """A column's name for a figure, with the feature space of the k-NN and image metrics: Inception pool3
+    precision/recall are not Kynkaanniemi et al.'s VGG-16 ones (docs/science.md, Metric identities)."""
+    ev = (config or {}).get("eval") or {}
+    names = ev.get("metrics") or []
+    if "fid" in names and metric in FEATURE_COLUMNS:
+        tiny = (ev.get("options") or {}).get("extractor") == "tiny"
+        return f"{metric} ({'tiny-CNN features' if tiny else 'Inception pool3'})"
+    if "knn_pr" in names and metric in ("precision", "recall"):
+        return f"{metric} (raw vectors)"
+    return metric
+
+
 def draw_run(path: Path) -> list[Path]:
     """A run's own figures: every metric vs generation, and 2-D sample scatter plots per generation."""
     plt = _plt()
@@ -140,7 +156,7 @@ def draw_run(path: Path) -> list[Path]:
         gens = [r["generation"] for r in rows]
         for ax, c in zip(axes.flat, cols, strict=False):
             ax.plot(gens, [number(r.get(c)) for r in rows], marker=".")  # null: not finite
-            ax.set_title(c, fontsize=9)
+            ax.set_title(metric_label(c, config), fontsize=9)
             ax.set_xlabel("generation", fontsize=8)
         for ax in list(axes.flat)[len(cols) :]:
             ax.axis("off")
@@ -396,7 +412,7 @@ def _draw_metric(ax: Any, metric: str, groups: dict[str, list[Run]], colors: dic
         label = regime_label(members[0][1]) + (f" ({len(members)} seeds)" if len(members) > 1 else "")
         lowest = min(lowest, _band(ax, gens, [curves[t] for t in gens], label, colors[key]))
     ax.set_xlabel("generation")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric_label(metric, next(iter(groups.values()))[0][1]) if groups else metric)
     ax.set_yscale("log" if lowest > 0 else "linear")
     ax.set_title(f"{metric} (mean, 95% Student-t band over seeds)", fontsize=10)
     ax.legend(fontsize=8)

@@ -16,12 +16,15 @@ whose manifest or files fail their checksums is set aside and recomputed; a run
 directory without its config.yaml is refused (nothing could check the config).
 The first uncommitted generation's gen_XXX.tmp survives a restart: it holds
 the fitted model, the training-state checkpoint and whole sample shards, from
-which the generation resumes. COMMIT_EVENTS lists the file-system events of a
-commit; tests/test_commit.py kills a run before each of them.
+which the generation resumes, each checked against the checksum written with it
+(simulator.scratch; the checksums live in gen_XXX.tmp/.partial/, which the
+commit removes). COMMIT_EVENTS lists the file-system events of a commit;
+tests/test_commit.py kills a run before each of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -29,7 +32,9 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,18 @@ class RunError(RuntimeError):
     """A run directory that cannot be used as asked (locked, other config, corrupted)."""
 
 
+class DiskFull(RunError):
+    """The run directory's file system filled up: one line saying how much more the generation needs.
+
+    What was committed, and the unfinished generation's whole files, are kept: the same command resumes
+    once there is space, and ends as an uninterrupted run would."""
+
+
+_NOFOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter", "inline_container")  # torch.save's C++ writer failing
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -51,15 +68,109 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str, durable: bool = True) -> None:
-    """Write text to path via a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
+def create(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write data to a new file at path. Whatever is there first (a stale temporary file, or a symbolic or
+    hard link planted to make the run overwrite a file elsewhere) is unlinked, and the file is made with
+    O_EXCL | O_NOFOLLOW: the bytes never land in a file outside the run directory."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         if durable:
-            os.fsync(f.fileno())
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str, durable: bool = True) -> None:
+    """Write text to path via a temporary file and a rename, so readers never see half a file; the rename
+    replaces a link at path rather than writing through it (see create)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        create(tmp, text.encode(), durable)
+    except BaseException:  # a full disk: give the space back, the old file stays whole
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     os.replace(tmp, path)
+
+
+def links(folder: Path) -> Iterator[Path]:
+    """The symbolic links inside folder, at any depth (a linked folder is reported, not entered)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_symlink():
+                yield Path(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                yield from links(Path(entry.path))
+
+
+def refuse_links(folder: Path, what: str) -> None:
+    """RunError (one line) when folder holds a symbolic link: every write there would follow it out."""
+    link = next(links(folder), None)
+    if link is not None:
+        try:
+            target = os.readlink(link)
+        except OSError:
+            target = "?"
+        raise RunError(
+            f"{what} {folder} holds a symbolic link {link.relative_to(folder)} -> {target}; the run writes "
+            "only files of its own there: remove the link (or put a copy of what it points to in its place)"
+        )
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _free(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Which failed write exc (or what caused it) is: "space" for a file system out of space or quota,
+    "torch" for torch.save's C++ writer failing a write (it names no errno: "unexpected pos ..."), else
+    None."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in _SPACE_ERRNOS:
+            return "space"
+        text = str(e)
+        if any(s in text for s in ("No space left on device", "Disk quota exceeded", "os error 28)")):
+            return "space"  # safetensors' message
+        if isinstance(e, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILED):
+            return "torch"
+    return None
+
+
+def _size(folder: Path, skip: tuple[str, ...] = ()) -> int:
+    """Bytes in the files under folder (0 when it is missing), leaving out the top-level names in skip."""
+    if not folder.is_dir():
+        return 0
+    return sum(
+        f.lstat().st_size
+        for f in folder.rglob("*")
+        if f.is_file() and f.relative_to(folder).parts[0] not in skip
+    )
+
+
+def _bytes(n: int) -> str:
+    """n bytes for a person: 812 B, 3.4 KiB, 41.0 MiB, 2.3 GiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.1f} GiB"
 
 
 def sha256(path: Path) -> str:
@@ -120,7 +231,7 @@ class RunDir:
         if not self.writer:
             return self
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -131,16 +242,75 @@ class RunDir:
                     f"run directory {self.path} is in use by another process (pid {other})"
                 ) from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            # held, so no run of ours is writing here: nothing written from now on may follow a link out
+            refuse_links(self.path, "run directory")
+        except BaseException as e:
+            self.__exit__(type(e), e, e.__traceback__)
+            raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def _open_lock(self) -> int:
+        """.lock, opened without following a link; a link, or a file shared with another name, is refused
+        (the pid written into it would overwrite what it points to)."""
+        path = self.path / ".lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            refuse_links(self.path, "run directory")  # names the link and its target
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise RunError(f"{path} is not a plain file of its own (a hard link or a device); the run writes "
+                           "its pid there: remove it")  # fmt: skip
+        return fd
+
+    def __exit__(self, exc_type: object = None, exc: BaseException | None = None, tb: object = None) -> None:
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
+        if isinstance(exc, Exception) and not isinstance(exc, RunError) and write_failure(exc):
+            try:
+                line = self.space_needed(exc)
+            except OSError:  # the directory cannot even be listed: say what is known
+                line = f"no space left on the device of {self.path}; free space and run the same command"
+            raise DiskFull(line) from exc
+
+    def space_needed(self, exc: BaseException) -> str:
+        """DiskFull's line: the file being written, and how much more the unfinished generation needs, sized
+        by the last committed one (what it holds less what the unfinished one holds already)."""
+        t = len(self.committed())
+        tmp, free = self.tmp_dir(t), _free(self.path)
+        target = next((e.filename for e in _chain(exc) if isinstance(e, OSError) and e.filename), None)
+        if target is None:  # torch.save names no file: a half-written one left in .partial/ (not a record)
+            staged = [
+                f for f in (tmp / ".partial").glob("*") if f.is_file() and f.suffix not in (".sha256", ".tmp")
+            ]
+            target = max(staged, key=lambda f: f.lstat().st_mtime_ns, default=tmp)
+        have = _size(tmp, skip=(".partial",))  # whole files; a half-written one is rewritten in its space
+        last = _size(self.gen_dir(t - 1)) if t else 0
+        if last > have:
+            need = (f"about {_bytes(last - have)} more ({self.gen_dir(t - 1).name} holds {_bytes(last)}, "
+                    f"{tmp.name} {_bytes(have)} so far)")  # fmt: skip
+        else:
+            need = (f"more than {_bytes(have + free)} in all ({tmp.name} holds {_bytes(have)} so far; no "
+                    "committed generation to size it by)")  # fmt: skip
+        # torch's writer gives no errno: with more free than the generation needs, the device failed otherwise
+        if write_failure(exc) == "space" or free < max(last - have, 16 << 20):
+            failed = "no space left on the device"
+        else:
+            failed = f"a write failed ({(str(exc).strip().splitlines() or ['?'])[-1][:80]}) on the device"
+        return (
+            f"{failed} of {self.path} (writing {target}): {self.key} {t} needs {need}; {_bytes(free)} "
+            "free; free space and run the same command to resume (what was committed is kept)"
+        )
 
     # ---- config -----------------------------------------------------------------------------
     def check_config(self, config: dict) -> None:
@@ -345,11 +515,7 @@ class RunDir:
         """Called before each file-system event of commit() (COMMIT_EVENTS); tests kill the run here."""
 
     def _write_durable(self, path: Path, text: str) -> None:
-        with open(path, "w") as f:
-            f.write(text)
-            f.flush()
-            if self.durable:
-                os.fsync(f.fileno())
+        write_atomic(path, text, self.durable)
 
     def commit(self, t: int, row: dict[str, Any], status: str = "running") -> dict[str, Any]:
         """Make generation t whole; returns the row as written (strict JSON: see simulator.strict_json).
@@ -367,9 +533,13 @@ class RunDir:
             self._event(next(events))
             (tmp / name).unlink(missing_ok=True)
         self._event(next(events))
-        shutil.rmtree(tmp / ".partial", ignore_errors=True)  # half-written files of a killed writer
+        # half-written files of a killed writer, and the checksums of gen_XXX.tmp's files (simulator.scratch)
+        shutil.rmtree(tmp / ".partial", ignore_errors=True)
+        for stale in tmp.glob("*.tmp"):  # write_atomic's, of a killed writer (fit.json.tmp, ...)
+            if stale.is_file():
+                stale.unlink()
         self._event(next(events))
-        (tmp / "metrics.json").write_text(dumps(row, indent=1))
+        write_atomic(tmp / "metrics.json", dumps(row, indent=1), durable=False)  # fsynced with the rest
         self._event(next(events))
         checksums = {}
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):  # sub-folders too (pipeline/)
@@ -392,17 +562,18 @@ class RunDir:
         if self.durable:
             _fsync_dir(self.path)
         self._event(next(events))
-        with open(self.path / "results.jsonl", "a") as results:
-            results.write(dumps(row) + "\n")
-            results.flush()
-            if self.durable:
-                os.fsync(results.fileno())
+        results = self.path / "results.jsonl"
+        try:  # appended by a rewrite and a rename: never through a link, never half a row
+            before = results.read_text(errors="replace")
+        except FileNotFoundError:
+            before = ""
+        write_atomic(results, before + dumps(row) + "\n", self.durable)
         state = self.state()
         state.update(last_generation=t, status=status, files={**state.get("files", {}), **checksums},
                      code_version=code_version())  # fmt: skip
         staging = self.path / "state.json.tmp"
         self._event(next(events))
-        self._write_durable(staging, dumps(state, indent=1, sort_keys=True))
+        create(staging, dumps(state, indent=1, sort_keys=True).encode(), self.durable)
         self._event(next(events))
         os.replace(staging, self.path / "state.json")
         assert next(events, None) is None, "COMMIT_EVENTS lists an event that commit() does not make"

@@ -6,6 +6,8 @@
 
 A shard is written atomically (a temporary file, then a rename), labels first and samples last, so a
 samples file means a whole shard: a process killed while sampling resumes from its last whole shard.
+Each file's checksum is recorded as it is written (simulator.scratch); a resume redraws every shard whose
+files fail it (altered, truncated, replaced), after one warning line.
 Readers load shards memory-mapped (torch.load(..., mmap=True)) and copy out only the rows they need,
 so no reader holds every generation's samples, or one generation's as float32, in memory.
 
@@ -15,17 +17,16 @@ the parts are gathered, and rank 0 alone writes; the other ranks read the files 
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from simulator import distributed, weights
+from simulator import distributed, scratch
 
 SAMPLES, LABELS = "samples", "labels"
-PARTIAL = ".partial"  # where save_atomic writes before its rename
+PARTIAL = scratch.PARTIAL  # where save_atomic writes before its rename
 DEFAULT_SHARD_SIZE = 5000  # rows per shard when sample.shard_size is null
 _SHARD = re.compile(r"^(samples|labels)_(\d{5})\.pt$")
 
@@ -41,18 +42,9 @@ def shard_ranges(n: int, size: int) -> list[range]:
 
 def save_atomic(obj: object, path: Path, durable: bool = True) -> None:
     """torch.save (safetensors for a .safetensors path: simulator.weights) through a temporary file and a
-    rename: readers (and resumes) never see half a file.
-
-    The temporary file has the final name inside `.partial/` (torch.save names the archive inside the
-    file after it), so the bytes equal a plain torch.save(obj, path). RunDir.commit removes `.partial/`.
-    """
-    staging = path.parent / PARTIAL
-    staging.mkdir(exist_ok=True)
-    weights.save(obj, staging / path.name)  # type: ignore[arg-type]
-    if durable:
-        with open(staging / path.name, "rb") as f:
-            os.fsync(f.fileno())
-    os.replace(staging / path.name, path)
+    rename, with its checksum recorded: readers never see half a file, and resumes check it (scratch.save;
+    the loop writes every file of gen_XXX.tmp through here). RunDir.commit removes `.partial/`."""
+    scratch.save(obj, path, durable)
 
 
 def _load(path: Path) -> torch.Tensor:
@@ -110,7 +102,26 @@ def remove(directory: Path) -> None:
     """Delete every sample and label file of directory (sample.save=false: they are redrawn on demand)."""
     for kind in (SAMPLES, LABELS):
         for path in [directory / f"{kind}.pt", *directory.glob(f"{kind}_*.pt")]:
-            path.unlink(missing_ok=True)
+            scratch.forget(path)
+
+
+def whole_shards(directory: Path, n_shards: int, corrupt: Path | None) -> set[int]:
+    """The shards k < n_shards that directory holds whole: samples_k (and labels_k, where the draw has
+    labels) present and matching their recorded checksums. A file that fails is set aside (scratch.check:
+    into corrupt/, one warning line) and its shard is drawn again."""
+    records = directory / PARTIAL
+    labeled = any(directory.glob(f"{LABELS}_*.pt")) or any(records.glob(f"{LABELS}_*.pt{scratch.RECORD}"))
+    done = set()
+    for k in range(n_shards):
+        x, y = directory / shard_name(SAMPLES, k), directory / shard_name(LABELS, k)
+        if not (x.exists() or x.is_symlink()):
+            continue  # never finished (labels are written first): drawn as if new, without a word
+        then = f"redrawing shard {k}"
+        ok = scratch.check(x, corrupt, then)
+        # labels_k is written before samples_k: with samples_k there, a missing labels_k was lost
+        if ok and (not labeled or scratch.check(y, corrupt, then, required=True)):
+            done.add(k)
+    return done
 
 
 def write_shards(
@@ -121,17 +132,20 @@ def write_shards(
     *,
     write: bool,
     durable: bool = True,
+    corrupt: Path | None = None,  # where a shard file that fails its checksum goes (None: deleted)
 ) -> int:
-    """Compute and save every shard of an n-row draw that directory does not hold yet; returns how many.
+    """Compute and save every shard of an n-row draw that directory does not hold whole; returns how many.
 
     make(rows) gives (samples (C, len(rows), ...), labels (C, len(rows)) or None); it runs on every rank
     (it may use collectives), in the same shard order everywhere. Only the rank with `write` saves, and
-    the set of shards already present is rank 0's, broadcast, so every rank skips the same ones.
+    the set of shards already whole (`whole_shards`: checked against their checksums) is rank 0's,
+    broadcast, so every rank skips the same ones.
     """
-    done = {k for k, _ in enumerate(shards(directory))} if write else set()
+    ranges = shard_ranges(n, size)
+    done = whole_shards(directory, len(ranges), corrupt) if write else set()
     done = distributed.broadcast_object(done)
     made = 0
-    for k, rows in enumerate(shard_ranges(n, size)):
+    for k, rows in enumerate(ranges):
         if k in done:
             continue
         x, y = make(rows)

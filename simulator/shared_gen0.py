@@ -7,6 +7,7 @@ which each run adopts as its own committed gen_000 (hard links, its own manifest
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -14,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from simulator.rundir import RunDir, read_manifest, sha256
+from simulator.rundir import RunDir, RunError, read_manifest, refuse_links, sha256
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -43,11 +44,31 @@ class SharedGen0:
         self._lock: Any = None
 
     def acquire(self) -> SharedGen0:
-        """Take the lock (waiting while another run computes generation 0); returns self."""
+        """Take the lock (waiting while another run computes generation 0); returns self. A symbolic link
+        where the lock, the shared copy or its staging folder live is refused in one line (RunError):
+        publishing would write through it, adopting would take files from outside the sweep."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise RunError(f"{lock} is a symbolic link; the shared generation 0 takes its lock there: remove "
+                           "it") from None  # fmt: skip
         # a file object: if an exception leaves the loop, the lock goes when the object does
-        self._lock = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115
+        self._lock = os.fdopen(fd, "rb")
         fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX)
+        try:
+            for folder in (self.path, self.path.with_name(self.path.name + ".tmp")):
+                if folder.is_symlink():
+                    raise RunError(f"{folder} is a symbolic link -> {os.readlink(folder)}; the shared "
+                                   "generation 0 lives there: remove it")  # fmt: skip
+            if self.path.is_dir():
+                refuse_links(self.path, "the shared generation 0")
+        except RunError:
+            self.release()
+            raise
         return self
 
     def release(self) -> None:

@@ -73,7 +73,9 @@ def gaussian_expected(
     replace: fit on n samples of the previous model, ddof 0 (MLE) or 1 (unbiased), drawn at
     temperature s (covariance s Sigma). accumulate: pooled MLE (ddof 0) over all n t points so
     far. mix(lam): n real points plus m = round(lam n) samples of the previous model, ddof 0, so
-    rho = m / (n + m) (= lam / (1 + lam)); the model of generation 0 is the perturbed start.
+    rho = m / (n + m), which is lam / (1 + lam) only when lam n is an integer; exact for the expected mean
+    (the covariance's expected error contracts by rho (n + m - 1)/(n + m), rho to first order in 1/n;
+    docs/science.md). The model of generation 0 is the perturbed start.
     tempered_real: docs/science.md's convention draws fit 1's data from the truth at temperature s too
     (E[Sigma_t] = s^t Sigma_0); False keeps the real data untempered, as in the generation loop.
     """
@@ -133,21 +135,35 @@ def gaussian_expected(
 
 
 def golden_ratio_stationary(
-    w: ArrayLike, n: int, m: int, sigma2: float = 1.0, *, known_sigma: bool = False
+    w: ArrayLike, n: int, m: int, sigma2: float = 1.0, *, known_sigma: bool = False, ddof: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stationary E[(mu_t - mu)^2] per coordinate, and E[Sigma_t], of the weighted fresh-data Gaussian loop.
 
     Each generation fits mu_t = w mean(n fresh real rows) + (1 - w) mean(m samples of G_{t-1}),
-    G_{t-1} = N(mu_{t-1}, Sigma_{t-1}) (He, Xu and Cheng 2025); derivation in
-    experiments/golden_ratio/README.md. known_sigma: the samples' variance is sigma2 (their closed form,
-    V = sigma2/n (w^2 + (1-w)^2) / (w (2-w)), minimised at w = 1/phi). Otherwise Sigma_t is the weighted
-    maximum-likelihood variance (the gaussian family, ddof 0): E[Sigma] = S and V solve
-    V w(2-w) = w^2 sigma2/n + (1-w)^2 S/m and S (w m + (1-w)^2) / m = w sigma2 (n-w)/n + w (1-w) V,
-    exactly (no large-n approximation).
+    G_{t-1} = N(mu_{t-1}, Sigma_{t-1}) (He, Xu and Cheng 2025; policy=fresh policy.source=truth);
+    derivation in experiments/golden_ratio/README.md. Every form is exact at finite n and m, and all
+    share V w (2 - w) = w^2 sigma2/n + (1 - w)^2 S/m with S = E[Sigma_t]:
+      known_sigma  S = sigma2 (their setting): V = sigma2 (w^2/n + (1-w)^2/m) / (w (2-w)), minimised at
+                   w = 1/phi when n = m.
+      ddof 0       Sigma_t the weighted maximum-likelihood variance (the gaussian family's default):
+                   S (w m + (1-w)^2) / m = w sigma2 (n - w)/n + w (1 - w) V, so S < sigma2.
+      ddof 1       Sigma_t divided by Kish's 1 - sum p_i^2 = 1 - w^2/n - (1-w)^2/m:
+                   S = sigma2 + (1 - w) n V / (n - w) > sigma2, so
+                   V = sigma2 (w^2/n + (1-w)^2/m) / (w (2-w) - (1-w)^3 n / (m (n - w))).
+                   Below the w where that denominator is 0 (about 1/(2m)) the second moments grow without
+                   bound (the linear recursion's spectral radius passes 1): V = S = inf there.
+    At n = m = 10 the argmin is 0.6180 (known sigma), 0.6073 (ddof 0), 0.6239 (ddof 1).
     """
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
     w = np.asarray(w, dtype=float)
     if known_sigma:
-        return sigma2 / n * (w**2 + (1 - w) ** 2) / (w * (2 - w)), np.full_like(w, sigma2)
+        return sigma2 * (w**2 / n + (1 - w) ** 2 / m) / (w * (2 - w)), np.full_like(w, sigma2)
+    if ddof == 1:
+        den = w * (2 - w) - (1 - w) ** 3 * n / (m * (n - w))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = np.where(den > 0, sigma2 * (w**2 / n + (1 - w) ** 2 / m) / den, np.inf)
+        return v, np.where(den > 0, sigma2 + (1 - w) * n * v / (n - w), np.inf)
     den = w * m + (1 - w) ** 2
     a = m * w * sigma2 * (n - w) / (n * den)  # S = a + b V
     b = m * w * (1 - w) / den

@@ -27,7 +27,8 @@ def finite(values: Iterable[object]) -> list[float]:
 def student_t_interval(values: Iterable[object], level: float = LEVEL) -> tuple[float, float, int]:
     """(mean, half-width of the two-sided Student-t interval, n) over the finite values.
 
-    NaN mean and half-width when there is none; half-width 0 for a single value.
+    NaN mean and half-width when there is none; half-width 0 for a single value. None, NaN and inf are
+    dropped, so n (the values behind the mean) may be below len(values): tables print it with the mean.
     """
     xs = finite(values)
     n = len(xs)

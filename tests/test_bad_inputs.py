@@ -24,6 +24,7 @@ TINY = ["debug=tiny", "model.options.blocks=2", "model.options.hidden=16"]
 ONE = ["experiment=single", *TINY]  # a single run of the default model on two_moons
 BASE = ["experiment=single", "debug=tiny"]  # for families other than flow
 DIGITS = [*BASE, "data=digits", "model=glow", "eval=digits"]
+PRE = [*BASE, "data=digits", "model=diffusion_tiny", "eval.metrics=[]", "eval.stability_metric=null"]
 
 # (arguments after ONE unless they start with "experiment=", the start of the one line)
 SIMULATE = [
@@ -31,7 +32,7 @@ SIMULATE = [
     (["policy=mix", "policy.lam=inf"], "policy.lam: must be a finite number >= 0, got inf"),
     (["model.options.lr=-1"], "model.options.lr: must be a finite number >= 0, got -1"),
     (["model.options.blocks=0"], "model.options.blocks: must be an integer >= 1, got 0"),
-    (["eval.options.projections=-1"], "eval.options.projections: must be an integer >= 1, got -1"),
+    (["eval.options.projections=-1"], "eval.options.projections: must be an integer >= 1 or null, got -1"),
     (["init.checkpoint={files}/text.pt"], "init.checkpoint: {files}/text.pt is not a readable tensors-only"),
     (["init.checkpoint={files}/truncated.pt"], "init.checkpoint: {files}/truncated.pt is not a readable"),
     (
@@ -48,7 +49,7 @@ SIMULATE = [
     (["eval.stability_metric=nope"], "eval.stability_metric: 'nope' is not written by eval.metrics"),
     (["eval.metrics=[]"], "eval.stability_metric: 'kl_truth' is not written by eval.metrics []"),
     (["experiment=single", "debug=tiny", "data=digits", "model=glow"], "eval.metrics: kl_truth needs"),
-    (["eval.options.k=0"], "eval.options.k: must be an integer >= 1, got 0"),
+    (["eval.options.k=0"], "eval.options.k: must be an integer >= 1 or null, got 0"),
     (["model.options.batch_size=0"], "model.options.batch_size: must be an integer >= 1, got 0"),
     (["sample.temperature=inf"], "sample.temperature: must be a finite number > 0, got inf"),
     (["+sample.tempreature=0.5"], "sample.tempreature: unknown key (nothing reads it)"),
@@ -144,7 +145,90 @@ SIMULATE = [
     ),  # fmt: skip
     ([*TINY, "model.options.hidden=0"], "model.options.hidden: must be an integer >= 1, got 0"),  # regimes_2d
     ([*TINY, "data=digits"], "eval.metrics: kl_truth needs"),  # the default sweep (regimes_2d) on digits
+    # sizes against the machine (issue 17): what the options ask for, refused before any directory exists
+    (["policy=mix", "policy.lam=1e30"], "policy.lam: each generation draws 2e+32 samples of 8 bytes"),
+    (["policy=mix", "policy.lam=1e308"], "policy.lam: overflows the number of synthetic rows"),
+    (["sample.n=1000000000000000"], "sample.n: each generation draws 1e+15 samples"),
+    (["eval.n_samples=1000000000000000"], "eval.n_samples: each generation draws 1e+15 samples"),
+    (["sample.curation_k=1000000000000000"], "sample.curation_k: each generation draws 1,000 samples"),
+    (["policy=accumulate", "generations=1000000000000"], "generations: the training set of generation"),
+    (
+        ["policy=accumulate_subsample", "generations=1000000000000"],
+        "generations: generation 1000000000000's subsample of 200,000,000,000,200 pooled rows",
+    ),
+    (["train.epochs=1e308"], "train.epochs: 1e+308 passes over 200 rows overflow the number of"),
+    (["eval.options.projections=1000000000000"], "eval.options.projections: the sliced_w metric's float64"),
+    (["eval.n_samples=10000000"], "eval.n_samples: the mmd metric's float64 matrices"),
+    (["data.options.noise=1e308"], "data.options.noise: overflows data.source=two_moons's arithmetic"),
+    (["data.options.noise=1e-300"], "data.options.noise: overflows data.source=two_moons's arithmetic"),
+    (["data.options.noise=1e150"], "data.options.noise: data.source=two_moons gives non-finite"),
+    (["data.n_train=1000000000000"], "data.n_train: loading data.source=two_moons allocates"),
+    (
+        [*BASE, "data=gaussian", "model=gaussian", "chains=1000000000000"],
+        "chains: loading data.source=gaussian allocates",
+    ),
+    (["model.options.hidden=10000000"], "model.options.hidden: building model.family=flow allocates"),
+    (
+        [*PRE, "++model.options.train_timesteps=10000000"],
+        "model.options.train_timesteps: must be an integer in [2, 1e+06], got 10000000",
+    ),
+    # init.pretrained (issue 17): each field of the directory's configs, before any work
+    (
+        [*PRE, "init.pretrained={files}/pre/pickle"],
+        "init.pretrained: cannot read {files}/pre/pickle/unet/diffusion_pytorch_model.safetensors as "
+        "tensors only (SafetensorError",
+    ),
+    (
+        [*PRE, "init.pretrained={files}/pre/truncated"],
+        "init.pretrained: cannot read {files}/pre/truncated/unet/diffusion_pytorch_model.safetensors",
+    ),
+    (
+        [*PRE, "init.pretrained={files}/pre/timesteps"],
+        "init.pretrained: num_train_timesteps: must be an integer in [2, 1e+06], got 1000000000000.0 "
+        "(in {files}/pre/timesteps/scheduler/scheduler_config.json)",
+    ),
+    (
+        [*PRE, "init.pretrained={files}/pre/unet_timesteps"],
+        "init.pretrained: num_train_timesteps: must be an integer in [1, 1e+06] or null, got "
+        "1000000000000 (in {files}/pre/unet_timesteps/unet/config.json)",
+    ),
+    (
+        [*PRE, "init.pretrained={files}/pre/wide"],
+        "init.pretrained: block_out_channels [200000, 400000] of {files}/pre/wide/unet/config.json make "
+        "a UNet of 27,160,037,800,001 parameters",
+    ),
+    (
+        [*PRE, "init.pretrained={files}/pre/widths"],
+        "init.pretrained: {files}/pre/widths/unet/diffusion_pytorch_model.safetensors does not match "
+        "{files}/pre/widths/unet/config.json",
+    ),
+    (
+        [*PRE, "init.pretrained={files}/pre/beta"],
+        "init.pretrained: beta_start: must be a finite number in [0, 1), got 2.0 "
+        "(in {files}/pre/beta/scheduler/scheduler_config.json)",
+    ),
+    ([*PRE, "init.pretrained={files}/pre/beta_order"], "init.pretrained: beta_start: must be <= beta_end"),
+    (
+        [*PRE, "init.pretrained={files}/pre/schedule"],
+        "init.pretrained: beta_schedule: must be one of linear, scaled_linear, squaredcos_cap_v2, got "
+        "'cubic'",
+    ),
+    (
+        [*PRE, "init.pretrained={files}/pre/text"],
+        "init.pretrained: block_out_channels: must be a list of integers >= 1, got ['a', 16]",
+    ),
+    (
+        [*PRE, "init.pretrained={files}/pre/layers"],
+        "init.pretrained: layers_per_block: must be an integer >= 1, got 'two'",
+    ),
+    ([*PRE, "init.pretrained={files}/pre/groups"], "init.pretrained: norm_num_groups: must divide every"),
+    (
+        [*PRE, "init.pretrained={files}/pre/blocks"],
+        "init.pretrained: down_block_types: must name one block per width of block_out_channels (2), got 3",
+    ),
 ]
+if Path("/proc/self").is_dir():  # Linux: a folder nothing can be made in, whatever the permission bits say
+    SIMULATE.append((["run_root=/proc/x"], "run_root: cannot create folders in /proc, so not /proc/x"))
 try:  # launcher=slurm needs the [sweep] extra; without it the line says which extra to install
     import hydra_plugins.hydra_submitit_launcher  # noqa: F401
 except ImportError:
@@ -239,7 +323,46 @@ def files(tmp_path_factory) -> Path:
     )
     (loop / "results.jsonl").write_text('{"generation": 0}\n{"generation": 1}\n')
     np.savez(d / "few.npz", images=np.zeros((20, 8, 8, 1), np.uint8), labels=np.arange(20) % 10)
+    pretrained_dirs(d / "pre")
     return d
+
+
+def pretrained_dirs(d: Path) -> None:
+    """A tiny diffusers pipeline (unet/ + scheduler/) and copies of it with one thing wrong each."""
+    import json
+    import shutil
+
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                       attention_head_dim=None)  # fmt: skip
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=40)).save_pretrained(d / "ok")
+    unet_json, scheduler_json = "unet/config.json", "scheduler/scheduler_config.json"
+    changes = {
+        "timesteps": (scheduler_json, {"num_train_timesteps": 1e12}),  # 4 TB of betas
+        "unet_timesteps": (unet_json, {"num_train_timesteps": 10**12}),
+        "wide": (unet_json, {"block_out_channels": [200000, 400000]}),  # hundreds of TB of parameters
+        "widths": (unet_json, {"block_out_channels": [8, 32]}),  # the weights are (8, 16)
+        "beta": (scheduler_json, {"beta_start": 2.0}),
+        "beta_order": (scheduler_json, {"beta_start": 0.03, "beta_end": 0.02}),
+        "schedule": (scheduler_json, {"beta_schedule": "cubic"}),
+        "text": (unet_json, {"block_out_channels": ["a", 16]}),
+        "layers": (unet_json, {"layers_per_block": "two"}),
+        "groups": (unet_json, {"norm_num_groups": 5}),
+        "blocks": (unet_json, {"down_block_types": ["DownBlock2D"] * 3}),
+    }
+    for name, (part, values) in changes.items():
+        shutil.copytree(d / "ok", d / name)
+        path = d / name / part
+        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    shutil.copytree(d / "ok", d / "pickle")  # a pickle saved under the safetensors name
+    torch.save({"args": argparse.Namespace(a=1)}, d / "pickle" / weights)
+    shutil.copytree(d / "ok", d / "truncated")
+    (d / "truncated" / weights).write_bytes((d / "ok" / weights).read_bytes()[:500])
 
 
 def tree(path: Path) -> dict[str, bytes | None]:
@@ -313,6 +436,31 @@ def test_refused_at_the_job_leaves_no_directory(tmp_path, files, monkeypatch, ca
     argv = [*ONE, "model.options.hidden=0"]
     code, lines = run_entry(cli._simulate, "simulate", argv, tmp_path, monkeypatch, capsys)
     check(code, lines, "model.options.hidden: must be an integer >= 1, got 0", {}, tree(tmp_path))
+
+
+API = [
+    ({"policy": "mix", "policy.lam": 1e30}, "policy.lam: each generation draws 2e+32 samples"),
+    ({"data.options.noise": 1e308}, "data.options.noise: overflows data.source=two_moons's arithmetic"),
+    pytest.param(
+        {"run_root": "/proc/x"},
+        "run_root: cannot create folders in /proc",
+        marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="Linux's /proc"),
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides,message", API)
+def test_python_api_refuses_in_one_line(tmp_path, monkeypatch, overrides, message):
+    """simulator.run: the same preflight, the same one line (a ConfigError), nothing made."""
+    import simulator
+    from simulator.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    base = {"experiment": "single", "debug": "tiny", "model.options.blocks": 2, "model.options.hidden": 16}
+    with pytest.raises(ConfigError) as err:
+        simulator.run({**base, **overrides})
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert tree(tmp_path) == {}
 
 
 def script(name: str) -> str:

@@ -160,8 +160,8 @@ GEN_FILES = ["model.safetensors", "samples.pt", "chain_metrics.pt", "metrics.jso
 
 
 def damage(path: Path, how: str) -> None:
-    """delete; truncate to half; edit: the first digit after the middle of a text file changes (a value),
-    the middle byte of a binary file flips."""
+    """delete; truncate to half; edit: the first digit after the middle of a text file changes (a value; in
+    config.yaml train.steps), the middle byte of a binary file flips."""
     if how == "delete":
         path.unlink()
         return
@@ -170,7 +170,9 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(bytes(data[: len(data) // 2]))
         return
     if path.suffix in (".json", ".jsonl", ".yaml", ""):
-        i = next(i for i in range(len(data) // 2, len(data)) if chr(data[i]).isdigit())
+        # config.yaml: a value of the science (train.steps), not one of the keys a resume may change
+        start = data.index(b"\n  steps:") if path.name == "config.yaml" else len(data) // 2
+        i = next(i for i in range(start, len(data)) if chr(data[i]).isdigit())
         data[i] = ord(str((int(chr(data[i])) + 1) % 10))
     else:
         data[len(data) // 2] ^= 0xFF

@@ -158,6 +158,8 @@ def test_plan_orders_cells_and_pool_needs_take_the_largest():
     assert [c.kind for c in cells].count("baseline") == 2
     assert len(cells) == 1 + 2 + (2 + 1 + 1) * 2
     need = pool_needs(cells, SIZES)
-    assert need == {None: [2 * n for n in SIZES]}  # augment r = 2 is the largest generated demand
+    assert need == {(None, None): [2 * n for n in SIZES]}  # augment r = 2 is the largest generated demand
+    own = plan(modes, [0, 1], [], None, [], gen_seed=lambda s: s)  # a generator per replicate: a pool each
+    assert pool_needs(own, SIZES) == {(None, 0): [2 * n for n in SIZES], (None, 1): [2 * n for n in SIZES]}
     gens = plan({"generations": [0.5]}, [0], [], 3, [0, 1, 2])
     assert [c.gen_t for c in gens if c.kind == "contaminated"] == [0, 1, 2]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -252,6 +255,110 @@ def test_every_replicate_trains_its_own_generator_and_the_data_seed_stays_apart(
             k: b[k] for k in ("acc_clean", "acc_gaussian_noise", "n_train")
         }
         assert same == (a["ratio"] == 0.0), (a["ratio"], a["acc_clean"], b["acc_clean"])
+
+
+def _killed_in_generator_fit(cfg, path, fit: int, step: int, log: str) -> None:
+    """Run the grid; SIGKILL this process after optimizer step `step` of this life's fit number `fit` of a
+    spot generator (classifiers train through the same skeleton and are left alone). Logs every fit."""
+    import simulator.models.training as training
+
+    torch.set_num_threads(1)
+    train, family_fit, fits = training.train, DiffusionFamily.fit, []
+
+    def dies(s: int) -> None:
+        if len(fits) == fit and s == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def logged_fit(self, *args, **kwargs):
+        fits.append(1)
+        with open(log, "a") as f:
+            f.write(f"fit {len(fits)}\n")
+        training.train = lambda *a, **k: train(*a, **k, on_step=dies)
+        try:
+            return family_fit(self, *args, **kwargs)
+        finally:
+            training.train = train
+
+    DiffusionFamily.fit = logged_fit
+    cli.run_contaminate(cfg, path)
+
+
+KILL_GRID = (*SPOT, "modes.augment=[]", "modes.control=[]", "modes.substitute=[0.0,0.5]", "seeds=[0,1]",
+             "generator.steps=6")  # fmt: skip
+
+
+def same_generators_and_pools(a: Path, b: Path, gens: tuple[int, ...] = (0, 1)) -> None:
+    for g in gens:
+        x = torch.load(a / "generator" / f"seed_{g}" / "model.pt", weights_only=True)
+        y = torch.load(b / "generator" / f"seed_{g}" / "model.pt", weights_only=True)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x if torch.is_tensor(x[k]))
+        pools = [torch.load(d / "pools" / f"spot_seed{g}.pt", weights_only=True) for d in (a, b)]
+        assert torch.equal(pools[0]["images"], pools[1]["images"])
+
+
+def test_a_grid_stopped_inside_a_generators_training_resumes_to_the_uninterrupted_result(
+    tmp_path, monkeypatch
+):
+    """An exception at step 3 of the first spot generator's fit (the in-process kill): no generator is
+    left half-made under its name, and the resumed grid equals the uninterrupted one (SIGKILL: below)."""
+    import simulator.models.training as training
+
+    cfg = config(*KILL_GRID, "seeds=[0]")
+    cli.run_contaminate(cfg, tmp_path / "whole")
+    train, family_fit = training.train, DiffusionFamily.fit
+
+    def dies(step: int) -> None:
+        if step == 3:
+            raise RuntimeError("killed")
+
+    def fit_then_die(self, *args, **kwargs):
+        monkeypatch.setattr(training, "train", lambda *a, **k: train(*a, **k, on_step=dies))
+        return family_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionFamily, "fit", fit_then_die)
+    path = tmp_path / "stopped"
+    with pytest.raises(RuntimeError, match="killed"):
+        cli.run_contaminate(cfg, path)
+    assert sorted(q.name for q in (path / "generator").iterdir()) == ["seed_0.tmp"]
+    assert [r["cell"] for r in results(path)] == [0, 1] and (path / "gen_002.tmp").is_dir()
+    monkeypatch.setattr(training, "train", train)
+    monkeypatch.setattr(DiffusionFamily, "fit", family_fit)
+    cli.run_contaminate(cfg, path)
+    assert comparable(results(path)) == comparable(results(tmp_path / "whole"))
+    same_generators_and_pools(tmp_path / "whole", path, gens=(0,))
+    assert not list(path.glob("gen_*.tmp")) and not list((path / "generator").glob("*.tmp"))
+
+
+@pytest.mark.slow  # ~10 s idle (30 s on 2 loaded cores): three lives in a forkserver and the whole grid
+def test_a_sigkill_during_a_generators_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL inside the first spot generator's fit, then inside the second's (the first one finished),
+    then a life to the end: the same rows, generators and pools as a grid never interrupted."""
+    cfg = config(*KILL_GRID)
+    cli.run_contaminate(cfg, tmp_path / "whole")
+    path, log = tmp_path / "killed", tmp_path / "log.txt"
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["simulator.contamination.cli", "tests.test_contamination_grid"])
+    lives, seen = [], []
+    for fit, step in [(1, 3), (2, 2), (0, -1)]:  # mid-fit of generator 0, mid-fit of generator 1, to the end
+        p = ctx.Process(target=_killed_in_generator_fit, args=(cfg, path, fit, step, str(log)))
+        p.start()
+        p.join()
+        lives.append(p.exitcode)
+        seen.append(
+            (sorted(q.name for q in (path / "generator").iterdir()), [r["cell"] for r in results(path)])
+        )
+        log.write_text(log.read_text() + "life\n")
+    assert lives == [-signal.SIGKILL, -signal.SIGKILL, 0]
+    # killed in generator 0's fit: its half-trained folder is a .tmp, no generator is complete; cells 0-2
+    # (reference and the two real-only cells) were committed before it
+    assert seen[0] == (["seed_0.tmp"], [0, 1, 2])
+    assert seen[1] == (["seed_0", "seed_1.tmp"], [0, 1, 2, 3])  # generator 0 retrained whole, cell 3 done
+    assert seen[2] == (["seed_0", "seed_1"], [0, 1, 2, 3, 4])
+    fits = [life.strip().splitlines() for life in log.read_text().split("life\n")[:-1]]
+    assert fits == [["fit 1"], ["fit 1", "fit 2"], ["fit 1"]]  # a killed fit restarts; a finished one stays
+    assert comparable(results(path)) == comparable(results(tmp_path / "whole"))
+    same_generators_and_pools(tmp_path / "whole", path)
+    assert not list(path.glob("gen_*.tmp")) and not list((path / "generator").glob("*.tmp"))
 
 
 def test_loop_run_replicates_give_each_replicate_its_own_loop_run(tmp_path):

@@ -101,6 +101,17 @@ def test_each_bias_metric_is_read_against_a_perfect_classifier_on_the_same_sets(
     assert all(same[f"{name}_vs_perfect"] == 0 for name in bias.REFERENCED)
 
 
+def test_a_perfect_classifiers_biasamp_reads_the_test_sets_own_shares_not_one_half():
+    """On a test set balanced to one image (class 1: 3 images of colour 0 and 2 of colour 1) p = y puts
+    the test set's shares where 1/2 would be: (1/|C|) sum (n(c, a)/n(c) - b*(c, a)) over b* > 1/2."""
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    a = torch.tensor([0, 0, 1, 1, 0, 0, 0, 1, 1])
+    m = bias.classifier_bias_vs_perfect(y, a, y, TRAIN_Y, TRAIN_A, ALIGNED, 2, 2)
+    code = ((2 / 4 - 6 / 8) + (2 / 5 - 9 / 12)) / 2  # b*(0, 0) = 6/8, b*(1, 1) = 9/12 as above
+    assert m["biasamp_perfect"] == pytest.approx(code)
+    assert m["biasamp_perfect"] - (-0.25) == pytest.approx(-1 / (2 * 5) / 2)  # 1/(2 n(c)) per class, / |C|
+
+
 def _draw_generated(
     real: torch.Tensor, n_per_class: int, g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:

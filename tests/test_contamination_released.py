@@ -106,6 +106,27 @@ def test_missing_and_misshapen_folders_and_files_are_one_line_errors(tmp_path):
         assert message in str(err.value) and "\n" not in str(err.value), (message, str(err.value))
 
 
+def test_a_label_out_of_range_anywhere_in_the_labels_file_is_refused_naming_the_file(tmp_path):
+    """Only severity 1's block is read, but a wrong label in severity 3's block (or a negative one) means the
+    file is not CIFAR-10-C's for these classes: the whole file is checked, in one line naming it."""
+    for bad_row, value in ((2 * M + 5, 10), (4 * M, -1)):
+        root = fake_cifar10c(tmp_path / f"c{bad_row}")
+        labels = np.load(root / "labels.npy").astype(np.int64)
+        labels[bad_row] = value
+        np.save(root / "labels.npy", labels)
+        spec = parse("cifar10c:fog:1", 5)[0]
+        with pytest.raises(ReleasedError) as err:
+            released.load(spec, root, None, (3, 32, 32), 10)
+        text = str(err.value)
+        assert "\n" not in text and text.startswith("eval.shifts: cifar10c:fog:1: labels must be in 0..9")
+        assert f"{root / 'labels.npy'} (row {bad_row} holds {value})" in text, text
+        assert len(load_cifar10c(root, "fog", 1)[1]) == M  # without the grid's classes: the rows as they are
+    root = fake_cifar10_1(tmp_path / "c101", {"v6": 7})
+    np.save(root / "cifar10.1_v6_labels.npy", np.array([0, 1, 2, 3, 4, 5, 12]))
+    with pytest.raises(ReleasedError, match=r"cifar10.1_v6_labels.npy \(row 6 holds 12\)"):
+        released.load(parse("cifar10.1", 5)[0], None, root, (3, 32, 32), 10)
+
+
 def config(*overrides: str):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("contaminate", overrides=["contaminate/debug=tiny", *overrides])

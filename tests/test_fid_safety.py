@@ -87,8 +87,9 @@ def test_planted_cache_files_are_recomputed_never_run(digits: Dataset, tmp_path:
     samples = digits.train[0, :120]
     fidm.clear_memory_cache()
     first = fid_of(digits, samples, **opts)
-    entries = sorted((cache / "fid_reference").glob("*.pt")) + sorted((cache / "extractors").glob("*.pt"))
-    assert len(entries) == 2
+    # the reference, its precision/recall radii (fid_reference/radii/) and the tiny extractor
+    entries = sorted((cache / "fid_reference").rglob("*.pt")) + sorted((cache / "extractors").glob("*.pt"))
+    assert len(entries) == 3
     # Every file we read, and the files torch-fidelity's own cache would hold for such a reference.
     fidelity = cache / "torch-fidelity"
     planted = [*entries, fidelity / "simulator-ref-x-inception-v3-compat-stat-fid-2048.pt",

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHANGED = {"generations": 7, "progress": False, "device": "auto", "threads": 1, "durable": False,
            "run_root": "elsewhere", "share_gen0": True, "eval.figures": True, "eval.report_metrics": ["nll"],
            "train.checkpoint_every": 5, "train.checkpoint_minutes": 2.5, "logger.name": "tensorboard",
-           "logger.every": 3}  # fmt: skip
+           "logger.every": 3, "model.options.sample_batch": 32}  # fmt: skip
 
 
 def hydra_config(*overrides: str):

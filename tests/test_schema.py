@@ -138,7 +138,8 @@ def test_metric_options_are_one_schema_of_both_dataclasses():
     names = {f.name for f in dataclasses.fields(schema)}
     assert {f.name for f in dataclasses.fields(FIDOptions)} <= names
     assert {"projections", "k", "max_elems", "mmd_max", "n_bpd"} <= names
-    with pytest.raises(ConfigError, match=r"^eval\.options\.projections: must be an integer >= 1, got 0$"):
+    line = r"^eval\.options\.projections: must be an integer >= 1 or null, got 0$"  # null: the default
+    with pytest.raises(ConfigError, match=line):
         check("eval.options", schema, {"projections": 0})
     with pytest.raises(ConfigError, match=r"^eval\.options\.extractor: must be one of inception, tiny"):
         FIDOptions.parse({"extractor": "vgg"})
@@ -194,7 +195,10 @@ def test_a_rule_between_options_is_the_same_line_both_ways():
     from simulator.models.diffusion import DiffusionFamily
     from tests.conftest import compose_config
 
-    line = "model.options.sample_steps: must be a divisor of train_timesteps (40), got 30"
+    line = (
+        "model.options.sample_steps: must be a divisor of train_timesteps (40) with timestep_spacing "
+        "trailing, got 30"
+    )
     with pytest.raises(ConfigError, match=rf"^{re.escape(line)}$"):
         DiffusionFamily(chains=1, event_shape=(1, 8, 8), train_timesteps=40, sample_steps=30)
     cfg = compose_config(

@@ -113,3 +113,47 @@ def test_c4_and_closed_form_edges() -> None:
         st.gaussian_expected("accumulate", 10, [1], ddof=1)
     with pytest.raises(ValueError):
         st.gaussian_expected("replace", 10, [1.5])
+
+
+def test_mix_rate_is_exact_for_the_mean_with_rounded_lambda_n_and_first_order_for_the_covariance() -> None:
+    """mix with n real rows and m = round(lam n) samples (statistics path, 40k chains, ddof 0, start N(2, 4)):
+
+    - E[mu_t - mu*] = rho^t (mu_0 - mu*) exactly, rho = m / (n + m): lam / (1 + lam) only when lam n is an
+      integer (n = 10, lam = 0.33: rho = 3/13 = 0.2308, not 0.2481);
+    - E[Sigma_t] follows (pooled maximum likelihood, e = mu - mu*)
+      (n + m) E S_t = n s*^2 + (m - 1 + n/(n+m)) E S_{t-1} + (n m/(n+m)) E e_{t-1}^2,
+      whose own factor rho (n + m - 1)/(n + m) is rho only to first order in 1/(n + m), and which the
+      mean's error feeds.
+    Half-widths: 4 standard errors; at t = 1 the mean's ratio is resolved from lam / (1 + lam) by ~30 of them.
+    """
+    import torch
+
+    from simulator.models.gaussian_stats import simulate_gaussian_statistics
+
+    chains, n, lam, gens, mu0, var0 = 40_000, 10, 0.33, 4, 2.0, 4.0
+    m = round(lam * n)
+    rho = st.gaussian_expected("mix", n, [1], lam=lam)["rho"][0]
+    assert rho == pytest.approx(3 / 13) and abs(rho - lam / (1 + lam)) > 0.015
+    init = (torch.full((chains, 1), mu0), torch.full((chains, 1, 1), var0))
+    out = simulate_gaussian_statistics("mix", n, gens, chains, torch.zeros(1), torch.ones(1, 1), lam=lam,
+                                       init=init, seed=3)  # fmt: skip
+    err = (out["mean"][:, :, 0] - out["real_mean"][:, 0]).numpy()  # (gens + 1, chains)
+    var = out["cov"][:, :, 0, 0].numpy()
+    z = 4.0  # about 1e-4 family-wise over these 2 x gens checks
+    for t in range(1, gens + 1):
+        # the per-chain ratio to the start's own error has mean rho^t exactly
+        ratio = err[t] / err[0]
+        ratio = ratio[np.abs(err[0]) > 0.5]  # mu_0 - mu* = 2 - N(0, 1/n): bounded away from 0
+        half = z * ratio.std() / math.sqrt(len(ratio))
+        assert abs(ratio.mean() - rho**t) < half, (t, ratio.mean(), rho**t, half)
+        if t == 1:  # lam / (1 + lam) fails the same test
+            assert abs(ratio.mean() - lam / (1 + lam)) > 2 * half, (ratio.mean(), half)
+    # the covariance's exact recursion, in expectation over the real set (E s*^2 = (n-1)/n, E mu*^2 = 1/n)
+    s, e2 = var0, mu0**2 + 1 / n
+    for t in range(1, gens + 1):
+        s, e2 = (
+            (n - 1 + (m - 1 + n / (n + m)) * s + n * m / (n + m) * e2) / (n + m),
+            rho**2 * e2 + rho**2 * s / m,
+        )
+        assert abs(var[t].mean() - s) < z * var[t].std() / math.sqrt(chains), (t, var[t].mean(), s)
+        assert abs(float((err[t] ** 2).mean()) - e2) < z * float((err[t] ** 2).std()) / math.sqrt(chains)

@@ -7,6 +7,7 @@ import torch
 from diffusers.training_utils import EMAModel
 
 import simulator.models.training as training
+from simulator import scratch
 from simulator.models.base import Diverged, FitCheckpoint
 from simulator.models.diffusion import DiffusionFamily
 from simulator.models.flow import FlowFamily
@@ -197,7 +198,7 @@ def test_checkpoint_of_another_fit_is_refused(tmp_path):
     make, data_of = FAMILIES["flow"]
     model, data = make(), data_of(gen(0))
     ckpt = FitCheckpoint(tmp_path / "fit_state.pt", every_steps=1)
-    torch.save({"steps": 5}, ckpt.path)
+    scratch.save({"steps": 5}, ckpt.path)  # with its checksum: a bare file would be set aside, not read
     with pytest.raises(ValueError, match="belongs to a fit of 5 steps, not 4"):
         model.fit(data, steps=4, generator=gen(2), checkpoint=ckpt)
 
@@ -331,3 +332,98 @@ def test_a_carried_optimizer_state_is_not_modified_by_the_fit():
     model.fit(data, steps=3, generator=gen(2), optimizer_state=carried)
     assert same(carried["state"], before), "fit must not write into the state it was given"
     assert not same(model.optimizer_state["state"], before)
+
+
+CPU = torch.device("cpu")
+
+
+class Lines(Objective):
+    """Least squares on n rows: no Python state in forward, so dynamo's guards see only the tensors."""
+
+    def __init__(self, n: int, batch_size: int = 8) -> None:
+        super().__init__(torch.nn.Linear(4, 1))
+        g = gen(n)
+        with torch.no_grad():  # the same start for the same n, whatever the global RNG
+            for p in self.net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        self.x, self.y = torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g)
+        self.batches = EpochBatches(n, batch_size)
+
+    def draw(self, generator):
+        return (self.batches.next(generator),)
+
+    def forward(self, idx):
+        return (self.net(self.x[idx]) - self.y[idx]).pow(2).mean()
+
+
+@pytest.fixture
+def compile_counter(monkeypatch):
+    """torch.compile through a backend that counts the graphs dynamo hands it (and runs them eagerly)."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter, real = CompileCounter(), torch.compile
+    torch._dynamo.reset()  # graphs compiled by earlier tests do not count
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=counter, **kw))
+    yield counter
+    torch._dynamo.reset()
+
+
+def test_compile_traces_once_over_generations_of_growing_data(compile_counter):
+    # Every generation's fit builds a new objective over a training set of another size (a growing pool).
+    # The first graph serves them all: before, the second size recompiled, and a new graph per guard
+    # failure would meet dynamo's recompile limit (8), after which later generations ran uncompiled.
+    for n in (32, 48, 64, 80, 96, 200, 24, 40, 56, 72):
+        options = TrainOptions(compile=True)
+        compiled = train(Lines(n), steps=3, generator=gen(5), options=options, device=CPU)
+        plain = train(Lines(n), steps=3, generator=gen(5), options=TrainOptions(), device=CPU)
+        torch.testing.assert_close(compiled.losses, plain.losses)  # the counting backend runs the graph
+    assert compile_counter.frame_count == 1
+    # A batch smaller than batch_size (a training set under one batch) is a new shape once, then dynamic.
+    for n in (5, 6, 7):
+        train(Lines(n), steps=2, generator=gen(5), options=TrainOptions(compile=True), device=CPU)
+    assert compile_counter.frame_count == 2
+
+
+class TinyEps(torch.nn.Module):
+    """A stand-in for the UNet: (x, t, class_labels) -> an output with `.sample`, as diffusers returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x, t, class_labels=None):
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        return UNet2DOutput(sample=self.conv(x) + t.view(-1, 1, 1, 1) / 1000)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_compiled_sampling_network_sees_one_batch_shape(compile_counter, device):
+    # The sampler's chunks are sample_batch rows but for the last (and a shard's): a compiled network
+    # gets every call padded to sample_batch rows (CPU_ROWS on the CPU), so one graph serves them all.
+    # "cuda" fakes the device's name only (the tensors stay on the CPU): _eps's rule for accelerators.
+    fam = DiffusionFamily(chains=1, event_shape=(1, 8, 8), block_out_channels=(4, 8), sample_batch=8)
+    fam.device = torch.device(device)
+    net = TinyEps()
+    compiled = torch.compile(net)
+    x, t = torch.randn(20, 1, 8, 8, generator=gen(0)), torch.randint(0, 1000, (20,), generator=gen(1))
+    for rows in (8, 5, 8, 3, 1, 20, 2 * (9 // 2)):  # chunks, ragged ends, a guided call (2 (9 // 2) rows)
+        eps = fam._eps(compiled, x[:rows], t[:rows], None)
+        torch.testing.assert_close(eps, net(x[:rows], t[:rows]).sample)
+    assert compile_counter.frame_count == 1
+    assert fam._call_rows(compiled) == (64 if device == "cpu" else 8)
+    assert fam._call_rows(net) == (64 if device == "cpu" else 0)  # uncompiled on an accelerator: no padding
+
+
+@pytest.mark.slow
+def test_compiled_diffusion_compiles_once_over_generations(compile_counter):
+    """A tiny diffusion run's three generations (growing training set, fits and samples): one graph for
+    the training objective and one for the sampling network."""
+    fam = DiffusionFamily(chains=1, event_shape=(1, 8, 8), block_out_channels=(4, 8), batch_size=8, steps=2,
+                          compile=True, train_timesteps=10, sample_steps=2, sample_batch=5)  # fmt: skip
+    fam.reset(gen(0))
+    for t, n in enumerate((16, 24, 40)):
+        data = torch.randint(0, 256, (1, n, 1, 8, 8), dtype=torch.uint8, generator=gen(t))
+        fam.fit(data, generator=gen(10 + t))
+        fam.sample(7, generator=gen(20 + t))
+    assert compile_counter.frame_count == 2

@@ -6,8 +6,11 @@
     python experiments/contamination/analyze.py figures NAME RUN... # -> figures/contamination_NAME_*.png
 
 Means are over seeds with a 95% Student-t half-width; "paired" differences are taken seed by seed
-(substitute and its control remove the same real images and train from the same initialisation). Runs of
-earlier versions read the same (simulator.contamination.report.load_rows).
+(substitute and its control remove the same real images and train from the same initialisation). Every
+table opens with the variances its intervals cover and leave out (the run's generator and classifier seeds,
+split.draw and split.test) and the n behind each mean (a cell says (n=k) where only k seeds had a finite
+value). Runs of earlier versions read the same (simulator.contamination.report.load_rows). The statistical
+tests behind the README's wording: findings.py.
 """
 
 from __future__ import annotations
@@ -18,7 +21,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from simulator.contamination.report import draw, load_rows, real_only, run_label, with_robustness
+from simulator.contamination.report import (
+    draw,
+    interval_covers,
+    interval_leaves_out,
+    load_rows,
+    real_only,
+    run_label,
+    with_robustness,
+)
+from simulator.contamination.robustness import shift_kind
 from simulator.stats import student_t_interval
 from simulator.strict_json import number  # null (not finite) -> NaN
 
@@ -31,9 +43,21 @@ def _rows(run: Path) -> tuple[dict, list[dict[str, Any]], dict]:
     return config, rows, fits
 
 
-def _cell(values: list[float]) -> str:
-    m, h, _ = student_t_interval(values)
-    return f"{m:.4f} ± {h:.4f}" if m == m else "-"
+def _cell(values: list[Any]) -> str:
+    """mean ± 95% half-width, and (n=k) when only k of the values were finite (None / NaN are dropped)."""
+    m, h, n = student_t_interval(values)
+    if m != m:
+        return "-"
+    return f"{m:.4f} ± {h:.4f}" + (f" (n={n})" if n != len(values) else "")
+
+
+def _intervals(config: dict[str, Any], n: int) -> str:
+    """The line every table opens with: n per mean and the variances its intervals cover and leave out."""
+    covers = "; ".join(interval_covers(config)) or "nothing"
+    leaves = "; ".join(interval_leaves_out(config)) or "nothing"
+    return (
+        f"n = {n} seeds per mean (unless a cell says n=k). Intervals cover: {covers}. Leave out: {leaves}.\n"
+    )
 
 
 def _by(rows: list[dict], mode: str, ratio: float, gen_t: Any = "any") -> dict[int, dict]:
@@ -53,7 +77,8 @@ def substitute(run: Path) -> None:
     shift = (config.get("control") or {}).get("shift")
     control = f"held-out real, {shift}" if shift else "held-out real"
     alphas = sorted({r["ratio"] for r in rows if r.get("mode") in ("substitute", "control")})
-    print(f"## {run}\n\n| alpha | substitute (generated) | control ({control}) | "
+    print(f"## {run}\n\n{_intervals(config, len(config.get('seeds') or []))}")
+    print(f"| alpha | substitute (generated) | control ({control}) | "
           "substitute - control, paired |\n|---|---|---|---|")  # fmt: skip
     zero = _by(rows, "substitute", 0.0)
     for a in alphas:
@@ -79,13 +104,14 @@ def substitute(run: Path) -> None:
 
 def robustness(run: Path) -> None:
     """Clean and mean shifted accuracy and effective robustness per mode and ratio, with the baseline fit."""
-    _, rows, fits = _rows(run)
+    config, rows, fits = _rows(run)
     fit = fits.get("acc_shift_mean")
     if not fit:
         print(f"{run}: no effective-robustness fit (fewer than 6 real-only baselines)")
         return
+    print(f"## {run}\n\n{_intervals(config, len(config.get('seeds') or []))}")
     print(
-        f"## {run}\n\nbaseline fit over {fit['points']} real-only classifiers: "
+        f"baseline fit over {fit['points']} real-only classifiers: "
         f"logit(shifted) = {fit['w']:.3f} logit(clean) + {fit['b']:.3f}\n"
     )
     base = [r["er_shift_mean"] for r in rows if r.get("kind") in ("reference", "baseline")]
@@ -108,6 +134,29 @@ def robustness(run: Path) -> None:
                 f"{_cell([r['acc_shift_mean'] for r in sel.values()])} | "
                 f"{_cell([r['er_shift_mean'] for r in sel.values()])} | {_cell(gain)} |"
             )
+    per_shift(rows, fits, zero)
+
+
+def per_shift(rows: list[dict], fits: dict[str, Any], zero: dict[int, dict]) -> None:
+    """Effective robustness per shift (Taori et al. define it for natural shifts: each is labelled), with
+    each mode and ratio's paired change from the same seed's real-only classifier."""
+    cols = [c for c in fits if c != "acc_shift_mean"]
+    if not cols:
+        return
+    print("\nEffective robustness per shift (paired change from real only in brackets):\n")
+    names = [f"{c[len('acc_') :]} ({shift_kind(c)})" for c in cols]
+    print("| mode | ratio | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(cols))
+    for mode in ("substitute", "augment", "control"):
+        for ratio in sorted(
+            {r["ratio"] for r in rows if r.get("mode") == mode and r.get("kind") == "contaminated"}
+        ):
+            sel = _by(rows, mode, ratio)
+            cells = []
+            for c in cols:
+                er = "er" + c[len("acc") :]
+                gain = [number(sel[s].get(er)) - number(zero[s].get(er)) for s in sel if s in zero]
+                cells.append(f"{_cell([r.get(er) for r in sel.values()])} [{_cell(gain)}]")
+            print(f"| {mode} | {ratio:g} | " + " | ".join(cells) + " |")
 
 
 BIAS = (
@@ -134,7 +183,7 @@ def bias(runs: list[Path]) -> None:
     for run in runs:
         config, rows, _ = _rows(run)
         real = real_only(rows)
-        print(f"## {run_label(run, config)} ({run})\n")
+        print(f"## {run_label(run, config)} ({run})\n\n{_intervals(config, len(config.get('seeds') or []))}")
         print("| alpha | generation | " + " | ".join(BIAS) + " |")
         print("|---|---|" + "---|" * len(BIAS))
         if real:

@@ -14,8 +14,12 @@ Classifier metrics take the test labels y, attributes a and predictions p (all (
   D_ac = P(p=c | a) - P(y=c | a) on the test set.
 Every classifier metric is also read against its reference (`classifier_bias_vs_perfect`): the value a
 perfect classifier (p = y) scores on the same test set against the same training set, and the difference
-from it. On a balanced test set a perfect classifier's Zhao BiasAmp is sum (1/2 - b*) over the aligned
-pairs, not 0: a BiasAmp moving towards 0 can be the training set's balance changing, not amplification.
+from it. A perfect classifier's Zhao BiasAmp is (1/|C|) sum_{c,a: b*(c,a) > 1/|A|} (n(c,a)/n(c) - b*(c,a)),
+n the test set's counts (its predictions are the labels), not 0: a BiasAmp moving towards 0 can be the
+training set's balance changing, not amplification. Only where every class's test images split exactly
+evenly over the attributes is it (1/|C|) sum (1/|A| - b*) over those pairs; a test set balanced to one
+image (two attributes, an odd class of n(c) test images split k / k + 1) moves each class's term by
+1/(2 n(c)).
 Generator metrics compare a generated set's (label, attribute) pairs with the real training set's: the
 task -> attribute direction (D_ac = P_gen(a | c) - P_real(a | c)), total-variation drift of the class and
 attribute proportions, and the fraction of aligned images (the realised correlation strength).

@@ -7,6 +7,7 @@ anything is written. Run it as `simulate-contaminate ...` or `python -m simulato
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import entry, registry, strict_json
+from simulator import entry, registry, seeding, strict_json
 from simulator.config import ConfigError, check_name
 from simulator.contamination import classifiers, grid, released, report, shifts
 from simulator.contamination.mixing import RENAMED, ContaminationError, check_ratio
@@ -63,6 +64,7 @@ def validate(cfg: DictConfig) -> None:
                 check_ratio(mode, r)
             except ContaminationError as e:
                 raise ConfigError(str(e)) from None
+    _validate_split(cfg, modes)
     if cfg.split.fraction == 1 and any(r > 0 for r in modes.get("control") or []):
         raise ConfigError(
             "split.fraction: 1.0 leaves no held-out real images for modes.control; use a fraction < 1 "
@@ -87,12 +89,38 @@ def validate(cfg: DictConfig) -> None:
     _validate_generator(cfg, modes)
 
 
-def _validate_generator(cfg: DictConfig, modes: dict[str, list]) -> None:
-    """The generator block, when some cell needs generated images (a missing run dir is caught here)."""
-    needs = any(r > 0 for m, rs in modes.items() if m != "control" for r in rs) or bool(
+def _needs_generator(modes: dict[str, list]) -> bool:
+    return any(r > 0 for m, rs in modes.items() if m != "control" for r in rs) or bool(
         modes.get("generations")
     )
-    if not needs:
+
+
+def _validate_split(cfg: DictConfig, modes: dict[str, list]) -> None:
+    """split.test=per_replicate needs a source with its own partition and a generator per replicate trained
+    on that replicate's training images: any other generator may have trained on another replicate's test
+    images."""
+    if cfg.split.test != "per_replicate":
+        return
+    source = cfg.data.source
+    has_partition = source in sources() and "split_seed" in {
+        f.name for f in dataclasses.fields(options_schema(registry.source_class(source)))
+    }
+    if not has_partition:
+        raise ConfigError(
+            f"split.test: per_replicate needs a data source with its own train/test partition (a split_seed "
+            f"option, e.g. digits, colored_digits); {source}'s test set is fixed: use split.test=fixed"
+        )
+    if _needs_generator(modes) and (cfg.generator.kind != "train" or cfg.generator.seed is not None):
+        raise ConfigError(
+            "split.test: per_replicate needs every replicate to train its own generator on the spot "
+            "(generator.kind=train, generator.seed=null): another generator was trained on one partition, "
+            "whose test images other replicates would test on; use split.test=fixed"
+        )
+
+
+def _validate_generator(cfg: DictConfig, modes: dict[str, list]) -> None:
+    """The generator block, when some cell needs generated images (a missing run dir is caught here)."""
+    if not _needs_generator(modes):
         return
     gen = cfg.generator  # kind, seed, samples, temperature: the schema (validate)
     if gen.kind == "external":
@@ -139,14 +167,25 @@ def sources() -> list[str]:
     return registry.source_names()
 
 
-def load_data(cfg: DictConfig) -> Dataset:
-    """The real labelled data named by cfg.data (one chain), through the registry like the loop's."""
-    node = OmegaConf.create({"data": _plain(cfg.data), "chains": 1, "seed": cfg.seed})
+def load_data(cfg: DictConfig, replicate: int | None = None) -> Dataset:
+    """The real labelled data named by cfg.data (one chain), through the registry like the loop's; with a
+    replicate seed s (split.test=per_replicate) its train/test partition is s's own: the source's
+    split_seed derived from (its split_seed, s)."""
+    data = _plain(cfg.data)
+    if replicate is not None:
+        options = dict(data.get("options") or {})
+        options["split_seed"] = seeding.derive_seed(
+            int(options.get("split_seed") or 0), "replicate-test", replicate
+        )
+        data = {**data, "options": options}
+    node = OmegaConf.create({"data": data, "chains": 1, "seed": cfg.seed})
     return registry.make_data(node)
 
 
 def build(cfg: DictConfig, run_path: Path | None = None, cache: dict | None = None) -> tuple[Any, ...]:
-    """Validate cfg and build what its grid needs before any cell: (device, setup, source, cells).
+    """Validate cfg and build what its grid needs before any cell: (device, setups, source, cells), setups
+    the real data of every replicate seed (grid.prepare_replicates: one shared Setup unless split.draw or
+    split.test is per_replicate).
 
     The preflight calls this for every job of a sweep (with a cache; run_path None: nothing is written
     either way, GeneratorSource only remembers where its pools will go); run_contaminate calls it for its
@@ -158,11 +197,17 @@ def build(cfg: DictConfig, run_path: Path | None = None, cache: dict | None = No
     check_run_root(cfg)
     device = registry.resolve_device(cfg.device)
     config = _plain(cfg)
-    data = cached(cache, ("data", config["data"]), lambda: load_data(cfg))
+    seeds = list(cfg.seeds)
+
+    def load(s: int | None) -> Dataset:  # the source's partition (None) or replicate s's own
+        return cached(cache, ("data", config["data"], s), lambda: load_data(cfg, s))
+
     keys = ("seed", "split", "control", "eval")
     try:
-        setup = cached(cache, ("setup", config["data"], *(config[k] for k in keys)), lambda: grid.prepare(
-            data, seed=cfg.seed, split_fraction=cfg.split.fraction, control_shift=cfg.control.shift,
+        setups = cached(cache, ("setups", config["data"], seeds, *(config[k] for k in keys)),
+                        lambda: grid.prepare_replicates(
+            load, seeds, seed=cfg.seed, draw=cfg.split.draw, test=cfg.split.test,
+            split_fraction=cfg.split.fraction, control_shift=cfg.control.shift,
             control_severity=cfg.control.severity, shift_names=list(cfg.eval.shifts),
             severity=_plain(cfg.eval.severity), cifar10c_root=cfg.eval.cifar10c_root,
             cifar10_1_root=cfg.eval.cifar10_1_root,
@@ -171,6 +216,7 @@ def build(cfg: DictConfig, run_path: Path | None = None, cache: dict | None = No
         raise ConfigError(str(e)) from None
     except ValueError as e:  # a shift the images cannot take (grayscale of 1-channel digits)
         raise ConfigError(f"eval.shifts: {e}") from None
+    setup = setups[seeds[0]]
     shape = tuple(setup.test.images.shape[1:])
     for field, extra in [("classifier", {}), *((f"eval.baselines[{i}]", b) for i, b in
                                                 enumerate(config["eval"]["baselines"] or []))]:  # fmt: skip
@@ -191,6 +237,7 @@ def build(cfg: DictConfig, run_path: Path | None = None, cache: dict | None = No
             seeds=list(cfg.seeds),
             attribute_of=setup.attribute_of,
             progress=cfg.progress,
+            reals={s: x.full for s, x in setups.items()} if cfg.split.test == "per_replicate" else None,
         )
     default_t = source.default_generation() if source else None
     generations = source.generations() if source and "generations" in modes else []
@@ -202,10 +249,10 @@ def build(cfg: DictConfig, run_path: Path | None = None, cache: dict | None = No
         generations,
         gen_seed=source.gen_seed if source else None,
     )
-    grid.check_reserve(cells, setup)
+    grid.check_reserve(cells, setups)
     if source is not None:
-        check_generator(cfg, source, grid.pool_needs(cells, setup.sizes), shape, device, cache)
-    return device, setup, source, cells
+        check_generator(cfg, source, grid.pool_needs(cells, setups), shape, device, cache)
+    return device, setups, source, cells
 
 
 def check_classifier(field: str, opts: dict[str, Any], shape: tuple[int, ...], num_classes: int) -> None:
@@ -274,7 +321,7 @@ def check_generator(
 def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     """Validate cfg, build the real data, generator and grid, and run (or resume) it in run_path."""
     run_path = Path(run_path)
-    device, setup, source, cells = build(cfg, run_path)
+    device, setups, source, cells = build(cfg, run_path)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     config = _plain(cfg)
@@ -283,7 +330,7 @@ def run_contaminate(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
         run.check_config(config)
         rows = grid.run_grid(
             run,
-            setup,
+            setups,
             cells,
             source,
             config["classifier"],

@@ -10,12 +10,17 @@
 Cell i lives in RunDir's gen_{i:03d}/ (a RunDir keyed by "cell") and its row's "cell" key is i; the
 generator generation a cell's images come from is "gen_t". Cell 0 is the reference: the standard
 real-trained classifier, whose weights are kept to score generated images and see their classes.
+
+The real data are a Setup per replicate seed (prepare_replicates): one shared by all (split.draw and
+split.test fixed, the default), or replicate s's own classifier/reserve split and test shifts (draw) and
+own train/test partition (test), so that intervals over replicates cover that variance too.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -136,16 +141,14 @@ def prepare(
     severity: int | list[int],  # one severity, or a list: a test set per (shift, severity)
     cifar10c_root: str | None = None,  # the released sets' folders (released.py)
     cifar10_1_root: str | None = None,
+    given: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,  # released sets already read
 ) -> Setup:
     """Split the real training images, shift the reserve and the test set; all from seed's streams. The
-    released test sets named among shift_names are read from their folders, with their own labels."""
-    if data.train_labels is None or data.test_labels is None:
-        raise ContaminationError(
-            "data: the contamination paths need a labelled source (train and test labels)"
-        )
+    released test sets named among shift_names are read from their folders (unless given), with their own
+    labels."""
+    num_classes = _num_classes(data)
     attrs = getattr(data, "train_attrs", None)
     full = Pool(data.train[0], data.train_labels[0].long(), None if attrs is None else attrs[0].long())
-    num_classes = int(max(full.labels.max(), data.test_labels.max())) + 1
     keep, rest = split_real(full.labels, split_fraction, seeding.generator(seed, "split"))
     reserve = full.take(rest)
     if control_shift and len(reserve) and reserve.images.dim() == 4:
@@ -161,9 +164,10 @@ def prepare(
         if images
         else {}
     )
-    given = released.load_all(
-        shift_names, severity, cifar10c_root, cifar10_1_root, tuple(data.test.shape[1:]), num_classes
-    )
+    if given is None:
+        given = released.load_all(
+            shift_names, severity, cifar10c_root, cifar10_1_root, tuple(data.test.shape[1:]), num_classes
+        )
     sets.update({name: x for name, (x, _) in given.items()})
     real = full.take(keep)
     return Setup(
@@ -181,21 +185,64 @@ def prepare(
     )
 
 
-def pool_needs(cells: list[Cell], sizes: list[int]) -> dict[int | None, list[int]]:
-    """Per generator generation, the generated images of each class its largest cell needs."""
-    need: dict[int | None, list[int]] = {}
+def prepare_replicates(
+    load: Callable[[int | None], Dataset],  # replicate s's data (None: the source's own train/test partition)
+    seeds: list[int],
+    *,
+    seed: int,  # the data seed
+    draw: str = "fixed",  # split.draw: fixed | per_replicate
+    test: str = "fixed",  # split.test: fixed | per_replicate
+    **options: Any,  # prepare's other keywords
+) -> dict[int, Setup]:
+    """Every replicate seed's Setup: one shared Setup when nothing is drawn per replicate (the data seed's);
+    with draw=per_replicate replicate s splits, shifts and corrupts from its own data seed (seed, s); with
+    test=per_replicate it also reads its own train/test partition through load(s). Released test sets are
+    read once and shared (they are fixed files)."""
+    if draw == "fixed" and test == "fixed":
+        shared = prepare(load(None), seed=seed, **options)
+        return {s: shared for s in seeds}
+    given = None
+    out = {}
+    for s in seeds:
+        data = load(s if test == "per_replicate" else None)
+        if given is None:
+            given = released.load_all(
+                options["shift_names"], options["severity"], options.get("cifar10c_root"),
+                options.get("cifar10_1_root"), tuple(data.test.shape[1:]), _num_classes(data),
+            )  # fmt: skip
+        data_seed = seeding.derive_seed(seed, "replicate-split", s) if draw == "per_replicate" else seed
+        out[s] = prepare(data, seed=data_seed, given=given, **options)
+    return out
+
+
+def _num_classes(data: Dataset) -> int:
+    """The classes of a labelled source (the contamination paths need train and test labels)."""
+    if data.train_labels is None or data.test_labels is None:
+        raise ContaminationError(
+            "data: the contamination paths need a labelled source (train and test labels)"
+        )
+    return int(max(data.train_labels.max(), data.test_labels.max())) + 1
+
+
+def pool_needs(cells: list[Cell], setups: dict[int, Setup] | list[int]) -> dict[tuple, list[int]]:
+    """Per generator (generation, replicate), the generated images of each class its largest cell needs
+    (class sizes: each cell's replicate's real split, or one list for all)."""
+    need: dict[tuple, list[int]] = {}
     for c in cells:
-        if c.kind == "contaminated" and c.mode != "control":
+        if c.kind == "contaminated" and c.mode != "control" and c.ratio > 0:
+            sizes = setups if isinstance(setups, list) else setups[c.seed].sizes
             k = extra_per_class(c.mode, c.ratio, sizes)
-            need[c.gen_t] = [max(a, b) for a, b in zip(need.get(c.gen_t, [0] * len(sizes)), k, strict=True)]
+            key = (c.gen_t, c.gen_seed)
+            need[key] = [max(a, b) for a, b in zip(need.get(key, [0] * len(sizes)), k, strict=True)]
     return need
 
 
-def check_reserve(cells: list[Cell], setup: Setup) -> None:
+def check_reserve(cells: list[Cell], setups: dict[int, Setup]) -> None:
     """Refuse before any training when the held-out reserve lacks images some control cell needs."""
-    have = class_sizes(setup.reserve.labels, setup.num_classes)
     for c in cells:
         if c.kind == "contaminated" and c.mode == "control":
+            setup = setups[c.seed]
+            have = class_sizes(setup.reserve.labels, setup.num_classes)
             need = extra_per_class(c.mode, c.ratio, setup.sizes)
             short = [y for y in range(setup.num_classes) if need[y] > have[y]]
             if short:
@@ -261,7 +308,7 @@ def generator_stats(pool: Pool, reference: torch.nn.Module, setup: Setup) -> dic
 
 def run_grid(
     run: RunDir,  # contamination run directory (RunDir(path, key="cell")), locked and config-checked
-    setup: Setup,  # the real data (prepare)
+    setups: dict[int, Setup] | Setup,  # the real data per replicate seed (prepare_replicates), or one for all
     cells: list[Cell],  # plan(...)
     source: GeneratorSource | None,  # generated images (None when no cell needs them)
     classifier: dict[str, Any],  # the main classifier: arch, steps and the training options
@@ -271,9 +318,12 @@ def run_grid(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every cell not yet committed in run; returns all rows."""
-    needs = pool_needs(cells, setup.sizes)
-    shape = tuple(setup.test.images.shape[1:])
-    check_reserve(cells, setup)
+    if isinstance(setups, Setup):
+        setups = {c.seed: setups for c in cells}
+    needs = pool_needs(cells, setups)
+    first = setups[cells[0].seed]  # the reference's replicate
+    shape = tuple(first.test.images.shape[1:])
+    check_reserve(cells, setups)
     check_plan(run, cells)
     done = run.repair()
     rows = run.rows()
@@ -283,7 +333,7 @@ def run_grid(
     def build(opts: dict[str, Any], gen: torch.Generator) -> torch.nn.Module:
         net_opts = {k: opts[k] for k in NET_KEYS if k in opts}
         return classifiers.make_classifier(
-            opts["arch"], shape, setup.num_classes, generator=gen, device=device, **net_opts
+            opts["arch"], shape, first.num_classes, generator=gen, device=device, **net_opts
         )
 
     if done:  # the reference classifier of an interrupted grid
@@ -296,6 +346,7 @@ def run_grid(
     )
     for i in bar:
         cell = cells[i]
+        setup = setups[cell.seed]
         # this replicate's classifier-side streams (which images, initialisation, batches); the data seed and
         # the generator's seed are not among their roots, so each can be resampled alone
         stream = partial(
@@ -308,7 +359,7 @@ def run_grid(
             if cell.mode == "control":
                 extra = setup.reserve
             else:
-                extra = source.pool(cell.gen_t, cell.gen_seed, needs[cell.gen_t])  # type: ignore[union-attr]
+                extra = source.pool(cell.gen_t, cell.gen_seed, needs[cell.gen_t, cell.gen_seed])  # type: ignore[union-attr]
             key = "reserve" if cell.mode == "control" else f"pool-{cell.gen_t}-{cell.gen_seed}"
             order = class_orders(extra.labels, setup.num_classes, stream("extra", key))
         data = mix(
@@ -362,12 +413,13 @@ def run_grid(
         if cell.kind == "contaminated" and cell.mode != "control" and cell.ratio > 0 and source is not None:
             gen_key = (cell.gen_t, cell.gen_seed)
             if gen_key not in gen_rows:
-                pool = source.pool(cell.gen_t, cell.gen_seed, needs[cell.gen_t])
+                pool = source.pool(cell.gen_t, cell.gen_seed, needs[gen_key])
                 gen_rows[gen_key] = generator_stats(pool, reference, setup)  # type: ignore[arg-type]
             row.update(gen_rows[gen_key])
         row["train"] = stats
         row["seconds"] = time.perf_counter() - clock
         if i == 0 or save_models:
+            (tmp / "model.pt").unlink(missing_ok=True)  # a new file: never written through a planted link
             torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp / "model.pt")
         run.commit(i, _clean(row), status="complete" if i == len(cells) - 1 else "running")
         rows.append(_clean(row))

@@ -118,6 +118,17 @@ def _labels(path: Path, array: np.ndarray, n: int) -> None:
         )
 
 
+def _label_range(path: Path, labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Every label of the file in 0..num_classes - 1, not only the rows read: a file with a wrong label
+    anywhere is not the released file (or not for these classes)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))  # memory-mapped: one pass, no copy kept
+    if bad.size:
+        row = int(bad[0])
+        raise ReleasedError(f"{where}: labels must be in 0..{num_classes - 1} (the grid's classes), got "
+                            f"{int(labels.min())}..{int(labels.max())} in {path} (row {row} holds "
+                            f"{int(labels[row])})")  # fmt: skip
+
+
 def _tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, h, w, c) uint8 -> (n, c, h, w) uint8 tensor, labels int64, both copied out of the memory map."""
     x = torch.from_numpy(np.array(images.transpose(0, 3, 1, 2), order="C", copy=True))
@@ -125,9 +136,11 @@ def _tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torc
 
 
 def load_cifar10c(
-    root: str | os.PathLike | None, corruption: str, severity: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-10-C's images of one corruption at one severity (n, c, h, w) and their labels (n,)."""
+    root: str | os.PathLike | None, corruption: str, severity: int, num_classes: int | None = None,
+    where: str = "",
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """CIFAR-10-C's images of one corruption at one severity (n, c, h, w) and their labels (n,); with
+    num_classes, every label of labels.npy (all severities) is checked to be one of them (where: who asks)."""
     folder = _root(root, "eval.cifar10c_root", f"cifar10c:{corruption}")
     if corruption not in CIFAR10C_CORRUPTIONS:
         raise ReleasedError(f"unknown CIFAR-10-C corruption {corruption!r}")
@@ -140,13 +153,18 @@ def load_cifar10c(
         raise ReleasedError(f"{data_path}: must hold {SEVERITIES} severities of equally many images "
                             f"(a multiple of {SEVERITIES} rows), got {len(images)}")  # fmt: skip
     _labels(labels_path, labels, len(images))
+    if num_classes is not None:
+        _label_range(labels_path, labels, num_classes, where or str(labels_path))
     m = len(images) // SEVERITIES
     rows = slice((severity - 1) * m, severity * m)
     return _tensors(images[rows], labels[rows])
 
 
-def load_cifar10_1(root: str | os.PathLike | None, version: str = "v6") -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-10.1's images (n, c, h, w) and labels (n,) of one version."""
+def load_cifar10_1(
+    root: str | os.PathLike | None, version: str = "v6", num_classes: int | None = None, where: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10.1's images (n, c, h, w) and labels (n,) of one version; with num_classes, its labels are
+    checked to be among them (where: who asks)."""
     folder = _root(root, "eval.cifar10_1_root", f"cifar10.1:{version}")
     if version not in CIFAR10_1_VERSIONS:
         raise ReleasedError(f"CIFAR-10.1 version must be one of {', '.join(CIFAR10_1_VERSIONS)}, "
@@ -156,6 +174,8 @@ def load_cifar10_1(root: str | os.PathLike | None, version: str = "v6") -> tuple
     images, labels = _array(data_path), _array(labels_path)
     _images(data_path, images)
     _labels(labels_path, labels, len(images))
+    if num_classes is not None:
+        _label_range(labels_path, labels, num_classes, where or str(labels_path))
     return _tensors(images, labels)
 
 
@@ -166,17 +186,14 @@ def load(
     """The images and labels of one released set, checked against the grid's images (c, h, w) and classes."""
     if spec.dataset == "cifar10c":
         assert spec.severity is not None
-        images, labels = load_cifar10c(cifar10c_root, spec.part, spec.severity)
         where = f"eval.shifts: cifar10c:{spec.part}:{spec.severity}"
+        images, labels = load_cifar10c(cifar10c_root, spec.part, spec.severity, num_classes, where)
     else:
-        images, labels = load_cifar10_1(cifar10_1_root, spec.part)
         where = f"eval.shifts: cifar10.1:{spec.part}"
+        images, labels = load_cifar10_1(cifar10_1_root, spec.part, num_classes, where)
     got, want = tuple(images.shape[1:]), tuple(shape)
     if got != want:
         raise ReleasedError(f"{where} holds images of shape (c, h, w) = {got}, the grid's data {want}")
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ReleasedError(f"{where}: labels must be in 0..{num_classes - 1} (the grid's classes), got "
-                            f"{int(labels.min())}..{int(labels.max())}")  # fmt: skip
     return images, labels
 
 

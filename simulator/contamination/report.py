@@ -1,9 +1,10 @@
 """Tables and figures of contamination runs, from their run directories alone (results.jsonl, config.yaml).
 
-summarize: effective robustness (fit over the run's real-only classifiers) added to every cell, then one
-  table row per (kind, mode, ratio, generator generation, classifier) with the mean over seeds and a 95%
-  Student-t half-width (simulator.stats): summary.json (with the cells of each row) / summary.csv /
-  summary.md.
+summarize: effective robustness per shift (fit over the run's real-only classifiers) added to every cell,
+  then one table row per (kind, mode, ratio, generator generation, classifier) with the mean over seeds, a
+  95% Student-t half-width (simulator.stats) and the n behind the mean: summary.json (with the cells of each
+  row) / summary.csv / summary.md. Each says which variances its intervals cover and which they leave out
+  (the run's split.draw / split.test, generator and classifier seeds), and which shifts are natural.
 load_rows: a run's rows as this version writes them; rows of earlier versions (the cell index under
   "generation", mode "replace" for substitute) are read too.
 draw: accuracy vs ratio per mode with the held-out real control (bands over seeds); the effective
@@ -24,7 +25,13 @@ import yaml
 
 from simulator import strict_json
 from simulator.contamination.mixing import RENAMED
-from simulator.contamination.robustness import add_effective_robustness, logit, predicted
+from simulator.contamination.robustness import (
+    add_effective_robustness,
+    add_kind_means,
+    logit,
+    predicted,
+    shift_kinds,
+)
 from simulator.report import _plt, load_run
 from simulator.stats import student_t_interval
 
@@ -118,6 +125,18 @@ def real_only(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and r.get("ratio") == 0]  # fmt: skip
 
 
+def _split(config: dict[str, Any]) -> tuple[str, str]:
+    """(split.draw, split.test) of a run's config; runs made before the options existed: fixed, fixed."""
+    split = config.get("split") or {}
+    return split.get("draw", "fixed"), split.get("test", "fixed")
+
+
+def _generator_replicated(config: dict[str, Any]) -> bool:
+    gen = config.get("generator") or {}
+    kind = gen.get("kind", "train")
+    return (kind == "train" and gen.get("seed") is None) or (kind == "run" and bool(gen.get("replicates")))
+
+
 def interval_covers(config: dict[str, Any]) -> list[str]:
     """The sources of variance a summary interval (over replicate seeds) covers, from the run's config."""
     seeds = config.get("seeds") or []
@@ -125,12 +144,39 @@ def interval_covers(config: dict[str, Any]) -> list[str]:
         return []
     gen = config.get("generator") or {}
     out = []
-    if gen.get("kind", "train") == "train" and gen.get("seed") is None:
-        out.append("generator training (one generator per replicate seed)")
-    elif gen.get("kind") == "run" and gen.get("replicates"):
-        out.append("generator training (one loop run per replicate seed)")
+    if _generator_replicated(config):
+        per = "generator" if gen.get("kind", "train") == "train" else "loop run"
+        out.append(f"generator training (one {per} per replicate seed)")
     if (config.get("classifier") or {}).get("seed") is None:
         out.append("classifier initialisation, batch order and which real images are replaced")
+    draw, test = _split(config)
+    if draw == "per_replicate":
+        out.append("the classifier/reserve split of the real training images and the test shifts' noise")
+    if test == "per_replicate":
+        out.append("which images are test images (each replicate its own train/test partition)")
+    return out
+
+
+def interval_leaves_out(config: dict[str, Any]) -> list[str]:
+    """What every replicate of the run shares, so that no interval of it covers that variance."""
+    seeds = config.get("seeds") or []
+    if len(seeds) < 2:
+        return ["everything (one replicate)"]
+    gen = config.get("generator") or {}
+    out = []
+    if not _generator_replicated(config):
+        out.append("the generator (one for every replicate)" if gen.get("kind") != "external"
+                   else "the generated images (one external set)")  # fmt: skip
+    if (config.get("classifier") or {}).get("seed") is not None:
+        out.append("the classifier's initialisation, batches and replaced images (classifier.seed)")
+    draw, test = _split(config)
+    if draw == "fixed":
+        out.append("the classifier/reserve split and the test shifts (split.draw=fixed: the data seed's)")
+    if test == "fixed":
+        out.append(
+            "the test set (split.test=fixed): absolute accuracies leave out its sampling variance; "
+            "differences within a replicate share it"
+        )
     return out
 
 
@@ -153,14 +199,17 @@ def table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         per_shift = [k for k in dict.fromkeys(k for r in members for k in r) if k.startswith(("acc_", "er_"))]
         for m in dict.fromkeys([*METRICS, *sorted(per_shift)]):  # accuracy and ER per shift too
             if any(r.get(m) is not None for r in members):
-                entry[m], entry[f"{m}_ci"], _ = student_t_interval([r.get(m) for r in members])
+                # n: the finite values behind the mean (a None / NaN value is dropped, not counted)
+                entry[m], entry[f"{m}_ci"], entry[f"{m}_n"] = student_t_interval([r.get(m) for r in members])
         out.append(entry)
     return out
 
 
 def with_robustness(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """A copy of the rows with er_* columns, and the baseline fits."""
+    """A copy of the rows with the natural / synthetic shift means (where a grid has both) and er_* columns
+    for every shift, and the baseline fits."""
     rows = copy.deepcopy(rows)
+    add_kind_means(rows)
     return rows, add_effective_robustness(rows)
 
 
@@ -171,19 +220,23 @@ def summarize(run_path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     state = json.loads((run_path / "state.json").read_text()) if (run_path / "state.json").exists() else {}
     config_path = run_path / "config.yaml"
     config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.exists() else {}
-    covers = interval_covers(config)
+    covers, leaves = interval_covers(config), interval_leaves_out(config)
     interval = {
         "level": 0.95,
         "kind": "Student-t over replicate seeds",
         "covers": covers,
+        "leaves_out": leaves,
+        "n": "per mean: the row's seeds, or <metric>_n where fewer values were finite (None / NaN dropped)",
         "note": "; ".join(covers)
         if covers
         else "nothing: one replicate or shared generator and classifier seed",
     }
+    kinds = shift_kinds(rows)
     summary = {
         "cells": len(rows),
         "status": state.get("status"),
         "interval": interval,
+        "shifts": {**kinds, "note": SHIFT_NOTE},
         "fits": fits,
         "table": tab,
     }
@@ -195,22 +248,45 @@ def summarize(run_path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(tab)
-    main = [c for c in cols if not c.endswith("_ci")]
+    main = [c for c in cols if not c.endswith(("_ci", "_n"))]
     lines = [
-        f"Intervals: ±95% Student-t half-width over the replicate seeds; they cover: {interval['note']}.",
+        f"Intervals: ±95% Student-t half-width over the replicate seeds; they cover: {interval['note']}; "
+        f"they leave out: {'; '.join(leaves) or 'nothing'}. n behind each mean: the row's "
+        "`seeds`, or (n=k) where only k values were finite.",
         "",
         "| " + " | ".join(main) + " |",
         "|" + "---|" * len(main),
     ]
     for t in tab:
-        lines.append("| " + " | ".join(_fmt(t.get(c), t.get(f"{c}_ci")) for c in main) + " |")
+        cells = [_fmt(t.get(c), t.get(f"{c}_ci"), t.get(f"{c}_n"), t.get("seeds")) for c in main]
+        lines.append("| " + " | ".join(cells) + " |")
+    shift_note = _shift_lines(kinds)  # under the table: the header stays the third line
+    lines += ["", *shift_note] if shift_note else []
     (run_path / "summary.md").write_text("\n".join(lines) + "\n")
     return summary
 
 
-def _fmt(v: Any, ci: Any = None) -> str:
+SHIFT_NOTE = (
+    "effective robustness (Taori et al.) is defined for natural shifts (a test set collected anew: "
+    "CIFAR-10.1); on synthetic corruptions (computed here, or CIFAR-10-C's) it is read as Bansal & Grover "
+    "do; acc_shift_mean / er_shift_mean average every shift, acc_natural_mean / acc_synthetic_mean each kind"
+)
+
+
+def _shift_lines(kinds: dict[str, list[str]]) -> list[str]:
+    """The summary.md lines naming the natural and the synthetic shift columns."""
+    names = {
+        k: ", ".join(c[len("acc_") :] for c in kinds.get(k) or []) or "none" for k in ("natural", "synthetic")
+    }
+    if names["natural"] == names["synthetic"] == "none":
+        return []
+    return [f"Shifts: natural: {names['natural']}; synthetic: {names['synthetic']}; {SHIFT_NOTE}."]
+
+
+def _fmt(v: Any, ci: Any = None, n: Any = None, seeds: Any = None) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}" + (f" ± {ci:.2g}" if isinstance(ci, float) and math.isfinite(ci) and ci > 0 else "")
+        text = f"{v:.4g}" + (f" ± {ci:.2g}" if isinstance(ci, float) and math.isfinite(ci) and ci > 0 else "")
+        return text + (f" (n={n})" if isinstance(n, int) and n != seeds else "")
     return "" if v is None else str(v)
 
 

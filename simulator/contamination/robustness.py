@@ -7,6 +7,12 @@ and a model's effective robustness is how far it sits above that line, in accura
     ER = acc_shift - sigmoid(w logit(acc_clean) + b).
 A baseline on the line has ER = 0; a model that is more robust than its clean accuracy predicts has ER > 0.
 Accuracies are clipped to [EPS, 1 - EPS] before the logit so a perfect score stays finite.
+
+Taori et al. define it for natural distribution shifts: test sets collected anew, like CIFAR-10.1. Most
+shifts here are synthetic corruptions (computed in shifts.py, or CIFAR-10-C's), where it is read the way
+Bansal & Grover read it on ImageNet-C-like sets. So ER is fitted and reported per shift (er_<shift>), each
+shift is labelled natural or synthetic (shift_kind), and where a grid has both kinds their means are kept
+apart (acc_natural_mean, acc_synthetic_mean) besides acc_shift_mean, the mean over every shift.
 """
 
 from __future__ import annotations
@@ -58,6 +64,42 @@ def effective_robustness(fit: tuple[float, float] | None, clean: float, shifted:
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+NATURAL = ("cifar10.1",)  # released test sets collected anew (natural shifts); every other shift is synthetic
+MEANS = ("shift_mean", "natural_mean", "synthetic_mean")
+
+
+def shift_kind(column: str) -> str:
+    """'natural', 'synthetic' or 'mean' for a shift column (acc_<shift> or er_<shift>; or the bare name)."""
+    name = column.split("_", 1)[1] if column.startswith(("acc_", "er_")) else column
+    if name in MEANS:
+        return "mean"
+    return "natural" if name.startswith(NATURAL) else "synthetic"
+
+
+def shift_kinds(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The rows' shifted-accuracy columns by kind: {"natural": [...], "synthetic": [...]} (means left out)."""
+    out: dict[str, list[str]] = {"natural": [], "synthetic": []}
+    for col in shift_columns(rows):
+        kind = shift_kind(col)
+        if kind != "mean":
+            out[kind].append(col)
+    return out
+
+
+def add_kind_means(rows: list[dict[str, Any]]) -> None:
+    """Where the rows have natural and synthetic shifts, add acc_natural_mean and acc_synthetic_mean (each
+    row's mean over its columns of that kind): acc_shift_mean mixes the two. Rows of any version get them,
+    since they are made from the acc_<shift> columns alone."""
+    kinds = shift_kinds(rows)
+    if not (kinds["natural"] and kinds["synthetic"]):
+        return
+    for r in rows:
+        for kind, cols in kinds.items():
+            values = [number(r.get(c)) for c in cols]
+            if values and all(_finite(v) for v in values):
+                r[f"acc_{kind}_mean"] = sum(values) / len(values)
 
 
 def shift_columns(rows: list[dict[str, Any]]) -> list[str]:

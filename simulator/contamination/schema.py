@@ -56,9 +56,18 @@ class Modes:
     generations: list[float] = opt([])
 
 
+SPLIT_DRAWS = ("fixed", "per_replicate")
+
+
 @dataclass
 class Split:
     fraction: float = opt(0.5, low=0, high=1, strict=True)
+    # fixed: every replicate shares the data seed's classifier/reserve split and test shifts (the old
+    # behaviour); per_replicate: replicate s draws its own (grid.prepare_replicates)
+    draw: str = opt("fixed", choices=SPLIT_DRAWS)
+    # fixed: the source's own train/test partition; per_replicate: replicate s reads the source with its own
+    # split_seed, so the test images (and its generator's training images) change too
+    test: str = opt("fixed", choices=SPLIT_DRAWS)
 
 
 @dataclass

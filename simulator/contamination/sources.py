@@ -9,7 +9,8 @@ A generator is either
   through registry.make_model_factory;
 - or trained on the spot (`kind: train`) on the real training images: one class-conditional model, or one
   unconditional model per class (`per_class: true`), saved under <run>/generator/seed_<g>/ once and reused.
-  With `seed: null` every replicate seed g trains its own generator from g; an integer shares one.
+  With `seed: null` every replicate seed g trains its own generator from g; an integer shares one. With
+  split.test=per_replicate generator g trains on replicate g's own training partition (`reals`).
 - or images made elsewhere (`kind: external`; e.g. Stable Diffusion's): a folder of class subfolders (the
   ImageFolder layout; subfolders named 0..K-1 are those classes, other names are classes in sorted order) or
   a `.npz` holding `images` (n, h, w, c or n, c, h, w; uint8) and `labels`. Images are converted to the
@@ -193,6 +194,7 @@ def load_external(path: str | Path, num_classes: int, event_shape: tuple[int, ..
 def _save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a new file: never written through a link planted under the temporary name
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
@@ -212,8 +214,10 @@ class GeneratorSource:
         seeds: list[int],
         attribute_of: Any = None,
         progress: bool = False,
+        reals: dict[int, Pool] | None = None,  # generator replicate g's training images, where its own
     ) -> None:
         self.spec, self.run_path, self.real = spec, run_path, real
+        self.reals = dict(reals or {})  # split.test=per_replicate: replicate g's own training partition
         self.num_classes, self.event_shape, self.device = num_classes, tuple(event_shape), device
         self.seeds, self.attribute_of, self.progress = list(seeds), attribute_of, progress
         self.kind = spec.get("kind", "train")
@@ -293,18 +297,19 @@ class GeneratorSource:
             {"family": self.spec["family"], "options": options}, self.event_shape, self.device
         )
         names = [f"class_{y:02d}.pt" for y in range(self.num_classes)] if per_class else ["model.pt"]
+        real = self.reals.get(g, self.real)
         final = self.run_path / "generator" / f"seed_{g}"
         if not final.is_dir():  # train, then rename the whole directory: a crash leaves nothing half-made
             tmp = final.with_name(final.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             for y, name in enumerate(names):
-                rows = (self.real.labels == y) if per_class else torch.ones(len(self.real), dtype=torch.bool)
+                rows = (real.labels == y) if per_class else torch.ones(len(real), dtype=torch.bool)
                 model = factory()
                 model.reset(seeding.generator(g, "generator", name, "init"))
                 model.fit(
-                    self.real.images[rows].unsqueeze(0),
-                    None if per_class else self.real.labels.unsqueeze(0),
+                    real.images[rows].unsqueeze(0),
+                    None if per_class else real.labels.unsqueeze(0),
                     steps=self.spec.get("steps"),
                     generator=seeding.generator(g, "generator", name),
                     progress=self.progress,

@@ -6,10 +6,14 @@ or the in-project tiny CNN for 8x8 digits). There is one path, whatever the extr
 
 - Each chain's samples are passed through the extractor once per generation; under torch.distributed
   every rank extracts its rows shard(m) and gather_shards puts all m rows on every rank.
-- FID, KID and precision/recall all come from those features and the cached reference, through
-  torch-fidelity 0.4.0's own features-to-metric functions (fid_statistics_to_metric on
-  fid_features_to_statistics' mean/covariance, kid_features_to_metric, prc_features_to_metric), so the
-  numbers are torch-fidelity's; its calculate_metrics, image loaders and cache are not used.
+- FID and KID come from those features and the cached reference through torch-fidelity 0.4.0's own
+  features-to-metric functions (fid_statistics_to_metric on fid_features_to_statistics' mean/covariance,
+  kid_features_to_metric), so the numbers are torch-fidelity's; its calculate_metrics, image loaders and
+  cache are not used. Precision/recall is computed here (`precision_recall`) as torch-fidelity's
+  row-batched prc_features_to_metric computes it (the same 10,000-row chunks of torch.cdist, k-th
+  neighbour radii by kthvalue, ball tests by <=): the same numbers on the CPU, tested equal to it. It
+  runs on the metric's device (its O(n^2 F) distances dominate the metric: about 10^13 multiply-adds a
+  generation at 50k x 50k x 2048) and takes the real set's radii from the reference's cache.
 - The real reference (float32 features, torch-fidelity's mean and covariance) is extracted ONCE per
   (dataset id, split, size, extractor), sharded the same way, and cached at
   cache_dir/fid_reference/<hash>.pt: tensors and strings only, read with torch.load(weights_only=True),
@@ -17,7 +21,9 @@ or the in-project tiny CNN for 8x8 digits). There is one path, whatever the extr
   warned about in one line and recomputed). The dataset id is eval.options.data_id where set, otherwise
   the sha256 of the split's tensor bytes (about 0.1 s for the CIFAR-10 test set: cheap next to feature
   extraction). A process keeps the references it has read in memory; reference_extractions() counts
-  extractions.
+  extractions. The real set's k-NN radii for precision/recall are cached beside it, one file per (k,
+  device type): radii/<hash>-k<k>-<device type>.pt, checksummed the same way (radii_computations()
+  counts computations).
 - Columns: fid; kid_mean, kid_std with kid=true (polynomial-kernel unbiased MMD^2 over subsets, seeded
   by the run's generator); precision, recall with prc=true (k = 3 nearest neighbours, Kynkaanniemi et
   al., as Bertrand et al. report them): precision = share of samples inside the real manifold.
@@ -34,13 +40,15 @@ device (default: the model's device, else the samples'), n_bpd (default: all tes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import warnings
 import weakref
-from dataclasses import dataclass, fields
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +57,12 @@ import torch
 from simulator import distributed as D
 from simulator.metrics import features as fx
 from simulator.metrics.registry import MetricContext, register
-from simulator.options import opt, parse
+from simulator.options import opt, parse, problem
 from simulator.seeding import derive_seed
 from simulator.seeding import generator as seeded_generator
 
-COUNTERS = {"reference_extractions": 0}
+COUNTERS = {"reference_extractions": 0, "radii_computations": 0}
+PRC_ROWS = 10_000  # torch-fidelity's prc_batch_size: cdist of the same chunks gives the same distances
 REFERENCE_FORMAT = 2  # in the cache key: 2 = torch-fidelity statistics with a checksum
 _MEMO: dict[str, Reference] = {}  # path -> reference, so later generations skip even the disk read
 _HASHES: dict[int, tuple[Any, int, str]] = {}  # id(tensor) -> (weakref, version, hash)
@@ -64,6 +73,11 @@ def reference_extractions() -> int:
     return COUNTERS["reference_extractions"]
 
 
+def radii_computations() -> int:
+    """How many times the real set's k-NN radii were computed in this process (cache misses)."""
+    return COUNTERS["radii_computations"]
+
+
 def clear_memory_cache() -> None:
     """Forget the in-process copies of references and extractors (the disk cache stays)."""
     _MEMO.clear()
@@ -72,23 +86,27 @@ def clear_memory_cache() -> None:
 
 @dataclass
 class FIDOptions:
-    """The eval.options the image metrics read (fid; n_bpd: bpd), a schema of simulator.options."""
+    """The eval.options the image metrics read (fid; n_bpd: bpd), a schema of simulator.options.
 
-    extractor: str = opt("inception", choices=("inception", "tiny"))
+    Every option may be null, which is its default (parse drops nulls): configs/eval's image groups list
+    every option, most as null, so each is settable as a plain override and a run made before an option
+    was listed resumes (a key absent and a key null are the same config)."""
+
+    extractor: str | None = opt("inception", choices=("inception", "tiny"))
     weights_path: str | None = None
-    allow_download: bool = False
-    cache_dir: str = "~/.cache/simulator"
-    kid: bool = False
-    prc: bool = False
-    batch_size: int = opt(64, low=1)
+    allow_download: bool | None = False
+    cache_dir: str | None = "~/.cache/simulator"
+    kid: bool | None = False
+    prc: bool | None = False
+    batch_size: int | None = opt(64, low=1)
     n_real: int | None = opt(None, low=1)
-    reference: str = opt("test", choices=("test", "train"))
+    reference: str | None = opt("test", choices=("test", "train"))
     data_id: str | None = None
-    kid_subsets: int = opt(100, low=1)
-    kid_subset_size: int = opt(1000, low=1)
-    k: int = opt(3, low=1)
-    tiny_steps: int = opt(600, low=1)
-    tiny_seed: int = opt(0, low=0)
+    kid_subsets: int | None = opt(100, low=1)
+    kid_subset_size: int | None = opt(1000, low=1)
+    k: int | None = opt(3, low=1)
+    tiny_steps: int | None = opt(600, low=1)
+    tiny_seed: int | None = opt(0, low=0)
     device: str | None = None
     n_bpd: int | None = opt(None, low=1)  # bpd: held-out images scored (null: all)
 
@@ -106,13 +124,15 @@ class FIDOptions:
 class Reference:
     """Real reference features (n, F) float32 and torch-fidelity's statistics of them.
 
-    mu (F,) float32 and sigma (F, F) float64, as fid_features_to_statistics computes them.
+    mu (F,) float32 and sigma (F, F) float64, as fid_features_to_statistics computes them. `radii` holds
+    the k-NN radii of the features computed so far, by (k, device type) (see `real_radii`).
     """
 
     features: torch.Tensor
     mu: torch.Tensor
     sigma: torch.Tensor
     key: str
+    radii: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
 
 def tensor_id(t: torch.Tensor) -> str:
@@ -132,10 +152,10 @@ def tensor_id(t: torch.Tensor) -> str:
 REFERENCE_TENSORS = ("features", "mu", "sigma")
 
 
-def checksum(saved: dict[str, Any]) -> str:
-    """sha256 of a reference entry: its key fields and each tensor's name, dtype, shape and bytes."""
+def checksum(saved: dict[str, Any], names: tuple[str, ...] = REFERENCE_TENSORS) -> str:
+    """sha256 of a cache entry: its key fields and each tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256(str(saved["fields"]).encode())
-    for name in REFERENCE_TENSORS:
+    for name in names:
         t = saved[name]
         if not torch.is_tensor(t):
             raise TypeError(f"{name} is a {type(t).__name__}, not a tensor")
@@ -145,36 +165,42 @@ def checksum(saved: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def _read_reference(path: Path, fields_json: str, key: str) -> Reference | None:
-    """The reference cached at path, or None when absent; a bad file is warned about and ignored."""
+def _read_entry(path: Path, fields_json: str, names: tuple[str, ...]) -> dict[str, Any] | None:
+    """The cache entry at path, or None when absent; a bad file is warned about and ignored."""
     if not path.exists():
         return None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and strings only
         if not isinstance(saved, dict):
             raise TypeError(f"a {type(saved).__name__}, not a dict")
-        if saved.get("checksum") != checksum(saved):
+        if saved.get("checksum") != checksum(saved, names):
             raise ValueError("checksum mismatch")
         if saved["fields"] != fields_json:
             raise ValueError("made for another reference")
     except Exception as e:  # unreadable, not tensors-only, truncated, edited: recompute, never trust it
-        warnings.warn(f"fid: reference cache {path} rejected ({fx.one_line(e)}); recomputing", stacklevel=3)
+        warnings.warn(f"fid: reference cache {path} rejected ({fx.one_line(e)}); recomputing", stacklevel=4)
         return None
-    return Reference(saved["features"], saved["mu"], saved["sigma"], key)
+    return saved
 
 
-def _write_reference(path: Path, ref: Reference, fields_json: str) -> None:
-    saved: dict[str, Any] = {
-        "features": ref.features,
-        "mu": ref.mu,
-        "sigma": ref.sigma,
-        "fields": fields_json,
-    }
-    saved["checksum"] = checksum(saved)
+def _write_entry(path: Path, saved: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Write a cache entry (tensors, their "fields" and its checksum) atomically."""
+    saved = {**saved, "checksum": checksum(saved, names)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}-{D.world()[0]}")
     torch.save(saved, tmp)
     os.replace(tmp, path)  # atomic: concurrent runs see a whole file or none
+
+
+def _read_reference(path: Path, fields_json: str, key: str) -> Reference | None:
+    """The reference cached at path, or None when absent; a bad file is warned about and ignored."""
+    saved = _read_entry(path, fields_json, REFERENCE_TENSORS)
+    return None if saved is None else Reference(saved["features"], saved["mu"], saved["sigma"], key)
+
+
+def _write_reference(path: Path, ref: Reference, fields_json: str) -> None:
+    saved = {"features": ref.features, "mu": ref.mu, "sigma": ref.sigma, "fields": fields_json}
+    _write_entry(path, saved, REFERENCE_TENSORS)
 
 
 def fidelity_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,18 +243,84 @@ def reference_stats(
     return ref
 
 
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """float32 matrix products in full precision (no TF32 on CUDA), as on the CPU: cdist's distances."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _distances(rows: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances (len(rows), len(points)): torch.cdist over PRC_ROWS-point chunks of points."""
+    return torch.cat([torch.cdist(rows, part) for part in points.split(PRC_ROWS)], dim=1)
+
+
+def knn_radii(points: torch.Tensor, k: int) -> torch.Tensor:
+    """Each point's distance to its k-th nearest neighbour in points, (n,) on points' device: the
+    (k + 1)-th smallest distance of its row (the point itself is the first), PRC_ROWS rows at a time."""
+    with full_float32():
+        return torch.cat([_distances(rows, points).kthvalue(k + 1).values for rows in points.split(PRC_ROWS)])
+
+
+def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
+    """Share of points within radii[j] of some centre j (a closed ball), PRC_ROWS points at a time."""
+    with full_float32():
+        hits = [(_distances(rows, centres) <= radii).any(dim=1) for rows in points.split(PRC_ROWS)]
+    return torch.cat(hits).float().mean().item()
+
+
+def precision_recall(
+    fake: torch.Tensor, real: torch.Tensor, real_radii: torch.Tensor, k: int
+) -> tuple[float, float]:
+    """k-NN precision and recall (Kynkaanniemi et al. 2019) of features fake (m, F) against real (n, F)
+    whose k-NN radii are real_radii (knn_radii(real, k)), on the tensors' device.
+
+    Precision: the share of samples inside some real point's ball; recall: the share of real points
+    inside some sample's ball (radii from the samples). torch-fidelity's row-batched computation: the
+    same chunks and operations, so on the CPU the same numbers as prc_features_to_metric.
+    """
+    recall = _inside(real, fake, knn_radii(fake, k))
+    return _inside(fake, real, real_radii), recall
+
+
+def real_radii(ref: Reference, k: int, device: torch.device, cache_dir: str | os.PathLike) -> torch.Tensor:
+    """knn_radii(ref.features, k) on device: from memory, cache_dir/fid_reference/radii/<key>-k<k>-<device
+    type>.pt, or computed (and written). Keyed by the reference, a hash of its features (a reference
+    extracted again elsewhere may round differently), k and the device type (CUDA's distances round
+    otherwise than the CPU's)."""
+    memo = (k, device.type)
+    if memo not in ref.radii:
+        fields_json = json.dumps({"reference": ref.key, "features": tensor_id(ref.features), "k": k,
+                                  "device": device.type, "rows": PRC_ROWS})  # fmt: skip
+        name = f"{ref.key}-k{k}-{device.type}.pt"
+        path = Path(os.path.expanduser(str(cache_dir))) / "fid_reference" / "radii" / name
+        saved = _read_entry(path, fields_json, ("radii",))
+        if saved is None:
+            radii = knn_radii(ref.features.to(device), k).cpu()
+            COUNTERS["radii_computations"] += 1
+            _write_entry(path, {"radii": radii, "fields": fields_json}, ("radii",))
+            saved = {"radii": radii}
+        ref.radii[memo] = saved["radii"]
+    return ref.radii[memo].to(device)
+
+
 def fidelity_metrics(
     fake: torch.Tensor, ref: Reference, *, kid: bool, prc: bool, seed: int, kid_subsets: int = 100,
-    kid_subset_size: int = 1000, k: int = 3,
+    kid_subset_size: int = 1000, k: int = 3, radii: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:  # fmt: skip
-    """FID (and KID, precision/recall) of sample features (m, F) against a reference, by torch-fidelity.
+    """FID (and KID, precision/recall) of sample features (m, F) against a reference, as torch-fidelity.
 
-    Its features-to-metric functions, called as its calculate_metrics calls them with input1 = samples
-    and input2 = the real reference.
+    Its features-to-metric functions for FID and KID, called as its calculate_metrics calls them with
+    input1 = samples and input2 = the real reference; precision/recall by `precision_recall` on device,
+    with the real radii given (real_radii) or computed here.
     """
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
     fake, real = fake.float().cpu(), ref.features.float()
     mu, sigma = fidelity_stats(fake)
@@ -241,9 +333,10 @@ def fidelity_metrics(
                                      rng_seed=seed, verbose=False)  # fmt: skip
         row["kid_mean"], row["kid_std"] = out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
     if prc:
-        # save_cpu_ram: the row-batched variant (no three n x n distance matrices at once), same values.
-        out = prc_features_to_metric(fake, real, prc_neighborhood=k, save_cpu_ram=True, verbose=False)
-        row["precision"], row["recall"] = out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
+        device = torch.device(device)
+        real_d = real.to(device)
+        radii = knn_radii(real_d, k) if radii is None else radii.to(device)
+        row["precision"], row["recall"] = precision_recall(fake.to(device), real_d, radii, k)
     return row
 
 
@@ -279,24 +372,30 @@ def fid(ctx: MetricContext) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"fid: expected uint8 samples (C, m, {shape}), got {samples.dtype} {tuple(samples.shape)}"
         )
-    extractor, ext_id = _extractor(ctx, opts, _device(ctx, opts))
     whole = data.test if opts.reference == "test" else data.train
     split = whole if opts.reference == "test" else whole[0]
     n = len(split) if opts.n_real is None else opts.n_real
     if n > len(split):
         raise ValueError(f"eval.options.n_real: {n} exceeds the {len(split)} real {opts.reference} images")
+    m = samples.shape[1]
+    if opts.prc and opts.k >= min(n, m):  # precision/recall: every point's k-th nearest other point
+        what = f"below the number of real images ({n}) and of samples per chain ({m}) with prc"
+        raise ValueError(problem("eval.options.k", what, opts.k))
+    device = _device(ctx, opts)
+    extractor, ext_id = _extractor(ctx, opts, device)  # the options first, then the machine (weights)
     ref_images = split
     if n < len(split):  # a fixed subset (not the run's generator): every generation and seed shares it
         ref_images = split[torch.randperm(len(split), generator=seeded_generator(0, "fid-reference"))[:n]]
     key = {"data": opts.data_id or tensor_id(whole), "split": opts.reference, "n": n, "extractor": ext_id}
     ref = reference_stats(ref_images, extractor, key, opts.cache_dir, opts.batch_size)
     seed = derive_seed(ctx.generator.initial_seed(), "kid") % 2**32  # KID subsets; numpy needs 32 bits
+    radii = real_radii(ref, opts.k, device, opts.cache_dir) if opts.prc else None  # once per reference
     rows = []
     for c in range(samples.shape[0]):
         fake = fx.sharded_features(extractor, samples[c], opts.batch_size)  # once per chain and generation
         rows.append(fidelity_metrics(fake, ref, kid=opts.kid, prc=opts.prc, seed=seed, k=opts.k,
-                                     kid_subsets=opts.kid_subsets,
-                                     kid_subset_size=opts.kid_subset_size))  # fmt: skip
+                                     kid_subsets=opts.kid_subsets, kid_subset_size=opts.kid_subset_size,
+                                     radii=radii, device=device))  # fmt: skip
     return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in rows[0]}
 
 

@@ -25,12 +25,13 @@ MAX_ELEMS = 2**24  # float64 elements per chunk of chains (128 MiB); options["ma
 
 @dataclass
 class VectorMetricOptions:
-    """The eval.options these metrics read (a schema of simulator.options, checked before a run)."""
+    """The eval.options these metrics read (a schema of simulator.options, checked before a run); null is
+    an option's default, so configs/eval's vector groups list every option (see FIDOptions)."""
 
-    projections: int = opt(64, low=1)  # sliced_w: random directions
-    k: int = opt(3, low=1)  # knn_pr: neighbours
-    max_elems: int = opt(MAX_ELEMS, low=1)  # float64 elements per chunk of chains
-    mmd_max: int = opt(1000, low=1)  # mmd: samples and test rows used at most
+    projections: int | None = opt(64, low=1)  # sliced_w: random directions
+    k: int | None = opt(3, low=1)  # knn_pr: neighbours
+    max_elems: int | None = opt(MAX_ELEMS, low=1)  # float64 elements per chunk of chains
+    mmd_max: int | None = opt(1000, low=1)  # mmd: samples and test rows used at most
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -38,7 +39,7 @@ class VectorMetricOptions:
 
 def _chunks(chains: int, per_chain: int, ctx: MetricContext) -> Iterator[slice]:
     """Slices of chains whose per-chain work of per_chain elements fits the memory budget."""
-    size = max(1, int(ctx.options.get("max_elems", MAX_ELEMS)) // max(1, per_chain))
+    size = max(1, int(ctx.options.get("max_elems") or MAX_ELEMS) // max(1, per_chain))
     for start in range(0, chains, size):
         yield slice(start, min(start + size, chains))
 
@@ -72,7 +73,7 @@ def _model_log_prob_mean(ctx: MetricContext) -> torch.Tensor:
         return ctx.cache["model_test_log_prob"]
     test = ctx.data.test
     chains, d = int(ctx.model.chains), math.prod(test.shape[1:])
-    rows = max(1, int(ctx.options.get("max_elems", MAX_ELEMS)) // (chains * d))
+    rows = max(1, int(ctx.options.get("max_elems") or MAX_ELEMS) // (chains * d))
     total = torch.zeros(chains, dtype=torch.float64)
     for start in range(0, test.shape[0], rows):
         total += ctx.model.log_prob(test[start : start + rows]).double().sum(-1).cpu()
@@ -184,7 +185,7 @@ def nll_gap(ctx: MetricContext) -> dict[str, torch.Tensor]:
     from collapse."""
     train = ctx.data.train
     chains = int(ctx.model.chains)
-    rows = max(1, int(ctx.options.get("max_elems", MAX_ELEMS)) // (chains * math.prod(train.shape[2:])))
+    rows = max(1, int(ctx.options.get("max_elems") or MAX_ELEMS) // (chains * math.prod(train.shape[2:])))
     total = torch.zeros(chains, dtype=torch.float64)
     for start in range(0, train.shape[1], rows):
         total += ctx.model.log_prob(train[:, start : start + rows]).double().sum(-1).cpu()
@@ -217,7 +218,7 @@ def frechet(ctx: MetricContext) -> dict[str, torch.Tensor]:
 def mmd(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """Unbiased MMD^2, Gaussian kernel, bandwidth the median test-set distance (the same for all chains)."""
     x, y = _vectors(ctx)
-    limit = int(ctx.options.get("mmd_max", 1000))
+    limit = int(ctx.options.get("mmd_max") or 1000)
     if y.shape[0] > limit:  # subsample the reference once; the same points serve every chain
         g = child(ctx.generator, "mmd")
         y = y[torch.randperm(y.shape[0], generator=g, device=g.device)[:limit].to(y.device)]
@@ -234,7 +235,7 @@ def sliced_w(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """Sliced squared W2 over options["projections"] random unit directions, the same for all chains."""
     x, y = _vectors(ctx)
     g = child(ctx.generator, "sliced_w")
-    p = int(ctx.options.get("projections", 64))
+    p = int(ctx.options.get("projections") or 64)
     theta = torch.randn(p, x.shape[-1], generator=g, dtype=torch.float64, device=g.device).to(x.device)
     theta = theta / theta.norm(dim=-1, keepdim=True)
     per_chain = (x.shape[1] + y.shape[0]) * p * 2
@@ -261,7 +262,7 @@ def moments(ctx: MetricContext) -> dict[str, torch.Tensor]:
 def knn_pr(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """k-NN precision (fidelity) and recall (coverage) of each chain's samples against the test set."""
     x, y = _vectors(ctx)
-    k = int(ctx.options.get("k", 3))
+    k = int(ctx.options.get("k") or 3)
     per_chain = x.shape[1] * (x.shape[1] + y.shape[0]) * 2
     pairs = [knn_precision_recall(y, x[c].double(), k) for c in _chunks(x.shape[0], per_chain, ctx)]
     return {

@@ -30,13 +30,16 @@ class FitCheckpoint:
     The loop passes one to `fit(..., checkpoint=...)` of families whose `resumable_fit` is True, with
     `path` inside gen_XXX.tmp/. Every `every_steps` steps or `every_seconds` seconds (whichever comes
     first; None: never by that measure) the fit writes model, optimizer, EMA, grad scaler, step and RNG
-    states to `path` atomically. When `path` exists as fit starts, fit resumes from it, and the finished
-    fit equals an uninterrupted one (bit for bit on the CPU).
+    states to `path` atomically, with its checksum (simulator.scratch; fsynced: a checkpoint is there to
+    survive). When `path` exists as fit starts and matches its checksum, fit resumes from it, and the
+    finished fit equals an uninterrupted one (bit for bit on the CPU); a file that fails it (or has none)
+    is set aside into `corrupt` (deleted when None) with one warning line, and the fit starts afresh.
     """
 
     path: Path
     every_steps: int | None = None
     every_seconds: float | None = None
+    corrupt: Path | None = None  # where a checkpoint that fails its checksum goes (the run's corrupt/)
     # Implemented by simulator.models.training.train (the file also holds the minibatch sampler's
     # state and the losses so far); a finished fit removes the file. Families with resumable_fit = True
     # also take fit(..., optimizer_state=dict | None (carry an earlier fit's optimizer), warmup=int | None

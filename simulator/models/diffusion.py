@@ -5,9 +5,10 @@ The network predicts the noise (epsilon) added by DDPMScheduler.add_noise. An ex
 average (EMA) of the weights is what `sample` and `log_prob` use. `log_prob` is the negative
 variational bound of Ho et al. (L_T + sum_t L_{t-1} + L_0, discretized Gaussian decoder for 8-bit
 data), a lower bound on log p(x), so `exact_likelihood = False`. The bound is that of the full T-step
-ancestral reverse process with sigma_t^2 = beta_t; samples come from the strided DDIM/DDPM chain.
-`pretrained` starts from a diffusers directory (its UNet and schedule; see diffusers_io), and
-`export` writes a generation as a DDPMPipeline directory.
+ancestral reverse process with sigma_t^2 = beta_t; samples come from the strided DDIM/DDPM chain
+(timesteps and noise: diffusion_sampler). `pretrained` starts from a diffusers directory (its UNet and
+schedule; see diffusers_io), and `export` writes a generation as a DDIMPipeline directory whose scheduler
+and sampling.json hold the run's sampler.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from simulator.models.training import EMA, EpochBatches, FitResult, Objective, T
 from simulator.options import choose
 
 SAMPLERS = ("ddpm", "ddim")
+SPACINGS, NOISE = diffusion_sampler.SPACINGS, diffusion_sampler.NOISE
 SCHEDULES = ("linear", "squaredcos_cap_v2")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LIKELIHOOD_SEED = 20200619  # root of the bound's noise, which is seeded by image content (see bound_terms)
@@ -84,9 +86,11 @@ class DiffusionFamily(TrainedFamily):
     per_sample_seeds = True  # sample(n, ..., indices=...) gives rows of sample(n): the loop shards it
     fit_desc = "diffusion fit"
     # rules beyond the annotations and options.BOUNDS, for the config path and the constructor alike
-    OPTIONS = {"block_out_channels": {"low": 1}, "train_timesteps": {"low": 2},
+    OPTIONS = {"block_out_channels": {"low": 1},
+               "train_timesteps": {"low": 2, "high": diffusers_io.MAX_TIMESTEPS},  # schedulers loop over each
                "lr": {"low": 0, "strict": True}, "beta_schedule": {"choices": SCHEDULES},
                "prediction_type": {"choices": ("epsilon",)}, "sampler": {"choices": SAMPLERS},
+               "timestep_spacing": {"choices": SPACINGS}, "sample_noise": {"choices": NOISE},
                "amp": {"choices": tuple(AMP)}}  # fmt: skip
 
     def __init__(
@@ -103,7 +107,9 @@ class DiffusionFamily(TrainedFamily):
         beta_schedule: str = "linear",  # "linear" (Ho et al.) or "squaredcos_cap_v2" (Nichol & Dhariwal)
         prediction_type: str = "epsilon",
         sampler: str = "ddim",  # "ddim" (eta below) or "ddpm" (ancestral: DDIM update with eta = 1)
-        sample_steps: int = 50,  # reverse steps, evenly strided ("trailing"); must divide train_timesteps
+        sample_steps: int = 50,  # reverse steps S (trailing: must divide train_timesteps)
+        timestep_spacing: str | None = None,  # trailing (null): S evenly strided from T-1; quadratic: DDIM's
+        sample_noise: str | None = None,  # per_sample | counter; null: per_sample on the CPU, else counter
         eta: float = 0.0,  # DDIM stochasticity: 0 deterministic, 1 ancestral
         lr: float = 2e-4,
         weight_decay: float = 0.0,
@@ -133,6 +139,7 @@ class DiffusionFamily(TrainedFamily):
             beta_schedule = str(schedule.get("beta_schedule", "linear"))
             prediction_type = str(schedule.get("prediction_type", "epsilon"))
         ch_list = tuple(int(c) for c in block_out_channels)
+        spacing = timestep_spacing or "trailing"
         p_drop = float(label_dropout or 0)
         scale = 2 ** max(len(ch_list) - 1, 0)
         P = OPTIONS_PREFIX
@@ -153,8 +160,13 @@ class DiffusionFamily(TrainedFamily):
              "a diffusers directory whose scheduler predicts epsilon (its prediction_type)", prediction_type),
             (train_timesteps < 2, "init.pretrained",
              "a diffusers directory with >= 2 timesteps (its num_train_timesteps)", train_timesteps),
-            (train_timesteps % sample_steps, f"{P}.sample_steps",
-             f"a divisor of train_timesteps ({train_timesteps})", sample_steps),
+            (spacing == "trailing" and train_timesteps % sample_steps, f"{P}.sample_steps",
+             f"a divisor of train_timesteps ({train_timesteps}) with timestep_spacing trailing",
+             sample_steps),
+            (sample_steps > train_timesteps, f"{P}.sample_steps",
+             f"at most train_timesteps ({train_timesteps})", sample_steps),
+            (spacing == "quadratic" and train_timesteps < 3, f"{P}.timestep_spacing",
+             "trailing with fewer than 3 train_timesteps (quadratic reaches round(0.8 T))", spacing),
             (amp == "fp16" and torch.device(device).type != "cuda", f"{P}.amp",
              f"none or bf16 on {device} (fp16 needs CUDA)", amp),
         ]  # fmt: skip
@@ -167,6 +179,9 @@ class DiffusionFamily(TrainedFamily):
         self.num_classes, self.train_timesteps, self.sampler, self.sample_steps = (
             num_classes, train_timesteps, sampler, sample_steps)  # fmt: skip
         self.eta = 1.0 if sampler == "ddpm" else float(eta)
+        # ddpm re-derives eps from the clipped x_0 (DDPMScheduler's update); ddim steps with the network's eps
+        self.use_clipped = sampler == "ddpm"
+        self.timestep_spacing, self.sample_noise = spacing, sample_noise
         # label dropout adds one embedding, index num_classes: the null class of classifier-free guidance
         self.label_dropout = p_drop
         self.null_class = num_classes if p_drop > 0 else None
@@ -186,7 +201,12 @@ class DiffusionFamily(TrainedFamily):
                                                   timestep_spacing="trailing")  # fmt: skip
         except (NotImplementedError, ValueError) as e:  # e.g. a beta_schedule diffusers does not know
             raise ValueError(f"init.pretrained: unsupported noise schedule {schedule}: {e}") from None
-        self.sample_scheduler.set_timesteps(sample_steps)
+        if spacing == "trailing":
+            self.sample_scheduler.set_timesteps(sample_steps)
+            self.sample_timesteps = self.sample_scheduler.timesteps
+        else:  # DDIMScheduler cannot step these (it strides evenly): diffusion_sampler.ddim_step does
+            ts = diffusion_sampler.quadratic_timesteps(train_timesteps, sample_steps)
+            self.sample_timesteps = torch.tensor(ts)
         self.reset(torch.Generator().manual_seed(0))  # a fresh object is reproducible
 
     # -- construction -------------------------------------------------------------------------
@@ -248,17 +268,27 @@ class DiffusionFamily(TrainedFamily):
         CPU kernels pick code paths by tensor size, so a row's output moves by ~1e-6 with the batch it
         shares (enough to flip a pixel's 8-bit rounding now and then). So in sample/log_prob on the CPU
         the network always sees exactly CPU_ROWS rows, the tail padded: rows come out batch-independent.
+        Elsewhere a compiled network sees sample_batch rows, the ragged last chunk padded (see _call_rows).
         """
-        if not pad or self.device.type != "cpu":
+        rows = self._call_rows(net) if pad else 0
+        if not rows:
             return net(x, t, class_labels=y).sample.float()
         out = []
-        for lo in range(0, len(x), CPU_ROWS):
-            m = min(CPU_ROWS, len(x) - lo)
-            xb = torch.cat([x[lo : lo + m], x.new_zeros(CPU_ROWS - m, *x.shape[1:])])
-            tb = torch.cat([t[lo : lo + m], t.new_zeros(CPU_ROWS - m)])
-            yb = None if y is None else torch.cat([y[lo : lo + m], y.new_zeros(CPU_ROWS - m)])
+        for lo in range(0, len(x), rows):
+            m = min(rows, len(x) - lo)
+            xb = torch.cat([x[lo : lo + m], x.new_zeros(rows - m, *x.shape[1:])])
+            tb = torch.cat([t[lo : lo + m], t.new_zeros(rows - m)])
+            yb = None if y is None else torch.cat([y[lo : lo + m], y.new_zeros(rows - m)])
             out.append(net(xb, tb, class_labels=yb).sample[:m].float())
         return torch.cat(out)
+
+    def _call_rows(self, net: Any) -> int:
+        """Rows _eps pads every network call to (0: none). CPU_ROWS on the CPU; sample_batch for a
+        compiled network elsewhere, so the ragged last chunk of a sample (or a shard) does not make
+        dynamo compile a second, dynamic-shape graph (a guided call has 2 (sample_batch // 2) rows)."""
+        if self.device.type == "cpu":
+            return CPU_ROWS
+        return self.sample_batch if isinstance(net, torch._dynamo.eval_frame.OptimizedModule) else 0
 
     def _rows(self, n: int) -> int:
         """Rows per sample/log_prob chunk: n, on the CPU rounded up to whole CPU_ROWS network calls."""
@@ -339,15 +369,16 @@ class DiffusionFamily(TrainedFamily):
         indices: Any = None,
         guidance: float | None = None,
     ) -> torch.Tensor:
-        """Draw uint8 (1, n, ch, h, w) with `sample_steps` DDIM steps (ancestral for sampler="ddpm").
+        """Draw uint8 (1, n, ch, h, w) with DDIM steps at `sample_timesteps` (ancestral for sampler="ddpm").
 
-        Sample i's noise comes from derive_seed(generator.initial_seed(), i), so it does not depend on
-        sample_batch. With `indices` (ints in [0, n)), only those rows of sample(n) are drawn and
-        returned, (1, len(indices), ch, h, w), in that order: on the CPU bit for bit the same rows (the
-        network sees padded CPU_ROWS batches), so ranks can each draw a shard. Temperature s scales the
-        initial and per-step noise by sqrt(s) (s < 1: the sampling bias of Alemohammad et al.; a
-        heuristic for diffusion, not an exact variance scaling of p). `guidance` w > 0: classifier-free
-        guidance, eps = (1 + w) eps(x, y) - w eps(x, null) (needs label_dropout; see diffusion_sampler).
+        Sample i's noise comes from derive_seed(generator.initial_seed(), i) (per_sample or counter:
+        see diffusion_sampler), so it does not depend on sample_batch. With `indices` (ints in [0, n)),
+        only those rows of sample(n) are drawn and returned, (1, len(indices), ch, h, w), in that order:
+        on the CPU bit for bit the same rows (the network sees padded CPU_ROWS batches), so ranks can
+        each draw a shard. Temperature s scales the initial and per-step noise by sqrt(s) (s < 1: the
+        sampling bias of Alemohammad et al.; a heuristic for diffusion, not an exact variance scaling of
+        p). `guidance` w > 0: classifier-free guidance, eps = (1 + w) eps(x, y) - w eps(x, null) (needs
+        label_dropout; see diffusion_sampler).
         Class-conditional models draw missing labels uniformly, per sample, from its own seed.
         """
         seed = generator.initial_seed()
@@ -412,12 +443,25 @@ class DiffusionFamily(TrainedFamily):
             self.ema_tracker.optimization_step = int(state.get("ema_steps", 0))
         return out
 
+    def sampling(self) -> dict[str, Any]:
+        """The sampler's settings, as sampling.json beside an exported pipeline records them: what
+        DDIMPipeline's call takes (num_inference_steps, eta, use_clipped_model_output) and the timesteps
+        visited, which DDIMScheduler cannot express for timestep_spacing=quadratic."""
+        config = self.sample_scheduler.config
+        return {"pipeline": "DDIMPipeline", "sampler": self.sampler, "eta": self.eta,
+                "use_clipped_model_output": self.use_clipped, "timestep_spacing": self.timestep_spacing,
+                "num_inference_steps": self.sample_steps, "timesteps": self.sample_timesteps.tolist(),
+                "clip_sample": bool(config.clip_sample), "prediction_type": config.prediction_type,
+                "noise": diffusion_sampler.noise_mode(self)}  # fmt: skip
+
     def export(self, directory: str | Path) -> Path | None:
-        """With export_pipeline: directory/pipeline/, a DDPMPipeline (the EMA weights as its unet, the
-        training noise schedule as its scheduler) that diffusers' DDPMPipeline and DDIMPipeline load."""
+        """With export_pipeline: directory/pipeline/, a DDIMPipeline (the EMA weights as its unet, the
+        run's DDIM scheduler: schedule, trailing spacing, clipping) that diffusers' DDIMPipeline and
+        DDPMPipeline load, and pipeline/sampling.json (`sampling()`): the run's sampler, exactly."""
         if not self.export_pipeline:
             return None
-        return diffusers_io.export_pipeline(self._net(), self.noise_scheduler, Path(directory) / "pipeline")
+        out = Path(directory) / "pipeline"
+        return diffusers_io.export_pipeline(self._net(), self.sample_scheduler, out, self.sampling())
 
     def parameters_vector(self) -> torch.Tensor:
         """The weights used for sampling (the EMA when there is one) flattened to (1, P) on the CPU."""

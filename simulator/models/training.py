@@ -21,8 +21,9 @@ whole first batch before DDP wraps the objective, as the single process does.
 
 Resumable fits (FitCheckpoint). Every `every_steps` steps or `every_seconds` seconds the fit writes the
 objective's weights, optimizer, EMA, grad scaler, step, generator states, minibatch sampler and the losses
-so far to the checkpoint path (tmp file + os.replace); a fit that finds the file resumes from it and ends
-bit for bit where the uninterrupted fit would (CPU).
+so far to the checkpoint path (tmp file + os.replace, its checksum recorded: simulator.scratch); a fit that
+finds the file matching its checksum resumes from it and ends bit for bit where the uninterrupted fit would
+(CPU); one that fails it is set aside with one warning line and the fit starts from its first step.
 
 Step logs. While a simulator.step_log logger is active (`logger=tensorboard`), rank 0 hands it every step's
 loss and learning rate and the samples per second, once every `every` steps; it only reads the losses.
@@ -34,7 +35,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +46,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from simulator import distributed, step_log
+from simulator import distributed, scratch, step_log
 from simulator.models.base import OPTIONS_PREFIX, Diverged, FitCheckpoint, refuse
 from simulator.options import check as check_schema
 from simulator.options import opt
@@ -303,12 +303,18 @@ def local_rows(size: int) -> slice:
 
 
 def _save(path: Any, state: dict[str, Any]) -> None:
-    """Write state atomically (a temporary file, then os.replace); rank 0 writes for all ranks."""
-    if not distributed.is_main():
-        return
-    tmp = path.with_name(f"{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write state atomically with its checksum (scratch.save, fsynced); rank 0 writes for all ranks."""
+    if distributed.is_main():
+        scratch.save(state, path)
+
+
+def _resumable(checkpoint: FitCheckpoint) -> bool:
+    """Whether the fit resumes from checkpoint.path: rank 0 checks the file against its checksum (one that
+    fails, or has none, is set aside with one warning line) and tells the other ranks."""
+    ok = None
+    if distributed.is_main():
+        ok = scratch.check(checkpoint.path, checkpoint.corrupt, "starting the fit from its first step")
+    return bool(distributed.broadcast_object(ok))
 
 
 def train(
@@ -339,8 +345,8 @@ def train(
     check_every = options.check_every or (1 if device.type == "cpu" else CUDA_CHECK_EVERY)
     start = 0
     if checkpoint is not None:
-        checkpoint = FitCheckpoint(Path(checkpoint.path), checkpoint.every_steps, checkpoint.every_seconds)
-    if checkpoint is not None and checkpoint.path.exists():
+        checkpoint = dataclasses.replace(checkpoint, path=Path(checkpoint.path))
+    if checkpoint is not None and _resumable(checkpoint):
         state = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
         if int(state["steps"]) != steps:
             raise ValueError(
@@ -446,8 +452,8 @@ def train(
         objective.eval()
     if ddp_on:  # each rank logged its rows' mean; the ranks' mean is the global batch's mean
         losses = distributed.all_sum(losses) / distributed.world()[1]
-    if checkpoint is not None:
-        checkpoint.path.unlink(missing_ok=True)
+    if checkpoint is not None and distributed.is_main():
+        scratch.forget(checkpoint.path)
     return FitResult(losses.float().cpu(), opt.state_dict(), time.perf_counter() - clock, start)
 
 
@@ -471,5 +477,27 @@ def _wrap(
             objective, device_ids=[device.index] if device.type == "cuda" else None
         )
     if options.compile:
-        model = torch.compile(model)
+        model = compiled(model, objective)
     return model
+
+
+def compiled(model: nn.Module, objective: Objective) -> Any:
+    """torch.compile of model (the objective, perhaps DDP-wrapped), compiled once per process.
+
+    Dynamo keeps its graphs with the code of `forward`, not with the module object (torch >= 2.5 inlines
+    nn.Modules: its guards check their tensors and attributes, not their identity), so a new objective of
+    the same class (every fit builds one) reuses them while the guards hold. What changes from one
+    generation to the next is the number of rows of the data the objective indexes (a growing pool,
+    another policy), so those tensors' first dimension is marked dynamic: the first graph serves every
+    generation instead of a recompile at the first new size, and later generations never meet dynamo's
+    recompile limit (torch._dynamo.config.recompile_limit, 8) and fall back to eager.
+    """
+    for rows in data_tensors(objective):
+        torch._dynamo.maybe_mark_dynamic(rows, 0)
+    return torch.compile(model)
+
+
+def data_tensors(objective: Objective) -> list[torch.Tensor]:
+    """The objective's plain tensor attributes with one row per training row (data, labels, weights)."""
+    n = objective.batches.n
+    return [v for v in vars(objective).values() if isinstance(v, torch.Tensor) and v.dim() and len(v) == n]
