@@ -141,9 +141,15 @@ def case(policy_name: str, run_dir: str) -> dict[str, float]:
     base = in_use_mib()  # in use now: interpreter, torch, the real data
     base_anon = status_mib("RssAnon")
     start = time.perf_counter()
+    try:  # the loop's options in groups (simulator.loop.TrainOptions, ...)
+        from simulator.loop import TrainOptions
+
+        options: dict = {"train": TrainOptions(steps=1)}
+    except ImportError:  # --compare with a checkout from before them: one keyword each
+        options = {"steps": 1}
     with RunDir(run_dir, durable=False) as run, AnonPeak() as anon:
         generation_loop(run, data, StubImages, POLICIES[policy_name](), generations=GENERATIONS,
-                        steps=1, progress=False)  # fmt: skip
+                        progress=False, **options)  # fmt: skip
     return {"seconds": time.perf_counter() - start, "baseline_mib": base, "peak_mib": status_mib("VmHWM"),
             "baseline_anon_mib": base_anon, "peak_anon_mib": anon.peak}  # fmt: skip
 

@@ -1,7 +1,8 @@
 """Reference simulator for self-consuming generative training.
 
 `simulator.run([...overrides])` runs one `simulate` job from Python (simulator/api.py); the parts of the
-loop (`generation_loop`, `RunDir`, the policies, `make_toy`) are importable from here too. Everything but
+loop (`generation_loop` with its option groups `TrainOptions`, `SampleOptions`, `EvalOptions`,
+`CommitOptions`; `RunDir`, the policies, `make_toy`) are importable from here too. Everything but
 `code_version` is imported on first use, so `import simulator` loads neither torch nor hydra.
 """
 
@@ -20,6 +21,10 @@ _LAZY = {
     "run": "simulator.api",
     "RunResult": "simulator.api",
     "generation_loop": "simulator.loop",
+    "TrainOptions": "simulator.loop",
+    "SampleOptions": "simulator.loop",
+    "EvalOptions": "simulator.loop",
+    "CommitOptions": "simulator.loop",
     "RunDir": "simulator.rundir",
     "ConfigError": "simulator.config",
     "PolicyError": "simulator.policies",

@@ -18,19 +18,26 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import entry, gaussian_stats_loop, keys, registry, stability, step_log, strict_json
-from simulator.config import validate
+from simulator import checks, entry, keys, registry, stability, step_log, strict_json
 from simulator.entry import CONFIG_DIR, fail
-from simulator.loop import generation_loop
+from simulator.loop import (
+    CommitOptions,
+    EvalOptions,
+    SampleOptions,
+    TrainOptions,
+    from_config,
+    generation_loop,
+)
 from simulator.models.base import world
 from simulator.policies import PolicyError
 from simulator.preflight import (
     cached,
-    check_against_data,
     check_checkpoint,
+    check_files,
     check_run_root,
+    check_sizes,
+    check_weights,
     plain,
-    read_checkpoint,
 )
 from simulator.rundir import RunDir, write_atomic
 
@@ -39,21 +46,22 @@ log = logging.getLogger("simulator")
 
 
 def build(cfg: DictConfig, cache: dict | None = None) -> tuple[str, Any, Any, Any, Any]:
-    """Validate cfg and build what its run needs: (device, policy, data, model factory, curation reward).
+    """Check cfg and build what its run needs: (device, policy, data, model factory, curation reward).
 
     The preflight calls this for every job of a sweep (with a cache, so a distinct data source or model
-    is built once); run_config calls it again for its own job. Everything that can be checked without
-    training is checked here: the data source opened, the model constructed, init.checkpoint loaded into
-    it, the policy's sizes and the metrics against the data, run_root writable.
+    is built once); run_config calls it again for its own job. The config's own mistakes come first (the
+    one walk of its checks, simulator.checks), then what only the machine can answer (simulator.preflight):
+    the files it names, the device, the data source opened and the config against it, the memory the loop
+    needs, the metrics' weights, the model constructed with init.checkpoint loaded into it, run_root.
     """
     _validate(cfg)
     device = registry.resolve_device(cfg.device)
     policy = registry.make_policy(cfg)
     data_key = ("data", plain(cfg.data), cfg.chains)  # the seed draws other rows, of the same sizes
     data = cached(cache, data_key, lambda: registry.make_data(cfg))
-    registry.check_guidance(cfg, data)
-    check_against_data(cfg, data, policy)
-    registry.check_metric_options(cfg)  # what the machine lacks (FID weights), after the config's mistakes
+    checks.check_data(cfg, data, policy)  # the config against the data: labels, sizes, the metrics' needs
+    check_sizes(cfg, data, policy)  # the machine's memory for the loop's tensors
+    check_weights(cfg)  # what the machine lacks (FID weights), after the config's mistakes
     model_key = ("model", plain(cfg.model), plain(cfg.init), cfg.chains, tuple(data.event_shape), device)
     make_model = cached(cache, model_key, lambda: registry.make_model_factory(cfg, data.event_shape, device))
     cached(cache, ("checkpoint", *model_key), lambda: check_checkpoint(cfg, make_model))
@@ -74,24 +82,16 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
     gen0_cache = shared_gen0_path(run_path, config) if cfg.get("share_gen0") else None  # type: ignore[arg-type]
     with RunDir(run_path, durable=cfg.durable, writer=world()[0] == 0) as run:
         run.check_config(config)  # type: ignore[arg-type]
-        stats_path = gaussian_stats_loop.wants_statistics(cfg)  # model.path=statistics: no samples drawn
-        logs = {} if stats_path else {"step_logger": step_log.for_generations(
-            cfg.logger.name, run.path / "tensorboard", cfg.logger.every)}  # fmt: skip
-        rows = (gaussian_stats_loop.statistics_loop if stats_path else generation_loop)(
-            run, data, make_model, policy,
-            generations=cfg.generations, seed=cfg.seed,
-            warm_start=cfg.train.warm_start, steps=cfg.train.steps, steps_gen0=cfg.train.steps_gen0,
-            epochs=cfg.train.get("epochs"), images=cfg.train.get("images"), warmup=cfg.train.get("warmup"),
-            carry_optimizer=bool(cfg.train.get("carry_optimizer")), ema=cfg.train.get("ema") or "carry",
-            checkpoint_every=cfg.train.get("checkpoint_every"),
-            checkpoint_minutes=cfg.train.get("checkpoint_minutes"),
-            init_checkpoint=cfg.init.checkpoint, init_pretrained=cfg.init.get("pretrained"),
-            n_samples=cfg.sample.n, temperature=cfg.sample.temperature, guidance=cfg.sample.get("guidance"),
-            curation_k=cfg.sample.curation_k, curation_reward=reward,
-            curation_beta=cfg.sample.get("curation_beta"),
-            save_samples=cfg.sample.save, shard_size=cfg.sample.get("shard_size"), gen0_cache=gen0_cache,
-            metrics=tuple(cfg.eval.metrics), metric_options=OmegaConf.to_container(cfg.eval.options),  # type: ignore[arg-type]
-            eval_samples=cfg.eval.n_samples, progress=cfg.progress, **logs,
+        logger = step_log.for_generations(cfg.logger.name, run.path / "tensorboard", cfg.logger.every)
+        statistics = OmegaConf.select(cfg, "model.path", default=None) == "statistics"  # no samples drawn
+        rows = generation_loop(
+            run, data, make_model, policy, generations=cfg.generations, seed=cfg.seed, progress=cfg.progress,
+            train=from_config(TrainOptions, cfg.train, init_checkpoint=cfg.init.checkpoint, logger=logger,
+                              init_pretrained=cfg.init.get("pretrained"), statistics=statistics),
+            sample=from_config(SampleOptions, cfg.sample, curation_reward=reward),
+            evaluate=from_config(EvalOptions, cfg.eval),
+            commit=CommitOptions(save_samples=cfg.sample.save, shard_size=cfg.sample.get("shard_size"),
+                                 gen0_cache=gen0_cache),
         )  # fmt: skip
         summary = stability.summarize(rows, cfg.eval.stability_metric) if cfg.eval.stability_metric else {}
         last = rows[-1]
@@ -139,11 +139,9 @@ def _simulate(cfg: DictConfig) -> None:
 
 
 def _validate(cfg: DictConfig) -> None:
-    validate(cfg)  # the schema (keys, types, bounds) and the rules between sections
-    if cfg.init.checkpoint is not None:
-        read_checkpoint(str(cfg.init.checkpoint))  # unreadable: one line before check_guidance opens it
-    gaussian_stats_loop.check(cfg)
-    registry.check_guidance(cfg)
+    """The checks before anything is built: the config alone, then the files and packages it names."""
+    checks.check(cfg)  # the schema and each part's own options and rules (one walk)
+    check_files(cfg)  # init.checkpoint, init.pretrained, the logger's package
 
 
 def preflight(args: list[str]) -> None:

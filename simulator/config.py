@@ -1,38 +1,28 @@
-"""The run config's schema (RunConfig, one dataclass per section) and its validation.
+"""The run config's schema: RunConfig, one dataclass per section, and the run directory's name.
 
-Hydra composes the config from the groups in configs/; `validate` checks the result before any work
-starts: first the schema (simulator.options.check: unknown keys, types, bounds, choices, one line each),
-then the rules one section's value sets for another (which policy's options, which family's, which
-metrics exist, init.checkpoint / init.pretrained). The schema is not registered in hydra's ConfigStore,
-because a violation there surfaces as hydra's multi-line error with exit code 1, while a bad field must
-be one line and exit code 2 (docs/architecture.md, "Errors"). Every key here has its default in a
-configs/ file (tests/test_schema.py holds the two to the same keys).
+Hydra composes the config from the groups in configs/; simulator.checks walks the result before any work
+starts: this schema first (simulator.options.check: unknown keys, types, bounds, choices, one line each),
+then each part's own options and rules, declared next to its code. The schema is not registered in hydra's
+ConfigStore, because a violation there surfaces as hydra's multi-line error with exit code 1, while a bad
+field must be one line and exit code 2 (docs/architecture.md, "Errors"). Every key here has its default in
+a configs/ file (tests/test_schema.py holds the two to the same keys).
+
+A schema and nothing else: this module imports only simulator.options and the step logger's section, so
+anything may import it (simulator.keys names runs with run_name) without reaching the checks.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from simulator.options import ConfigError, opt
+from simulator.step_log import Logger
 
-from simulator.options import (
-    ConfigError,
-    check,
-    choose,
-    interpolated,
-    merge_schemas,
-    opt,
-    options_schema,
-    plain,
-    problem,
-)
-
-__all__ = ["ConfigError", "RunConfig", "validate", "run_name"]
+__all__ = ["ConfigError", "RunConfig", "run_name"]
 
 DEVICES = ("auto", "cpu", "cuda")
 REWARDS = ("model", "truth", "linear", "quadratic", "classifier")  # simulator.curation
@@ -56,7 +46,7 @@ class Data:
 @dataclass
 class Model:
     family: str = "flow"  # a key of registry.FAMILIES
-    path: str | None = opt(None, choices=("samples", "statistics"))  # gaussian only (gaussian_stats_loop)
+    path: str | None = opt(None, choices=("samples", "statistics"))  # gaussian only (simulator.checks)
     options: dict = opt({})  # the family's constructor options (options_schema of its class)
 
 
@@ -99,12 +89,6 @@ class Eval:
 
 
 @dataclass
-class Logger:
-    name: str = opt("none", choices=("none", "tensorboard"))  # step-level training logs (simulator.step_log)
-    every: int = opt(10, low=1)  # steps per hand-over to the logger
-
-
-@dataclass
 class RunConfig:
     """configs/config.yaml and its groups; `policy` is the named policy's constructor options + name."""
 
@@ -128,85 +112,11 @@ class RunConfig:
     logger: Logger = opt(Logger())
 
 
-def _get(cfg: DictConfig, key: str) -> Any:
-    return OmegaConf.select(cfg, key, default=None)
-
-
-def check_name(cfg: DictConfig) -> None:
-    """name is one folder inside run_root: the run directory must not escape it."""
-    name = _get(cfg, "name")
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ConfigError(problem("name", "a folder name inside run_root (no '/', not '..')", name))
-
-
-def check_policy(policy: Any) -> None:
-    """policy: its name, then its other keys against that policy's constructor (weight_real only for
-    policies with a real and a synthetic part; null there is the default of every policy)."""
-    from simulator import policies
-
-    policy = dict(plain(policy))
-    name = choose("policy.name", policy.pop("name", None), sorted(policies.POLICIES))
-    cls = policies.POLICIES[name]
-    if not cls.weighted:
-        if policy.get("weight_real") is not None:
-            weighted = ", ".join(n for n, c in policies.POLICIES.items() if c.weighted)
-            raise ConfigError(f"policy.weight_real: only for policies with a real and a synthetic part "
-                              f"({weighted}), not {name}")  # fmt: skip
-        policy.pop("weight_real", None)
-    check("policy", options_schema(cls), policy)  # type: ignore[arg-type]  # a class is hashable
-
-
-@functools.lru_cache(maxsize=1)
 def metric_schema() -> type:
-    """eval.options: the FID options and the vector metrics' options, one schema."""
-    from simulator.metrics.fid import FIDOptions
-    from simulator.metrics.toy import VectorMetricOptions
+    """eval.options: the options every metric declares (simulator.metrics.registry), one schema."""
+    from simulator.metrics import registry as metric_registry
 
-    return merge_schemas("MetricOptions", FIDOptions, VectorMetricOptions)
-
-
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first bad field of a composed run config: the schema, then the rules
-    between sections."""
-    from simulator import curation, registry
-
-    check("", RunConfig, cfg, noun="key", extra=interpolated(cfg))
-    check_name(cfg)
-    choose("data.source", cfg.data.source, registry.source_names())
-    choose("model.family", cfg.model.family, sorted(registry.FAMILIES))
-    check_policy(cfg.policy)
-    check("data.options", options_schema(registry.source_class(cfg.data.source)), cfg.data.options)
-    check("model.options", options_schema(registry.family_class(cfg.model.family)), cfg.model.options,
-          fixed=("chains", "event_shape"))  # fmt: skip
-    options = plain(_get(cfg, "sample.curation_options"))
-    curation.check(cfg.sample.curation_reward, options, _get(cfg, "sample.curation_beta"))
-    if _get(cfg, "logger.name") == "tensorboard":
-        from simulator import step_log
-
-        if not step_log.available():
-            raise ConfigError(step_log.EXTRA)
-    checkpoint = _get(cfg, "init.checkpoint")
-    from simulator import weights  # either name of a generation's model file
-
-    if checkpoint is not None and not weights.resolve(str(checkpoint)).is_file():
-        raise ConfigError(f"init.checkpoint: file not found: {checkpoint}")
-    pretrained = _get(cfg, "init.pretrained")
-    if pretrained is not None:
-        if checkpoint is not None:
-            raise ConfigError("init.pretrained: give either init.pretrained or init.checkpoint, not both")
-        from simulator.models import diffusers_io
-
-        try:
-            diffusers_io.read(str(pretrained))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    metrics = registry.metric_names()
-    for name in cfg.eval.metrics:
-        if name not in metrics:
-            raise ConfigError(f"eval.metrics: unknown metric {name!r}; known: {', '.join(sorted(metrics))}")
-    eval_options = dict(plain(cfg.eval.options))
-    eval_options.pop("backend", None)  # FIDOptions.parse says it was removed
-    check("eval.options", metric_schema(), eval_options)
+    return metric_registry.options_schema()
 
 
 # characters a run directory's name keeps as they are: none that a shell or Python's glob reads as a pattern

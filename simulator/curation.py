@@ -11,7 +11,7 @@ Rewards r(x), named by `sample.curation_reward`, with parameters in `sample.cura
 - quadratic:    r = -||x - c||^2 / (2 scale^2), options.centre = c, options.scale (default 1);
 - classifier:   a classifier's confidence on image samples: the probability it gives the sample's own
                 class when the family is class-conditional, otherwise its maximum softmax probability.
-                options.checkpoint is a state dict of simulator.contamination.classifiers' architecture
+                options.checkpoint is a state dict of simulator.classifiers' architecture
                 options.arch (mlp | cnn | resnet18; width, hidden as in make_classifier), e.g. the
                 model.pt of a contamination cell; the number of classes is read from the checkpoint.
 
@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 
-from simulator.config import ConfigError
-from simulator.options import choose
+from simulator.options import ConfigError, choose
 
 REWARDS = ("model", "truth", "linear", "quadratic", "classifier")
 OPTIONS = {  # the options each reward takes (sample.curation_options)
@@ -54,7 +53,8 @@ def _vector(key: str, v: Any) -> list[float]:
 
 
 def check(name: Any, options: Any, beta: Any) -> None:
-    """Raise ConfigError (one line naming the field) for a bad reward name, its options or beta."""
+    """Raise ConfigError (one line naming the field) for a bad reward name, its options or beta: the
+    rewards' own rules, which the config's walk (simulator.checks) calls with plain values."""
     if name not in REWARDS:
         raise ConfigError(f"sample.curation_reward: must be one of {', '.join(REWARDS)}; got {name!r}")
     if beta is not None and (
@@ -93,7 +93,7 @@ def check(name: Any, options: Any, beta: Any) -> None:
         path = Path(str(options["checkpoint"])).expanduser()
         if not path.is_file():
             raise ConfigError(f"sample.curation_options.checkpoint: file not found: {path}")
-        from simulator.contamination import classifiers  # lazily: the contamination paths' module
+        from simulator import classifiers  # lazily: the networks and their trainer only for this reward
 
         choose("sample.curation_options.arch", options.get("arch", "cnn"), classifiers.ARCHS)
 
@@ -138,7 +138,7 @@ def make_reward(
 
 def _classifier_reward(options: dict[str, Any], event_shape: tuple[int, ...], device: str) -> Reward:
     """Confidence of a saved classifier: p(own class | x) for labelled samples, else max_c p(c | x)."""
-    from simulator.contamination import classifiers  # lazily: the contamination paths' module
+    from simulator import classifiers  # lazily: the networks and their trainer only for this reward
 
     path = Path(str(options["checkpoint"])).expanduser()
     try:

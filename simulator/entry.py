@@ -3,7 +3,8 @@
 job) and their run (one job); the plumbing around them is here, once.
 
 - console: Ctrl-C and SIGTERM end in one line (stoppable); unless the command line asks for help, every job
-  of the sweep is built before hydra makes anything (preflight); then hydra's own main runs the jobs.
+  of the sweep is built before hydra makes anything (preflight); then hydra's own main runs the jobs (with
+  the submitit launchers of simulator.launchers: every job waited for, one line per failed one).
 - job: the boundary of one hydra job: a user's mistake (errors) ends in one line on stderr, exit code 2,
   and the run directory hydra made for this call (empty) is removed with its parents left empty; a full
   disk (rundir.DiskFull) ends in one line and exit code 1, keeping what was written so the run resumes.
@@ -118,7 +119,18 @@ def console(
     with stoppable():
         if not asks_help(sys.argv[1:]):
             preflight(sys.argv[1:], config_name, build, errors, check_args)
+        wait_for_every_job()
         hydra_main()
+
+
+def wait_for_every_job() -> None:
+    """With hydra's submitit plugin installed, its launchers become simulator.launchers': a sweep ends once
+    every job has, and a failed job is one line (its run directory and its error), exit code 1."""
+    try:
+        from simulator import launchers
+    except ImportError:  # no sweep extra: the preflight has refused launcher=slurm in one line already
+        return
+    launchers.install()
 
 
 def job(

@@ -13,10 +13,14 @@ need that list and read it from here:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+from simulator.options import ConfigError
 
 # keys that may change between invocations of one run (dotted paths into the config)
 NON_SCIENCE: tuple[str, ...] = (
@@ -64,14 +68,46 @@ def drop(config: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+class BudgetError(ConfigError, InterpolationResolutionError):
+    """A bad image budget, raised inside a resolver: OmegaConf passes its own error class through
+    unwrapped, and the ConfigError base makes it the usual one line (exit code 2)."""
+
+    def __str__(self) -> str:
+        return super().__str__().splitlines()[0]  # OmegaConf appends full_key / object_type lines
+
+
+def budget_epochs(budget: Any, lam: Any, n_real: Any, n_full: Any = None) -> int | None:
+    """Bertrand et al.'s fine-tuning epochs for an image budget: round(budget / (n (1 + lam))), at least 1.
+
+    Their retraining script (QB3/gen_models_dont_go_mad, iterative_retraining.py, DDPM arm) computes
+    max(1, np.round(num_mimg * 1e6 / (50_000 (1 + prop_gen_data)))): whole epochs, rounded half to even
+    (Python's round does the same), over the real set plus lam of it in samples. budget is the experiment's
+    own key `image_budget`; n_real is data.n_train (null: n_full, the source's whole training set). A lam or
+    n that is not valid gives None, so the field's own check (policy.lam, data.n_train) names the mistake; a
+    bad budget, which no schema checks, is refused here.
+    """
+    n = n_full if n_real is None else n_real
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise BudgetError(
+            f"image_budget: must be a whole number of images >= 1, got {budget!r} "
+            "(train.epochs = round(image_budget / (n_real (1 + lambda))), Bertrand et al.)"
+        )
+    valid_lam = isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0 <= lam < math.inf
+    if not valid_lam or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return None
+    return max(1, round(budget / (n * (1 + lam))))
+
+
 def register_resolvers() -> None:
-    """Register the resolvers configs/config.yaml uses; every entry point calls this before composing."""
+    """Register the resolvers configs/ use; every entry point calls this before composing."""
     from simulator.config import run_name
 
     if not OmegaConf.has_resolver("sim_run_name"):
         OmegaConf.register_new_resolver("sim_run_name", run_name)
     if not OmegaConf.has_resolver("sim_dirname_excluded"):
         OmegaConf.register_new_resolver("sim_dirname_excluded", dirname_excluded)
+    if not OmegaConf.has_resolver("sim_budget_epochs"):  # configs/experiment/cifar10_bertrand.yaml
+        OmegaConf.register_new_resolver("sim_budget_epochs", budget_epochs)
 
 
 register_resolvers()

@@ -1,10 +1,18 @@
-"""The generation loop: one flat function (docs/architecture.md, "The generation loop").
+"""The generation loop: one function in four sections, fit / sample / evaluate / commit (docs/architecture.md,
+"The generation loop").
 
     G_0 = fit(init, R)  or  load(checkpoint)
     for t in 1..T:
         D_t = policy(R, [S_0..S_{t-1}], t)
         G_t = fit(G_{t-1} if warm_start else init, D_t)
     after every generation: S_t = sample(G_t), row_t = evaluate(G_t, S_t), commit(t)
+
+Its options come in four groups, one per section (`TrainOptions`, `SampleOptions`, `EvalOptions`,
+`CommitOptions`); `from_config` builds each from its config section. How S_t is drawn and how D_t reads
+S_0, S_1, ... back is the pool's (simulator.samples.SamplePool); with `TrainOptions.statistics` a
+FitsStatistics family runs on sufficient statistics instead (StatisticsPool: model.path=statistics),
+through the same four sections. What a family can do beyond the protocol it declares as a capability
+(simulator.models.base), which the loop tests with isinstance.
 
 Every draw comes from a generator named by (seed, generation, purpose), and a
 generation is committed whole or not at all, so running the same command again
@@ -20,34 +28,109 @@ writes the run directory, and the other ranks read what it committed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from simulator import distributed, scratch, seeding, step_log
 from simulator import samples as store
-from simulator.curation import Reward, soft_select
 from simulator.data.base import Dataset
 from simulator.metrics import registry as metric_registry
-from simulator.models.base import Diverged, FitCheckpoint, GenerativeModel
-from simulator.policies import REAL, TRUTH, Policy, PolicyError, assemble, curate, draw_truth
-from simulator.report import save_grid
+from simulator.models.base import (
+    Batched,
+    Conditional,
+    Diverged,
+    Exportable,
+    FitCheckpoint,
+    FitsStatistics,
+    GenerativeModel,
+    IndexedSampling,
+    ResumableFit,
+)
+from simulator.options import ConfigError, plain
+from simulator.policies import Policy, PolicyError
 from simulator.rundir import RunDir
+from simulator.samples import SampleOptions, SamplePool, StatisticsPool
 from simulator.shared_gen0 import SharedGen0
 from simulator.strict_json import strict_row
 from simulator.weights import load as load_weights
-from simulator.weights import load_model, model_file, model_name
+from simulator.weights import model_file, model_name
+
+__all__ = ["CommitOptions", "EvalOptions", "SampleOptions", "TrainOptions", "from_config", "generation_loop"]
 
 FIT, FIT_STATE, OPTIMIZER = "fit.json", "fit_state.pt", "optimizer.pt"  # in gen_XXX.tmp (and gen_XXX)
 REDONE = ("samples.pt", "labels.pt", "params_star.pt", "chain_metrics.pt")  # made again by every life
+Options = TypeVar("Options")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How each generation's model is fitted (the config's train section, and init's generation 0)."""
+
+    warm_start: bool = True  # fine-tune G_{t-1} (Bertrand et al.) or refit from scratch
+    steps: int | None = None  # training steps per generation (neural families)
+    steps_gen0: int | None = None  # training steps of generation 0 (default: steps)
+    epochs: float | None = None  # when set, steps per generation = ceil(epochs * rows / batch_size)
+    images: int | None = None  # when set, steps per generation = ceil(images / batch_size), any lambda
+    warmup: int | None = None  # learning-rate warm-up steps of every fit (None: the family's option)
+    carry_optimizer: bool = False  # fine-tune with the optimizer state of generation t-1 (optimizer.pt)
+    ema: str = "carry"  # the EMA of the weights across generations: "carry" or "restart"
+    checkpoint_every: int | None = None  # save the fit's state every this many steps (resumable fits)
+    checkpoint_minutes: float | None = None  # ... and every this many minutes
+    init_checkpoint: str | None = None  # load G_0 from here instead of fitting it (pretrained start)
+    init_pretrained: str | None = None  # G_0 is make_model()'s pretrained network as built (no fit)
+    statistics: bool = False  # fit D_t's sufficient statistics, drawing no sample (model.path=statistics)
+    logger: Callable[[int], Any] | None = None  # t -> the step logger of G_t's fit (step_log), or None
+
+    def steps_of(self, t: int, rows: int, model: Any) -> int | None:
+        """Training steps of generation t's fit on `rows` rows: steps (steps_gen0 at t = 0), or a budget
+        of images or epochs in the family's minibatches."""
+        first = t == 0 and self.steps_gen0
+        batch = model.batch_size if isinstance(model, Batched) else rows
+        if self.images and not first:  # a fixed image budget, the same for every lambda
+            return math.ceil(self.images / batch)
+        if self.epochs and not first:  # about `epochs` passes over D_t (Bertrand et al.)
+            return math.ceil(self.epochs * rows / batch)
+        return self.steps_gen0 if first else self.steps
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What each generation is measured by (the config's eval section)."""
+
+    metrics: tuple[str, ...] = ()  # metric names from simulator.metrics.registry
+    options: Mapping[str, Any] | None = None  # options passed to metrics (projections, k, ...)
+    n_samples: int | None = None  # number of samples metrics see (default: all)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metrics", tuple(self.metrics))  # a config's list, or a tuple
+
+
+@dataclass(frozen=True)
+class CommitOptions:
+    """What a committed generation keeps besides its model and row, and what it shares."""
+
+    save_samples: bool = True  # keep the samples per generation (else redrawn when read)
+    shard_size: int | None = None  # samples per shard file of per-sample-seeded families (None: 5000)
+    gen0_cache: Path | None = None  # share generation 0 with the sweep's other policies (SharedGen0)
+
+
+def from_config(cls: type[Options], section: Any, **given: Any) -> Options:
+    """cls (an options dataclass) from a config section: each field from the section's key of its name
+    (a null takes the field's default), then `given`; the section's other keys are its other readers'."""
+    values = {f.name: plain(section[f.name]) for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+              if section is not None and f.name in section and section[f.name] is not None}  # fmt: skip
+    return cls(**{**values, **given})
 
 
 def _load(path: Path) -> Any:
@@ -103,148 +186,90 @@ def _aggregate(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return row
 
 
-def generation_loop(
-    run: RunDir,  # run directory, already locked and config-checked
-    data: Dataset,  # real train (C or 1, n, *event), test, truth
-    make_model: Callable[[], GenerativeModel],  # builds a fresh model of the family
-    policy: Policy,  # which real and synthetic rows each generation trains on
-    generations: int = 10,  # T: generations after generation 0
-    seed: int = 0,  # root of every seed stream
-    warm_start: bool = True,  # fine-tune G_{t-1} (Bertrand et al.) or refit from scratch
-    steps: int | None = None,  # training steps per generation (neural families)
-    steps_gen0: int | None = None,  # training steps of generation 0 (default: steps)
-    epochs: float | None = None,  # when set, steps per generation = ceil(epochs * rows / batch_size)
-    images: int | None = None,  # when set, steps per generation = ceil(images / batch_size), any lambda
-    warmup: int | None = None,  # learning-rate warm-up steps of every fit (None: the family's option)
-    carry_optimizer: bool = False,  # fine-tune with the optimizer state of generation t-1 (optimizer.pt)
-    ema: str = "carry",  # the EMA of the weights across generations: "carry" or "restart"
-    checkpoint_every: int | None = None,  # save the fit's state every this many steps (resumable fits)
-    checkpoint_minutes: float | None = None,  # ... and every this many minutes
-    init_checkpoint: str | None = None,  # load G_0 from here instead of fitting it (pretrained start)
-    init_pretrained: str | None = None,  # G_0 is make_model()'s pretrained network as built (no fit)
-    n_samples: int | None = None,  # samples per generation (default: what the policy needs)
-    temperature: float = 1.0,  # sampling bias s: s < 1 narrows the samples
-    guidance: float | None = None,  # classifier-free guidance weight w (class-conditional diffusion)
-    curation_k: int = 1,  # keep the best of k candidates per sample (1: no curation)
-    curation_reward: str | Reward = "model",  # "model"/"truth" (log-density), or reward(m, x, y) -> (C, m)
-    curation_beta: float | None = None,  # None: best of k; else keep candidate i w.p. softmax(beta r)_i
-    save_samples: bool = True,  # keep the samples per generation (else regenerated on resume)
-    shard_size: int | None = None,  # samples per shard file of per-sample-seeded families (None: 5000)
-    gen0_cache: Path | None = None,  # share generation 0 with the sweep's other policies (SharedGen0)
-    metrics: tuple[str, ...] = (),  # metric names from simulator.metrics.registry
-    metric_options: dict | None = None,  # options passed to metrics (projections, k, ...)
-    eval_samples: int | None = None,  # number of samples metrics see (default: all)
-    progress: bool = True,  # tqdm bars over generations and training steps
-    step_logger: Callable[[int], step_log.StepLogger | None] | None = None,  # t -> logger of G_t's fit
-) -> list[dict[str, Any]]:
-    """Run or resume generations 0..T in `run`; returns the results rows."""
-    chains = data.train.shape[0]
-    n_real = data.n_train
-    n_pool = policy.pool_size(n_real)  # samples per generation that enter training sets
-    n_draw = max(n_pool, n_samples or 0, (eval_samples or 0) if metrics else 0, 1)
-    n_eval = min(eval_samples or n_draw, n_draw)
-    per_shard = shard_size or store.DEFAULT_SHARD_SIZE
-    model = make_model()
-    conditional = data.train_labels is not None and getattr(model, "num_classes", None) is not None
-    sharded = bool(getattr(model, "per_sample_seeds", False))  # samples drawn by index, in shards
-    main = distributed.is_main()  # rank 0 writes the run directory
-    corrupt = run.path / "corrupt"  # where files that fail their checksums are set aside (RunDir.repair)
-    held: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # samples not on disk (toy, unsaved)
-    bias = {"temperature": temperature, **({"guidance": guidance} if guidance else {})}  # sample() options
-
-    def class_labels(t: int, n: int) -> torch.Tensor | None:
-        """Classes of the n candidates of S_t, in the proportions of the real training set."""
-        if not conditional:
-            return None
-        real = data.train_labels[0]
-        return real[torch.randint(len(real), (n,), generator=seeding.generator(seed, t, "labels"))]
-
-    def keep_best(
-        m: GenerativeModel, x: torch.Tensor, y: torch.Tensor | None, t: int, rows: list[int] | slice
-    ):
-        """Curation: one of each k consecutive candidates (samples `rows` of S_t), the best by the reward
-        or, with curation_beta, one drawn with probability softmax(beta * reward) (simulator.curation)."""
-        if callable(curation_reward):
-            reward = curation_reward(m, x, y)
-        else:
-            reward = m.log_prob(x) if curation_reward == "model" else data.truth.log_prob(x)
-        if curation_beta is None:
-            keep = curate(reward.cpu(), curation_k)
-        else:  # one uniform per sample of S_t, whichever rank draws it
-            u = torch.rand(
-                x.shape[0], n_draw, generator=seeding.generator(seed, t, "curation"), dtype=torch.float64
-            )
-            keep = soft_select(reward.cpu(), curation_k, curation_beta, u[:, rows])
-        return x[torch.arange(x.shape[0]).unsqueeze(1), keep], None if y is None else y[keep[0]]
-
-    def draw(m: GenerativeModel, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """S_t: n_draw samples of m (with their class labels for a class-conditional family)."""
-        g = seeding.generator(seed, t, "sample")
-        y = class_labels(t, n_draw * curation_k)
-        x = m.sample(n_draw * curation_k, y, generator=g, **bias).cpu()
-        if curation_k > 1:
-            x, y = keep_best(m, x, y, t, slice(None))
-        return x, None if y is None else y.unsqueeze(0).expand(x.shape[0], -1)
-
-    def draw_rows(m: GenerativeModel, t: int, rows: range) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows `rows` of S_t (equal to draw(m, t)[:, rows]) for a per-sample-seeded family; each rank
-        draws its round-robin part (with its curation candidates) and the parts are gathered."""
-        k, mine = curation_k, [rows[i] for i in distributed.shard(len(rows))]
-        candidates = [i * k + j for i in mine for j in range(k)]
-        y_all = class_labels(t, n_draw * k)
-        x = m.sample(n_draw * k, y_all, generator=seeding.generator(seed, t, "sample"),  # type: ignore[call-arg]
-                     indices=candidates, **bias).cpu()  # fmt: skip
-        y = None if y_all is None else y_all[candidates]
-        if k > 1:
-            x, y = keep_best(m, x, y, t, mine)
-        x = store.gather_rows(x, len(rows))
-        y = None if y is None else distributed.gather_shards(y, len(rows))
-        return x, None if y is None else y.unsqueeze(0).expand(x.shape[0], -1)
-
-    def samples_of(t: int, rows: int | None = None, kind: str = store.SAMPLES) -> torch.Tensor:
-        """The first `rows` samples (or labels) of S_t: from disk when saved, else kept or redrawn."""
-        if t not in held and store.exists(run.gen_dir(t)):
-            return store.load(run.gen_dir(t), rows, kind)
-        if t not in held:  # sample.save=false: regenerate them exactly from the saved model
-            m = make_model()
-            m.load_state_dict(load_model(run.gen_dir(t)))
-            held[t] = draw_rows(m, t, range(n_draw)) if sharded else draw(m, t)
-        x = held[t][0 if kind == store.SAMPLES else 1]
-        return x if rows is None else x[:, :rows]
-
-    n_truth = policy.n_truth(n_real)  # rows drawn afresh from the exact sampler each generation
-    if n_truth and data.truth is None:
+def _pool(run: RunDir, data: Dataset, make_model: Callable[[], Any], model: Any, policy: Policy, seed: int,
+          train: TrainOptions, sample: SampleOptions, evaluate: EvalOptions, commit: CommitOptions,
+          n_draw: int, n_eval: int) -> SamplePool:  # fmt: skip
+    """The run's pool: of samples, or of their statistics (train.statistics)."""
+    if policy.n_truth(data.n_train) and data.truth is None:
         raise PolicyError(
             f"policy {policy.describe()}: the data source has no exact sampler (toy sources only)"
         )
+    if not train.statistics:
+        labelled = isinstance(model, Conditional) and model.num_classes is not None
+        return SamplePool(run, data, make_model, policy, seed=seed, n_draw=n_draw, n_eval=n_eval,
+                          options=sample, conditional=data.train_labels is not None and labelled,
+                          indexed=isinstance(model, IndexedSampling), save=commit.save_samples,
+                          shard_size=commit.shard_size)  # fmt: skip
+    if commit.gen0_cache is not None or train.init_pretrained:
+        raise ConfigError("model.path: statistics takes neither share_gen0 nor init.pretrained (generation 0 "
+                          "costs nothing)")  # fmt: skip
+    return StatisticsPool(run, data, make_model, policy, seed=seed, n_draw=n_draw, n_eval=n_eval,
+                          options=sample, metrics=evaluate.metrics)  # fmt: skip
 
-    def pool(member: int) -> torch.Tensor:
-        if member == TRUTH:  # generation t's fresh real rows (t: the generation being assembled)
-            return draw_truth(data.truth, n_truth, chains, seed, t)
-        return data.train if member == REAL else samples_of(member, n_pool)
 
-    def pool_labels(member: int) -> torch.Tensor:
-        return data.train_labels if member == REAL else samples_of(member, n_pool, store.LABELS)
-
-    done = run.repair() if main else None
+def _begin(run: RunDir, policy: Policy, gen0_cache: Path | None, n_draw: int) -> tuple[list[int], Any]:
+    """The committed generations (rank 0 repairs the directory; every rank learns them) and, when generation
+    0 is shared with the sweep's other policies and not yet committed here, the shared one's lock."""
+    done = run.repair() if distributed.is_main() else None
     shared = None  # generation 0 shared by the sweep's policies: held (locked) until published
-    if gen0_cache is not None and main and not done:
+    if gen0_cache is not None and distributed.is_main() and not done:
         shared = SharedGen0(gen0_cache / f"n{n_draw}").acquire()  # the number of samples may differ
         if shared.ready():
             shared.adopt(run, policy.describe())
             shared.release()
             done, shared = [0], None
     distributed.barrier()
-    done = distributed.broadcast_object(done)
+    return distributed.broadcast_object(done), shared
+
+
+def _resumable(model: Any, train: TrainOptions, t: int, opt_state: Any, tmp: Path, corrupt: Path) -> dict:
+    """fit()'s keywords for a ResumableFit: the carried optimizer, warm-up, EMA and checkpoint."""
+    if not isinstance(model, ResumableFit):
+        return {}
+    carry = train.carry_optimizer and train.warm_start and t > 0
+    seconds = train.checkpoint_minutes * 60 if train.checkpoint_minutes else None
+    extra: dict[str, Any] = dict(optimizer_state=opt_state if carry else None, warmup=train.warmup,
+                                 ema=train.ema if t > 0 and train.warm_start else "carry")  # fmt: skip
+    if train.checkpoint_every or seconds:  # kept in gen_XXX.tmp until the commit
+        extra["checkpoint"] = FitCheckpoint(tmp / FIT_STATE, train.checkpoint_every, seconds, corrupt)
+    return extra
+
+
+def generation_loop(
+    run: RunDir,  # run directory, already locked and config-checked
+    data: Dataset,  # real train (C or 1, n, *event), test, truth
+    make_model: Callable[[], GenerativeModel],  # builds a fresh model of the family
+    policy: Policy,  # which real and synthetic rows each generation trains on
+    *,
+    generations: int = 10,  # T: generations after generation 0
+    seed: int = 0,  # root of every seed stream
+    train: TrainOptions | None = None,  # how G_t is fitted (None: TrainOptions())
+    sample: SampleOptions | None = None,  # how S_t is drawn
+    evaluate: EvalOptions | None = None,  # what each generation is measured by
+    commit: CommitOptions | None = None,  # what a committed generation keeps
+    progress: bool = True,  # tqdm bars over generations and training steps
+) -> list[dict[str, Any]]:
+    """Run or resume generations 0..T in `run`; returns the results rows (as committed)."""
+    # ---- Setup: sizes, the pool, what is committed already -----------------------------------------------
+    train, sample = train or TrainOptions(), sample or SampleOptions()
+    evaluate, commit = evaluate or EvalOptions(), commit or CommitOptions()
+    n_pool = policy.pool_size(data.n_train)  # samples per generation that enter training sets
+    metrics = evaluate.metrics
+    n_draw = max(n_pool, sample.n or 0, (evaluate.n_samples or 0) if metrics else 0, 1)
+    n_eval = min(evaluate.n_samples or n_draw, n_draw)
+    model = make_model()
+    pool = _pool(run, data, make_model, model, policy, seed, train, sample, evaluate, commit, n_draw, n_eval)
+    main, corrupt, chains = distributed.is_main(), run.path / "corrupt", data.train.shape[0]
+    done, shared = _begin(run, policy, commit.gen0_cache, n_draw)
     rows = run.rows()
     if rows and rows[-1].get("status") == "diverged":
         return rows
     params0 = params_star = None  # parameters of G_0 and of the fit to real data (theta*)
     opt_state = None  # optimizer state of the last fit (carry_optimizer)
     if done:  # repair() has checked every committed file against its checksum
-        model.load_state_dict(load_model(run.gen_dir(done[-1])))
+        pool.restore(model, run.gen_dir(done[-1]))
         first = make_model()
-        first.load_state_dict(load_model(run.gen_dir(0)))
+        pool.restore(first, run.gen_dir(0))
         params0 = first.parameters_vector()
         star = run.gen_dir(0) / "params_star.pt"
         params_star = _load(star) if star.exists() else params0
@@ -254,118 +279,92 @@ def generation_loop(
         gen = partial(seeding.generator, seed, t)  # gen(purpose): this generation's stream
         tmp = run.begin(t)  # may hold this generation's fitted model and sample shards (a resume)
         row: dict[str, Any] = {"generation": t, "status": "ok", "policy": policy.describe()}
+
+        # ---- Fit: G_t on D_t (G_0 on the real set, or loaded), or found finished in gen_XXX.tmp -------
         clock = time.perf_counter()
         fitted = distributed.broadcast_object(_fitted(tmp, corrupt, t) if main else None)
         try:
             if fitted is not None:  # fitted before an interruption: the model waits in gen_XXX.tmp
-                model.load_state_dict(load_model(tmp))
+                pool.restore(model, tmp)
                 stats, n_train = fitted["train"], fitted["n_train"]
-            elif t == 0 and init_checkpoint:
-                model.load_state_dict(load_weights(Path(init_checkpoint)))
-                stats, n_train = {"loaded": str(init_checkpoint)}, 0
-            elif t == 0 and init_pretrained:  # make_model built G_0 from the diffusers directory itself
-                stats, n_train = {"loaded": str(init_pretrained)}, 0
+            elif t == 0 and train.init_checkpoint:
+                pool.set_state(model, load_weights(Path(train.init_checkpoint)))
+                stats, n_train = pool.loaded(train.init_checkpoint), 0
+            elif t == 0 and train.init_pretrained:  # make_model built G_0 from the diffusers directory itself
+                stats, n_train = {"loaded": str(train.init_pretrained)}, 0
             else:
-                if t == 0 or not warm_start:
+                if t == 0 or not train.warm_start:
                     model.reset(gen("init"))
-                train, labels = data.train, data.train_labels if conditional else None
-                weights = None  # per-row weights (policy weight_real); generation 0 is unweighted
-                if t > 0:
-                    parts = policy.select(t, n_real, chains, gen("policy"))
-                    sizes = {REAL: n_real, TRUTH: n_truth, **dict.fromkeys(range(t), n_pool)}  # rows of each
-                    train = assemble(parts, pool, chains, sizes)
-                    labels = assemble(parts, pool_labels, chains, sizes) if conditional else None
-                    weights = policy.weights(parts, sizes)
-                n_train = train.shape[1]
-                n_steps = steps_gen0 if t == 0 and steps_gen0 else steps
-                batch = getattr(model, "batch_size", n_train)
-                if images and not (t == 0 and steps_gen0):  # a fixed image budget, the same for every lambda
-                    n_steps = math.ceil(images / batch)
-                elif epochs and not (t == 0 and steps_gen0):  # about `epochs` passes over D_t (Bertrand)
-                    n_steps = math.ceil(epochs * n_train / batch)
-                extra: dict[str, Any] = {}
-                if getattr(model, "resumable_fit", False):
-                    carry = carry_optimizer and warm_start and t > 0
-                    if carry and opt_state is None and (run.gen_dir(t - 1) / "optimizer.pt").exists():
-                        opt_state = _load(run.gen_dir(t - 1) / "optimizer.pt")  # after a resume
-                    seconds = checkpoint_minutes * 60 if checkpoint_minutes else None
-                    extra = dict(optimizer_state=opt_state if carry else None, warmup=warmup,
-                                 ema=ema if t > 0 and warm_start else "carry")  # fmt: skip
-                    if checkpoint_every or seconds:  # kept in gen_XXX.tmp until the commit
-                        extra["checkpoint"] = FitCheckpoint(tmp / FIT_STATE, checkpoint_every, seconds,
-                                                            corrupt)  # fmt: skip
+                parts = policy.select(t, data.n_train, chains, gen("policy")) if t > 0 else None
+                d_t, labels, n_train = pool.training_set(t, parts)  # generation 0: the real set
+                weights = policy.weights(parts, pool.sizes(t)) if parts else None  # per row (weight_real)
+                carry = isinstance(model, ResumableFit) and train.carry_optimizer and train.warm_start
+                if carry and t > 0 and opt_state is None and (run.gen_dir(t - 1) / OPTIMIZER).exists():
+                    opt_state = _load(run.gen_dir(t - 1) / OPTIMIZER)  # after a resume
+                extra = _resumable(model, train, t, opt_state, tmp, corrupt)
                 if weights is not None:
                     extra["weights"] = weights
-                logger = step_logger(t) if step_logger is not None and main else None
+                logger = train.logger(t) if train.logger is not None and main else None
                 with step_log.logging_to(logger):  # logger=tensorboard: per-step scalars, nothing else
-                    stats = model.fit(
-                        train, labels, steps=n_steps, generator=gen("fit"), progress=progress, **extra
-                    )
-                if getattr(model, "resumable_fit", False) and carry_optimizer and warm_start:
-                    opt_state = model.optimizer_state  # type: ignore[attr-defined]  # resumable_fit
+                    stats = pool.fit(model, d_t, labels, steps=train.steps_of(t, n_train, model),
+                                     generator=gen("fit"), progress=progress, **extra)  # fmt: skip
+                if carry and isinstance(model, ResumableFit):
+                    opt_state = model.optimizer_state
                     if main:  # before fit.json: a finished fit always has its optimizer state beside it
                         store.save_atomic(opt_state, tmp / OPTIMIZER, run.durable)
-                del train, labels
+                del d_t, labels
         except Diverged as e:
             row.update(status="diverged", error=str(e))
             if main:
                 run.commit(t, row, status="diverged")
             rows.append(strict_row(row))  # as committed: non-finite values are None
             break
-        row["n_train"] = n_train
-        row["train"] = stats
-        row["seconds_fit"] = time.perf_counter() - clock
+        row.update(n_train=n_train, train=stats, seconds_fit=time.perf_counter() - clock)
         if main and fitted is None:  # the model first, then the marker that says the fit is done
             state = model.state_dict()  # model.safetensors (a plain tensor dict), else model.pt
             store.save_atomic(state, tmp / model_name(state), run.durable)
-            scratch.write_text(json.dumps({"train": stats, "n_train": n_train}), tmp / FIT, run.durable)
+            if not train.statistics:  # a fit from statistics costs less than checking its files: redone
+                scratch.write_text(json.dumps({"train": stats, "n_train": n_train}), tmp / FIT, run.durable)
 
+        # ---- Sample: S_t (its first n_eval rows are what the metrics see) ---------------------------------
         clock = time.perf_counter()
-        if sharded:  # resumable shards in gen_XXX.tmp, each drawn across the ranks
-            make = partial(draw_rows, model, t)
-            store.write_shards(tmp, n_draw, per_shard, make, write=main, durable=run.durable, corrupt=corrupt)
-            distributed.barrier()  # the other ranks read what rank 0 wrote
-            samples = store.load(tmp, n_eval if metrics else min(n_eval, 64))  # metrics or the grid
-        else:  # cheap (toy) families: one draw on every rank
-            held[t] = draw(model, t)
-            samples = held[t][0][:, :n_eval]
-            if main and save_samples:  # drawn again by every life that gets here: never read from tmp
-                store.save_atomic(held[t][0], tmp / "samples.pt", run.durable)
-                if held[t][1] is not None:
-                    store.save_atomic(held[t][1], tmp / "labels.pt", run.durable)
-        for old in [g for g in held if g not in policy.needs(t + 1) or (save_samples and g < t)]:
-            del held[old]  # saved samples are read back from disk, unsaved ones kept while needed
+        seen = pool.generate(model, t, tmp, metrics=bool(metrics), write=main, durable=run.durable,
+                             corrupt=corrupt)  # fmt: skip
+        pool.release(t)
         row["seconds_sample"] = time.perf_counter() - clock
 
+        # ---- Evaluate: the metrics of G_t and S_t ----------------------------------------------------------
         clock = time.perf_counter()
         if t == 0 and model.parameters_vector() is not None:
             params0 = params_star = model.parameters_vector().detach().cpu()
-            if init_checkpoint and "param_dist" in metrics:  # theta*: the fit to real data (Bertrand)
+            if train.init_checkpoint and "param_dist" in metrics:  # theta*: the fit to real data (Bertrand)
                 ref = make_model()
                 ref.reset(gen("init"))
-                ref.fit(data.train, steps=steps_gen0 or steps, generator=gen("fit"), progress=False)
+                real, _, _ = pool.training_set(0, None)
+                pool.fit(ref, real, None, steps=train.steps_gen0 or train.steps, generator=gen("fit"),
+                         progress=False)  # fmt: skip
                 params_star = ref.parameters_vector().detach().cpu()
                 if main:
                     store.save_atomic(params_star, tmp / "params_star.pt", run.durable)
-        ctx = metric_registry.MetricContext(
-            model=model, samples=samples, data=data,
-            generation=t, generator=gen("metrics"), params0=params0, params_star=params_star,
-            options=dict(metric_options or {}),
-        )  # fmt: skip
-        values: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for name in metrics:
-                values.update(metric_registry.get(name)(ctx))
+            if train.statistics and isinstance(model, FitsStatistics):  # G_t's parameters, S_t's statistics
+                values = model.metrics_from_statistics(metrics, seen, data, params0, params_star)
+            else:
+                ctx = metric_registry.MetricContext(
+                    model=model, samples=seen, data=data, generation=t, generator=gen("metrics"),
+                    params0=params0, params_star=params_star, options=dict(evaluate.options or {}),
+                )  # fmt: skip
+                values = {}
+                for name in metrics:
+                    values.update(metric_registry.get(name)(ctx))
         row.update(_aggregate(values))
         row["seconds_eval"] = time.perf_counter() - clock
 
+        # ---- Commit: gen_XXX.tmp becomes gen_XXX, whole or not at all -------------------------------------
         if main:
-            if hasattr(model, "export"):  # e.g. a diffusers pipeline directory (export_pipeline)
+            if isinstance(model, Exportable):  # e.g. a diffusers pipeline directory (export_pipeline)
                 model.export(tmp)
-            if sharded and not save_samples:
-                store.remove(tmp)  # redrawn from the model file when a later generation needs them
-            if samples.dim() == 5:  # images (C, n, ch, h, w): a sample grid per generation
-                save_grid(samples[0, :64], tmp / "samples.png")
+            pool.finish(model, t, tmp, seen, durable=run.durable)  # the grid, statistics.pt, unsaved shards
             if chains > 1 and values:
                 chain = {k: v.detach().cpu() for k, v in values.items()}
                 store.save_atomic(chain, tmp / "chain_metrics.pt", run.durable)
@@ -376,7 +375,7 @@ def generation_loop(
             shared.release()
             shared = None
         distributed.barrier()  # the other ranks read the committed generation from here on
-        del samples
+        del seen
         rows.append(strict_row(row))  # as committed: non-finite values are None
         bar.set_postfix({k: f"{row[k]:.3g}" for k in list(values)[:2]})
     if shared is not None:  # generation 0 diverged: nothing to share

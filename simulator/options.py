@@ -12,7 +12,10 @@ Schemas come from three places, all through `check`:
 - a family's, data source's or policy's options: `options_schema(cls)` builds the dataclass from the
   constructor's keyword arguments and annotations, with bounds by option name (BOUNDS: every family that
   takes `hidden` or `lr` checks it the same way) and the class' own rules (its OPTIONS attribute);
-- the metrics' options: FIDOptions and VectorMetricOptions, dataclasses next to the metrics.
+- the metrics' options: the dataclass each metric declares with `@register` (simulator.metrics.registry).
+
+This module checks values against a schema; which schemas a run's config is checked against, in what
+order, is simulator.checks' walk (the one caller for a run).
 """
 
 from __future__ import annotations

@@ -1,7 +1,13 @@
-"""The one place configs become objects: family, data source, policy and metric names -> code."""
+"""The one place configs become objects: family, data source, policy and metric names -> code.
+
+It builds; it does not check (simulator.checks walks a config's rules before anything here runs). Building
+runs under the machine's allocation guard (simulator.machine), blaming the option most likely to size it
+(`data_field`, `model_field`, `policy_field`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import logging
@@ -9,16 +15,16 @@ import os
 import re
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from simulator import distributed, policies, seeding
-from simulator.config import DEVICES, ConfigError
+from simulator import distributed, machine, policies, seeding
+from simulator.config import DEVICES
 from simulator.data.base import Dataset
 from simulator.models.base import GenerativeModel
+from simulator.options import ConfigError, options_schema
 
 # family name -> "module:Class"; imported on demand so a toy run never imports diffusers
 FAMILIES: dict[str, str] = {
@@ -77,25 +83,6 @@ def source_names() -> list[str]:
     return sorted(_source_factories())
 
 
-def metric_names() -> list[str]:
-    from simulator.metrics.registry import load_all
-
-    return sorted(load_all())
-
-
-def check_metric_options(cfg: DictConfig) -> None:
-    """Fail before any work when a metric cannot run as configured (e.g. FID weights missing offline)."""
-    if "fid" in cfg.eval.metrics:
-        from simulator.metrics import features, fid
-
-        try:
-            opts = fid.FIDOptions.parse(_options(cfg.eval.options))
-            if opts.extractor == "inception":
-                features.resolve_weights(opts.weights_path, opts.allow_download)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-
-
 def resolve_device(name: str) -> str:
     """The device this process builds and runs on, made current: 'auto' -> cuda when available, else cpu;
     cuda:N -> that GPU; under a launcher with several processes (torchrun, SLURM, submitit) cuda -> the
@@ -147,10 +134,8 @@ def _options(node: DictConfig) -> dict[str, Any]:
 
 def make_data(cfg: DictConfig) -> Dataset:
     """Load the real data named by cfg.data, one independent real draw per chain where possible."""
-    from simulator import preflight  # sizes: an allocation that would not fit is refused before it is made
-
-    field = preflight.data_field(cfg)
-    with preflight.allocation_guard(field, f"loading data.source={cfg.data.source}"):
+    field = data_field(cfg)  # sizes: an allocation that would not fit is refused before it is made
+    with machine.allocation_guard(field, f"loading data.source={cfg.data.source}"):
         try:
             source = _source_factories()[cfg.data.source](cfg.data.source, **_options(cfg.data.options))
             return source.load(chains=cfg.chains, n_train=cfg.data.n_train, n_test=cfg.data.n_test,
@@ -174,9 +159,7 @@ def make_model_factory(
     if pretrained is not None:
         _pretrained(cfg, cls, options, str(pretrained))
     factory = partial(cls, chains=cfg.chains, event_shape=tuple(event_shape), **options)
-    from simulator import preflight  # sizes: an allocation that would not fit is refused before it is made
-
-    with preflight.allocation_guard(preflight.model_field(cfg), f"building model.family={cfg.model.family}"):
+    with machine.allocation_guard(model_field(cfg), f"building model.family={cfg.model.family}"):
         try:
             factory()
         except (TypeError, ValueError) as e:
@@ -192,9 +175,7 @@ def _pretrained(cfg: DictConfig, cls: type, options: dict[str, Any], directory: 
     resuming from a different checkpoint is refused as a changed config)."""
     from simulator.models import diffusers_io
 
-    if "pretrained" not in inspect.signature(cls).parameters:
-        raise ConfigError(f"init.pretrained: model.family={cfg.model.family} cannot start from a diffusers "
-                          "directory; use model=diffusion")  # fmt: skip
+    # a family that cannot start from a diffusers directory is refused by simulator.checks
     try:
         pre = diffusers_io.read(directory)
     except ValueError as e:
@@ -207,53 +188,12 @@ def _pretrained(cfg: DictConfig, cls: type, options: dict[str, Any], directory: 
         cfg.init.pretrained_sha256 = diffusers_io.weights_sha256(pre)
 
 
-def check_guidance(cfg: DictConfig, data: Dataset | None = None) -> None:
-    """sample.guidance w > 0 needs a family that guides, trained with label dropout (the null class it
-    samples eps(x, null) from) on labelled data; an init.checkpoint must agree with label_dropout. One line
-    before any work, from the config alone (and the data when given): a resume checks it again, and its
-    config.yaml must equal this config, so the saved model options are these."""
-    opts = cfg.model.get("options") or {}
-    p = opts.get("label_dropout")  # its type and range: config.validate (the family's options schema)
-    family = cfg.model.family
-    checkpoint = OmegaConf.select(cfg, "init.checkpoint", default=None)
-    dropout_family = "label_dropout" in inspect.signature(_import(FAMILIES[family])).parameters
-    if checkpoint is not None and dropout_family and Path(str(checkpoint)).is_file():
-        state = torch.load(str(checkpoint), map_location="cpu", weights_only=True, mmap=True)
-        has_null = "null_class" in state
-        if has_null != bool(p):
-            raise ConfigError(f"model.options.label_dropout: init.checkpoint {checkpoint} was trained "
-                              f"{'with' if has_null else 'without'} label dropout (a null class), the config "
-                              f"has label_dropout={p}; both must agree")  # fmt: skip
-    w = OmegaConf.select(cfg, "sample.guidance", default=None)
-    if not w:
-        return
-    if "guidance" not in inspect.signature(_import(FAMILIES[family]).sample).parameters:
-        raise ConfigError(f"sample.guidance: model.family={family} has no classifier-free guidance; use "
-                          "model=diffusion with model.options.num_classes and label_dropout > 0")  # fmt: skip
-    if opts.get("num_classes") is None:
-        raise ConfigError("sample.guidance: guidance needs a class-conditional model; set "
-                          "model.options.num_classes (and model.options.label_dropout > 0)")  # fmt: skip
-    if not p:
-        raise ConfigError(
-            "sample.guidance: the model is trained without label dropout (model.options.label_dropout=0): "
-            "its unconditional branch is untrained; set model.options.label_dropout > 0 (e.g. 0.1) or "
-            "sample.guidance=null"
-        )
-    if data is not None and data.train_labels is None:
-        raise ConfigError(f"sample.guidance: data.source={cfg.data.source} has no class labels to guide by")
-
-
 def make_policy(cfg: DictConfig) -> policies.Policy:
     """The data policy named by cfg.policy.name, built with the group's other keys as options."""
     options = {k: v for k, v in _options(cfg.policy).items() if k != "name"}
     cls = policies.POLICIES[cfg.policy.name]
-    # a non-null weight_real of a policy without a synthetic part is refused by config.check_policy
+    # a non-null weight_real of a policy without a synthetic part is refused by simulator.checks
     options = {k: v for k, v in options.items() if k != "weight_real" or cls.weighted}
-    from simulator.data.toy import TOY_SOURCES
-
-    if options.get("source") == "truth" and cfg.data.source not in TOY_SOURCES:
-        raise ConfigError(f"policy.source=truth: needs a data source with an exact sampler (a toy source), "
-                          f"not data.source={cfg.data.source}")  # fmt: skip
     try:
         return cls(**options).draw_from_last(OmegaConf.select(cfg, "sample.from_last", default=None) or 1)
     except TypeError as e:
@@ -272,3 +212,43 @@ def make_curation_reward(cfg: DictConfig, data: Dataset, device: str) -> Any:
     if name == "model" or (name == "truth" and data.truth is not None):
         return name  # the loop's own log-density rewards (today's behaviour, bit for bit)
     return curation.make_reward(name, options, tuple(data.event_shape), data.truth, device)
+
+
+# -- the option to blame: the key whose value most likely sizes (or overflows) a build ----------------------
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(options_schema(cls))}
+
+
+def data_field(cfg: DictConfig) -> str:
+    """The key whose value most likely sizes (or overflows) loading cfg's data source: data.n_train,
+    data.n_test, a data.options entry or chains (every chain draws its own rows)."""
+    data = _options(OmegaConf.select(cfg, "data", default=None)) or {}
+    values = {**{f"data.options.{k}": v for k, v in (data.get("options") or {}).items()},
+              "data.n_train": data.get("n_train"), "data.n_test": data.get("n_test"),
+              "chains": OmegaConf.select(cfg, "chains", default=None)}  # fmt: skip
+    try:
+        source = _defaults(source_class(str(data.get("source"))))
+    except KeyError:  # an unknown source: its own line comes when it is looked up
+        source = {}
+    defaults = {**{f"data.options.{k}": v for k, v in source.items()}, "data.n_train": 500,
+                "data.n_test": 2000, "chains": 1}  # fmt: skip
+    return machine.largest_option("", values, defaults).lstrip(".") or "data"
+
+
+def model_field(cfg: DictConfig) -> str:
+    """The model.options key whose value most likely sizes building cfg's model."""
+    options = _options(OmegaConf.select(cfg, "model.options", default=None)) or {}
+    try:
+        defaults = _defaults(family_class(str(OmegaConf.select(cfg, "model.family", default=""))))
+    except KeyError:  # an unknown family: its own line comes when it is looked up
+        defaults = {}
+    return machine.largest_option("model.options", options, defaults)
+
+
+def policy_field(cfg: DictConfig) -> str:
+    """The policy option that sets the number of synthetic rows (data.n_train when none is set)."""
+    values = {k: v for k, v in _options(cfg.policy).items() if k in ("lam", "n_syn", "n_real", "budget")}
+    field = machine.largest_option("policy", values, _defaults(policies.POLICIES[cfg.policy.name]))
+    return "data.n_train" if field == "policy" else field

@@ -8,6 +8,7 @@ drawn as a mean with a Student-t 95% band over seeds, and judged together
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from simulator import keys, stability
+from simulator.rundir import write_atomic
 from simulator.strict_json import number
 
 SKIP_COLUMNS = {"generation", "status", "policy", "train", "error", "n_train"}
@@ -99,21 +101,27 @@ def numeric_columns(rows: list[dict[str, Any]]) -> list[str]:
     return list(cols)
 
 
-def save_grid(images: Any, path: Path, nrow: int = 8) -> None:
-    """Save uint8 images (n, ch, h, w) as one PNG grid with a 1-pixel border (PIL only, no matplotlib)."""
-    import torch
-    from PIL import Image
+def write_file(path: Path, data: str | bytes, durable: bool = True) -> None:
+    """Replace path by a new file holding data: written under a temporary name in its folder and renamed
+    (simulator.rundir.write_atomic), so a reader never sees half a table or figure, and a link planted at
+    path -- symbolic or hard -- is replaced, never written through to the file it points to."""
+    write_atomic(path, data, durable)
 
-    n, ch, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.full((ch, rows * (h + 1) + 1, nrow * (w + 1) + 1), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = images[i]
-    array = grid.permute(1, 2, 0).squeeze(-1).numpy()
-    scale = max(1, 256 // max(grid.shape[1:]))  # blow tiny grids (8x8 digits) up for viewing
-    image = Image.fromarray(array, mode="L" if ch == 1 else "RGB")
-    image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST).save(path)
+
+def save_figure(fig: Any, path: Path, dpi: int) -> None:
+    """fig as a PNG at path: rendered in memory, then written by write_file (never through a link)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_file(path, buf.getvalue())
+
+
+def csv_text(columns: list[str], rows: list[dict[str, Any]], **options: Any) -> str:
+    """rows as CSV text under a header of columns (csv.DictWriter with options), for write_file."""
+    buf = io.StringIO(newline="")  # the csv module's own \r\n line ends, as a file opened with newline=""
+    writer = csv.DictWriter(buf, fieldnames=columns, **options)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def _plt():
@@ -125,19 +133,19 @@ def _plt():
     return plt
 
 
-FEATURE_COLUMNS = ("fid", "kid_mean", "kid_std", "precision", "recall")  # all in the fid extractor's space
-
-
 def metric_label(metric: str, config: dict[str, Any]) -> str:
-    """A column's name for a figure, with the feature space of the k-NN and image metrics: Inception pool3
-    precision/recall are not Kynkaanniemi et al.'s VGG-16 ones (docs/science.md, Metric identities)."""
+    """A column's name for a figure, with the feature space its metric declares (simulator.metrics.registry):
+    Inception pool3 precision/recall are not Kynkaanniemi et al.'s VGG-16 ones, nor the raw-vector ones
+    (docs/science.md, Metric identities). The last metric of eval.metrics writing the column wins, as in
+    the run's rows."""
+    from simulator.metrics import registry as metric_registry
+
     ev = (config or {}).get("eval") or {}
-    names = ev.get("metrics") or []
-    if "fid" in names and metric in FEATURE_COLUMNS:
-        tiny = (ev.get("options") or {}).get("extractor") == "tiny"
-        return f"{metric} ({'tiny-CNN features' if tiny else 'Inception pool3'})"
-    if "knn_pr" in names and metric in ("precision", "recall"):
-        return f"{metric} (raw vectors)"
+    for name in reversed(ev.get("metrics") or []):
+        declared = metric_registry.declared(name)  # None: a metric this code does not know (an old run's)
+        if declared is not None and metric in declared.columns:
+            space = declared.feature_space(ev.get("options"))
+            return f"{metric} ({space})" if space else metric
     return metric
 
 
@@ -162,7 +170,7 @@ def draw_run(path: Path) -> list[Path]:
             ax.axis("off")
         fig.suptitle(f"{regime_label(config)} -- {path.name}", fontsize=10)
         fig.tight_layout()
-        fig.savefig(out / "metrics.png", dpi=110)
+        save_figure(fig, out / "metrics.png", dpi=110)
         plt.close(fig)
         made.append(out / "metrics.png")
     made += _draw_scatter(path, rows, out, plt)
@@ -198,7 +206,7 @@ def _draw_scatter(path: Path, rows: list[dict[str, Any]], out: Path, plt) -> lis
     for ax in list(axes.flat)[len(files) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out / "samples.png", dpi=110)
+    save_figure(fig, out / "samples.png", dpi=110)
     plt.close(fig)
     return [out / "samples.png"]
 
@@ -289,14 +297,11 @@ def regime_table(groups: dict[str, list[Run]], metric: str) -> list[dict[str, An
 def _write_table(table: list[dict[str, Any]], stem: Path) -> None:
     """stem.csv and stem.md (missing values as empty cells / '-')."""
     columns = list(dict.fromkeys(k for row in table for k in row))
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(table)
+    write_file(stem.with_suffix(".csv"), csv_text(columns, table))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in table:
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_file(stem.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -> Path:
@@ -356,7 +361,7 @@ def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -
     for ax, m in zip(axes[0, 1 + floors :], metrics[1:], strict=True):
         _draw_metric(ax, m, groups, colors)
     fig.tight_layout()
-    fig.savefig(out / "stability.png", dpi=120)
+    save_figure(fig, out / "stability.png", dpi=120)
     plt.close(fig)
     return out
 
@@ -370,10 +375,7 @@ def _write_tidy(loaded: list[tuple[Path, dict, list]], out: Path) -> None:
             head = {"run": str(p), "regime": regime_label(config), "seed": config.get("seed")}
             records.append({**head, **flat})
     columns = list(dict.fromkeys(k for rec in records for k in rec))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(records)
+    write_file(out / "results.csv", csv_text(columns, records))
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -383,7 +385,9 @@ def _write_tidy(loaded: list[tuple[Path, dict, list]], out: Path) -> None:
         table = pa.table({c: [rec.get(c) for rec in records] for c in columns})
     except (pa.ArrowInvalid, pa.ArrowTypeError):  # a column mixing types: the CSV is the record
         return
-    pq.write_table(table, out / "results.parquet")
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    write_file(out / "results.parquet", buf.getvalue().to_pybytes())
 
 
 def _band(ax: Any, gens: list[int], columns: list[list[float]], label: str, color: str) -> float:

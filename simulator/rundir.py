@@ -85,12 +85,12 @@ def create(path: Path, data: bytes, durable: bool = True) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str, durable: bool = True) -> None:
-    """Write text to path via a temporary file and a rename, so readers never see half a file; the rename
-    replaces a link at path rather than writing through it (see create)."""
+def write_atomic(path: Path, text: str | bytes, durable: bool = True) -> None:
+    """Write text (or bytes) to path via a temporary file and a rename, so readers never see half a file; the
+    rename replaces a link at path rather than writing through it (see create)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        create(tmp, text.encode(), durable)
+        create(tmp, text.encode() if isinstance(text, str) else text, durable)
     except BaseException:  # a full disk: give the space back, the old file stays whole
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -9,6 +9,9 @@ folder from the step it resumed at.
 
 Logging changes no result: it reads the losses the fit keeps anyway, once every `every` steps (one host
 copy each time on CUDA, none in between), and draws nothing from any generator.
+
+The logger takes plain arguments and declares its own options (`Logger`, the run config's logger section:
+simulator.config reads it from here), so the trainer that imports this module reaches no config module.
 """
 
 from __future__ import annotations
@@ -16,13 +19,22 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulator.config import Logger
-from simulator.options import check
+from simulator.options import check, opt
 
 EXTRA = 'logger=tensorboard needs the tensorboard extra: pip install -e ".[tensorboard]" -c constraints.txt'
+LOGGERS = ("none", "tensorboard")
+
+
+@dataclass
+class Logger:
+    """The run config's logger section: step-level training logs."""
+
+    name: str = opt("none", choices=LOGGERS)  # none, or tensorboard (needs the tensorboard package: EXTRA)
+    every: int = opt(10, low=1)  # steps per hand-over to the logger
 
 
 class StepLogger:
@@ -30,7 +42,7 @@ class StepLogger:
     a fit may be shorter). The base class records nothing (tests subclass it)."""
 
     def __init__(self, every: int = 10) -> None:
-        check("logger", Logger, {"every": every})  # the config's logger section: logger.every's rule
+        check("logger", Logger, {"every": every})  # logger.every's rule, the line the config would give
         self.every = every
 
     def steps(self, first: int, losses: list[float], lrs: list[float], samples_per_second: float) -> None:

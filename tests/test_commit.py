@@ -316,7 +316,7 @@ def test_cli_resumes_after_the_damage_it_can_repair(tmp_path):
 
 
 # ---- strict JSON ------------------------------------------------------------------------------------------
-@metric_registry.register("_nonfinite_for_tests")
+@metric_registry.register("_nonfinite_for_tests", columns=("never_finite", "inf_at_gen1"))
 def _nonfinite(ctx):
     """A metric that is never finite, and one that is infinite at generation 1 only."""
     chains = ctx.samples.shape[0]

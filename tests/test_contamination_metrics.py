@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from simulator.contamination import bias, classifiers, shifts
+from simulator import classifiers
+from simulator.contamination import bias, shifts
 from simulator.contamination import robustness as rb
 from simulator.data.colored import color_attribute, make_colored
 

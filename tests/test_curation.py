@@ -235,7 +235,7 @@ def test_bad_reward_specs_are_one_line():
 
 
 def test_classifier_reward_is_its_confidence(tmp_path):
-    from simulator.contamination import classifiers
+    from simulator import classifiers
 
     net = classifiers.make_classifier(
         "cnn", (1, 8, 8), 10, generator=torch.Generator().manual_seed(0), width=4
@@ -348,9 +348,9 @@ def test_sharded_image_sampling_draws_the_same_curated_samples(tmp_path):
     """Glow on 8x8 digits (class-conditional, per-sample seeds), one of 2 candidates kept by a classifier's
     confidence in the sample's own class: shards of 16 or one shard of 48 give the same samples and labels
     (each sample's draw uses its own uniform), and soft curation differs from the best of 2."""
+    from simulator import classifiers
     from simulator import samples as store
     from simulator.cli import run_config
-    from simulator.contamination import classifiers
     from simulator.rundir import RunDir
     from tests.conftest import compose_config
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from simulator.contamination import classifiers
+from simulator import classifiers
 from simulator.models.diffusion import DiffusionFamily
 from simulator.models.flow import FlowFamily
 from simulator.models.glow import GlowFamily

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from simulator.config import validate
+from simulator.checks import check as validate
 from simulator.metrics.fid import FIDOptions
 from simulator.metrics.toy import VectorMetricOptions
 from simulator.options import CONFIG_DIR, WRITTEN

@@ -37,6 +37,37 @@ def test_experiment_composes_and_validates(name):
         assert str(e).startswith(starts), e
 
 
+@pytest.mark.parametrize(
+    "overrides, epochs",
+    [
+        # the config's budget, 50k images: 1/(1 + lambda) rounds to 1 epoch, and at lambda = 1 0.5 rounds
+        # half to even to 0, then the floor of one epoch (their script's max(.., 1))
+        (["policy=real_only"], 1), (["policy=mix_small"], 1), (["policy=mix"], 1), (["policy=mix_high"], 1),
+        (["policy=replace"], 1),
+        # a budget of 10 epochs at lambda = 0: the same images at every lambda, in whole epochs
+        (["image_budget=500000", "policy=real_only"], 10), (["image_budget=500000", "policy=mix_small"], 9),
+        (["image_budget=500000", "policy=mix"], 7), (["image_budget=500000", "policy=mix_high"], 5),
+        (["image_budget=250000", "policy=mix_high"], 2),  # 2.5: half to even (np.round), not 3
+        (["image_budget=150000", "policy=mix_high"], 2),  # 1.5 -> 2
+        (["data.n_train=5000", "policy=mix"], 7),  # n is the real rows a run has: 50k / 7.5k = 6.67
+    ],
+)  # fmt: skip
+def test_cifar10_bertrand_fine_tunes_the_papers_epochs(overrides, epochs):
+    """Bertrand et al.'s DDPM arm: max(1, round(budget / (n (1 + lambda)))) whole epochs per generation
+    (their iterative_retraining.py), from the experiment's image_budget, policy.lam and data.n_train."""
+    cfg = experiment("cifar10_bertrand", *overrides)
+    assert cfg.train.epochs == epochs and cfg.train.images is None
+    policy = [o for o in overrides if o.startswith("policy=")]
+    assert experiment("cifar10_bertrand_smoke", *policy).train.epochs == 1  # 64 images: 1 epoch
+
+
+@pytest.mark.parametrize("budget", ["0", "-5", "2.5", "abc"])
+def test_a_bad_image_budget_is_one_line(budget):
+    one_line = r"^image_budget: must be a whole number of images >= 1, got [^\n]*$"
+    with pytest.raises(ConfigError, match=one_line):
+        _validate(experiment("cifar10_bertrand", f"image_budget={budget}"))
+
+
 def test_cifar10_smoke_two_generations(tmp_path, shared_dir):
     cfg = experiment("cifar10_bertrand_smoke", f"data.options.root={shared_dir / 'data'}",
                      f"++eval.options.cache_dir={tmp_path / 'cache'}")  # fmt: skip

@@ -23,7 +23,6 @@ from simulator import stability
 from simulator.cli import _validate, run_config
 from simulator.config import ConfigError
 from simulator.data.toy import GaussianSource
-from simulator.gaussian_stats_loop import metrics_from_statistics
 from simulator.metrics import registry as metric_registry
 from simulator.metrics import toy as _toy_metrics  # noqa: F401 -- registers the vector metrics
 from simulator.metrics.registry import MetricContext
@@ -34,6 +33,7 @@ from simulator.models.gaussian_stats import (
     Stats,
     bartlett,
     draw_stats,
+    metrics_from_statistics,
     simulate_gaussian_statistics,
 )
 from simulator.weights import load_model

@@ -227,12 +227,17 @@ def test_bad_guidance_config_is_one_line_before_any_work(
 
 
 def test_guidance_config_checks_data_labels_and_init_checkpoint(tmp_path) -> None:
-    from simulator import registry
+    import dataclasses
 
-    cfg = compose_config(*GUIDED, "model.options.label_dropout=0.1")
-    registry.check_guidance(cfg, SimpleNamespace(train_labels=torch.zeros(1, 4)))  # fine
+    from simulator import checks, preflight, registry
+
+    metrics = ("eval.metrics=[bpd]", "eval.stability_metric=bpd")  # the default's kl_truth needs a density
+    cfg = compose_config(*GUIDED, "model.options.label_dropout=0.1", *metrics)
+    checks.check(cfg)  # fine
+    data, policy = registry.make_data(cfg), registry.make_policy(cfg)
+    checks.check_data(cfg, data, policy)  # fine: labelled digits
     with pytest.raises(ConfigError, match="data.source=digits has no class labels"):
-        registry.check_guidance(cfg, SimpleNamespace(train_labels=None))
+        checks.check_data(cfg, dataclasses.replace(data, train_labels=None), policy)
     torch.save(make(num_classes=3).state_dict(), tmp_path / "model.pt")  # trained without dropout
     cfg = compose_config(
         *GUIDED, "model.options.label_dropout=0.1", f"init.checkpoint={tmp_path / 'model.pt'}"
@@ -240,7 +245,7 @@ def test_guidance_config_checks_data_labels_and_init_checkpoint(tmp_path) -> Non
     with pytest.raises(
         ConfigError, match="was trained without label dropout .* label_dropout=0.1; both must"
     ):
-        registry.check_guidance(cfg)
+        preflight.check_files(cfg)  # the checkpoint's file, read once
     assert compose_config().sample.guidance is None  # the default: no guidance
 
 

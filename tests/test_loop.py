@@ -19,7 +19,7 @@ from tests.conftest import compose_config
 CRASH_AT = {"generation": None}
 
 
-@metric_registry.register("_crash_for_tests")
+@metric_registry.register("_crash_for_tests", columns=("crash",))
 def _crash(ctx):
     """A metric that kills the run at a chosen generation, like a SIGKILL would (nothing committed)."""
     if ctx.generation == CRASH_AT["generation"]:
@@ -66,7 +66,11 @@ def files(path):
     ids=["accumulate", "replace-nosave", "subsample-nosave", "fresh", "flow-mix", "last3-nosave", "soft"],
 )
 def test_resume_equals_uninterrupted(tmp_path, overrides):
-    overrides = [*overrides, "eval.metrics=[_crash_for_tests,moments,param_dist]"]
+    overrides = [
+        *overrides,
+        "eval.metrics=[_crash_for_tests,moments,param_dist]",
+        "eval.stability_metric=var_ratio",
+    ]
     cfg = compose_config(*overrides)
     CRASH_AT["generation"] = None
     run_config(cfg, tmp_path / "whole")

@@ -9,8 +9,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from simulator import options
+from simulator.checks import check as validate
 from simulator.cli import CONFIG_DIR, run_config
-from simulator.config import ConfigError, RunConfig, metric_schema, validate
+from simulator.config import ConfigError, RunConfig, metric_schema
 from simulator.contamination.schema import ContaminateConfig
 from simulator.preflight import compose_jobs, sweep_jobs
 from tests.conftest import compose_config

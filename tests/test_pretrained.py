@@ -272,13 +272,13 @@ def test_each_config_field_is_one_line_naming_it(pipeline_dir, tmp_path, part, v
 def test_the_unet_is_sized_against_memory_without_building_it(pipeline_dir, tmp_path, monkeypatch) -> None:
     """read() counts the UNet's parameters on the meta device: a config of 2.7e13 parameters is refused
     at once, and one that fits refuses on a machine with too little memory, naming init.pretrained."""
-    from simulator import preflight
+    from simulator import machine
 
     wide = edited(pipeline_dir, tmp_path, UNET_JSON, block_out_channels=[200000, 400000])
     line = r"^init.pretrained: block_out_channels \[200000, 400000\] of .* make a UNet of 27,160,037,800,001"
     with pytest.raises(ValueError, match=line + " parameters, which with its weights read needs"):
         diffusers_io.read(wide)
-    monkeypatch.setattr(preflight, "available_memory", lambda: 1000)
+    monkeypatch.setattr(machine, "available_memory", lambda: 1000)
     line = r"^init.pretrained: block_out_channels \[8, 16\] of .* more than the 1000 bytes this machine has"
     with pytest.raises(ValueError, match=line + " available$"):
         diffusers_io.read(pipeline_dir)

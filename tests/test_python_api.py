@@ -15,7 +15,7 @@ import yaml
 CODE = """
 import sys, torch
 from simulator.data.toy import make_toy
-from simulator.loop import generation_loop
+from simulator.loop import EvalOptions, generation_loop
 from simulator.models.gaussian import GaussianFamily
 from simulator.policies import Replace
 from simulator.rundir import RunDir
@@ -24,7 +24,8 @@ data = make_toy("gaussian").load(chains=8, n_train=50, n_test=100, generator=tor
 with RunDir(sys.argv[1], durable=False) as run:
     run.check_config({"example": "python api"})
     rows = generation_loop(run, data, lambda: GaussianFamily(chains=8, event_shape=data.event_shape),
-                           Replace(), generations=3, metrics=("moments", "kl_truth"), progress=False)
+                           Replace(), generations=3, evaluate=EvalOptions(metrics=("moments", "kl_truth")),
+                           progress=False)
 print(rows[-1]["generation"], rows[-1]["var_ratio"], rows[-1]["kl_truth"])
 """
 

@@ -177,7 +177,7 @@ def test_every_family_has_a_bad_option_here():
 def test_a_family_built_from_python_gives_the_config_paths_line(family):
     """The constructor checks its arguments with the schema the config checks model.options with: the
     same ConfigError line, naming model.options.<option>, from Python as from the command line."""
-    from simulator.config import validate
+    from simulator.checks import check as validate
     from tests.conftest import compose_config
 
     name, value = BAD_OPTION[family]
@@ -211,7 +211,7 @@ def test_a_rule_between_options_is_the_same_line_both_ways():
 def test_classifier_arguments_are_checked_with_the_contamination_schema():
     import torch
 
-    from simulator.contamination import classifiers
+    from simulator import classifiers
     from simulator.contamination.schema import ContaminateConfig
 
     with pytest.raises(ConfigError) as direct:

@@ -113,6 +113,74 @@ def test_launcher_configs_ask_for_the_devices_they_run_on():
     assert local.hydra.launcher._target_.endswith("LocalLauncher")
 
 
+JOB_TRACEBACK = """submitit INFO (2025-01-01 00:00:00,000) - Starting with JobEnvironment(job_id=7)
+Traceback (most recent call last):
+  File "simulator/loop.py", line 300, in generation_loop
+    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB
+submitit INFO (2025-01-01 00:00:01,000) - Job completed
+"""
+
+
+@pytest.mark.parametrize(
+    "log, line",
+    [
+        ("submitit INFO (..) - Starting\nerror: run directory r holds a symbolic link l -> /x\n",
+         "run directory r holds a symbolic link l -> /x"),  # simulate's own one line wins
+        (JOB_TRACEBACK, "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+        ("submitit WARNING (..) - Bypassing signal SIGTERM\n", None),  # killed: nothing says why
+        ("", None),
+        (None, None),
+    ],
+)  # fmt: skip
+def test_the_error_line_of_a_jobs_log(log, line):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from simulator import launchers
+
+    assert launchers.error_line(log) == line
+
+
+def test_a_killed_job_says_so_with_its_state_and_log():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from types import SimpleNamespace
+
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    from simulator import launchers
+
+    class Job:  # what `why` reads of a submitit job
+        state, paths = "OUT_OF_MEMORY", SimpleNamespace(stderr=Path("sweep/.submitit/7/7_0_log.err"))
+
+        def __init__(self, log):
+            self.log = log
+
+        def stderr(self):
+            return self.log
+
+    killed = launchers.why(Job("submitit WARNING - Bypassing signal SIGTERM"), UncompletedJobError("none"))
+    assert killed == ("ended without a result and without an error line (killed? submitit's state: "
+                      "OUT_OF_MEMORY); its log: sweep/.submitit/7/7_0_log.err")  # fmt: skip
+    quoted = FailedJobError(f"Job (task=0) failed during processing with trace:\n----\n{JOB_TRACEBACK}----")
+    assert launchers.why(Job(None), quoted) == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def test_simulate_launches_with_the_launchers_that_wait_for_every_job(monkeypatch):
+    """The configs keep the plugin's _target_; simulate's console maps it to simulator.launchers' classes."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra.core.plugins import Plugins
+
+    from simulator import entry, launchers
+
+    registry = Plugins.instance().class_name_to_class
+    for config in ("submitit_local", "slurm", "slurm_gpu"):
+        target = _launcher(f"launcher={config}").hydra.launcher._target_
+        monkeypatch.setitem(registry, target, registry[target])  # restored after the test
+    entry.wait_for_every_job()
+    assert registry[_launcher("launcher=submitit_local").hydra.launcher._target_] is launchers.LocalLauncher
+    assert registry[_launcher("launcher=slurm").hydra.launcher._target_] is launchers.SlurmLauncher
+    assert registry[_launcher("launcher=slurm_gpu").hydra.launcher._target_] is launchers.SlurmLauncher
+
+
 # --- two real processes started with SLURM's variables only ----------------------------------------------
 
 
@@ -265,18 +333,59 @@ def test_job_preempted_mid_generation_is_resubmitted_and_ends_identical(tmp_path
     time.sleep(0.5)
     assert running(pid)  # submitit bypasses SIGTERM (it waits for SIGUSR2, or the SIGKILL)
     os.kill(pid, signal.SIGKILL)
-    assert finish(proc) != 0  # the sweep reports the job that ended without a result
+    assert finish(proc) == 1  # the sweep reports the job that ended without a result, in one line:
+    (line,) = failure_lines(tmp_path / "runs.log")
+    assert line.startswith("error: job #") and f"({run}) failed: ended without a result" in line
+    assert "submitit's state: FINISHED" in line and "_log.err" in line
     (other,) = [r for r in runs(root).values() if r != run]
-    for _ in range(4000):  # the other job's own process may outlive the sweep command by a moment
-        if (other / "summary.json").exists():
-            break
-        time.sleep(0.05)
+    assert (other / "summary.json").exists()  # the command waited for the other job to end
     assert not (run / "gen_001").exists() and (run / "gen_001.tmp").is_dir()
     finished = (other / "results.jsonl").stat().st_mtime_ns
     assert finish(sweep(root, POLICIES)) == 0, (tmp_path / "runs.log").read_text()[-3000:]
     assert (other / "results.jsonl").stat().st_mtime_ns == finished  # the finished run is not redone
     got = {policy: content(r) for policy, r in runs(root).items()}
     assert got == reference
+
+
+def failure_lines(log: Path) -> list[str]:
+    """The lines a sweep command ended with for its failed jobs; the log holds no traceback of its own."""
+    text = log.read_text()
+    assert "Traceback" not in text and "HYDRA_FULL_ERROR" not in text, text[-3000:]
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def run_dir(root: Path, *overrides: str) -> Path:
+    """The run directory sweep(root, ...) gives the job of these overrides (hydra.sweep.dir/subdir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    full = _launcher("progress=false", "launcher=submitit_local", f"run_root={root}", "name=s", *GLOW,
+                     *overrides)  # fmt: skip
+    hydra_config = HydraConfig.instance()
+    before = hydra_config.cfg
+    try:
+        hydra_config.set_config(full)  # ${hydra:job.override_dirname} resolves against this job
+        return Path(str(full.hydra.sweep.dir)) / str(full.hydra.sweep.subdir)
+    finally:
+        hydra_config.cfg = before
+
+
+@pytest.mark.slow  # 1.5 min: one job fails at once, the other runs
+def test_a_failed_job_is_one_line_naming_its_run_and_its_error(tmp_path):
+    """A job that fails in its run (here: a link planted in its run directory, refused when the run opens)
+    ends the sweep, once every job has ended, with one line: the job's run directory and its own error
+    line; exit code 1, no traceback. The sweep's other job is finished when the command returns."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    root = tmp_path / "runs"
+    broken = run_dir(root, "policy=replace")
+    broken.mkdir(parents=True)
+    os.symlink("/nowhere", broken / "planted")
+    assert finish(sweep(root, POLICIES)) == 1
+    (line,) = failure_lines(tmp_path / "runs.log")
+    assert line.startswith(f"error: job #1 ({broken}) failed: run directory {broken} holds a symbolic")
+    assert line.endswith("symbolic link planted -> /nowhere; the run writes only files of its own there: "
+                         "remove the link (or put a copy of what it points to in its place)")  # fmt: skip
+    done = runs(root)["accumulate"]
+    assert (done / "summary.json").exists() and not (broken / "config.yaml").exists()
 
 
 @pytest.mark.slow  # 2 min

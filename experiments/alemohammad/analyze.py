@@ -16,92 +16,68 @@ Usage: python experiments/alemohammad/analyze.py [--runs runs] [--out figures]
 
 from __future__ import annotations
 
-import argparse
 import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 from scipy import stats
 
 from simulator import samples
 from simulator.data.toy import make_toy
-from simulator.report import find_runs, load_run
 from simulator.stability import gaussian_expected
 from simulator.stats import student_t_band
-from simulator.strict_json import number  # null (not finite) -> NaN
-from simulator.weights import load_model
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: experiments.common
+from experiments import common  # noqa: E402
+from experiments.common import Run  # noqa: E402
 
 KEEP_SHARE = 0.1  # a mode is kept with at least this fraction of its fair share of samples within 3 std
-
-
-def gens_of(run: Path) -> list[Path]:
-    return sorted(run.glob("gen_[0-9][0-9][0-9]*"), key=lambda p: int(p.name[4:]))
 
 
 # -- 1. sampling bias ---------------------------------------------------------------------------
 
 
-def bias_part(runs: list[Path], axes: list, lines: list[str]) -> None:
+def bias_part(runs: list[Run], axes: list, lines: list[str]) -> None:
     """Variance and mean drift under temperature s < 1 vs closed form; precision/recall vs generation."""
-    loaded = []
-    for run in runs:
-        config, rows = load_run(run)
-        states = [load_model(g) for g in gens_of(run)]
-        mean = torch.stack([s["mean"] for s in states]).double().numpy()  # (T, C, d)
-        cov = torch.stack([s["cov"] for s in states]).double().numpy()
-        loaded.append((float(config["sample"]["temperature"]), config, rows, mean, cov))
-    loaded.sort(key=lambda r: -r[0])
-    lines += [
-        "| s | t | E tr Σ_t / tr Σ_0 (mean ± 95% Student-t half width over chains) | closed form s^(t-1) | "
-        "z = (measured − closed form) / SE | E‖μ_t-μ_0‖²/tr Σ_0 (mean ± 95% half width) | closed form | z | "
-        "precision | recall |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for i, (s, config, rows, mean, cov) in enumerate(loaded):
+    runs = sorted(runs, key=lambda r: -float(r.config["sample"]["temperature"]))
+    lines += common.table(
+        ["s", "t", "E tr Σ_t / tr Σ_0 (mean ± 95% Student-t half width over chains)", "closed form s^(t-1)",
+         "z = (measured − closed form) / SE", "E‖μ_t-μ_0‖²/tr Σ_0 (mean ± 95% half width)", "closed form",
+         "z", "precision", "recall"]
+    )  # fmt: skip
+    for i, run in enumerate(runs):
+        config, rows = run.config, run.rows
+        p = common.stack(common.models(run.path), ("mean", "cov"))
+        mean, cov = p["mean"], p["cov"]  # (T, C, d), (T, C, d, d)
+        s = float(config["sample"]["temperature"])
         n, d = int(config["data"]["n_train"]), mean.shape[-1]
         tr0 = float(config["data"]["options"]["std"]) ** 2 * d  # Sigma_0 = std^2 I
         mu0 = float(config["data"]["options"]["mean"])
         t = np.arange(1, mean.shape[0] + 1)
-        th = gaussian_expected(
-            "replace",
-            n,
-            t,
-            d=d,
-            ddof=int(config["model"]["options"]["ddof"]),
-            temperature=s,
-            tempered_real=False,
-        )
+        ddof = int(config["model"]["options"]["ddof"])
+        th = gaussian_expected("replace", n, t, d=d, ddof=ddof, temperature=s, tempered_real=False)
         var = np.trace(cov, axis1=-2, axis2=-1) / tr0
         drift = ((mean - mu0) ** 2).sum(-1) / tr0
         color = f"C{i}"
         for ax, q, key in ((axes[0], var, "var_ratio"), (axes[1], drift, "mean_sq_per_var")):
-            m, _, half, _ = student_t_band(q)
-            ax.plot(t, m, color=color, label=f"s = {s:g}")
-            ax.fill_between(t, m - half, m + half, color=color, alpha=0.25, lw=0)
+            common.band(ax, t, q, color=color, label=f"s = {s:g}")
             ax.plot(t, th[key], "k--", lw=0.8)
         gens = [r["generation"] + 1 for r in rows]
-        axes[2].plot(
-            gens, [number(r.get("precision")) for r in rows], color=color, label=f"precision, s = {s:g}"
-        )
-        axes[2].plot(
-            gens, [number(r.get("recall")) for r in rows], color=color, ls=":", label=f"recall, s = {s:g}"
-        )
+        precision, recall = common.column(rows, "precision"), common.column(rows, "recall")
+        axes[2].plot(gens, precision, color=color, label=f"precision, s = {s:g}")
+        axes[2].plot(gens, recall, color=color, ls=":", label=f"recall, s = {s:g}")
         for tc in sorted({min(10, len(t)), len(t)}):
             bv, bd = student_t_band(var[tc - 1]), student_t_band(drift[tc - 1])
-            zv = (bv.mean - th["var_ratio"][tc - 1]) / bv.se
-            zd = (bd.mean - th["mean_sq_per_var"][tc - 1]) / bd.se
-            r = rows[tc - 1]
             tv, td = th["var_ratio"][tc - 1], th["mean_sq_per_var"][tc - 1]
+            zv, zd = (bv.mean - tv) / bv.se, (bd.mean - td) / bd.se
             lines.append(
-                f"| {s:g} | {tc} | {bv.mean:.4g} ± {bv.half:.2g} | {tv:.4g} | {zv:+.1f} | "
-                f"{bd.mean:.4g} ± {bd.half:.2g} | {td:.4g} | {zd:+.1f} | "
-                f"{number(r.get('precision')):.3f} | {number(r.get('recall')):.3f} |"
-            )
+                common.row([f"{s:g}", tc, f"{bv.mean:.4g} ± {bv.half:.2g}", f"{tv:.4g}", f"{zv:+.1f}",
+                            f"{bd.mean:.4g} ± {bd.half:.2g}", f"{td:.4g}", f"{zd:+.1f}",
+                            f"{precision[tc - 1]:.3f}", f"{recall[tc - 1]:.3f}"])
+            )  # fmt: skip
     axes[0].set_yscale("log")
     axes[0].set_title(
         "E tr Σ_t / tr Σ_0, 95% Student-t band (dashed: s^(t-1), real data untempered)", fontsize=9
@@ -116,16 +92,14 @@ def bias_part(runs: list[Path], axes: list, lines: list[str]) -> None:
 # -- 2. modes -----------------------------------------------------------------------------------
 
 
-def mode_stats(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mode_stats(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per generation and chain: modes kept (T, C), fraction of samples within 3 std of a mode (T, C); and
     generations (T,)."""
-    config, _ = load_run(run)
-    opts = config["data"]["options"]
-    truth = make_toy("gmm", **opts).params()
+    truth = make_toy("gmm", **run.config["data"]["options"]).params()
     means, stds = truth["means"].double(), truth["stds"].double()
     k = means.shape[0]
     kept, quality, gens = [], [], []
-    for g in gens_of(run):
+    for g in common.committed(run.path):
         x = samples.load(g).double()  # (C, m, d)
         dist = torch.cdist(x, means.expand(x.shape[0], k, -1))  # (C, m, K)
         near = dist.min(-1)
@@ -137,52 +111,41 @@ def mode_stats(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(kept), np.array(quality), np.array(gens)
 
 
-def chain_metric(run: Path, name: str) -> np.ndarray:
-    """Per-chain values (T, C) of a metric column from gen_XXX/chain_metrics.pt."""
-    return np.stack(
-        [torch.load(g / "chain_metrics.pt", weights_only=True)[name].numpy() for g in gens_of(run)]
-    )
-
-
-def label(run: Path) -> str:
-    config, _ = load_run(run)
-    p = config["policy"]
+def label(run: Run) -> str:
+    """The loop's name in the legend and the table."""
+    p = run.config["policy"]
     name = {"replace": "fully synthetic (replace)", "accumulate": "synthetic augm. (accumulate)"}.get(
         p["name"]
     )
     if p["name"] == "mix":
         name = f"synthetic augm. (mix λ={p['lam']:g})"
     if p["name"] == "fresh":
-        start = "bad start" if "bad" in str(config["init"]["checkpoint"]) else "fitted start"
+        start = "bad start" if "bad" in str(run.config["init"]["checkpoint"]) else "fitted start"
         name = f"fresh data ({p['n_real']} real + {p['n_syn']} syn.), {start}"
     return name
 
 
-def gmm_part(runs: list[Path], axes: list, lines: list[str]) -> list[tuple[str, np.ndarray]]:
+def gmm_part(runs: list[Run], axes: list, lines: list[str]) -> list[tuple[str, np.ndarray]]:
     """Modes kept and KL per loop; returns (label, KL (T, C)) of every run for the fresh-data panel."""
-    lines += [
-        "| loop | modes kept: gen 0 | gen 20 | last gen (± 95% Student-t half width over chains) | "
-        "KL(truth‖model): gen 0 | last gen | "
-        "samples within 3σ of a mode (last) | precision (last) | recall (last) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines += common.table(
+        ["loop", "modes kept: gen 0", "gen 20", "last gen (± 95% Student-t half width over chains)",
+         "KL(truth‖model): gen 0", "last gen", "samples within 3σ of a mode (last)", "precision (last)",
+         "recall (last)"]
+    )  # fmt: skip
     out = []
     for i, run in enumerate(runs):
-        _, rows = load_run(run)
         kept, quality, gens = mode_stats(run)
-        kl = chain_metric(run, "kl_truth")
+        kl = common.chain_metric(run.path, "kl_truth")
         name = label(run)
-        m, _, half, _ = student_t_band(kept)
-        axes[0].plot(gens, m, color=f"C{i}", label=name)
-        axes[0].fill_between(gens, m - half, m + half, color=f"C{i}", alpha=0.2, lw=0)
+        m, _, half, _ = common.band(axes[0], gens, kept, color=f"C{i}", label=name, alpha=0.2)
         axes[1].plot(gens, np.median(kl, 1), color=f"C{i}", label=name)
         g20 = min(20, len(gens) - 1)
-        last = rows[-1]
+        last = run.rows[-1]
         lines.append(
-            f"| {name} | {m[0]:.1f} | {m[g20]:.1f} | {m[-1]:.1f} ± {half[-1]:.1f} | "
-            f"{kl[0].mean():.3g} | {kl[-1].mean():.3g} | {quality[-1].mean():.3f} | "
-            f"{last['precision']:.3f} | {last['recall']:.3f} |"
-        )
+            common.row([name, f"{m[0]:.1f}", f"{m[g20]:.1f}", f"{m[-1]:.1f} ± {half[-1]:.1f}",
+                        f"{kl[0].mean():.3g}", f"{kl[-1].mean():.3g}", f"{quality[-1].mean():.3f}",
+                        f"{last['precision']:.3f}", f"{last['recall']:.3f}"])
+        )  # fmt: skip
         out.append((name, kl))
     axes[0].set_title(
         f"modes kept (≥{KEEP_SHARE:.0%} of fair share within 3σ)\nmean, 95% Student-t band over chains",
@@ -201,10 +164,7 @@ def fresh_part(fresh: list[tuple[str, np.ndarray]], ax, lines: list[str]) -> Non
     """The fresh-data loop from two starts: the level each settles at, and their difference."""
     levels = {}
     for i, (name, kl) in enumerate(fresh):
-        gens = np.arange(kl.shape[0])
-        m, _, half, _ = student_t_band(kl)
-        ax.plot(gens, m, color=f"C{i + 3}", label=name)
-        ax.fill_between(gens, m - half, m + half, color=f"C{i + 3}", alpha=0.2, lw=0)
+        common.band(ax, np.arange(kl.shape[0]), kl, color=f"C{i + 3}", label=name, alpha=0.2)
         levels[name] = kl[-(kl.shape[0] // 3) :].mean(0)  # per chain: mean over the last third
         ax.axhline(levels[name].mean(), color=f"C{i + 3}", ls=":", lw=0.8)
     ax.set_yscale("log")
@@ -213,14 +173,13 @@ def fresh_part(fresh: list[tuple[str, np.ndarray]], ax, lines: list[str]) -> Non
         "fresh-data loop: KL(truth ‖ model) from two starts\nmean, 95% Student-t band over chains", fontsize=9
     )
     ax.legend(fontsize=6)
-    lines += [
-        "| fresh-data loop start | KL at gen 0 | settled level (per chain the mean over the last third of "
-        "gens; mean ± 95% Student-t half width over chains) |",
-        "|---|---|---|",
-    ]
+    lines += common.table(
+        ["fresh-data loop start", "KL at gen 0", "settled level (per chain the mean over the last third of "
+         "gens; mean ± 95% Student-t half width over chains)"]
+    )  # fmt: skip
     for name, kl in fresh:
         b = student_t_band(levels[name])
-        lines.append(f"| {name} | {kl[0].mean():.3g} | {b.mean:.4f} ± {b.half:.4f} |")
+        lines.append(common.row([name, f"{kl[0].mean():.3g}", f"{b.mean:.4f} ± {b.half:.4f}"]))
     if len(levels) == 2:
         a, b = (student_t_band(v) for v in levels.values())
         # Welch: the two starts are independent sets of chains with their own spreads
@@ -233,36 +192,32 @@ def fresh_part(fresh: list[tuple[str, np.ndarray]], ax, lines: list[str]) -> Non
         )
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Draw figures/alemohammad.png and write figures/alemohammad.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="runs", type=Path)
-    parser.add_argument("--out", default="figures", type=Path)
-    args = parser.parse_args()
+    args = common.arguments(__doc__, argv)
+    bias = common.runs_under(args.runs, "alemohammad_bias")
+    loops = common.runs_under(args.runs, "alemohammad_gmm", "alemohammad_fresh")
     args.out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9.5))
+    fig, axes = common.subplots(2, 3, figsize=(16, 9.5))
     text = [
         "# Alemohammad et al.: self-consuming loops go MAD (`experiments/alemohammad/run.sh`)",
         "",
         "## Gaussian with sampling bias s (replace, ddof 1, fit t = loop generation + 1)",
         "",
     ]
-    bias_part(find_runs([args.runs / "alemohammad_bias"]), list(axes[0]), text)
+    bias_part(bias, list(axes[0]), text)
     text += ["", "## 25-mode GMM fitted by a 25-component GMM (EM)", ""]
-    runs = find_runs([args.runs / "alemohammad_gmm"]) + find_runs([args.runs / "alemohammad_fresh"])
-    curves = gmm_part(runs, [axes[1, 0], axes[1, 1]], text)
+    curves = gmm_part(loops, [axes[1, 0], axes[1, 1]], text)
     text += [""]
     fresh_part([c for c in curves if c[0].startswith("fresh")], axes[1, 2], text)
     fig.suptitle(
         "MAD: sampling bias on a Gaussian (top); 25-mode GMM under fully synthetic, augmentation "
         "and fresh-data loops (bottom)"
     )
-    fig.tight_layout()
-    fig.savefig(args.out / "alemohammad.png", dpi=110)
-    plt.close(fig)
-    (args.out / "alemohammad.md").write_text("\n".join(text) + "\n")
+    common.save_figure(fig, args.out / "alemohammad.png")
+    common.write_lines(args.out / "alemohammad.md", text)
     print(f"wrote {args.out}/alemohammad.png, alemohammad.md")
 
 
 if __name__ == "__main__":
-    main()
+    common.entry(main)

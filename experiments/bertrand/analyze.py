@@ -18,26 +18,25 @@ Usage: python experiments/bertrand/analyze.py [--runs runs] [--out figures]
 
 from __future__ import annotations
 
-import argparse
 import math
-from collections import defaultdict
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-from simulator.report import find_runs, load_run
 from simulator.stability import bertrand_condition, contraction_rate, regime_verdict, t_interval
-from simulator.strict_json import number  # null (not finite) -> NaN
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: experiments.common
+from experiments import common  # noqa: E402
+from experiments.common import Run  # noqa: E402
 
 ERRORS = (("kl_truth", "KL(truth ‖ model)"), ("frechet", "Fréchet distance (W2² of Gaussian fits)"))
 REPLACE_X = 2.6  # where fully synthetic sits on the lambda axis of the rate panel
+Regime = tuple[float, str]
 
 
-def regime(config: dict) -> tuple[float, str]:
+def regime(config: dict) -> Regime:
     """(sort key / lambda, label): lambda for mix, +inf for replace."""
     p = config["policy"]
     if p["name"] == "replace":
@@ -59,96 +58,35 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return ci["mean"], ci["half"]
 
 
-def main() -> None:
-    """Draw figures/bertrand.png and write figures/bertrand.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="runs", type=Path)
-    parser.add_argument("--out", default="figures", type=Path)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    groups: dict[tuple[float, str], dict[int, list[dict]]] = defaultdict(dict)
-    for run in find_runs([args.runs / "bertrand"]):
-        config, rows = load_run(run)
-        groups[regime(config)][int(config["seed"])] = rows
-    keys = sorted(groups)
-    real_only = next((groups[k] for k in keys if k[0] == 0), {})
-    floors = {  # per metric and seed: the lambda = 0 run's error over its second half
-        metric: {
-            seed: float(np.mean([number(r.get(metric)) for r in rows][len(rows) // 2 :]))
-            for seed, rows in real_only.items()
-        }
+def floors(real_only: dict[int, Run]) -> dict[str, dict[int, float]]:
+    """Per metric and seed: the lambda = 0 run's error, the mean over its second half."""
+    return {
+        metric: {seed: float(np.mean(common.column(run.rows, metric)[len(run.rows) // 2 :]))
+                 for seed, run in real_only.items()}
         for metric, _ in ERRORS
-    }
+    }  # fmt: skip
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    table = [
-        "| regime | condition λ(1 + Lε/α) < 1/2 (Lε = 0) | guaranteed ρ = λ/(1-λ) | "
-        "Gaussian MLE ρ = λ/(1+λ) | "
-        + " | ".join(
-            f"measured ρ, {m} excess (mean ± 95% Student-t half width over seeds)" for m, _ in ERRORS
-        )
-        + " | raw ρ, KL, all generations | KL gen 0 → last | verdict over seeds (KL vs generation 0) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    rates: dict[str, dict[tuple[float, str], tuple[float, float]]] = {m: {} for m, _ in ERRORS}
-    for i, key in enumerate(keys):
-        lam, name = key
-        seeds = sorted(groups[key])
-        runs = [groups[key][seed] for seed in seeds]
-        color = "k" if math.isinf(lam) else f"C{i}"
-        cells = []
-        for ax, (metric, title) in zip(axes[:2], ERRORS, strict=True):
-            curves = np.array([[number(r.get(metric)) for r in rows] for rows in runs])  # (seeds, T + 1)
-            gens = np.arange(curves.shape[1])
-            m = curves.mean(0)
-            ax.plot(gens, m, color=color, marker=".", label=f"{name} ({len(runs)} seeds)")
-            if len(runs) > 1:
-                half = np.array([t_interval(c)["half"] for c in curves.T])  # Student-t, seeds - 1 dof
-                ax.fill_between(gens, np.maximum(m - half, m * 0.05), m + half, color=color, alpha=0.2, lw=0)
-            ax.set_yscale("log")
-            ax.set_xlabel("generation (0 = the rings model)")
-            ax.set_title(title, fontsize=10)
-            per_seed = [
-                excess_rate(c, floors[metric].get(seed, 0.0)) for seed, c in zip(seeds, curves, strict=True)
-            ]
-            rates[metric][key] = mean_ci(per_seed)
-            r, e = rates[metric][key]
-            if math.isnan(r):
-                cells.append("— (floor after 1 generation)")
-            elif math.isnan(e):  # one seed had generations above 2 x floor: no interval from one value
-                cells.append(f"{r:.3f} (one seed; the others at the floor after 1 generation)")
-            else:
-                cells.append(f"{r:.3f} ± {e:.3f}")
-        kl = np.array([[number(r.get("kl_truth")) for r in rows] for rows in runs])
-        raw = mean_ci([contraction_rate(c, start=0)["rho"] for c in kl])
-        cells.append(f"{raw[0]:.3f} ± {raw[1]:.3f}")
-        v = regime_verdict(kl)  # over seeds, each against its generation 0 (the rings start)
-        change = f"{v['change']:.3g} [{v['change_low']:.3g}, {v['change_high']:.3g}]"
-        verdicts = f"{v['verdict']} (change {change})"
-        if math.isinf(lam):
-            theory = ["no (fully synthetic)", "—", "— (collapses)"]
-        else:
-            cond = bertrand_condition(lam)
-            rho = "—" if cond["rho"] is None else f"{cond['rho']:.3f}"
-            theory = [
-                f"{'holds' if cond['holds'] else 'fails'} ({cond['lhs']:.2f})",
-                rho,
-                f"{lam / (1 + lam):.3f}",
-            ]
-        table.append(
-            f"| {name} | "
-            + " | ".join(theory + cells)
-            + f" | {kl[:, 0].mean():.3f} → {kl[:, -1].mean():.3f} | {verdicts} |"
-        )
-    for ax, (metric, _) in zip(axes[:2], ERRORS, strict=True):
-        if floors[metric]:
-            ax.axhline(
-                np.mean(list(floors[metric].values())), color="0.4", ls=":", lw=0.9, label="floor (λ = 0)"
-            )
-        ax.legend(fontsize=7)
 
-    ax = axes[2]
+def rate_cell(r: float, e: float) -> str:
+    """A measured rate with its half width, or why there is none."""
+    if math.isnan(r):
+        return "— (floor after 1 generation)"
+    if math.isnan(e):  # one seed had generations above 2 x floor: no interval from one value
+        return f"{r:.3f} (one seed; the others at the floor after 1 generation)"
+    return f"{r:.3f} ± {e:.3f}"
+
+
+def theory_cells(lam: float) -> list[str]:
+    """Bertrand et al.'s condition and guaranteed rate, and the Gaussian MLE's rate, at lambda."""
+    if math.isinf(lam):
+        return ["no (fully synthetic)", "—", "— (collapses)"]
+    cond = bertrand_condition(lam)
+    rho = "—" if cond["rho"] is None else f"{cond['rho']:.3f}"
+    return [f"{'holds' if cond['holds'] else 'fails'} ({cond['lhs']:.2f})", rho, f"{lam / (1 + lam):.3f}"]
+
+
+def draw_rates(ax, rates: dict[str, dict[Regime, tuple[float, float]]]) -> None:
+    """The rate panel: the measured rates over the guaranteed and the Gaussian MLE's."""
     lam_grid = np.linspace(0, 2.2, 200)
     bound = np.array(
         [bertrand_condition(x)["rho"] if bertrand_condition(x)["holds"] else np.nan for x in lam_grid]
@@ -162,15 +100,8 @@ def main() -> None:
             xs.append(REPLACE_X if math.isinf(lam) else lam + (j - 0.5) * 0.04)
             ys.append(r)
             es.append(0 if math.isnan(e) else e)
-        ax.errorbar(
-            xs,
-            ys,
-            yerr=es,
-            fmt="o" if j == 0 else "s",
-            ms=5,
-            capsize=3,
-            label=f"measured ρ of {metric} − floor (mean, Student-t 95% interval over seeds)",
-        )
+        label = f"measured ρ of {metric} − floor (mean, Student-t 95% interval over seeds)"
+        ax.errorbar(xs, ys, yerr=es, fmt="o" if j == 0 else "s", ms=5, capsize=3, label=label)
     ax.axhline(1.0, color="0.5", lw=0.6)
     ax.set_xticks([0, 0.25, 0.5, 1, 2, REPLACE_X], ["0", "0.25", "0.5", "1", "2", "fully\nsynthetic"])
     ax.set_xlabel("λ (synthetic : real)")
@@ -178,10 +109,63 @@ def main() -> None:
     ax.set_ylim(0, 1.4)
     ax.set_title("measured contraction vs the sufficient condition", fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
+
+
+def regime_row(axes, key: Regime, color: str, runs: dict[int, Run], floor: dict, rates: dict) -> str:
+    """One regime's error curves (mean over seeds over its Student-t band) and its table row; its measured
+    rates are added to rates."""
+    lam, name = key
+    cells = []
+    for ax, (metric, title) in zip(axes, ERRORS, strict=True):
+        curves = np.array([common.column(run.rows, metric) for run in runs.values()])  # (seeds, T + 1)
+        gens = np.arange(curves.shape[1])
+        m = curves.mean(0)
+        ax.plot(gens, m, color=color, marker=".", label=f"{name} ({len(runs)} seeds)")
+        if len(runs) > 1:
+            half = np.array([t_interval(c)["half"] for c in curves.T])  # Student-t, seeds - 1 dof
+            ax.fill_between(gens, np.maximum(m - half, m * 0.05), m + half, color=color, alpha=0.2, lw=0)
+        ax.set_yscale("log")
+        ax.set_xlabel("generation (0 = the rings model)")
+        ax.set_title(title, fontsize=10)
+        per_seed = [excess_rate(c, floor[metric].get(s, 0.0)) for s, c in zip(runs, curves, strict=True)]
+        rates[metric][key] = mean_ci(per_seed)
+        cells.append(rate_cell(*rates[metric][key]))
+    kl = np.array([common.column(run.rows, "kl_truth") for run in runs.values()])
+    raw = mean_ci([contraction_rate(c, start=0)["rho"] for c in kl])
+    v = regime_verdict(kl)  # over seeds, each against its generation 0 (the rings start)
+    change = f"{v['change']:.3g} [{v['change_low']:.3g}, {v['change_high']:.3g}]"
+    ends = f"{kl[:, 0].mean():.3f} → {kl[:, -1].mean():.3f}"
+    verdict = f"{v['verdict']} (change {change})"
+    return common.row([name, *theory_cells(lam), *cells, f"{raw[0]:.3f} ± {raw[1]:.3f}", ends, verdict])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Draw figures/bertrand.png and write figures/bertrand.md."""
+    args = common.arguments(__doc__, argv)
+    runs = common.group(common.runs_under(args.runs, "bertrand"), lambda r: regime(r.config))
+    groups = {key: common.by_seed(rs) for key, rs in runs.items()}  # regime -> seed -> run
+    args.out.mkdir(parents=True, exist_ok=True)
+    floor = floors(next((g for (lam, _), g in groups.items() if lam == 0), {}))
+
+    fig, axes = common.subplots(1, 3, figsize=(17, 4.8))
+    measured = [f"measured ρ, {m} excess (mean ± 95% Student-t half width over seeds)" for m, _ in ERRORS]
+    table = common.table(
+        ["regime", "condition λ(1 + Lε/α) < 1/2 (Lε = 0)", "guaranteed ρ = λ/(1-λ)",
+         "Gaussian MLE ρ = λ/(1+λ)", *measured, "raw ρ, KL, all generations", "KL gen 0 → last",
+         "verdict over seeds (KL vs generation 0)"]
+    )  # fmt: skip
+    rates: dict[str, dict[Regime, tuple[float, float]]] = {m: {} for m, _ in ERRORS}
+    for i, (key, by_seed) in enumerate(groups.items()):
+        color = "k" if math.isinf(key[0]) else f"C{i}"
+        table.append(regime_row(axes[:2], key, color, by_seed, floor, rates))
+    for ax, (metric, _) in zip(axes[:2], ERRORS, strict=True):
+        if floor[metric]:
+            level = np.mean(list(floor[metric].values()))
+            ax.axhline(level, color="0.4", ls=":", lw=0.9, label="floor (λ = 0)")
+        ax.legend(fontsize=7)
+    draw_rates(axes[2], rates)
     fig.suptitle("Mixed retraining of a RealNVP flow on two moons, started from a flow of rings")
-    fig.tight_layout()
-    fig.savefig(args.out / "bertrand.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, args.out / "bertrand.png")
 
     text = [
         "# Bertrand et al.: stability of mixed retraining (`experiments/bertrand/run.sh`)",
@@ -194,11 +178,10 @@ def main() -> None:
         "Raw ρ: the same fit on e_t itself over all generations, floor included (as summary.json reports).",
         "",
         *table,
-        "",
     ]
-    (args.out / "bertrand.md").write_text("\n".join(text))
+    common.write_lines(args.out / "bertrand.md", text)
     print(f"wrote {args.out}/bertrand.png, bertrand.md")
 
 
 if __name__ == "__main__":
-    main()
+    common.entry(main)

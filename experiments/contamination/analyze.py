@@ -4,6 +4,7 @@
     python experiments/contamination/analyze.py robustness RUN      # effective robustness per mode and ratio
     python experiments/contamination/analyze.py bias RUN [RUN ...]  # bias per generation (a run per loop)
     python experiments/contamination/analyze.py figures NAME RUN... # -> figures/contamination_NAME_*.png
+                                                                    #    ([--out DIR]: elsewhere)
 
 Means are over seeds with a 95% Student-t half-width; "paired" differences are taken seed by seed
 (substitute and its control remove the same real images and train from the same initialisation). Every
@@ -15,9 +16,9 @@ tests behind the README's wording: findings.py.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,13 @@ from simulator.contamination.report import (
     with_robustness,
 )
 from simulator.contamination.robustness import shift_kind
+from simulator.rundir import write_atomic
 from simulator.stats import student_t_interval
 from simulator.strict_json import number  # null (not finite) -> NaN
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository root: experiments.common
+from experiments import common  # noqa: E402
 
 
 def _rows(run: Path) -> tuple[dict, list[dict[str, Any]], dict]:
@@ -78,17 +82,15 @@ def substitute(run: Path) -> None:
     control = f"held-out real, {shift}" if shift else "held-out real"
     alphas = sorted({r["ratio"] for r in rows if r.get("mode") in ("substitute", "control")})
     print(f"## {run}\n\n{_intervals(config, len(config.get('seeds') or []))}")
-    print(f"| alpha | substitute (generated) | control ({control}) | "
-          "substitute - control, paired |\n|---|---|---|---|")  # fmt: skip
+    print("\n".join(common.table(["alpha", "substitute (generated)", f"control ({control})",
+                                  "substitute - control, paired"])))  # fmt: skip
     zero = _by(rows, "substitute", 0.0)
     for a in alphas:
         gen = _by(rows, "substitute", a)
         ctl = _by(rows, "control", a) if a > 0 else zero
         diff = [number(gen[s].get("acc_clean")) - number(ctl[s].get("acc_clean")) for s in gen if s in ctl]
-        print(
-            f"| {a:g} | {_cell([r['acc_clean'] for r in gen.values()])} | "
-            f"{_cell([r['acc_clean'] for r in ctl.values()])} | {_cell(diff)} |"
-        )
+        print(common.row([f"{a:g}", _cell([r["acc_clean"] for r in gen.values()]),
+                          _cell([r["acc_clean"] for r in ctl.values()]), _cell(diff)]))  # fmt: skip
     ref = [r for r in rows if r.get("kind") == "reference"][0]
     # one value per generator replicate (every row of a generator carries the same statistics)
     gen_acc = {r.get("gen_seed"): r["gen_ref_acc"] for r in rows if r.get("gen_ref_acc") is not None}
@@ -100,6 +102,9 @@ def substitute(run: Path) -> None:
             f"{_cell(accs)} on the generated pools of {len(accs)} generator(s) "
             f"(each: {', '.join(f'{a:.4f}' for a in accs)}; drop {_cell(drops)})"
         )
+
+
+ROBUSTNESS = ("acc_clean", "acc_shift_mean", "er_shift_mean")  # the robustness table's columns, in order
 
 
 def robustness(run: Path) -> None:
@@ -116,8 +121,8 @@ def robustness(run: Path) -> None:
     )
     base = [r["er_shift_mean"] for r in rows if r.get("kind") in ("reference", "baseline")]
     print(f"baselines: effective robustness {_cell(base)} (0 by construction of the fit, on average)\n")
-    print("| mode | ratio | clean | mean shifted | effective robustness | ER - ER(real only), paired |")
-    print("|---|---|---|---|---|---|")
+    print("\n".join(common.table(["mode", "ratio", "clean", "mean shifted", "effective robustness",
+                                  "ER - ER(real only), paired"])))  # fmt: skip
     zero = _by(rows, "substitute", 0.0)
     for mode in ("substitute", "augment", "control"):
         for ratio in sorted(
@@ -129,11 +134,8 @@ def robustness(run: Path) -> None:
                 for s in sel
                 if s in zero
             ]
-            print(
-                f"| {mode} | {ratio:g} | {_cell([r['acc_clean'] for r in sel.values()])} | "
-                f"{_cell([r['acc_shift_mean'] for r in sel.values()])} | "
-                f"{_cell([r['er_shift_mean'] for r in sel.values()])} | {_cell(gain)} |"
-            )
+            print(common.row([mode, f"{ratio:g}", *(_cell([r[m] for r in sel.values()]) for m in ROBUSTNESS),
+                              _cell(gain)]))  # fmt: skip
     per_shift(rows, fits, zero)
 
 
@@ -145,7 +147,7 @@ def per_shift(rows: list[dict], fits: dict[str, Any], zero: dict[int, dict]) -> 
         return
     print("\nEffective robustness per shift (paired change from real only in brackets):\n")
     names = [f"{c[len('acc_') :]} ({shift_kind(c)})" for c in cols]
-    print("| mode | ratio | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(cols))
+    print("\n".join(common.table(["mode", "ratio", *names])))
     for mode in ("substitute", "augment", "control"):
         for ratio in sorted(
             {r["ratio"] for r in rows if r.get("mode") == mode and r.get("kind") == "contaminated"}
@@ -156,7 +158,7 @@ def per_shift(rows: list[dict], fits: dict[str, Any], zero: dict[int, dict]) -> 
                 er = "er" + c[len("acc") :]
                 gain = [number(sel[s].get(er)) - number(zero[s].get(er)) for s in sel if s in zero]
                 cells.append(f"{_cell([r.get(er) for r in sel.values()])} [{_cell(gain)}]")
-            print(f"| {mode} | {ratio:g} | " + " | ".join(cells) + " |")
+            print(common.row([mode, f"{ratio:g}", *cells]))
 
 
 BIAS = (
@@ -184,16 +186,15 @@ def bias(runs: list[Path]) -> None:
         config, rows, _ = _rows(run)
         real = real_only(rows)
         print(f"## {run_label(run, config)} ({run})\n\n{_intervals(config, len(config.get('seeds') or []))}")
-        print("| alpha | generation | " + " | ".join(BIAS) + " |")
-        print("|---|---|" + "---|" * len(BIAS))
+        print("\n".join(common.table(["alpha", "generation", *BIAS])))
         if real:
-            print("| 0 (real only) | - | " + " | ".join(_cell([r.get(m) for r in real]) for m in BIAS) + " |")
+            print(common.row(["0 (real only)", "-", *(_cell([r.get(m) for r in real]) for m in BIAS)]))
         groups: dict[tuple, list[dict]] = defaultdict(list)
         for r in rows:
             if r.get("mode") == "generations":
                 groups[r["ratio"], r["gen_t"]].append(r)
         for (alpha, t), rs in sorted(groups.items()):
-            print(f"| {alpha:g} | {t} | " + " | ".join(_cell([r.get(m) for r in rs]) for m in BIAS) + " |")
+            print(common.row([f"{alpha:g}", t, *(_cell([r.get(m) for r in rs]) for m in BIAS)]))
         real_frac = next(
             (r.get("real_aligned_frac") for r in rows if r.get("real_aligned_frac") is not None), None
         )
@@ -201,24 +202,39 @@ def bias(runs: list[Path]) -> None:
             print(f"\nreal training images aligned with their class's colour: {real_frac:.4f}\n")
 
 
-def figures(name: str, runs: list[Path]) -> None:
-    """Draw the runs' figures and copy them to figures/contamination_<name>_<figure>.png."""
-    out = ROOT / "figures"
+def figures(name: str, runs: list[Path], out: Path = ROOT / "figures") -> None:
+    """Draw the runs' figures (into the first run's figures/); copy them to out/contamination_<name>_*.png."""
+    out.mkdir(parents=True, exist_ok=True)
     for path in draw(runs, runs[0] / "figures"):
         target = out / f"contamination_{name}_{path.name}"
-        shutil.copyfile(path, target)
-        print(target.relative_to(ROOT))
+        write_atomic(target, path.read_bytes(), durable=False)
+        where = target.resolve()
+        print(where.relative_to(ROOT) if where.is_relative_to(ROOT) else target)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """substitute RUN | robustness RUN | bias RUN [RUN ...] | figures NAME RUN [RUN ...] [--out DIR]."""
+    parser = common.parser(__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command, what in (("substitute", "accuracy vs alpha, generated vs control"),
+                          ("robustness", "effective robustness per mode and ratio")):  # fmt: skip
+        commands.add_parser(command, help=what).add_argument("run", type=Path, help="a run directory")
+    bias_runs = commands.add_parser("bias", help="bias per generation (a run per loop)")
+    bias_runs.add_argument("runs", type=Path, nargs="+", help="run directories")
+    drawn = commands.add_parser("figures", help="figures/contamination_NAME_*.png from the runs")
+    drawn.add_argument("name", help="the figures' name: contamination_NAME_<figure>.png")
+    drawn.add_argument("runs", type=Path, nargs="+", help="run directories")
+    drawn.add_argument("--out", type=Path, default=ROOT / "figures", help="where the copies go (figures/)")
+    args = parser.parse_args(argv)
+    if args.command == "substitute":
+        substitute(args.run)
+    elif args.command == "robustness":
+        robustness(args.run)
+    elif args.command == "bias":
+        bias(args.runs)
+    else:
+        figures(args.name, args.runs, args.out)
 
 
 if __name__ == "__main__":
-    command, *args = sys.argv[1:]
-    if command == "substitute":
-        substitute(Path(args[0]))
-    elif command == "robustness":
-        robustness(Path(args[0]))
-    elif command == "bias":
-        bias([Path(a) for a in args])
-    elif command == "figures":
-        figures(args[0], [Path(a) for a in args[1:]])
-    else:
-        sys.exit(f"unknown command {command!r}; use substitute, robustness, bias or figures")
+    common.entry(main)

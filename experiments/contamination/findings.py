@@ -2,6 +2,7 @@
 
     python experiments/contamination/findings.py           # from the committed numbers (findings.json)
     python experiments/contamination/findings.py RUN       # from a digits_alpha run directory's per-seed rows
+    python experiments/contamination/findings.py RUN BLUR  # ... and a control-only run of the same seeds
     python experiments/contamination/findings.py perfect   # a perfect classifier's BiasAmp, two formulas
 
 From the committed numbers. Each README value is a mean over n = 3 seeds with a 95% Student-t half-width h;
@@ -15,10 +16,15 @@ one cell's mean and half-width, and get rigorous bounds instead:
   |t| >= |mean slope| / (sum_j |w_j| s_j / sqrt(n)) and p is at most the p of that bound;
 - a paired contrast of two marginal means (the held-out control minus real only): the paired standard
   deviation lies between |s_1 - s_2| and s_1 + s_2, so its half-width lies between those bounds.
+Where the values of a comparison do not spread at all (three seeds losing the same number of test images),
+the t-test is undefined; the exact two-sided sign test stands in for it (2 / 2^n: 0.25 for n = 3).
 Where the values are accuracies on the 359-image test set, the per-seed gaps are whole test images: the
 integer triples that reproduce a committed mean and half-width (to their 4 printed decimals) are listed.
 
-From a run directory (python ... RUN): the same tests on the per-seed rows themselves, exact (no bounds).
+From a run directory (python ... RUN): the same tests on the per-seed rows themselves, exact (no bounds),
+and the paired change of effective robustness from real only. With a second run of the same seeds holding only
+control cells (the README's blurred control: RUN BLUR), also RUN's substitute minus BLUR's control, and BLUR's
+control cells' effective robustness against RUN's baseline fits (the same seeds draw the same test shifts).
 """
 
 from __future__ import annotations
@@ -60,17 +66,28 @@ def p_value(t: float, df: int) -> float:
 def t_from_interval(mean: float, half: float, n: int) -> tuple[float, float]:
     """(t, p) of the one-sample t-test that a mean with this 95% half-width over n values tests."""
     se = half / quantile(n)
-    t = mean / se if se > 0 else (math.copysign(math.inf, mean) if mean else math.nan)
+    if se <= 0:  # no spread: the t-test is undefined; every value has the mean's sign (a sign test)
+        return math.nan, sign_p(mean, n)
+    t = mean / se
     return t, p_value(t, n - 1)
+
+
+def sign_p(mean: float, n: int) -> float:
+    """Two-sided exact sign-test p when all n values are equal (n of one sign; 1 if they are all zero)."""
+    return min(1.0, 2 * 0.5**n) if mean else 1.0
 
 
 def t_test(values: Sequence[float]) -> tuple[float, float, float, float]:
     """(mean, 95% half-width, t, p) of the one-sample t-test of values against 0."""
     n = len(values)
+    if n < 2:  # an unfinished grid: nothing to test yet
+        return (values[0] if values else math.nan), math.nan, math.nan, 1.0
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if sd <= 1e-12 * max(1.0, abs(mean)):  # equal values (up to rounding): no t-test, the sign test
+        return mean, 0.0, math.nan, sign_p(mean, n)
     se = sd / math.sqrt(n)
-    t = mean / se if se > 0 else (math.copysign(math.inf, mean) if mean else math.nan)
+    t = mean / se
     return mean, quantile(n) * se, t, p_value(t, n - 1)
 
 
@@ -131,6 +148,11 @@ def whole_images(mean: float, half: float, n: int, n_test: int, span: int = 40) 
     return found
 
 
+def _fmt_t(t: float) -> str:
+    """A t statistic; undefined where the values had no spread (p is then the sign test's)."""
+    return "undefined, sign test" if math.isnan(t) else f"{t:.2f}"
+
+
 def _fmt_p(p: float) -> str:
     return f"{p:.2g}" if p >= 0.001 else f"{p:.1e}"
 
@@ -166,7 +188,9 @@ def _paired(fam: dict, n: int) -> tuple[list[str], list[tuple[str, float]]]:
     ]
     for it, (m, h), (t, p), q in zip(items, parsed, tests, holm([p for _, p in tests]), strict=True):
         mark = "yes" if q < ALPHA else "no"
-        out.append(f"| {it['label']} | {m:+.4f} ± {h:.4f} | {t:.2f} | {_fmt_p(p)} | {_fmt_p(q)} | {mark} |")
+        out.append(
+            f"| {it['label']} | {m:+.4f} ± {h:.4f} | {_fmt_t(t)} | {_fmt_p(p)} | {_fmt_p(q)} | {mark} |"
+        )
     if fam.get("n_test"):
         out.append("")
         for it, (m, h) in zip(items, parsed, strict=True):
@@ -202,8 +226,8 @@ def committed(path: Path = HERE / "findings.json") -> str:
         lines, tests = _paired(fam, n)
         out += [*lines, ""]
         count += len(tests) + bool(fam.get("trend"))
-        if fam["name"].startswith("finding 1, MLP: substitute -"):
-            control = fam["name"].split(" - ")[1].split(",")[0]
+        control = fam["name"].split(" - ")[1].split(",")[0] if " - " in fam["name"] else ""
+        if fam["name"].startswith("finding 1, MLP: substitute -") and control.endswith("control"):
             pooled += [(f"{control}, {label}", p) for label, p in tests]
     adjusted = holm([p for _, p in pooled])
     hits = [name for (name, _), q in zip(pooled, adjusted, strict=True) if q < ALPHA]
@@ -217,58 +241,111 @@ def committed(path: Path = HERE / "findings.json") -> str:
     return "\n".join(out)
 
 
-def from_run(run: Path) -> str:
-    """The exact tests of finding 1 from a grid's per-seed rows: paired gaps per alpha, their trend, and the
-    control's own cost, each family Holm-adjusted."""
+def _family(name: str, keys: list[Any], diffs: list[dict[Any, float]], fmt: str = "{:+.4f}") -> list[str]:
+    """One family of exact paired t-tests (one per key, per-seed differences), Holm over the family."""
+    tests = [t_test(list(d.values())) for d in diffs]
+    adjusted = holm([p for *_, p in tests])
+    header = "| alpha / mode | n | mean ± 95% half-width | t | p | p, Holm | per seed |"
+    out = [f"### {name} ({len(keys)} comparisons)", "", header, "|---|---|---|---|---|---|---|"]
+    for k, d, (m, h, t, p), q in zip(keys, diffs, tests, adjusted, strict=True):
+        seeds = ", ".join(fmt.format(v) for _, v in sorted(d.items()))
+        out.append(
+            f"| {k} | {len(d)} | {m:+.4f} ± {h:.4f} | {_fmt_t(t)} | {_fmt_p(p)} | {_fmt_p(q)} | {seeds} |"
+        )
+    return [*out, ""]
+
+
+def _trend(name: str, alphas: list[float], gaps: dict[float, dict[Any, float]]) -> list[str]:
+    """The per-seed least-squares slope of a gap over alpha, t-tested (1 comparison)."""
+    seeds = sorted(set.intersection(*(set(g) for g in gaps.values()))) if gaps else []
+    if len(alphas) < 2 or len(seeds) < 2:
+        return []
+    w = slope_weights(alphas)
+    slopes = [sum(wj * gaps[a][s] for wj, a in zip(w, alphas, strict=True)) for s in seeds]
+    m, h, t, p = t_test(slopes)
+    return [
+        f"trend of {name} over alpha {alphas} (per-seed least-squares slope, t-test, n = {len(seeds)}; "
+        f"1 comparison): {m:+.4f} ± {h:.4f} per unit alpha, t = {t:.2f}, p = {_fmt_p(p)}",
+        "",
+    ]
+
+
+def _scored(rows: list[dict[str, Any]], fits: dict[str, Any], mode: str) -> list[str]:
+    """A mode's clean and mean shifted accuracy and effective robustness (mean ± 95% half-width over seeds)
+    against the fits of the run's own baselines, per ratio, and per shift at each ratio."""
+    from simulator.stats import student_t_interval
+
+    def cell(vals: list[Any], sign: str = "") -> str:
+        m, h, k = student_t_interval(vals)
+        return f"{m:{sign}.4f} ± {h:.4f}" + (f" (n={k})" if k != len(vals) else "")
+
+    cols = ["acc_shift_mean", *(c for c in fits if c != "acc_shift_mean")]
+    out = [
+        f"### {mode}: scored against the first run's baseline fits",
+        "",
+        "| ratio | clean | " + " | ".join(f"{c[len('acc_') :]}: acc / ER" for c in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for ratio in sorted({r["ratio"] for r in rows if r["mode"] == mode}):
+        sel = [r for r in rows if r["mode"] == mode and r["ratio"] == ratio]
+        accs = " | ".join(
+            f"{cell([r.get(c) for r in sel])} / {cell([r.get('er' + c[len('acc') :]) for r in sel], '+')}"
+            for c in cols
+        )
+        out.append(f"| {ratio:g} | {cell([r.get('acc_clean') for r in sel])} | {accs} |")
+    return [*out, ""]
+
+
+def from_run(run: Path, control_run: Path | None = None) -> str:
+    """The exact tests of findings 1 and 2 from a grid's per-seed rows: paired gaps per alpha, their trend,
+    the control's own cost, effective robustness against real only, each family Holm-adjusted; with a
+    control-only run of the same seeds, its gaps and effective robustness too."""
     sys.path.insert(0, str(HERE.parents[1]))
-    from simulator.contamination.report import load_rows
+    from simulator.contamination.report import load_rows, with_robustness
     from simulator.strict_json import number
 
     _, rows = load_rows(run)
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("kind") == "contaminated"]
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if control_run is not None:  # its control cells only: RUN's baselines alone make the fits
+        _, extra = load_rows(control_run)
+        cells = [r for r in extra if r.get("status") == "ok" and r.get("kind") == "contaminated"]
+        ok += [{**r, "mode": "control (2nd run)"} for r in cells if r.get("mode") == "control"]
+    ok, fits = with_robustness(ok)
+    ok = [r for r in ok if r.get("kind") == "contaminated"]
 
-    def by(mode: str, ratio: float) -> dict[Any, float]:
-        return {
-            r["seed"]: number(r.get("acc_clean")) for r in ok if r["mode"] == mode and r["ratio"] == ratio
-        }
+    def by(mode: str, ratio: float, col: str = "acc_clean") -> dict[Any, float]:
+        return {r["seed"]: number(r.get(col)) for r in ok if r["mode"] == mode and r["ratio"] == ratio}
+
+    def diff(x: dict[Any, float], y: dict[Any, float]) -> dict[Any, float]:
+        return {s: x[s] - y[s] for s in x if s in y}
 
     zero = by("substitute", 0.0)
     alphas = sorted({r["ratio"] for r in ok if r["mode"] == "control" and r["ratio"] > 0})
     out = [f"## {run}: exact paired tests over seeds (one-sample t-test, two-sided; Holm per family)", ""]
-    families = {
-        "substitute - control": lambda a: (by("substitute", a), by("control", a)),
-        "control - real only": lambda a: (by("control", a), zero),
-        "substitute - real only": lambda a: (by("substitute", a), zero),
-    }
-    gaps: dict[float, dict[Any, float]] = {}
-    for name, pair in families.items():
-        diffs = []
-        for a in alphas:
-            x, y = pair(a)
-            diffs.append({s: x[s] - y[s] for s in x if s in y})
-            if name == "substitute - control":
-                gaps[a] = diffs[-1]
-        tests = [t_test(list(d.values())) for d in diffs]
-        adjusted = holm([p for *_, p in tests])
-        header = "| alpha | n | mean ± 95% half-width | t | p | p, Holm | per seed |"
-        out += [f"### {name} ({len(alphas)} comparisons)", "", header, "|---|---|---|---|---|---|---|"]
-        for a, d, (m, h, t, p), q in zip(alphas, diffs, tests, adjusted, strict=True):
-            seeds = ", ".join(f"{v:+.4f}" for _, v in sorted(d.items()))
-            out.append(
-                f"| {a:g} | {len(d)} | {m:+.4f} ± {h:.4f} | {t:.2f} | {_fmt_p(p)} | {_fmt_p(q)} | {seeds} |"
-            )
-        out.append("")
-    seeds = sorted(set.intersection(*(set(g) for g in gaps.values()))) if gaps else []
-    if len(alphas) >= 2 and len(seeds) >= 2:
-        w = slope_weights(alphas)
-        slopes = [sum(wj * gaps[a][s] for wj, a in zip(w, alphas, strict=True)) for s in seeds]
-        m, h, t, p = t_test(slopes)
-        out.append(
-            f"trend of substitute - control over alpha {alphas} (per-seed least-squares slope, t-test, "
-            f"n = {len(seeds)}; 1 comparison): {m:+.4f} ± {h:.4f} per unit alpha, t = {t:.2f}, "
-            f"p = {_fmt_p(p)}"
+    if control_run is not None:
+        out += [f"(control (2nd run): the control cells of {control_run}, the same seeds)", ""]
+    controls = ["control"] + (["control (2nd run)"] if control_run is not None else [])
+    for ctl in controls:
+        gaps = {a: diff(by("substitute", a), by(ctl, a)) for a in alphas}
+        out += _family(f"substitute - {ctl}", [f"{a:g}" for a in alphas], list(gaps.values()))
+        out += _trend(f"substitute - {ctl}", alphas, gaps)
+    for mode in (*controls, "substitute"):
+        out += _family(
+            f"{mode} - real only", [f"{a:g}" for a in alphas], [diff(by(mode, a), zero) for a in alphas]
         )
-    return "\n".join(out)
+    if "acc_shift_mean" in fits:
+        er0 = by("substitute", 0.0, "er_shift_mean")
+        top = max(alphas) if alphas else 1.0
+        augments = sorted({r["ratio"] for r in ok if r["mode"] == "augment"})
+        keys = [("substitute", top), *(("augment", r) for r in augments), *((c, top) for c in controls)]
+        out += _family(
+            "effective robustness (acc_shift_mean) - real only",
+            [f"{m} {r:g}" for m, r in keys],
+            [diff(by(m, r, "er_shift_mean"), er0) for m, r in keys],
+        )
+        if control_run is not None:
+            out += _scored(ok, fits, "control (2nd run)")
+    return "\n".join(out).rstrip()
 
 
 def perfect_biasamp() -> str:
@@ -308,4 +385,9 @@ def perfect_biasamp() -> str:
 
 if __name__ == "__main__":
     arg = sys.argv[1] if len(sys.argv) > 1 else None
-    print(committed() if arg is None else perfect_biasamp() if arg == "perfect" else from_run(Path(arg)))
+    if arg is None:
+        print(committed())
+    elif arg == "perfect":
+        print(perfect_biasamp())
+    else:
+        print(from_run(Path(arg), Path(sys.argv[2]) if len(sys.argv) > 2 else None))

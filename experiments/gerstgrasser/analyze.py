@@ -21,30 +21,25 @@ Usage: python experiments/gerstgrasser/analyze.py [--runs runs] [--out figures]
 
 from __future__ import annotations
 
-import argparse
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 
 from simulator import samples
 from simulator.data.toy import make_toy
-from simulator.report import find_runs, load_run
 from simulator.stability import accumulate_limit, gaussian_expected, summarize
 from simulator.stats import student_t_band
-from simulator.weights import load_model
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: experiments.common
+from experiments import common  # noqa: E402
+from experiments.common import Run  # noqa: E402
 
 POLICIES = ("replace", "accumulate", "accumulate_subsample")
 COLORS = dict(zip(POLICIES, ("C3", "C0", "C2"), strict=True))
 Z = 5.0
-
-
-def gens_of(run: Path) -> list[Path]:
-    return sorted(run.glob("gen_[0-9][0-9][0-9]*"), key=lambda p: int(p.name[4:]))
 
 
 def z_cell(z: float, policy: str, n: int, t: int, draws: int) -> str:
@@ -58,56 +53,41 @@ def z_cell(z: float, policy: str, n: int, t: int, draws: int) -> str:
     return f"{z:+.1f}{' **' if abs(z) > Z else ''}"
 
 
-def ratios(run: Path) -> tuple[dict, np.ndarray, np.ndarray]:
-    """(config, trace ratio (T, C), mean drift / tr Sigma_0 (T, C)) of a Gaussian run, truth N(m, std^2 I)."""
-    config, _ = load_run(run)
-    opts = config["data"]["options"]
+def ratios(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """(trace ratio (T, C), mean drift / tr Sigma_0 (T, C)) of a Gaussian run, truth N(m, std^2 I)."""
+    opts = run.config["data"]["options"]
     tr, drift = [], []
-    for g in gens_of(run):
-        state = load_model(g)
+    for state in common.models(run.path):
         cov, mean = state["cov"].double(), state["mean"].double()
-        d = mean.shape[-1]
-        tr0 = float(opts["std"]) ** 2 * d
+        tr0 = float(opts["std"]) ** 2 * mean.shape[-1]
         tr.append((torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1) / tr0).numpy())
         drift.append(((mean - float(opts["mean"])) ** 2).sum(-1).numpy() / tr0)
-    return config, np.array(tr), np.array(drift)
+    return np.array(tr), np.array(drift)
 
 
-def gaussian_part(runs: list[Path], out: Path) -> list[str]:
+def gaussian_part(runs: list[Run], out: Path) -> list[str]:
     """figures/gerstgrasser.png (trace ratio per n x d) and the table rows."""
     loaded = {}
     for run in runs:
-        config, tr, drift = ratios(run)
-        key = (
-            int(config["data"]["n_train"]),
-            int(config["data"]["options"]["dim"]),
-            config["policy"]["name"],
-        )
-        loaded[key] = (int(config["chains"]), tr, drift)
+        data = run.config["data"]
+        key = (int(data["n_train"]), int(data["options"]["dim"]), run.config["policy"]["name"])
+        loaded[key] = (int(run.config["chains"]), *ratios(run))
     ns, ds = sorted({k[0] for k in loaded}), sorted({k[1] for k in loaded})
-    fig, axes = plt.subplots(len(ns), len(ds), figsize=(4.6 * len(ds), 3.4 * len(ns)), squeeze=False)
-    lines = [
-        "| d | n | chains | policy | E tr Σ_T / tr Σ_0 (mean ± 95% Student-t half width over chains) | "
-        "closed form | z = (measured − closed form) / SE | E‖μ_T−μ_0‖²/tr Σ_0 (mean ± 95% half width) | "
-        "closed form | z |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    fig, axes = common.subplots(len(ns), len(ds), figsize=(4.6 * len(ds), 3.4 * len(ns)), squeeze=False)
+    lines = common.table(
+        ["d", "n", "chains", "policy", "E tr Σ_T / tr Σ_0 (mean ± 95% Student-t half width over chains)",
+         "closed form", "z = (measured − closed form) / SE", "E‖μ_T−μ_0‖²/tr Σ_0 (mean ± 95% half width)",
+         "closed form", "z"]
+    )  # fmt: skip
     for i, n in enumerate(ns):
         for j, d in enumerate(ds):
             ax = axes[i, j]
-            for policy in POLICIES:
-                if (n, d, policy) not in loaded:
-                    continue
+            for policy in (p for p in POLICIES if (n, d, p) in loaded):
                 chains, tr, drift = loaded[(n, d, policy)]
                 t = np.arange(1, tr.shape[0] + 1)
-                m, se, half, _ = student_t_band(tr)
-                ax.plot(t, m, color=COLORS[policy], label=policy)
-                ax.fill_between(
-                    t, np.maximum(m - half, 0.2 * m), m + half, color=COLORS[policy], alpha=0.25, lw=0
-                )
-                cells = [f"{m[-1]:.4g} ± {half[-1]:.2g}", "", "", "", "", ""]
+                m, se, half, _ = common.band(ax, t, tr, color=COLORS[policy], label=policy, clip=0.2)
                 md, sd, hd, _ = student_t_band(drift)
-                cells[3] = f"{md[-1]:.4g} ± {hd[-1]:.2g}"
+                cells = [f"{m[-1]:.4g} ± {half[-1]:.2g}", "", "", f"{md[-1]:.4g} ± {hd[-1]:.2g}", "", ""]
                 if policy != "accumulate_subsample":  # closed forms exist for replace and accumulate
                     th = gaussian_expected(policy, n, t, d=1, ddof=0)  # ratios independent of d
                     ax.plot(t, th["var_ratio"], "k--", lw=0.8)
@@ -118,7 +98,7 @@ def gaussian_part(runs: list[Path], out: Path) -> list[str]:
                         f"{th['mean_sq_per_var'][-1]:.4g}",
                         z_cell(zd, policy, n, len(t), chains * d),
                     ]
-                lines.append(f"| {d} | {n} | {chains} | {policy} | " + " | ".join(cells) + " |")
+                lines.append(common.row([d, n, chains, policy, *cells]))
             ax.axhline(accumulate_limit(n), color="C0", ls=":", lw=0.8)
             ax.set_yscale("log")
             ax.set_title(f"d = {d}, n = {n}: E tr Σ_t / tr Σ_0", fontsize=9)
@@ -131,9 +111,7 @@ def gaussian_part(runs: list[Path], out: Path) -> list[str]:
         "Gaussian MLE retrained on its own samples: replace collapses, accumulate stays bounded "
         "(mean, 95% Student-t band over chains; dashed: closed forms)"
     )
-    fig.tight_layout()
-    fig.savefig(out / "gerstgrasser.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "gerstgrasser.png")
     limits = ", ".join(f"n = {n}: {accumulate_limit(n):.4f}" for n in ns)
     lines += [
         "",
@@ -161,45 +139,34 @@ def kde_variance(policy: str, n: int, h: float, v0: float, gens: int) -> np.ndar
     return np.array(out)
 
 
-def kde_points_variance(run: Path) -> np.ndarray:
+def kde_points_variance(run: Run) -> np.ndarray:
     """Per generation and chain: tr Var(KDE_t) = tr of the points' ML covariance + d h^2, (T, C)."""
-    config, _ = load_run(run)
-    h = float(config["model"]["options"]["bandwidth"])
+    h = float(run.config["model"]["options"]["bandwidth"])
     out = []
-    for g in gens_of(run):
-        x = load_model(g)["points"].double()  # (C, N, d)
+    for state in common.models(run.path):
+        x = state["points"].double()  # (C, N, d)
         out.append((x.var(1, unbiased=False).sum(-1) + x.shape[-1] * h**2).numpy())
     return np.array(out)
 
 
-def kde_part(runs: list[Path], out: Path) -> list[str]:
+def kde_part(runs: list[Run], out: Path) -> list[str]:
     """figures/gerstgrasser_kde.png (KL and variance vs generation, last samples) and the KDE table rows."""
-    fig, axes = plt.subplots(1, 2 + len(runs), figsize=(4.4 * (2 + len(runs)), 4.0), squeeze=False)
-    lines = [
-        "| policy | KL gen 0 | KL last (mean ± 95% Student-t half width over chains) | "
-        "fitted rate ρ [95% CI] | verdict | tr Var(KDE) / tr Σ_0, last: measured (mean ± 95% half width) | "
-        "exact (z = (measured − exact) / SE) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for k, run in enumerate(sorted(runs, key=lambda r: POLICIES.index(load_run(r)[0]["policy"]["name"]))):
-        config, rows = load_run(run)
+    fig, axes = common.subplots(1, 2 + len(runs), figsize=(4.4 * (2 + len(runs)), 4.0), squeeze=False)
+    lines = common.table(
+        ["policy", "KL gen 0", "KL last (mean ± 95% Student-t half width over chains)",
+         "fitted rate ρ [95% CI]", "verdict", "tr Var(KDE) / tr Σ_0, last: measured (mean ± 95% half width)",
+         "exact (z = (measured − exact) / SE)"]
+    )  # fmt: skip
+    for k, run in enumerate(sorted(runs, key=lambda r: POLICIES.index(r.config["policy"]["name"]))):
+        config, rows = run.config, run.rows
         policy = config["policy"]["name"]
         gens = np.array([r["generation"] for r in rows])
-        per_chain = np.stack(
-            [
-                torch.load(g / "chain_metrics.pt", weights_only=True)["kl_truth"].double().numpy()
-                for g in gens_of(run)
-            ]
-        )  # (T, C)
-        kl, _, kl_half, _ = student_t_band(per_chain)
-        axes[0, 0].plot(gens, kl, color=COLORS[policy], label=policy)
-        axes[0, 0].fill_between(gens, kl - kl_half, kl + kl_half, color=COLORS[policy], alpha=0.25, lw=0)
+        per_chain = common.chain_metric(run.path, "kl_truth").astype(np.float64)  # (T, C)
+        kl, _, kl_half, _ = common.band(axes[0, 0], gens, per_chain, color=COLORS[policy], label=policy)
         s = summarize(rows, "kl_truth", start=0)
         truth_cov = make_toy(config["data"]["source"], **config["data"]["options"]).params()["cov"].double()
         var = kde_points_variance(run) / float(truth_cov.trace())
-        m, se, half, _ = student_t_band(var)
-        axes[0, 1].plot(gens, m, color=COLORS[policy], label=policy)
-        axes[0, 1].fill_between(gens, m - half, m + half, color=COLORS[policy], alpha=0.25, lw=0)
+        m, se, half, _ = common.band(axes[0, 1], gens, var, color=COLORS[policy], label=policy)
         h, n = float(config["model"]["options"]["bandwidth"]), int(config["data"]["n_train"])
         # the truth's per-coordinate variances are equal (standardised two moons): one recursion serves
         exact = kde_variance(policy, n, h, float(truth_cov.trace()) / truth_cov.shape[0], len(gens))
@@ -208,12 +175,12 @@ def kde_part(runs: list[Path], out: Path) -> list[str]:
             exact = exact * truth_cov.shape[0] / float(truth_cov.trace())
             axes[0, 1].plot(gens, exact, "k--", lw=0.8)
             exact_cell = f"{exact[-1]:.4g} (z = {(m[-1] - exact[-1]) / se[-1]:+.1f})"
+        rate = f"{s['rho']:.4f} [{s['rho_low']:.4f}, {s['rho_high']:.4f}]"
         lines.append(
-            f"| {policy} | {kl[0]:.3f} | {kl[-1]:.3f} ± {kl_half[-1]:.3f} | {s['rho']:.4f} "
-            f"[{s['rho_low']:.4f}, {s['rho_high']:.4f}] | {s['verdict']} | "
-            f"{m[-1]:.4g} ± {half[-1]:.2g} | {exact_cell} |"
-        )
-        x = samples.load(gens_of(run)[-1])[0].numpy()
+            common.row([policy, f"{kl[0]:.3f}", f"{kl[-1]:.3f} ± {kl_half[-1]:.3f}", rate, s["verdict"],
+                        f"{m[-1]:.4g} ± {half[-1]:.2g}", exact_cell])
+        )  # fmt: skip
+        x = samples.load(common.generations(run.path)[-1])[0].numpy()
         ax = axes[0, 2 + k]
         ax.scatter(x[:, 0], x[:, 1], s=4, alpha=0.6, color=COLORS[policy])
         ax.set_title(f"{policy}: chain 0, generation {gens[-1]}", fontsize=9)
@@ -231,34 +198,32 @@ def kde_part(runs: list[Path], out: Path) -> list[str]:
     )
     axes[0, 1].set_xlabel("generation")
     axes[0, 1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "gerstgrasser_kde.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "gerstgrasser_kde.png")
     return lines
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Draw figures/gerstgrasser.png, gerstgrasser_kde.png and write figures/gerstgrasser.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="runs", type=Path)
-    parser.add_argument("--out", default="figures", type=Path)
-    args = parser.parse_args()
+    args = common.arguments(__doc__, argv)
+    gaussian, kde = (
+        common.runs_under(args.runs, "gerstgrasser"),
+        common.runs_under(args.runs, "gerstgrasser_kde"),
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     text = [
         "# Gerstgrasser et al.: replace vs accumulate (`experiments/gerstgrasser/run.sh`)",
         "",
         "## Gaussian, maximum likelihood",
         "",
-        *gaussian_part(find_runs([args.runs / "gerstgrasser"]), args.out),
+        *gaussian_part(gaussian, args.out),
         "",
         "## Kernel density estimate",
         "",
-        *kde_part(find_runs([args.runs / "gerstgrasser_kde"]), args.out),
-        "",
+        *kde_part(kde, args.out),
     ]
-    (args.out / "gerstgrasser.md").write_text("\n".join(text))
+    common.write_lines(args.out / "gerstgrasser.md", text)
     print(f"wrote {args.out}/gerstgrasser.png, gerstgrasser_kde.png, gerstgrasser.md")
 
 
 if __name__ == "__main__":
-    main()
+    common.entry(main)

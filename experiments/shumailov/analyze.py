@@ -13,22 +13,21 @@ Usage: python experiments/shumailov/analyze.py [--runs runs] [--out figures]
 
 from __future__ import annotations
 
-import argparse
 import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 
 from simulator.models.gmm import GMMFamily
-from simulator.report import find_runs, load_run
 from simulator.stability import gaussian_expected
 from simulator.stats import student_t_band
-from simulator.weights import load_model
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: experiments.common
+from experiments import common  # noqa: E402
+from experiments.common import Run  # noqa: E402
 
 CHECK_T = (10, 100, 1000)  # fits reported in the table
 Z = 5.0  # |z| above which a row is flagged (the test suite's tolerance)
@@ -37,25 +36,13 @@ Z = 5.0  # |z| above which a row is flagged (the test suite's tolerance)
 HEAVY = ("var_ratio", "w2_sq")
 
 
-def load_params(run: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Stack keys of every gen_XXX's model file of a run into arrays (T, C, ...), in generation order."""
-    gens = sorted(run.glob("gen_[0-9][0-9][0-9]*"), key=lambda p: int(p.name[4:]))
-    out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    for g in gens:
-        state = load_model(g)
-        for k in keys:
-            out[k].append(state[k].double().numpy())
-    return {k: np.stack(v) for k, v in out.items()}
-
-
-def gaussian_quantities(run: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config, per-chain quantities (T, C)) of one 1-D Gaussian run against the truth N(mu0, s0^2)."""
-    config, _ = load_run(run)
-    p = load_params(run, ("mean", "cov"))
-    mu0, s0 = float(config["data"]["options"]["mean"]), float(config["data"]["options"]["std"])
+def gaussian_quantities(run: Run) -> dict[str, np.ndarray]:
+    """Per-chain quantities (T, C) of one 1-D Gaussian run against the truth N(mu0, s0^2)."""
+    p = common.stack(common.models(run.path), ("mean", "cov"))
+    mu0, s0 = float(run.config["data"]["options"]["mean"]), float(run.config["data"]["options"]["std"])
     mu, var = p["mean"][..., 0], p["cov"][..., 0, 0]
     sigma = np.sqrt(var)
-    return config, {
+    return {
         "log_var_shift": np.log(var / s0**2),
         "sigma_ratio": sigma / s0,
         "var_ratio": var / s0**2,
@@ -72,46 +59,31 @@ PANELS = [
 ]
 
 
-def gaussian_part(runs: list[Path], out: Path) -> list[str]:
+def gaussian_part(runs: list[Run], out: Path) -> list[str]:
     """figures/shumailov.png and the Gaussian table rows."""
-    loaded = []
-    for run in runs:
-        config, q = gaussian_quantities(run)
-        loaded.append((int(config["data"]["n_train"]), int(config["model"]["options"]["ddof"]), q))
-    loaded.sort(key=lambda r: (r[1], r[0]))
-    fig, axes = plt.subplots(2, len(PANELS), figsize=(4.2 * len(PANELS), 7.2), squeeze=False)
+    loaded = sorted(
+        ((int(r.config["data"]["n_train"]), int(r.config["model"]["options"]["ddof"]), gaussian_quantities(r))
+         for r in runs),
+        key=lambda r: (r[1], r[0]),
+    )  # fmt: skip
+    fig, axes = common.subplots(2, len(PANELS), figsize=(4.2 * len(PANELS), 7.2), squeeze=False)
     colors = dict(zip(sorted({n for n, _, _ in loaded}), ["C0", "C1", "C2", "C3"], strict=False))
-    lines = [
-        "| ddof | n | t | quantity | measured (mean ± 95% Student-t half width over 1000 chains) | "
-        "closed form | z = (measured − closed form) / SE |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = common.table(
+        ["ddof", "n", "t", "quantity", "measured (mean ± 95% Student-t half width over 1000 chains)",
+         "closed form", "z = (measured − closed form) / SE"]
+    )  # fmt: skip
     for n, ddof, q in loaded:
         t = np.arange(1, q["w2_sq"].shape[0] + 1)
         th = gaussian_expected("replace", n, t, ddof=ddof)
         for ax, (key, title, scale) in zip(axes[ddof], PANELS, strict=True):
-            m, _, half, _ = student_t_band(q[key], axis=1)
-            ax.plot(t, m, color=colors[n], lw=1.2, label=f"n = {n} measured")
-            ax.fill_between(t, m - half, m + half, color=colors[n], alpha=0.25, lw=0)
+            common.band(ax, t, q[key], color=colors[n], lw=1.2, label=f"n = {n} measured")
             ax.plot(
                 t, th[key], color="k", ls="--", lw=0.9, label="closed form" if n == loaded[0][0] else None
             )
             ax.set_yscale(scale)
             ax.set_title(f"{title}, ddof {ddof}", fontsize=9)
             ax.set_xlabel("fit t")
-        for key in ("log_var_shift", "sigma_ratio", "var_ratio", "w2_sq"):
-            m, se, half, _ = student_t_band(q[key], axis=1)
-            for tc in CHECK_T:
-                if tc <= len(t):
-                    z = (m[tc - 1] - th[key][tc - 1]) / se[tc - 1]
-                    flag = " **" if abs(z) > Z else ""
-                    tail = (1 + 2 / (n - 1)) ** tc  # E[σ_t⁴] / E[σ_t²]², the spread of the σ² terms
-                    if key in HEAVY and tail > q[key].shape[1] / 10:
-                        flag = f" (heavy tail: E[σ⁴]/E[σ²]² = {tail:.1g})"
-                    lines.append(
-                        f"| {ddof} | {n} | {tc} | {key} | {m[tc - 1]:.4g} ± {half[tc - 1]:.2g} | "
-                        f"{th[key][tc - 1]:.4g} | {z:+.1f}{flag} |"
-                    )
+        lines += check_rows(ddof, n, q, th, len(t))
         collapsed = float((q["sigma_ratio"][-1] < 0.1).mean())
         lines.append(f"| {ddof} | {n} | {len(t)} | P(σ_t < 0.1 σ_0) | {collapsed:.3f} | | |")
     for ax in axes.flat:
@@ -120,34 +92,47 @@ def gaussian_part(runs: list[Path], out: Path) -> list[str]:
         "Repeated Gaussian fitting (replace), 1000 chains: measured mean with its 95% Student-t band "
         "vs closed form (dashed)"
     )
-    fig.tight_layout()
-    fig.savefig(out / "shumailov.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "shumailov.png")
     return lines
 
 
-def gmm_part(run: Path, out: Path) -> list[str]:
+def check_rows(ddof: int, n: int, q: dict[str, np.ndarray], th: dict[str, np.ndarray], fits: int) -> list:
+    """Table rows at the fits in CHECK_T: the measured mean, closed form and z, flagged beyond Z or heavy."""
+    lines = []
+    for key in ("log_var_shift", "sigma_ratio", "var_ratio", "w2_sq"):
+        m, se, half, _ = student_t_band(q[key], axis=1)
+        for tc in (tc for tc in CHECK_T if tc <= fits):
+            z = (m[tc - 1] - th[key][tc - 1]) / se[tc - 1]
+            flag = " **" if abs(z) > Z else ""
+            tail = (1 + 2 / (n - 1)) ** tc  # E[σ_t⁴] / E[σ_t²]², the spread of the σ² terms
+            if key in HEAVY and tail > q[key].shape[1] / 10:
+                flag = f" (heavy tail: E[σ⁴]/E[σ²]² = {tail:.1g})"
+            measured = f"{m[tc - 1]:.4g} ± {half[tc - 1]:.2g}"
+            lines.append(
+                common.row([ddof, n, tc, key, measured, f"{th[key][tc - 1]:.4g}", f"{z:+.1f}{flag}"])
+            )
+    return lines
+
+
+def gmm_part(run: Run, out: Path) -> list[str]:
     """figures/shumailov_gmm.png and the GMM table rows: component covariances collapse, components die."""
-    config, _ = load_run(run)
-    p = load_params(run, ("weights", "means", "covs"))
+    p = common.stack(common.models(run.path), ("weights", "means", "covs"))
     w, covs = p["weights"], p["covs"]  # (T, C, K), (T, C, K, d, d)
-    n, std = int(config["data"]["n_train"]), float(config["data"]["options"]["std"])
+    n, std = int(run.config["data"]["n_train"]), float(run.config["data"]["options"]["std"])
     d = covs.shape[-1]
     logdet = np.linalg.slogdet(covs)[1] - d * math.log(std**2)  # log det Sigma_k / det Sigma_true
     alive = w > 1.0 / n  # a component with weight < 1/n draws on average < 1 sample: lost
     t = np.arange(1, w.shape[0] + 1)
-    # the per-chain mean over its live components
     live_logdet = np.where(alive, logdet, np.nan)
-    chain = np.nanmean(live_logdet, axis=2)  # (T, C)
-    m, _, half, _ = student_t_band(chain, axis=1)
+    chain = np.nanmean(live_logdet, axis=2)  # (T, C): the per-chain mean over its live components
     approx = gaussian_expected("replace", n // 2, t, d=d, ddof=0)["log_det_shift"]
     lost = (~alive).any(2).mean(1)
 
-    fig = plt.figure(figsize=(15, 7.2))
+    fig = common.pyplot().figure(figsize=(15, 7.2))
     grid = fig.add_gridspec(2, 12)  # three panels above, four sample scatters below
     ax1 = fig.add_subplot(grid[0, 0:4])
-    ax1.plot(t, m, label="measured (mean over chains of live components, 95% Student-t band)")
-    ax1.fill_between(t, m - half, m + half, alpha=0.3, lw=0)
+    label = "measured (mean over chains of live components, 95% Student-t band)"
+    m, _, half, _ = common.band(ax1, t, chain, alpha=0.3, label=label)
     ax1.plot(t, approx, "k--", lw=0.9, label=f"Gaussian ML closed form, n_k = n/2 = {n // 2}")
     ax1.set_title("E[log det Σ_k,t / det Σ_true]", fontsize=9)
     ax1.set_xlabel("fit t")
@@ -163,8 +148,23 @@ def gmm_part(run: Path, out: Path) -> list[str]:
     ax3.set_title("log det Σ_k,t / det Σ_true over live components", fontsize=9)
     ax3.set_xlabel("fit t")
     ax3.legend(fontsize=7)
-    # samples of chain 0 at a few generations, drawn from the saved parameters
-    shows = [0, len(t) // 10, len(t) // 2, len(t) - 1]
+    draw_samples(fig, grid, p, n, d)
+    fig.suptitle(f"Two-component GMM refitted by EM on n = {n} of its own samples, {w.shape[1]} chains")
+    common.save_figure(fig, out / "shumailov_gmm.png")
+
+    checks = sorted({tc for tc in (1, 10, 100, len(t) // 2, len(t)) if tc <= len(t)})
+    return common.table(
+        ["t", "E log det Σ_k/Σ_true (live, mean ± 95% Student-t half width over chains)",
+         "Gaussian approx. (n_k = n/2)", "chains with a lost component"],
+        ([tc, f"{m[tc - 1]:.3g} ± {half[tc - 1]:.2g}", f"{approx[tc - 1]:.3g}", f"{lost[tc - 1]:.2f}"]
+         for tc in checks),
+    )  # fmt: skip
+
+
+def draw_samples(fig, grid, p: dict[str, np.ndarray], n: int, d: int) -> None:
+    """Samples of chain 0 at a few generations, drawn from the saved parameters (the bottom row)."""
+    w = p["weights"]
+    shows = [0, w.shape[0] // 10, w.shape[0] // 2, w.shape[0] - 1]
     model = GMMFamily(chains=1, event_shape=(d,), components=w.shape[2], dtype="float64")
     for i, g in enumerate(shows):
         ax = fig.add_subplot(grid[1, 3 * i : 3 * i + 3])
@@ -174,37 +174,20 @@ def gmm_part(run: Path, out: Path) -> list[str]:
         ax.set_title(f"chain 0, fit {g + 1}: weights {np.round(w[g, 0], 2)}", fontsize=8)
         ax.set_xlim(-4, 4)
         ax.set_ylim(-2.5, 2.5)
-    fig.suptitle(f"Two-component GMM refitted by EM on n = {n} of its own samples, {w.shape[1]} chains")
-    fig.tight_layout()
-    fig.savefig(out / "shumailov_gmm.png", dpi=110)
-    plt.close(fig)
-
-    lines = [
-        "| t | E log det Σ_k/Σ_true (live, mean ± 95% Student-t half width over chains) | "
-        "Gaussian approx. (n_k = n/2) | "
-        "chains with a lost component |",
-        "|---|---|---|---|",
-    ]
-    for tc in sorted({tc for tc in (1, 10, 100, len(t) // 2, len(t)) if tc <= len(t)}):
-        lines.append(
-            f"| {tc} | {m[tc - 1]:.3g} ± {half[tc - 1]:.2g} | {approx[tc - 1]:.3g} | {lost[tc - 1]:.2f} |"
-        )
-    return lines
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Draw both figures and write figures/shumailov.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="runs", type=Path)
-    parser.add_argument("--out", default="figures", type=Path)
-    args = parser.parse_args()
+    args = common.arguments(__doc__, argv)
+    gaussian = common.runs_under(args.runs, "shumailov")
+    gmm = common.runs_under(args.runs, "shumailov_gmm/base")[0]
     args.out.mkdir(parents=True, exist_ok=True)
     text = [
         "# Shumailov et al.: repeated fitting (`experiments/shumailov/run.sh`)",
         "",
         "## Gaussian, replace, 1000 chains (fit t = loop generation + 1)",
         "",
-        *gaussian_part(find_runs([args.runs / "shumailov"]), args.out),
+        *gaussian_part(gaussian, args.out),
         "",
         "±: 95% Student-t half width over chains; z: (measured − closed form) / SE over chains, a test "
         "statistic. `**`: |z| > 5. Heavy tail: E[σ_t²] and E[W2²] (through the mean's random walk, whose "
@@ -214,16 +197,15 @@ def main() -> None:
         "",
         "## Two-component GMM (EM), replace",
         "",
-        *gmm_part(args.runs / "shumailov_gmm" / "base", args.out),
+        *gmm_part(gmm, args.out),
         "",
         "The Gaussian closed form with n_k = n/2 points per component holds while both components live; "
         "the weights drift (a Wright-Fisher walk) until one component is lost, after which the survivor "
         "is fitted on all n points and collapses at half the rate (the live average is selection-biased).",
-        "",
     ]
-    (args.out / "shumailov.md").write_text("\n".join(text))
+    common.write_lines(args.out / "shumailov.md", text)
     print(f"wrote {args.out}/shumailov.png, shumailov_gmm.png, shumailov.md")
 
 
 if __name__ == "__main__":
-    main()
+    common.entry(main)

@@ -1,7 +1,6 @@
 """Downstream contamination paths: classifiers trained on real data mixed with generated images.
 
 - mixing.py      training sets per mode: substitute, augment, control, generations (not loop policies)
-- classifiers.py the downstream classifiers (MLP, CNN, ResNet-18) and their training
 - shifts.py      shifted test sets (the CIFAR-10-C corruptions at their published severities)
 - bias.py        bias metrics of classifiers and generators on attribute-labelled data
 - sources.py     labelled generated images: a loop run's generation t, or a generator trained on the spot
@@ -10,7 +9,9 @@
 - report.py      summary tables and figures from contamination run directories alone
 - cli.py         the hydra entry point `simulate-contaminate` (configs/contaminate.yaml)
 
-Related module: simulator.data.colored (the attribute-labelled coloured digits).
+Related modules: simulator.classifiers (the downstream classifiers, MLP, CNN, ResNet-18, and their
+training: the curation reward loads them too), simulator.data.colored (the attribute-labelled coloured
+digits).
 """
 
 from simulator.contamination.mixing import MODES, ContaminationError, Mixture, Pool, mix

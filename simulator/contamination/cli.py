@@ -18,9 +18,10 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import entry, registry, seeding, strict_json
-from simulator.config import ConfigError, check_name
-from simulator.contamination import classifiers, grid, released, report, shifts
+from simulator import classifiers, entry, registry, seeding, strict_json
+from simulator.checks import check_name
+from simulator.config import ConfigError
+from simulator.contamination import grid, released, report, shifts
 from simulator.contamination.mixing import RENAMED, ContaminationError, check_ratio
 from simulator.contamination.robustness import MIN_POINTS
 from simulator.contamination.schema import Classifier, ContaminateConfig
@@ -52,7 +53,7 @@ def validate(cfg: DictConfig) -> None:
         if mode in RENAMED:
             raise ConfigError(f"modes.{mode}: renamed to modes.{RENAMED[mode]}")
     check("", ContaminateConfig, cfg, noun="key", extra=interpolated(cfg))
-    check_name(cfg)
+    check_name(cfg.get("name"))
     seeds = _plain(cfg.seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(problem("seeds", "a non-empty list of distinct integers >= 0", seeds))

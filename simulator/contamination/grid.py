@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from simulator import seeding
-from simulator.contamination import bias, classifiers, released, shifts
+from simulator import classifiers, seeding
+from simulator.contamination import bias, released, shifts
 from simulator.contamination.mixing import (
     GENERATED,
     HELDOUT,

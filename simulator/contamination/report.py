@@ -14,7 +14,6 @@ draw: accuracy vs ratio per mode with the held-out real control (bands over seed
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 from collections import defaultdict
@@ -32,7 +31,7 @@ from simulator.contamination.robustness import (
     predicted,
     shift_kinds,
 )
-from simulator.report import _plt, load_run
+from simulator.report import _plt, csv_text, load_run, save_figure, write_file
 from simulator.stats import student_t_interval
 
 # every key that makes two cells different classifiers (seed and gen_seed are the replicates averaged over)
@@ -240,14 +239,11 @@ def summarize(run_path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "fits": fits,
         "table": tab,
     }
-    (run_path / "summary.json").write_text(
-        strict_json.dumps(strict_json.strict_row(summary), indent=1, default=str)
-    )
+    # each file replaced by a rename (simulator.report.write_file): never half a summary, never through a link
+    text = strict_json.dumps(strict_json.strict_row(summary), indent=1, default=str)
+    write_file(run_path / "summary.json", text)
     cols = [k for k in dict.fromkeys(k for t in tab for k in t) if k != "cells"]  # (summary.json has them)
-    with open(run_path / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(tab)
+    write_file(run_path / "summary.csv", csv_text(cols, tab, extrasaction="ignore"))
     main = [c for c in cols if not c.endswith(("_ci", "_n"))]
     lines = [
         f"Intervals: ±95% Student-t half-width over the replicate seeds; they cover: {interval['note']}; "
@@ -262,7 +258,7 @@ def summarize(run_path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
         lines.append("| " + " | ".join(cells) + " |")
     shift_note = _shift_lines(kinds)  # under the table: the header stays the third line
     lines += ["", *shift_note] if shift_note else []
-    (run_path / "summary.md").write_text("\n".join(lines) + "\n")
+    write_file(run_path / "summary.md", "\n".join(lines) + "\n")
     return summary
 
 
@@ -370,7 +366,7 @@ def _accuracy_figure(loaded: list, out: Path, plt: Any) -> Path | None:
     axes[1].set_title("augment", fontsize=9)
     fig.tight_layout()
     path = out / "accuracy_vs_ratio.png"
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -427,7 +423,7 @@ def _robustness_figure(loaded: list, out: Path, plt: Any) -> Path | None:
             a.grid(alpha=0.3)
     fig.tight_layout()
     path = out / "effective_robustness.png"
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -461,7 +457,7 @@ def _bias_panels(series: list, x_key: str, xlabel: str, rows: list, path: Path, 
         ax.axis("off")
     _legend(axes.flat[0])
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

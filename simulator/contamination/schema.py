@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from simulator.classifiers import Classifier
 from simulator.contamination import shifts
-from simulator.contamination.classifiers import Classifier
 from simulator.contamination.sources import KINDS, SAMPLES
 from simulator.options import opt
 

@@ -362,7 +362,20 @@ def _extractor(ctx: MetricContext, opts: FIDOptions, device: torch.device) -> tu
     return net, f"tiny/{fx.TinyCNN.ARCH}/{train_id}/s{opts.tiny_steps}/seed{opts.tiny_seed}"
 
 
-@register("fid")
+def _space(options: dict[str, Any]) -> str:
+    """The features fid's columns are computed in (figure labels; docs/science.md, Metric identities)."""
+    return "tiny-CNN features" if options["extractor"] == "tiny" else "Inception pool3"
+
+
+def _weights_present(options: dict[str, Any]) -> None:
+    """The Inception weights fid extracts with are on this machine (or may be downloaded): one line if not."""
+    opts = FIDOptions.parse(options)
+    if opts.extractor == "inception":
+        fx.resolve_weights(opts.weights_path, opts.allow_download)
+
+
+@register("fid", columns=("fid", "kid_mean", "kid_std", "precision", "recall"), options=FIDOptions,
+          needs=("image",), about="{extractor} FID", space=_space, machine=_weights_present)  # fmt: skip
 def fid(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """FID of each chain's samples against the cached real reference; KID and precision/recall on request."""
     opts = FIDOptions.parse(ctx.options)
@@ -399,7 +412,8 @@ def fid(ctx: MetricContext) -> dict[str, torch.Tensor]:
     return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in rows[0]}
 
 
-@register("bpd")
+@register("bpd", columns=("bpd", "bpd_bound"), options=FIDOptions, needs=("image",),
+          about="bits per dimension of 8-bit images")  # fmt: skip
 def bpd(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """Bits/dim on held-out real images, -log_prob / (D ln 2); named "bpd_bound" for a likelihood bound.
 

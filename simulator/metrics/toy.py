@@ -167,10 +167,27 @@ def knn_precision_recall(
     return precision, covered.double().mean(-1)
 
 
-# -- registered metrics -------------------------------------------------------------------------
+# -- the memory the preflight bounds: float64 values one chain's matrices hold (m samples, n test rows) --
 
 
-@register("nll")
+def _sliced_w_memory(options: dict, m: int, n: int) -> tuple[int, str]:
+    p = options.get("projections") or 64
+    return (m + n) * p * 2, "eval.options.projections" if p > 64 else "eval.n_samples"
+
+
+def _mmd_memory(options: dict, m: int, n: int) -> tuple[int, str]:
+    r = min(n, options.get("mmd_max") or 1000)  # the test rows used: the bandwidth's r x r distances
+    return max(r * r, m * (m + r)), "eval.options.mmd_max" if r * r > m * (m + r) else "eval.n_samples"
+
+
+def _knn_pr_memory(options: dict, m: int, n: int) -> tuple[int, str]:
+    return m * (m + n) * 2, "eval.n_samples"
+
+
+# -- registered metrics: each declares its columns, options, needs and memory (metrics/registry.py) ---
+
+
+@register("nll", columns=("nll", "nll_bpd"), options=VectorMetricOptions)
 def nll(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """Held-out real negative log-likelihood in nats per sample, and in bits per dimension."""
     d = math.prod(ctx.data.test.shape[1:])
@@ -178,7 +195,7 @@ def nll(ctx: MetricContext) -> dict[str, torch.Tensor]:
     return {"nll": value, "nll_bpd": value / (d * math.log(2))}
 
 
-@register("nll_gap")
+@register("nll_gap", columns=("nll_gap",), options=VectorMetricOptions)
 def nll_gap(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """Generalisation gap: held-out NLL minus the NLL of the chain's own real training rows (nats per
     sample). It grows while a model memorises its real set, which KL to the truth alone cannot tell
@@ -192,7 +209,7 @@ def nll_gap(ctx: MetricContext) -> dict[str, torch.Tensor]:
     return {"nll_gap": total / train.shape[1] - _model_log_prob_mean(ctx)}
 
 
-@register("kl_truth")
+@register("kl_truth", columns=("kl_truth",), options=VectorMetricOptions, needs=("exact_density",))
 def kl_truth(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """Monte Carlo KL(truth || model) over the test points (truth draws); {} without a truth density."""
     truth = ctx.data.truth
@@ -203,7 +220,7 @@ def kl_truth(ctx: MetricContext) -> dict[str, torch.Tensor]:
     return {"kl_truth": ctx.data.cache["truth_test_log_prob"] - _model_log_prob_mean(ctx)}
 
 
-@register("frechet")
+@register("frechet", columns=("frechet",), options=VectorMetricOptions)
 def frechet(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """Squared W2 between Gaussian fits of each chain's samples and of the test set (FID on raw vectors)."""
     x, y = _vectors(ctx)
@@ -214,7 +231,7 @@ def frechet(ctx: MetricContext) -> dict[str, torch.Tensor]:
     return {"frechet": torch.cat(out).cpu()}
 
 
-@register("mmd")
+@register("mmd", columns=("mmd",), options=VectorMetricOptions, memory=_mmd_memory)
 def mmd(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """Unbiased MMD^2, Gaussian kernel, bandwidth the median test-set distance (the same for all chains)."""
     x, y = _vectors(ctx)
@@ -230,7 +247,7 @@ def mmd(ctx: MetricContext) -> dict[str, torch.Tensor]:
     return {"mmd": torch.cat(out).cpu()}
 
 
-@register("sliced_w")
+@register("sliced_w", columns=("sliced_w",), options=VectorMetricOptions, memory=_sliced_w_memory)
 def sliced_w(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """Sliced squared W2 over options["projections"] random unit directions, the same for all chains."""
     x, y = _vectors(ctx)
@@ -243,7 +260,7 @@ def sliced_w(ctx: MetricContext) -> dict[str, torch.Tensor]:
     return {"sliced_w": torch.cat(out).cpu()}
 
 
-@register("moments")
+@register("moments", columns=("mean_drift", "cov_drift", "var_ratio"), options=VectorMetricOptions)
 def moments(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """Mean drift |mu_s - mu_test|, covariance drift |S_s - S_test|_F, variance ratio tr S_s / tr S_test."""
     x, y = _vectors(ctx)
@@ -258,7 +275,13 @@ def moments(ctx: MetricContext) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v).cpu() for k, v in cols.items()}
 
 
-@register("knn_pr")
+@register(
+    "knn_pr",
+    columns=("precision", "recall"),
+    options=VectorMetricOptions,
+    space="raw vectors",
+    memory=_knn_pr_memory,
+)
 def knn_pr(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """k-NN precision (fidelity) and recall (coverage) of each chain's samples against the test set."""
     x, y = _vectors(ctx)
@@ -271,7 +294,7 @@ def knn_pr(ctx: MetricContext) -> dict[str, torch.Tensor]:
     }
 
 
-@register("param_dist")
+@register("param_dist", columns=("param_dist0", "param_dist_star"), needs=("parameters",))
 def param_dist(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """Parameter distances |theta_t - theta_0| and |theta_t - theta*|; {} where parameters are meaningless."""
     theta = ctx.model.parameters_vector()

@@ -223,7 +223,7 @@ def _file_shapes(weights_path: str, size: int, mtime_ns: int) -> dict[str, tuple
 def _check_weights(config: dict[str, Any], config_path: Path, weights: Path) -> None:
     """The UNet of the config fits the machine's memory, and the weights file fits the UNet (names and
     shapes): a mismatch is one line here, not load_state_dict's list of every parameter."""
-    from simulator.preflight import check_bytes, count
+    from simulator.machine import check_bytes, count
 
     expected = _meta_shapes(json.dumps(config, sort_keys=True), str(config_path))
     n = sum(math.prod(shape) for shape in expected.values())

@@ -26,6 +26,10 @@ from simulator.models import diffusers_io, diffusion_sampler
 from simulator.models import diffusion_bound as bound
 from simulator.models.base import (
     OPTIONS_PREFIX,
+    Conditional,
+    Example,
+    Exportable,
+    IndexedSampling,
     check_options,
     check_weights,
     flat_parameters,
@@ -79,12 +83,15 @@ class _DiffusionObjective(Objective):
         return torch.nn.functional.mse_loss(f._eps(self.net, xt, t, y, pad=False), noise)
 
 
-class DiffusionFamily(TrainedFamily):
+class DiffusionFamily(TrainedFamily, IndexedSampling, Conditional, Exportable):
     """A diffusers UNet2DModel behind the GenerativeModel protocol (uint8 images, one chain)."""
 
     exact_likelihood = False
     per_sample_seeds = True  # sample(n, ..., indices=...) gives rows of sample(n): the loop shards it
     fit_desc = "diffusion fit"
+    EXAMPLE = Example(chains=1, event_shape=(1, 8, 8), rows=24, steps=6,
+                      options={"block_out_channels": [4, 8], "batch_size": 8, "ema_decay": 0.9, "warmup": 3,
+                               "sample_steps": 2, "likelihood_timesteps": 2})  # fmt: skip
     # rules beyond the annotations and options.BOUNDS, for the config path and the constructor alike
     OPTIONS = {"block_out_channels": {"low": 1},
                "train_timesteps": {"low": 2, "high": diffusers_io.MAX_TIMESTEPS},  # schedulers loop over each

@@ -16,6 +16,7 @@ import normflows as nf
 import torch
 
 from simulator.models.base import (
+    Example,
     check_options,
     check_temperature,
     check_weights,
@@ -117,6 +118,7 @@ class FlowFamily(NormflowsFamily):
 
     exact_likelihood = True
     fit_desc = "flow fit"
+    EXAMPLE = Example(chains=1, options={"blocks": 2, "hidden": 8, "batch_size": 16}, steps=6)
     # rules beyond the annotations and options.BOUNDS, for the config path and the constructor alike
     OPTIONS = {"arch": {"choices": ARCHS}, "schedule": {"choices": SCHEDULES}}
 

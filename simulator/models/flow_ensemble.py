@@ -43,6 +43,8 @@ from tqdm import tqdm
 
 from simulator import seeding
 from simulator.models.base import (
+    Batched,
+    Example,
     broadcast_chains,
     check_finite,
     check_options,
@@ -58,11 +60,12 @@ GROUP_ELEMENTS = 2**18  # activation entries per training pass on CPU; CUDA runs
 Params = dict[str, torch.Tensor]
 
 
-class FlowEnsembleFamily:
+class FlowEnsembleFamily(Batched):
     """C independent RealNVP flows on vectors behind the GenerativeModel protocol (data (C, n, d))."""
 
     exact_likelihood = True
     OPTIONS = {"layers": {"low": 0}}  # 0 hidden layers: linear conditioners (beyond options.BOUNDS)
+    EXAMPLE = Example(chains=2, options={"blocks": 2, "hidden": 8, "batch_size": 16}, steps=6)
 
     def __init__(
         self,

@@ -14,12 +14,15 @@ import torch
 
 from simulator.models.base import (
     Diverged,
+    Example,
     broadcast_chains,
     check_options,
     check_temperature,
     check_weights,
+    psd_factor,
     refuse,
 )
+from simulator.models.gaussian_stats import DDOF, GaussianStatistics
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -70,23 +73,6 @@ def standard_normal(
 ) -> torch.Tensor:
     """N(0, 1) draws made on the generator's own device, then moved: reproducible wherever the model is."""
     return torch.randn(shape, generator=generator, dtype=dtype, device=generator.device).to(device)
-
-
-def psd_factor(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A lower-triangular L with L L^T = cov for (..., d, d), and a mask of matrices not positive definite.
-
-    Positive-definite matrices get their Cholesky factor. A chain that has collapsed (a covariance
-    that is singular in floating point, which fully synthetic retraining reaches) gets a triangular
-    square root through eigh + QR instead, so it can still be sampled; its density is degenerate.
-    """
-    factor, info = torch.linalg.cholesky_ex(cov)
-    bad = info != 0
-    if bad.any():
-        evals, evecs = torch.linalg.eigh(cov[bad])
-        root = evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)  # root @ root^T = cov
-        factor = factor.clone()
-        factor[bad] = torch.linalg.qr(root.transpose(-2, -1)).R.transpose(-2, -1)
-    return factor, bad
 
 
 def affine_tril(mean: torch.Tensor, factor: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
@@ -158,12 +144,14 @@ class ClosedFormFamily:
         return self._sample(int(n), generator, s)
 
 
-class GaussianFamily(ClosedFormFamily):
-    """N(mu, Sigma) fitted in closed form (ddof 0: maximum likelihood; ddof 1: unbiased covariance)."""
+class GaussianFamily(ClosedFormFamily, GaussianStatistics):
+    """N(mu, Sigma) fitted in closed form (ddof 0: maximum likelihood; ddof 1: unbiased covariance); with
+    the FitsStatistics capability (GaussianStatistics: model.path=statistics)."""
 
     exact_likelihood = True
     # rules beyond the annotations and options.BOUNDS, for the config path and the constructor alike
-    OPTIONS = {"ddof": {"low": 0, "high": 1}, "dtype": {"choices": tuple(DTYPES)}}
+    OPTIONS = {"ddof": DDOF, "dtype": {"choices": tuple(DTYPES)}}
+    EXAMPLE = Example(chains=3, event_shape=(2,))
 
     def __init__(
         self, *, chains: int, event_shape: tuple[int, ...], ddof: int = 0, dtype: str = "float32"
@@ -263,11 +251,15 @@ class GaussianFamily(ClosedFormFamily):
         white = torch.linalg.solve_triangular(self._factor, diff, upper=False)
         logdet = 2.0 * self._factor.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
         out = -0.5 * (self.dim * _LOG_2PI + logdet.unsqueeze(1) + white.square().sum(1))
+        if self._degenerate is None:  # fitted from statistics: the factor came without the mask
+            self._degenerate = torch.linalg.cholesky_ex(self.cov).info != 0
         return out.masked_fill(self._degenerate.unsqueeze(1), -math.inf)
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain tensors (loadable with weights_only=True); empty before the first fit."""
-        return {} if self.mean is None else {"mean": self.mean, "cov": self.cov}
+        """Plain tensors in the family's dtype (loadable with weights_only=True); empty before a fit."""
+        if self.mean is None:
+            return {}
+        return {"mean": self.mean.to(self.dtype), "cov": self.cov.to(self.dtype)}  # fit_statistics: float64
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore parameters written by state_dict (an empty dict clears them)."""

@@ -21,7 +21,16 @@ from typing import Any
 import normflows as nf
 import torch
 
-from simulator.models.base import OPTIONS_PREFIX, check_options, check_temperature, check_weights, refuse
+from simulator.models.base import (
+    OPTIONS_PREFIX,
+    Conditional,
+    Example,
+    IndexedSampling,
+    check_options,
+    check_temperature,
+    check_weights,
+    refuse,
+)
 from simulator.models.flow import NormflowsFamily, frozen_actnorm
 from simulator.models.training import EMA, EpochBatches, FitResult, Objective, TrainOptions
 from simulator.seeding import derive_seed
@@ -56,12 +65,14 @@ class _GlowObjective(Objective):
         self.forward(idx, noise)  # ActNorm's first-batch initialisation sees the global batch
 
 
-class GlowFamily(NormflowsFamily):
+class GlowFamily(NormflowsFamily, IndexedSampling, Conditional):
     """A normflows MultiscaleFlow behind the GenerativeModel protocol (uint8 images, one chain)."""
 
     exact_likelihood = True
     per_sample_seeds = True  # sample(n, ..., indices=...) gives rows `indices` of the n-sample draw
     fit_desc = "glow fit"
+    EXAMPLE = Example(chains=1, event_shape=(1, 8, 8), rows=24, steps=6,
+                      options={"levels": 1, "blocks_per_level": 2, "hidden": 8, "batch_size": 8})  # fmt: skip
     # rules beyond the annotations and options.BOUNDS, for the config path and the constructor alike
     OPTIONS = {
         "split_mode": {"choices": SPLIT_MODES},

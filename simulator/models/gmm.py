@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from simulator.models.base import Diverged, check_options, check_weights
+from simulator.models.base import Diverged, Example, check_options, check_weights
 from simulator.models.gaussian import (
     DTYPES,
     ClosedFormFamily,
@@ -35,6 +35,7 @@ class GMMFamily(ClosedFormFamily):
     """K-component Gaussian mixture (full or diagonal covariances), maximum likelihood by EM."""
 
     exact_likelihood = True
+    EXAMPLE = Example(chains=3, rows=40, options={"components": 2, "em_iters": 10})
     # rules beyond the annotations and options.BOUNDS (tol 0: every em_iters step runs), for the config
     # path and the constructor alike
     OPTIONS = {

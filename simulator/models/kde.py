@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from simulator.models.base import check_options, check_weights
+from simulator.models.base import Example, check_options, check_weights
 from simulator.models.gaussian import (
     DTYPES,
     ClosedFormFamily,
@@ -36,6 +36,7 @@ class KDEFamily(ClosedFormFamily):
 
     exact_likelihood = True
     OPTIONS = {"dtype": {"choices": tuple(DTYPES)}}  # beyond the annotations and options.BOUNDS
+    EXAMPLE = Example(chains=3)
 
     def __init__(
         self, *, chains: int, event_shape: tuple[int, ...], bandwidth: float = 0.1, dtype: str = "float32"

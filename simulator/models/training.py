@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from simulator import distributed, scratch, step_log
-from simulator.models.base import OPTIONS_PREFIX, Diverged, FitCheckpoint, refuse
+from simulator.models.base import OPTIONS_PREFIX, Batched, Diverged, FitCheckpoint, ResumableFit, refuse
 from simulator.options import check as check_schema
 from simulator.options import opt
 
@@ -220,18 +220,19 @@ class FitResult:
         return float(self.losses[:k].mean()), float(self.losses[-k:].mean())
 
 
-class TrainedFamily:
+class TrainedFamily(ResumableFit, Batched):
     """The fit skeleton of the torch families (flow, glow, diffusion): resumable, carrying an optimizer.
 
     fit(...) validates nothing itself: a family's `objective` hook checks the data and builds the Objective,
     the TrainOptions and the EMA to update (or None); `train` runs the steps; the family's `fit_stats`
     turns the FitResult into the results row's training stats. The optimizer state of the last fit is kept
-    in `optimizer_state` (train.carry_optimizer hands it to the next generation's fit).
+    in `optimizer_state` (train.carry_optimizer hands it to the next generation's fit). Capabilities:
+    ResumableFit (fit(..., checkpoint=FitCheckpoint) resumes an interrupted fit) and Batched.
     """
 
-    resumable_fit = True  # fit(..., checkpoint=FitCheckpoint) resumes an interrupted fit
     fit_desc = "fit"  # the progress bar's label
     steps: int  # the family's default optimizer steps per fit
+    batch_size: int
     device: torch.device
     optimizer_state: dict[str, Any] | None
 

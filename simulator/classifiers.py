@@ -1,4 +1,8 @@
-"""Downstream classifiers of the contamination paths: an MLP, a small CNN and a ResNet-18 for small images.
+"""Classifiers of images and vectors (an MLP, a small CNN, a ResNet-18 for small images) and their training.
+
+A neutral module: curation's classifier reward (simulator.curation) loads them, the contamination paths
+(simulator/contamination/) train and evaluate them; both import it here, so the core never imports the
+contamination package (docs/architecture.md, "Layers").
 
 Images enter as uint8 (n, ch, h, w) (the image contract) and are scaled to [-1, 1]; vectors (n, d) enter as
 float. Training is a fixed number of minibatch steps (epochs = successive random permutations) with AdamW
@@ -29,7 +33,7 @@ from simulator.options import ConfigError, check, opt, problem
 ARCHS = ("mlp", "cnn", "resnet18")
 OPTIMIZERS = ("adamw", "sgd")
 AUGMENTS = ("none", "crop", "crop_flip")
-PREFIX = "classifier"  # the contamination config's section of these options
+PREFIX = "classifier"  # the contamination config's section of these options (error lines name it)
 
 
 @dataclass
