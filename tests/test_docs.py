@@ -17,8 +17,10 @@ from simulator.policies import Mix
 from simulator.rundir import RunDir
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-COLUMNS = metric_registry.columns()  # every metric's declared columns
-VECTOR_METRICS = tuple(n for n, m in metric_registry.load_all().items() if "image" not in m.needs)
+# every project metric's declared columns (not the metrics other test modules register for their tests)
+PROJECT = {n: m for n, m in metric_registry.load_all().items() if m.fn.__module__.startswith("simulator.")}
+COLUMNS = {n: m.columns for n, m in PROJECT.items()}
+VECTOR_METRICS = tuple(n for n, m in PROJECT.items() if "image" not in m.needs)
 PATTERNS = ("_sem", "_nonfinite")  # documented as <column>_sem, <column>_nonfinite
 
 

@@ -109,7 +109,7 @@ def test_the_docs_show_commands():
 
 @pytest.mark.parametrize("args", commands(), ids=lambda a: " ".join(a)[:80])
 def test_every_documented_command_composes(args):
-    if "launcher=slurm" in args:
+    if any(a.startswith(("launcher=slurm", "launcher=submitit")) for a in args):
         pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="launcher=slurm: the sweep extra")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         jobs = sweep_jobs(args, "config")
