@@ -1,8 +1,8 @@
 """Tables and figures drawn from run directories alone (results.jsonl, config.yaml, gen_*/ samples).
 
-Runs whose configs differ only in the seed are one regime: their curves are
-drawn as a mean with a Student-t 95% band over seeds, and judged together
-(stability.regime_verdict) against the real-only floor of the same sweep when it has one.
+Runs whose configs differ only in the seed are one regime: drawn as a thin line per seed and
+a bold mean, and judged together (stability.regime_verdict) against the real-only floor of the
+same sweep when it has one; the figure then leads with each regime over that floor.
 """
 
 from __future__ import annotations
@@ -259,9 +259,14 @@ def regime_table(groups: dict[str, list[Run]], metric: str) -> list[dict[str, An
     """One row per regime: the metric's first and last generation (mean with a Student-t 95% interval
     over seeds) and stability.regime_verdict on its excess over the real-only floor of the same sweep
     (paired by seed) when there is one, else over each run's generation 0."""
+    return list(_regime_rows(groups, metric).values())
+
+
+def _regime_rows(groups: dict[str, list[Run]], metric: str) -> dict[str, dict[str, Any]]:
+    """regime_table's rows keyed by group, so the figure can label each regime's lines with its verdict."""
     floors = {_policyless(m[0][1]): m for m in groups.values() if is_floor(m[0][1])}
-    table = []
-    for members in groups.values():
+    table = {}
+    for key, members in groups.items():
         config = members[0][1]
         runs = sorted(members, key=lambda m: str(m[1].get("seed")))
         gens = sorted({r["generation"] for _, _, rows in runs for r in rows})
@@ -282,7 +287,7 @@ def regime_table(groups: dict[str, list[Run]], metric: str) -> list[dict[str, An
                                      diverged=[_diverged(p, rows) for p, _, rows in runs])  # fmt: skip
         first = stability.t_interval([c[0] for c in chains])
         last = stability.t_interval([c[-1] for c in chains])
-        table.append({
+        table[key] = {
             "regime": regime_label(config), "seeds": len(runs), "generations": gens[-1] if gens else None,
             "metric": metric, "first": first["mean"], "last": last["mean"], "last_pm": last["half"],
             "reference": reference, "excess_last": v["excess_last"],
@@ -290,7 +295,7 @@ def regime_table(groups: dict[str, list[Run]], metric: str) -> list[dict[str, An
             "change": v["change"], "change_low": v["change_low"], "change_high": v["change_high"],
             "rising": f"{v['rising']}/{v['finite']}", "peak": v["peak"],
             "diverged_fraction": v["diverged_fraction"], "verdict": v["verdict"],
-        })  # fmt: skip
+        }  # fmt: skip
     return table
 
 
@@ -305,9 +310,10 @@ def _write_table(table: list[dict[str, Any]], stem: Path) -> None:
 
 
 def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -> Path:
-    """Stability figure (per metric: the metric vs generation, one line per regime with a Student-t 95%
-    band over seeds, and the excess over the real-only floor when the sweep has one), a per-regime
-    verdict table (regimes.csv / regimes.md) and a per-run table (summary.csv / summary.md)."""
+    """Stability figure (the stability metric over the real-only floor first when the sweep has one,
+    labelled with each regime's verdict; then per metric the metric vs generation, per regime a thin
+    line per seed and the mean), a per-regime verdict table (regimes.csv / regimes.md) and a per-run
+    table (summary.csv / summary.md)."""
     loaded = []
     for p in runs:  # a broken run is skipped with one line; the others are still reported
         try:
@@ -342,7 +348,8 @@ def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -
                             f"{m}_verdict": s["verdict"]})  # fmt: skip
             table.append(row)
     _write_table(table, out / "summary")
-    regimes = regime_table(groups, metrics[0])  # the verdict is on the stability metric
+    verdicts = _regime_rows(groups, metrics[0])  # the verdict is on the stability metric
+    regimes = list(verdicts.values())
     if regimes:
         _write_table(regimes, out / "regimes")
 
@@ -350,15 +357,14 @@ def report(runs: list[Path], out: Path, metric: str | list[str] | None = None) -
 
     plt = _plt()
     floors = any(is_floor(m[0][1]) for m in groups.values()) and len(groups) > 1
-    panels = len(metrics) + floors  # the stability metric, its excess over the floor, the other metrics
+    panels = len(metrics) + floors  # the excess over the floor first, then each metric as measured
     fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.4), squeeze=False)
     colors = {
         key: f"C{i % 10}" for i, key in enumerate(sorted(groups, key=lambda k: regime_label(groups[k][0][1])))
     }
-    _draw_metric(axes[0, 0], metrics[0], groups, colors)
-    if floors:
-        _draw_excess(axes[0, 1], metrics[0], groups, colors)
-    for ax, m in zip(axes[0, 1 + floors :], metrics[1:], strict=True):
+    if floors:  # what the verdicts read: lead with it
+        _draw_excess(axes[0, 0], metrics[0], groups, colors, verdicts)
+    for ax, m in zip(axes[0, floors:], metrics, strict=True):
         _draw_metric(ax, m, groups, colors)
     fig.tight_layout()
     save_figure(fig, out / "stability.png", dpi=120)
@@ -390,60 +396,113 @@ def _write_tidy(loaded: list[tuple[Path, dict, list]], out: Path) -> None:
     write_file(out / "results.parquet", buf.getvalue().to_pybytes())
 
 
-def _band(ax: Any, gens: list[int], columns: list[list[float]], label: str, color: str) -> float:
-    """Mean over seeds with its Student-t 95% band (stability.t_interval) at each generation; returns the
-    band's lowest point (the mean's where there is no band)."""
-    ci = [stability.t_interval(c) for c in columns]
-    ax.plot(gens, [c["mean"] for c in ci], marker=".", label=label, color=color)
-    if any(c["n"] > 1 for c in ci):
-        low, high = [c["low"] for c in ci], [c["high"] for c in ci]
-        ax.fill_between(gens, low, high, color=color, alpha=0.15)
-    return min((c["low"] if c["n"] > 1 else c["mean"] for c in ci), default=math.inf)
+def _seed_lines(ax: Any, curves: list[dict[int, float]], label: str, color: str, geometric: bool) -> float:
+    """One regime: a thin line per seed and a bold line for the mean over seeds at each generation (the
+    geometric mean when `geometric`, for ratios); returns the smallest value drawn. Seeds as lines, not
+    a band: a band over 3 seeds (t = 4.3) is wide enough to hide where the seeds actually go."""
+    lowest = math.inf
+    for curve in curves:
+        gens = sorted(curve)
+        ax.plot(gens, [curve[t] for t in gens], color=color, lw=0.7, alpha=0.4)
+        lowest = min([lowest, *curve.values()])
+    at: dict[int, list[float]] = defaultdict(list)
+    for curve in curves:
+        for t, v in curve.items():
+            at[t].append(math.log(v) if geometric else v)
+    gens = sorted(at)
+    means = [sum(at[t]) / len(at[t]) for t in gens]
+    ax.plot(gens, [math.exp(m) for m in means] if geometric else means, marker=".", lw=2.0, color=color,
+            label=label)  # fmt: skip
+    return lowest
 
 
 def _draw_metric(ax: Any, metric: str, groups: dict[str, list[Run]], colors: dict[str, str]) -> None:
-    """One panel: metric vs generation, a line per regime (mean over seeds, Student-t 95% band); a log
-    axis when every band stays above 0."""
+    """One panel: metric vs generation, per regime a thin line per seed and a bold mean; a log axis when
+    every value is above 0."""
     lowest = math.inf
     for key, members in groups.items():
-        curves: dict[int, list[float]] = defaultdict(list)
+        curves = []
         for _, _, rows in members:
-            for r in rows:
-                v = r.get(metric)
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    curves[r["generation"]].append(v)
-        gens = sorted(curves)
+            curve = {r["generation"]: float(r[metric]) for r in rows
+                     if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])}  # fmt: skip
+            curves.append(curve)
+        if not any(curves):
+            continue
         label = regime_label(members[0][1]) + (f" ({len(members)} seeds)" if len(members) > 1 else "")
-        lowest = min(lowest, _band(ax, gens, [curves[t] for t in gens], label, colors[key]))
+        lowest = min(lowest, _seed_lines(ax, [c for c in curves if c], label, colors[key], geometric=False))
     ax.set_xlabel("generation")
     ax.set_ylabel(metric_label(metric, next(iter(groups.values()))[0][1]) if groups else metric)
     ax.set_yscale("log" if lowest > 0 else "linear")
-    ax.set_title(f"{metric} (mean, 95% Student-t band over seeds)", fontsize=10)
+    ax.set_title(f"{metric} as measured (thin: each seed; bold: mean over seeds)", fontsize=10)
     ax.legend(fontsize=8)
 
 
-def _draw_excess(ax: Any, metric: str, groups: dict[str, list[Run]], colors: dict[str, str]) -> None:
-    """One panel: each regime's error over the real-only floor of the same seed (paired), as a log ratio."""
+def _draw_excess(
+    ax: Any, metric: str, groups: dict[str, list[Run]], colors: dict[str, str],
+    verdicts: dict[str, dict[str, Any]],
+) -> None:  # fmt: skip
+    """One panel: each regime's metric over the real-only floor of the same seed (paired), on a log
+    axis (x1 = the floor): a thin line per seed, the geometric mean in bold, and in the legend the
+    verdict's change over the run with its 95% interval -- the numbers of regimes.csv."""
     floors = {_policyless(m[0][1]): {c.get("seed"): rows for _, c, rows in m} for m in groups.values()
               if is_floor(m[0][1])}  # fmt: skip
+    values: list[float] = []
     for key, members in groups.items():
         floor = floors.get(_policyless(members[0][1]))
         if floor is None or is_floor(members[0][1]):
             continue
-        ratios: dict[int, list[float]] = defaultdict(list)
+        curves = []
         for _, config, rows in members:
             base = {r["generation"]: r.get(metric) for r in floor.get(config.get("seed"), [])}
+            curve = {}
             for r in rows:
                 v, f = r.get(metric), base.get(r["generation"])
                 if isinstance(v, (int, float)) and isinstance(f, (int, float)) and v > 0 and f > 0:
-                    ratios[r["generation"]].append(math.log(v / f))
-        gens = sorted(ratios)
-        _band(ax, gens, [ratios[t] for t in gens], regime_label(members[0][1]), colors[key])
-    ax.axhline(0.0, color="grey", lw=0.8)
+                    if math.isfinite(v / f):
+                        curve[r["generation"]] = v / f
+            if curve:
+                curves.append(curve)
+        if curves:
+            label = _verdict_label(members[0][1], verdicts.get(key))
+            _seed_lines(ax, curves, label, colors[key], geometric=True)
+            values += [v for c in curves for v in c.values()]
+    ax.axhline(1.0, color="grey", lw=0.8, label="the floor: real only, same seed")
+    ax.set_yscale("log")
+    _ratio_ticks(ax, values)
     ax.set_xlabel("generation")
-    ax.set_ylabel(f"log({metric} / real-only {metric}), same seed")
-    ax.set_title(f"{metric}: excess over the real-only floor (paired by seed, 95% band)", fontsize=10)
+    ax.set_ylabel(f"{metric} / real-only {metric}, same seed")
+    ax.set_title(f"{metric} over the real-only floor (thin: each seed; bold: geometric mean)\n"
+                 "legend: change over the run [95% over seeds], verdict", fontsize=10)  # fmt: skip
     ax.legend(fontsize=8)
+
+
+def _verdict_label(config: dict[str, Any], row: dict[str, Any] | None) -> str:
+    """A regime's legend entry: its label, and the verdict's change with its interval when there is one."""
+    label = regime_label(config)
+    if row is None or not all(isinstance(row.get(k), float) and math.isfinite(row[k])
+                              for k in ("change", "change_low", "change_high")):  # fmt: skip
+        return label + (f": {row['verdict']}" if row else "")
+    change = f"×{row['change']:.2f} [{row['change_low']:.2f}, {row['change_high']:.2f}]"
+    return f"{label}: {change} {row['verdict']}"
+
+
+def _ratio_ticks(ax: Any, values: list[float]) -> None:
+    """Ticks of a log ratio axis written as factors (0.8, 1, 1.25, 2, ...), where a log axis over less
+    than a decade would label nothing or one power of ten."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    if not values:
+        return
+    low, high = min(min(values), 1.0), max(max(values), 1.0)
+    if high / low > 100:  # a run that blew up: powers of ten
+        nice = [10.0**k for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)]
+    else:
+        nice = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.67, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0,
+                10.0, 20.0, 50.0, 100.0]  # fmt: skip
+    ticks = [t for t in nice if low / 1.05 <= t <= high * 1.05] or [1.0]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_yticklabels([f"{t:g}" for t in ticks])
 
 
 def _fmt(v: Any) -> str:

@@ -34,7 +34,7 @@ def written_commands() -> list[tuple[str, str]]:
 def test_the_docs_name_only_existing_benchmarks() -> None:
     named = {s for _, s in written_commands()}
     assert named <= set(SCRIPTS), f"commands for missing benchmarks: {sorted(named - set(SCRIPTS))}"
-    assert {"memory_peak", "sharded_sampling", "unet_flops", "gpu_cost"} <= named  # the README's own
+    assert {"memory_peak", "sharded_sampling", "unet_flops", "gpu_cost"} <= named  # docs/ name them
 
 
 # One interpreter (torch and the project imported once): for each command, the import path that form

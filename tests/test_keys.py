@@ -1,5 +1,5 @@
 """One list of non-science keys (simulator/keys.py): the run directory's name, resume, the shared
-generation 0, the report and the README all read it; debug=tiny runs under its own folder."""
+generation 0, the report and docs/usage.md all read it; debug=tiny runs under its own folder."""
 
 from __future__ import annotations
 
@@ -83,11 +83,11 @@ def test_report_and_shared_gen0_ignore_the_same_keys(tmp_path):
 
 
 def test_readme_lists_the_code_list():
-    text = " ".join((ROOT / "README.md").read_text().split())
+    text = " ".join((ROOT / "docs" / "usage.md").read_text().split())  # "Run directories"
     match = re.search(
         r"Keys that do not change the science are left out of the path.*?: (.*?) \(`simulator/keys.py`", text
     )
-    assert match, "README: the sentence listing the non-science keys is gone"
+    assert match, "docs/usage.md: the sentence listing the non-science keys is gone"
     assert re.findall(r"`([^`]+)`", match.group(1)) == list(keys.NON_SCIENCE)
 
 

@@ -25,7 +25,7 @@ from simulator.seeding import derive_seed
 from simulator.weights import load_model
 from tests.conftest import compose_config
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "images.md"  # the page with the sampler block
 T = 40  # the checkpoint's own schedule: differs from the family's default (1000) on purpose
 
 NO_METRICS = ("data=digits", "eval.metrics=[]", "eval.stability_metric=null")  # the pretrained checks alone
@@ -184,12 +184,12 @@ def test_two_generations_from_a_checkpoint_export_pipelines(
 
 
 def readme_sampler() -> dict:
-    """The README's sampler for exported pipelines (the block after its marker), executed."""
+    """docs/images.md's sampler for exported pipelines (the block after its marker), executed."""
     text = README.read_text()
     block = re.search(r"<!-- exported-pipeline-sampler.*?-->\n```python\n(.*?)```", text, re.S)
-    assert block, "README.md lost its exported-pipeline sampler block"
+    assert block, "docs/images.md lost its exported-pipeline sampler block"
     namespace: dict = {}
-    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    exec(compile(block.group(1), "docs/images.md", "exec"), namespace)
     return namespace
 
 
@@ -197,7 +197,7 @@ def readme_sampler() -> dict:
 @pytest.mark.parametrize("spacing", ["trailing", "quadratic"])
 def test_exported_pipeline_reproduces_the_run(sampler: str, spacing: str, tmp_path: Path) -> None:
     """Fed the run's noise (per-sample generators, 64 rows: the CPU's network batch), DDIMPipeline with
-    sampling.json's settings (trailing) and the README's sampler (either spacing) give the run's pixels."""
+    sampling.json's settings (trailing) and the sampler of docs/images.md (either spacing) give the pixels."""
     fam = DiffusionFamily(chains=1, event_shape=(1, 8, 8), block_out_channels=(4, 8), layers_per_block=1,
                           train_timesteps=T, sample_steps=5, sampler=sampler, timestep_spacing=spacing,
                           export_pipeline=True)  # fmt: skip

@@ -44,15 +44,15 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's simulator, from
 
 
 def readme_example() -> str:
-    """The code block of the README's "Python API" section."""
-    text = (ROOT / "README.md").read_text()
+    """The code block of docs/usage.md's "Python API" section."""
+    text = (ROOT / "docs" / "usage.md").read_text()
     section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_readme_example_runs(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
-    exec(compile(readme_example(), "README.md", "exec"), {})
+    exec(compile(readme_example(), "docs/usage.md", "exec"), {})
     path, column, verdict = capsys.readouterr().out.splitlines()
     run = tmp_path / path
     assert path == "runs/default/chains=8,data=gaussian,eval=fast,model=gaussian,policy.lam=0.5,policy=mix"

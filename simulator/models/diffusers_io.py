@@ -350,7 +350,8 @@ def export_pipeline(
 ) -> Path:
     """Write unet (float32 copy) and the run's DDIMScheduler as a DDIMPipeline directory (which
     DDPMPipeline.from_pretrained loads too), and `sampling` as its sampling.json: the call and timesteps
-    that reproduce the run's samples (README, "Exported pipelines"); returns the directory."""
+    that reproduce the run's samples (docs/images.md, "Exported diffusion pipelines"); returns the
+    directory."""
     import copy
 
     from diffusers import DDIMPipeline
