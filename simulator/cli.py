@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from simulator import checks, entry, keys, registry, stability, step_log, strict_json
-from simulator.entry import CONFIG_DIR, fail
+from simulator.entry import CONFIG_DIR
 from simulator.loop import (
     CommitOptions,
     EvalOptions,
@@ -163,38 +163,3 @@ class SweepReport(entry.SweepCallback):
         metrics = [config.eval.stability_metric, *config.eval.get("report_metrics", [])]
         out = report.report(runs, sweep / "figures", metric=[m for m in metrics if m])
         return f"comparison figure and table: {out}"
-
-
-def simulate_report(argv: list[str] | None = None) -> None:
-    """Console entry point: `simulate-report RUN_OR_SWEEP_DIR... [--out DIR] [--metric NAME]`."""
-    import argparse
-
-    from simulator import report
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> None:  # type: ignore[override]  # one line, not usage + error
-            fail(f"simulate-report: {message} (see simulate-report --help)")
-
-    parser = Parser(prog="simulate-report", description=report.__doc__)
-    parser.add_argument("dirs", nargs="+", help="run directories, or sweep directories holding runs")
-    parser.add_argument("--out", default=None, help="where figures and tables go (default: DIR/figures)")
-    parser.add_argument(
-        "--metric",
-        action="append",
-        default=None,
-        help="metric for the stability curves, repeatable (default: eval.stability_metric)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        from simulator.contamination import report as contamination_report
-
-        runs = report.find_runs([Path(d) for d in args.dirs])
-        out = Path(args.out) if args.out else (Path(args.dirs[0]) / "figures")
-        grids = [r for r in runs if contamination_report.is_contamination_run(r)]
-        if grids:  # simulate-contaminate's grids: accuracy, robustness and bias figures
-            print(contamination_report.report(grids, out))
-        loops = [r for r in runs if r not in grids]
-        if loops:
-            print(report.report(loops, out, metric=args.metric))
-    except report.ReportError as e:
-        fail(str(e))

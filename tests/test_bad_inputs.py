@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from simulator import cli
+from simulator import cli, report_cli
 from simulator.contamination import cli as contaminate_cli
 
 TINY = ["debug=tiny", "model.options.blocks=2", "model.options.hidden=16"]
@@ -426,7 +426,8 @@ def test_simulate_report(tmp_path, files, monkeypatch, capsys, args, message):
     (tmp_path / "empty").mkdir()
     before = tree(tmp_path)
     argv = fill(args, files=files, cwd=tmp_path)
-    code, lines = run_entry(cli.simulate_report, "simulate-report", argv, tmp_path, monkeypatch, capsys)
+    report = report_cli.simulate_report
+    code, lines = run_entry(report, "simulate-report", argv, tmp_path, monkeypatch, capsys)
     check(code, lines, fill([message], files=files, cwd=tmp_path)[0], before, tree(tmp_path))
 
 

@@ -142,7 +142,7 @@ def test_lambda_by_seed_sweep_and_report(tmp_path):
     table = (sweep / "figures" / "summary.csv").read_text().splitlines()
     assert len(table) == 1 + 4
     # simulate-report redraws from the run directories alone, grouping seeds into one regime
-    code = "from simulator.cli import simulate_report; simulate_report()"
+    code = "from simulator.report_cli import simulate_report; simulate_report()"
     args = [str(sweep), "--out", str(tmp_path / "rep"), "--metric", "var_ratio", "--metric", "mean_drift"]
     rep = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     assert rep.returncode == 0, rep.stderr
@@ -181,7 +181,7 @@ def test_ctrl_c_and_sigterm_end_in_one_line_keeping_whole_generations(tmp_path, 
 
 
 def test_report_skips_broken_runs_with_one_line_each(tmp_path, capsys):
-    from simulator.cli import simulate_report
+    from simulator.report_cli import simulate_report
     from simulator.rundir import write_atomic
 
     def run(name: str, config: str, lines: list[str]) -> Path:
