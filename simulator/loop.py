@@ -337,7 +337,7 @@ def generation_loop(
         clock = time.perf_counter()
         if t == 0 and model.parameters_vector() is not None:
             params0 = params_star = model.parameters_vector().detach().cpu()
-            if train.init_checkpoint and "param_dist" in metrics:  # theta*: the fit to real data (Bertrand)
+            if train.init_checkpoint and metric_registry.reference_fit(metrics):  # theta*: fit to real data
                 ref = make_model()
                 ref.reset(gen("init"))
                 real, _, _ = pool.training_set(0, None)

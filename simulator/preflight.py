@@ -261,7 +261,6 @@ def check_sizes(cfg: DictConfig, data: Dataset, policy: Any) -> None:
     the samples a generation holds and the training set of the last generation (it grows with accumulate).
     """
     from simulator import samples
-    from simulator.policies import Accumulate, AccumulateSubsample, Replace
 
     policy_field = registry.policy_field
 
@@ -274,7 +273,7 @@ def check_sizes(cfg: DictConfig, data: Dataset, policy: Any) -> None:
         )
     if OmegaConf.select(cfg, "model.path", default=None) == "statistics":
         return  # samples.StatisticsPool: each generation's statistics drawn in closed form, no samples held
-    pool, synthetic, truth = policy.pool_size(n_real), policy.n_synthetic(n_real), policy.n_truth(n_real)
+    pool = policy.pool_size(n_real)
     metrics = list(cfg.eval.metrics)
     asked = {policy_field(cfg): pool, "sample.n": cfg.sample.n or 0,
              "eval.n_samples": (cfg.eval.n_samples or 0) if metrics else 0}  # fmt: skip
@@ -293,15 +292,12 @@ def check_sizes(cfg: DictConfig, data: Dataset, policy: Any) -> None:
         n_eval = min(asked["eval.n_samples"] or n_draw, n_draw)
         check_metric_sizes(cfg, metrics, n_eval, int(data.test.shape[0]), chains)
     generations = int(cfg.generations)
-    if isinstance(policy, Accumulate):  # every earlier generation's samples join the real rows
-        total = n_real + generations * synthetic
-        where = "generations" if generations > 1 else policy_field(cfg)
-        if isinstance(policy, AccumulateSubsample):  # the draw ranks one uniform key per pooled row
-            check_bytes(where, chains * total * 4, f"generation {generations}'s subsample of {count(total)} "
-                        f"pooled rows (one float32 key per row and chain)")  # fmt: skip
-        rows = min(policy.budget or n_real, total) if isinstance(policy, AccumulateSubsample) else total
-    else:
-        rows, where = (0 if isinstance(policy, Replace) else n_real) + truth + synthetic, policy_field(cfg)
+    rows, keys = policy.rows(generations, n_real), policy.keys(generations, n_real)
+    grows = generations > 1 and max(rows, keys) > max(policy.rows(1, n_real), policy.keys(1, n_real))
+    where = "generations" if grows else policy_field(cfg)  # accumulate: D_t grows with t
+    if keys:
+        check_bytes(where, chains * keys * 4, f"generation {generations}'s draw of {count(rows)} rows from "
+                    f"{count(keys)} (one float32 key per row and chain)")  # fmt: skip
     check_bytes(where, chains * rows * row, f"the training set of generation {generations} "
                 f"({count(rows)} rows of {row} bytes, {chains} chain{'s' * (chains > 1)})")  # fmt: skip
     epochs = cfg.train.get("epochs")

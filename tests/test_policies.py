@@ -43,6 +43,7 @@ def test_sizes_and_no_duplicates(policy, size, composition, t):
     parts = policy.select(t, N_REAL, C, torch.Generator().manual_seed(t))
     x = assemble(parts, pool.__getitem__, C)
     assert x.shape == (C, size(t), *EVENT)
+    assert policy.rows(t, N_REAL) == size(t)  # what the preflight bounds is what the loop trains on
     for c in range(C):
         assert torch.all(x[c, :, 1] == c), "rows must come from their own chain"
         ids = x[c, :, 0]

@@ -65,6 +65,8 @@ class Metric:
     # (float64 values one chain holds at once, the field that sizes them): the preflight's bound
     machine: Callable[[dict[str, Any]], None] | None = None  # options -> raises a one-line ValueError
     # when the machine cannot run it (FID weights missing offline); called after the config's checks
+    reference_fit: bool = False  # reads params_star, theta* of a fit to the real data, which the loop then
+    # makes when generation 0 is loaded rather than fitted (init.checkpoint: Bertrand et al.'s theta*)
 
     def __call__(self, ctx: MetricContext) -> dict[str, torch.Tensor]:
         out = self.fn(ctx)
@@ -111,6 +113,7 @@ def register(
     space: Callable[[dict[str, Any]], str] | str | None = None,
     memory: Callable[[dict[str, Any], int, int], tuple[int, str]] | None = None,
     machine: Callable[[dict[str, Any]], None] | None = None,
+    reference_fit: bool = False,
 ) -> Callable[[MetricFn], MetricFn]:
     """Decorator: declare fn as metric name (see Metric for the fields). fn returns {column: (C,) tensor}."""
     columns, needs = tuple(columns), tuple(needs)
@@ -122,10 +125,17 @@ def register(
     def wrap(fn: MetricFn) -> MetricFn:
         if name in METRICS:
             raise ValueError(f"metric {name!r} registered twice")
-        METRICS[name] = Metric(name, fn, columns, options, needs, about, space, memory, machine)
+        METRICS[name] = Metric(
+            name, fn, columns, options, needs, about, space, memory, machine, reference_fit
+        )
         return fn
 
     return wrap
+
+
+def reference_fit(names: Iterable[str]) -> bool:
+    """True when a metric of names reads theta*, the fit to the real data (Metric.reference_fit)."""
+    return any(get(name).reference_fit for name in names)
 
 
 def load_all() -> dict[str, Metric]:

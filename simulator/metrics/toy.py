@@ -294,7 +294,7 @@ def knn_pr(ctx: MetricContext) -> dict[str, torch.Tensor]:
     }
 
 
-@register("param_dist", columns=("param_dist0", "param_dist_star"), needs=("parameters",))
+@register("param_dist", columns=("param_dist0", "param_dist_star"), needs=("parameters",), reference_fit=True)
 def param_dist(ctx: MetricContext) -> dict[str, torch.Tensor]:
     """Parameter distances |theta_t - theta_0| and |theta_t - theta*|; {} where parameters are meaningless."""
     theta = ctx.model.parameters_vector()

@@ -29,6 +29,9 @@ class Accumulate(Policy):
     def needs(self, t: int) -> list[int]:
         return list(range(t))
 
+    def rows(self, t: int, n_real: int) -> int:
+        return n_real + t * self.n_synthetic(n_real)
+
     def draw_from_last(self, k: int) -> Policy:
         if k != 1:  # a window over generations would be another policy (a sliding accumulate)
             raise PolicyError(f"sample.from_last: {self.name} trains on every earlier generation already; "
@@ -49,8 +52,12 @@ class AccumulateSubsample(Accumulate):
         check_options(AccumulateSubsample, n_syn=n_syn, budget=budget)
         self.n_syn, self.budget = n_syn, budget
 
+    def rows(self, t: int, n_real: int) -> int:
+        return min(self.budget or n_real, super().rows(t, n_real))
+
+    def keys(self, t: int, n_real: int) -> int:  # one uniform key per pooled row (draw_without_replacement)
+        return super().rows(t, n_real)
+
     def select(self, t, n_real, chains, generator):
-        members = (REAL, *range(t))
-        total = n_real + t * self.n_synthetic(n_real)
-        k = min(self.budget or n_real, total)
-        return [Part(members, draw_without_replacement(chains, total, k, generator))]
+        members, total = (REAL, *range(t)), super().rows(t, n_real)
+        return [Part(members, draw_without_replacement(chains, total, self.rows(t, n_real), generator))]

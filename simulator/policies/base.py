@@ -70,6 +70,15 @@ class Policy:
         """Rows generation t draws afresh from the exact sampler (member TRUTH); 0: none."""
         return 0
 
+    def rows(self, t: int, n_real: int) -> int:
+        """Rows of D_t (t >= 1) for a real set of n_real rows, at most: what a chain's training set holds
+        (the preflight bounds the last generation's against the memory available)."""
+        return n_real + self.n_truth(n_real) + self.n_synthetic(n_real)
+
+    def keys(self, t: int, n_real: int) -> int:
+        """Random keys (float32, per chain) that drawing D_t ranks at once; 0: it draws none."""
+        return 0
+
     def weights(self, parts: list[Part], sizes: dict[int, int]) -> torch.Tensor | None:
         """Row weights (N,) of the training set `assemble(parts)`, shared by every chain; None: unweighted."""
         return None

@@ -61,6 +61,9 @@ class Fresh(Policy):
     def n_truth(self, n_real: int) -> int:
         return self._fresh(n_real) if self.source == "truth" else 0
 
+    def rows(self, t: int, n_real: int) -> int:  # the fresh real (or truth) rows, no other real row
+        return self._fresh(n_real) + self.n_synthetic(n_real)
+
     def select(self, t, n_real, chains, generator):
         if self.source == "truth":
             parts = [Part((TRUTH,))]

@@ -18,6 +18,9 @@ class Replace(Policy):
     def n_synthetic(self, n_real: int) -> int:
         return self.n_syn or n_real
 
+    def rows(self, t: int, n_real: int) -> int:
+        return self.n_synthetic(n_real)
+
     def select(self, t, n_real, chains, generator):
         if self.from_last > 1:
             return [self.synthetic(t, n_real, chains)]
