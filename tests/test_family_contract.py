@@ -46,9 +46,12 @@ def build(name: str) -> Any:
 
 
 def data(name: str, seed: int = 0) -> torch.Tensor:
-    """EXAMPLE's training rows: uint8 images for three event dimensions, else float32 vectors."""
+    """EXAMPLE's training rows: uint8 images for three event dimensions, float32 token ids for a token
+    family (EXAMPLE.tokens: its vocabulary), else float32 vectors."""
     ex = example(name)
     shape = (ex.chains, ex.rows, *ex.event_shape)
+    if ex.tokens is not None:
+        return torch.randint(0, ex.tokens, shape, generator=gen(seed)).float()
     if len(ex.event_shape) == 3:
         return torch.randint(0, 256, shape, generator=gen(seed), dtype=torch.uint8)
     return torch.randn(shape, generator=gen(seed))
@@ -206,3 +209,55 @@ def test_what_the_family_has_it_declares(name):
         own = [m for m in vars(capability) if not m.startswith("_") and callable(getattr(capability, m))]
         for member in own if declared else []:  # implemented, not the protocol's empty stub
             assert getattr(cls, member) is not getattr(capability, member), f"{name}: {member} is a stub"
+
+
+# ---- conditional families: the same contract with class labels ------------------------------------------
+
+CLASSES = 3
+
+
+def build_conditional(name: str) -> Any:
+    if base.Conditional not in registry.family_class(name).__mro__:
+        pytest.skip(f"{name} is not class-conditional")
+    ex = example(name)
+    options = {**(ex.options or {}), "num_classes": CLASSES}
+    return registry.family_class(name)(chains=ex.chains, event_shape=ex.event_shape, **options)
+
+
+def labels_of(name: str, n: int, seed: int = 8) -> torch.Tensor:
+    return torch.randint(0, CLASSES, (n,), generator=gen(seed))
+
+
+def fitted_conditional(name: str, **kwargs: Any) -> Any:
+    ex, model = example(name), build_conditional(name)
+    model.reset(gen(1))
+    y = labels_of(name, ex.rows).expand(ex.chains, ex.rows)  # (C, n), as the loop passes them
+    model.fit(data(name), y, steps=ex.steps, generator=gen(2), **kwargs)
+    return model
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_a_conditional_fit_samples_the_classes_it_is_given(name, tmp_path):
+    ex, model = example(name), fitted_conditional(name)
+    assert model.num_classes == CLASSES
+    y = labels_of(name, N, seed=9)
+    x = model.sample(N, y, generator=gen(3))
+    assert x.shape == (ex.chains, N, *ex.event_shape)
+    other = model.sample(N, (y + 1) % CLASSES, generator=gen(3))
+    assert not torch.equal(x, other), "the labels do not reach the sampler"
+    state = model.state_dict()
+    scratch.save(state, tmp_path / model_name(state))
+    again = build_conditional(name)
+    again.load_state_dict(load_model(tmp_path))
+    same(state, again.state_dict())
+    assert torch.equal(x, again.sample(N, y, generator=gen(3)))
+    if isinstance(model, base.IndexedSampling):
+        rows = [5, 1, 3]
+        assert torch.equal(model.sample(N, y, generator=gen(3), indices=rows), x[:, rows])
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_conditional_equal_weights_are_the_unweighted_fit(name):
+    rows = example(name).rows
+    weighted = fitted_conditional(name, weights=torch.full((rows,), 3.0))
+    same(fitted_conditional(name).state_dict(), weighted.state_dict())
