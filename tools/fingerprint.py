@@ -10,7 +10,10 @@ kde, flow, flow_nsf, flow_ensemble, glow and diffusion on 8x8 digits -- under a 
 folder, and hashes what each run leaves: every results column but the timings, every tensor of every
 generation's model (the states), its samples, and the per-chain metrics. Columns are compared bit for bit
 (floats by their repr); a difference names the run, the file or column, and the generation.
---with-default adds the default `simulate` sweep's tables (runs/regimes_2d/figures/*.csv; minutes).
+--with-default adds the default `simulate` sweep's tables (runs/regimes_2d/figures/*.csv; minutes), and
+--with-experiments one run of each reproduction's config (`experiment=<name> debug=tiny`: two generations
+at the tiny sizes, each config's own family, policy, metrics and chains; the image-scale GPU configs and the
+default's own regimes_2d are not among them).
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ RUNS: dict[str, list[str]] = {
                          "sample.n=100", "policy=replace", "train.steps=3", "train.steps_gen0=3",
                          "sample.shard_size=40"],
 }  # fmt: skip
+REPRODUCTIONS = ["alemohammad_bias", "alemohammad_fresh", "alemohammad_gmm", "bertrand", "digits",
+                  "gaussian_collapse", "gerstgrasser", "gerstgrasser_kde", "golden_ratio", "shumailov",
+                  "shumailov_gmm"]  # fmt: skip
 TIMING = ("seconds",)  # results columns that measure time, not science
 
 
@@ -95,12 +101,19 @@ def fingerprint_run(path: Path) -> dict[str, str]:
     return out
 
 
-def run_all(root: Path, with_default: bool) -> dict[str, dict[str, str]]:
+def run_all(root: Path, with_default: bool, with_experiments: bool = False) -> dict[str, dict[str, str]]:
     import simulator
 
     prints: dict[str, dict[str, str]] = {}
-    for name, overrides in RUNS.items():
-        result = simulator.run([*TOY, *overrides, f"run_root={root}", f"name={name}"])
+    runs = dict(RUNS)
+    if with_experiments:
+        tiny = ["progress=false", "debug=tiny", "eval.figures=false"]
+        for e in REPRODUCTIONS:
+            for end, pins in _pins(e).items():  # the sweep's first and last job
+                runs[f"experiment_{e}_{end}"] = [f"experiment={e}", *tiny, *pins]
+    for name, overrides in runs.items():
+        base = [] if name.startswith("experiment_") else TOY
+        result = simulator.run([*base, *overrides, f"run_root={root}", f"name={name}"])
         prints[name] = fingerprint_run(result.path)
         print(f"{name}: {len(prints[name])} digests", file=sys.stderr)
     if with_default:
@@ -117,6 +130,19 @@ def run_all(root: Path, with_default: bool) -> dict[str, dict[str, str]]:
             for f in tables
         }
     return prints
+
+
+def _pins(experiment: str) -> dict[str, list[str]]:
+    """Each swept key of an experiment's sweep pinned to its first value ("first") and its last ("last")."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "experiment" / f"{experiment}.yaml")
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
+    values = {k: str(v).split(",") for k, v in params.items()}
+    if not values:
+        return {"only": []}
+    ends = (("first", 0), ("last", -1))
+    return {end: [f"{k}={v[i].strip()}" for k, v in values.items()] for end, i in ends}
 
 
 def _timing_cols(f: Path) -> set[int]:
@@ -140,6 +166,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the fingerprints here (JSON)")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
     parser.add_argument("--with-default", action="store_true", help="also the default sweep's tables")
+    parser.add_argument("--with-experiments", action="store_true", help="also one run of each reproduction")
     args = parser.parse_args()
     if args.compare:
         a, b = (json.loads(p.read_text()) for p in args.compare)
@@ -149,7 +176,7 @@ def main() -> None:
         sys.exit(1 if diffs else 0)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as root:
-        prints = run_all(Path(root), args.with_default)
+        prints = run_all(Path(root), args.with_default, args.with_experiments)
     text = json.dumps(prints, indent=1, sort_keys=True)
     if args.out:
         args.out.write_text(text + "\n")
