@@ -35,7 +35,6 @@ FAMILIES: dict[str, str] = {
     "flow_ensemble": "simulator.models.flow_ensemble:FlowEnsembleFamily",
     "glow": "simulator.models.glow:GlowFamily",
     "diffusion": "simulator.models.diffusion:DiffusionFamily",
-    "categorical": "simulator.models.categorical:CategoricalFamily",
 }
 
 # model options that a pretrained diffusers directory decides instead of the config
@@ -48,7 +47,6 @@ SOURCE_MODULES = {
     "simulator.data.toy": ("TOY_SOURCES", "make_toy"),
     "simulator.data.images": ("IMAGE_SOURCES", "make_image"),
     "simulator.data.colored": ("COLORED_SOURCES", "make_colored"),
-    "simulator.data.tokens": ("TOKEN_SOURCES", "make_tokens"),
 }
 
 # modules whose import registers metrics
