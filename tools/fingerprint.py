@@ -12,8 +12,9 @@ generation's model (the states), its samples, and the per-chain metrics. Columns
 (floats by their repr); a difference names the run, the file or column, and the generation.
 --with-default adds the default `simulate` sweep's tables (runs/regimes_2d/figures/*.csv; minutes), and
 --with-experiments one run of each reproduction's config (`experiment=<name> debug=tiny`: two generations
-at the tiny sizes, each config's own family, policy, metrics and chains; the image-scale GPU configs and the
-default's own regimes_2d are not among them).
+at the tiny sizes, each config's own family, policy, metrics and chains, generation 0 fitted where the
+config loads it from a file another step makes; the image-scale GPU configs and the default's own regimes_2d
+are not among them).
 """
 
 from __future__ import annotations
@@ -139,10 +140,11 @@ def _pins(experiment: str) -> dict[str, list[str]]:
     cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "experiment" / f"{experiment}.yaml")
     params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
     values = {k: str(v).split(",") for k, v in params.items()}
+    fitted = ["init.checkpoint=null"] if OmegaConf.select(cfg, "init.checkpoint") else []  # G_0 fitted here
     if not values:
-        return {"only": []}
+        return {"only": fitted}
     ends = (("first", 0), ("last", -1))
-    return {end: [f"{k}={v[i].strip()}" for k, v in values.items()] for end, i in ends}
+    return {end: [*fitted, *(f"{k}={v[i].strip()}" for k, v in values.items())] for end, i in ends}
 
 
 def _timing_cols(f: Path) -> set[int]:
