@@ -140,7 +140,9 @@ def _pins(experiment: str) -> dict[str, list[str]]:
     cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "experiment" / f"{experiment}.yaml")
     params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
     values = {k: str(v).split(",") for k, v in params.items()}
-    fitted = ["init.checkpoint=null"] if OmegaConf.select(cfg, "init.checkpoint") else []  # G_0 fitted here
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    loads = isinstance(raw, dict) and bool((raw.get("init") or {}).get("checkpoint"))
+    fitted = ["init.checkpoint=null"] if loads else []  # G_0 fitted here, not loaded
     if not values:
         return {"only": fitted}
     ends = (("first", 0), ("last", -1))
