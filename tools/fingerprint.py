@@ -143,6 +143,8 @@ def _pins(experiment: str) -> dict[str, list[str]]:
     raw = OmegaConf.to_container(cfg, resolve=False)
     loads = isinstance(raw, dict) and bool((raw.get("init") or {}).get("checkpoint"))
     fitted = ["init.checkpoint=null"] if loads else []  # G_0 fitted here, not loaded
+    if loads:  # a swept key that only names the file (alemohammad's start) goes with it
+        values = {k: v for k, v in values.items() if f"${{{k}}}" not in str(raw["init"]["checkpoint"])}
     if not values:
         return {"only": fitted}
     ends = (("first", 0), ("last", -1))
