@@ -140,11 +140,12 @@ def _pins(experiment: str) -> dict[str, list[str]]:
     cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "experiment" / f"{experiment}.yaml")
     params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
     values = {k: str(v).split(",") for k, v in params.items()}
-    raw = OmegaConf.to_container(cfg, resolve=False)
-    loads = isinstance(raw, dict) and bool((raw.get("init") or {}).get("checkpoint"))
+    raw: Any = OmegaConf.to_container(cfg, resolve=False)
+    checkpoint = str((raw.get("init") or {}).get("checkpoint") or "") if isinstance(raw, dict) else ""
+    loads = bool(checkpoint)
     fitted = ["init.checkpoint=null"] if loads else []  # G_0 fitted here, not loaded
     if loads:  # a swept key that only names the file (alemohammad's start) goes with it
-        values = {k: v for k, v in values.items() if f"${{{k}}}" not in str(raw["init"]["checkpoint"])}
+        values = {k: v for k, v in values.items() if f"${{{k}}}" not in checkpoint}
     if not values:
         return {"only": fitted}
     ends = (("first", 0), ("last", -1))
