@@ -13,8 +13,8 @@ generation's model (the states), its samples, and the per-chain metrics. Columns
 --with-default adds the default `simulate` sweep's tables (runs/regimes_2d/figures/*.csv; minutes), and
 --with-experiments one run of each reproduction's config (`experiment=<name> debug=tiny`: two generations
 at the tiny sizes, each config's own family, policy, metrics and chains, generation 0 fitted where the
-config loads it from a file another step makes; the image-scale GPU configs and the default's own regimes_2d
-are not among them).
+config loads it from a file another step makes; not among them: the image-scale GPU configs, the default's
+own regimes_2d, and alemohammad_fresh, whose sweep is over generation 0's file alone).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ RUNS: dict[str, list[str]] = {
                          "sample.n=100", "policy=replace", "train.steps=3", "train.steps_gen0=3",
                          "sample.shard_size=40"],
 }  # fmt: skip
-REPRODUCTIONS = ["alemohammad_bias", "alemohammad_fresh", "alemohammad_gmm", "bertrand", "digits",
+REPRODUCTIONS = ["alemohammad_bias", "alemohammad_gmm", "bertrand", "digits",
                   "gaussian_collapse", "gerstgrasser", "gerstgrasser_kde", "golden_ratio", "shumailov",
                   "shumailov_gmm"]  # fmt: skip
 TIMING = ("seconds",)  # results columns that measure time, not science
