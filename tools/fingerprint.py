@@ -20,6 +20,7 @@ own regimes_2d, and alemohammad_fresh, whose sweep is over generation 0's file a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -144,8 +145,11 @@ def _pins(experiment: str) -> dict[str, list[str]]:
     checkpoint = str((raw.get("init") or {}).get("checkpoint") or "") if isinstance(raw, dict) else ""
     loads = bool(checkpoint)
     fitted = ["init.checkpoint=null"] if loads else []  # G_0 fitted here, not loaded
-    if loads:  # a swept key that only names the file (alemohammad's start) goes with it
-        values = {k: v for k, v in values.items() if f"${{{k}}}" not in checkpoint}
+    if loads:  # a swept key of the experiment's own that only names the file (alemohammad's start) goes too
+        from simulator.config import RunConfig
+
+        keys = {f.name for f in dataclasses.fields(RunConfig)}
+        values = {k: v for k, v in values.items() if k.split(".")[0] in keys or f"${{{k}}}" not in checkpoint}
     if not values:
         return {"only": fitted}
     ends = (("first", 0), ("last", -1))
