@@ -81,6 +81,7 @@ def regime_label(config: dict[str, Any]) -> str:
         label = "real only (λ=0)"
     elif label == "mix":
         label += f" λ={policy.get('lam'):g}"
+    label = " + ".join([label, *mitigation_labels(config)])
     family = config.get("model", {}).get("family")
     temperature = config.get("sample", {}).get("temperature", 1.0)
     extra = [family] if family else []
@@ -89,6 +90,30 @@ def regime_label(config: dict[str, Any]) -> str:
     if not config.get("train", {}).get("warm_start", True):
         extra.append("scratch")
     return f"{label} ({', '.join(extra)})" if extra else label
+
+
+def mitigation_labels(config: dict[str, Any]) -> list[str]:
+    """What a run does to its samples or models beyond its policy, in words: curation, self-correction,
+    verification, entropy selection, Neon and SIMS (so that runs differing only in them are told apart)."""
+    sample, mitigation = config.get("sample") or {}, config.get("mitigation") or {}
+    out = []
+    if sample.get("correction"):
+        gamma = sample.get("correction_strength")
+        out.append(f"correction={sample['correction']}" + (f" γ={gamma:g}" if gamma is not None else ""))
+    if sample.get("label_noise"):
+        out.append(f"label noise {sample['label_noise']:g}")
+    if sample.get("verifier"):
+        out.append(f"verifier={sample['verifier']} k={sample.get('curation_k', 1)}")
+    elif (sample.get("curation_k") or 1) > 1:
+        out.append(f"curation k={sample['curation_k']}")
+    if sample.get("selection"):
+        out.append(f"selection={sample['selection']} k={sample.get('selection_k')}")
+    neon, sims = mitigation.get("neon") or {}, mitigation.get("sims") or {}
+    if neon.get("w") is not None:
+        out.append(f"Neon w={neon['w']:g}")
+    if sims.get("omega") is not None:
+        out.append(f"SIMS ω={sims['omega']:g}")
+    return out
 
 
 def numeric_columns(rows: list[dict[str, Any]]) -> list[str]:

@@ -18,3 +18,26 @@ def test_each_precision_recall_column_says_its_feature_space():
     assert metric_label("recall", vectors) == "recall (raw vectors)"
     assert metric_label("frechet", vectors) == "frechet" and metric_label("bpd", image) == "bpd"
     assert metric_label("precision", {}) == "precision"  # a run without a config.yaml
+
+
+def test_regime_labels_tell_the_mitigations_apart():
+    """Runs that differ only in a mitigation (same policy) are grouped apart by the report (their configs
+    differ), and their labels say how, so a table or legend never shows two rows of the same name."""
+    from simulator.report import regime_label
+
+    base = {"policy": {"name": "replace"}, "model": {"family": "flow_nsf"}}
+    arms = [
+        {},
+        {"sample": {"correction": "truth", "correction_strength": 0.25}},
+        {"sample": {"correction": "kmeans"}},
+        {"sample": {"label_noise": 0.3, "verifier": "oracle", "curation_k": 4}},
+        {"sample": {"curation_k": 4}},
+        {"sample": {"selection": "greedy", "selection_k": 2}},
+        {"mitigation": {"neon": {"w": 1.0}, "sims": {"omega": None}}},
+        {"mitigation": {"sims": {"omega": 0.5}}},
+    ]
+    labels = [regime_label({**base, **arm}) for arm in arms]
+    assert labels[0] == "replace (flow_nsf)"
+    assert len(set(labels)) == len(labels)
+    assert labels[1] == "replace + correction=truth γ=0.25 (flow_nsf)"
+    assert labels[6] == "replace + Neon w=1 (flow_nsf)" and labels[7] == "replace + SIMS ω=0.5 (flow_nsf)"
