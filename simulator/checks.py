@@ -6,9 +6,11 @@ a run:
 - a data source's, family's or policy's options: its constructor (simulator.options.options_schema, with
   the class' own OPTIONS); a policy's weight_real: the class' `weighted`;
 - a curation reward's options and beta: simulator.curation.check;
+- entropy-based selection against curation and model.path=statistics: simulator.selection.check;
 - the metrics' names, options, columns and needs: simulator.metrics.registry (check_options, check);
 - the step logger's section: simulator.step_log.Logger (in RunConfig);
 - guidance: the family's `sample` signature; a pretrained start: the family's constructor;
+- mitigation: simulator.mitigations.check (the families Neon merges, the diffusion families SIMS guides);
 - model.path=statistics: the rules of the Gaussian family's statistics path, here (`_statistics_path`).
 
 `check(cfg)` is the config alone; `check_data(cfg, data, policy)` the config against the data source it
@@ -26,7 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from simulator import curation, policies, registry
+from simulator import correction, curation, mitigations, policies, registry, selection, verification
 from simulator.config import RunConfig
 from simulator.data.base import Dataset
 from simulator.metrics import registry as metric_registry
@@ -57,11 +59,20 @@ def check(cfg: DictConfig) -> None:
                  fixed=("chains", "event_shape"))  # fmt: skip
     curation.check(_at(run, "sample.curation_reward"), _at(run, "sample.curation_options"),
                    _at(run, "sample.curation_beta"))  # fmt: skip
+    verification.check(run)  # label noise and the verifier: a class-conditional family, k candidates
+    correction.check(*(_at(run, f"sample.correction{k}") for k in ("", "_strength", "_options")),
+                     source=source, exact_sampler=source in _toy_sources(),
+                     num_classes=_at(run, "model.options.num_classes"))  # fmt: skip
+    selection.check(_at(run, "sample.selection"), _at(run, "sample.selection_decay"),
+                    _at(run, "sample.curation_k"), _at(run, "model.path"),
+                    _at(run, "sample.verifier"), _at(run, "sample.label_noise"))  # fmt: skip
     _init(run)
     metric_registry.check_options(run["eval"])  # the metrics' names and options, as each declares them
     _statistics_path(run)
     _guidance(run)
+    mitigations.check(run)  # mitigation.neon / .sims: the families and paths each applies to
     _policy_source(run)
+    _family_rules(run)
 
 
 def check_data(cfg: DictConfig, data: Dataset, policy: policies.Policy) -> None:
@@ -82,7 +93,9 @@ def check_data(cfg: DictConfig, data: Dataset, policy: policies.Policy) -> None:
                           f"policy={name}, {n_real} real training rows)") from None  # fmt: skip
     if policy.n_truth(n_real) and data.truth is None:
         raise ConfigError(f"policy.source=truth: data.source={source} has no exact sampler")
+    _token_data(run, data)
     metric_registry.check(run["eval"], data, str(source))  # each metric's declared columns and needs
+    correction.check_data(_at(run, "sample.correction"), _at(run, "sample.correction_options"), data, source)
 
 
 def check_name(name: Any) -> None:
@@ -110,14 +123,51 @@ def _policy(policy: Mapping[str, Any]) -> None:
     check_schema("policy", options_schema(cls), policy)  # type: ignore[arg-type]  # a class is hashable
 
 
-def _policy_source(run: Mapping[str, Any]) -> None:
-    """policy.source=truth draws from the exact sampler only a toy source has."""
+def _toy_sources() -> set[str]:
     from simulator.data.toy import TOY_SOURCES
 
+    return set(TOY_SOURCES)
+
+
+def _policy_source(run: Mapping[str, Any]) -> None:
+    """policy.source=truth draws from the exact sampler only a toy source has."""
+    from simulator.data.toy import ToySource  # the toy and token sources: an exact sampler each
+
     source = _at(run, "data.source")
-    if _at(run, "policy.source") == "truth" and source not in TOY_SOURCES:
+    if _at(run, "policy.source") == "truth" and not issubclass(registry.source_class(source), ToySource):
         raise ConfigError(f"policy.source=truth: needs a data source with an exact sampler (a toy source), "
                           f"not data.source={source}")  # fmt: skip
+
+
+def _token_data(run: Mapping[str, Any], data: Dataset) -> None:
+    """A token family (its class' TOKEN_DATA, simulator/models/categorical.py) fits rows that are token ids
+    in [0, model.options.vocab): data=tokens of at most that vocabulary."""
+    family = _at(run, "model.family")
+    if not getattr(registry.family_class(family), "TOKEN_DATA", False):
+        return
+    from simulator.models.categorical import token_ids
+
+    vocab, source = (_at(run, "model.options") or {}).get("vocab"), _at(run, "data.source")
+    if vocab is None:
+        raise ConfigError(f"model.options.vocab: {family} needs a vocabulary size; data=tokens sets it, "
+                          f"data.source={source} does not")  # fmt: skip
+    try:
+        token_ids(data.train, int(vocab))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"model.family: {family} needs token data (data=tokens) with ids below "
+            f"model.options.vocab={vocab}; data.source={source}: {e}"
+        ) from None
+
+
+def _family_rules(run: Mapping[str, Any]) -> None:
+    """A family's own rule against the rest of the run (policy, sampling, metrics): the class' `refuses(run)`
+    (the plain config; a line, or None), where it declares one, e.g. a fixed regression design that a random
+    draw of the pool's rows would change (simulator.models.regression)."""
+    rule = getattr(registry.family_class(_at(run, "model.family")), "refuses", None)
+    line = rule(run) if rule is not None else None
+    if line:
+        raise ConfigError(line)
 
 
 def _init(run: Mapping[str, Any]) -> None:
@@ -161,6 +211,7 @@ _NOT_FROM_STATISTICS = {
     "sample.from_last": "samples of several generations",
     "sample.curation_beta": "curation",
     "sample.guidance": "guidance",
+    "sample.correction": "corrections of rows",
 }
 
 

@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from simulator import checks, entry, keys, registry, stability, step_log, strict_json
+from simulator import checks, entry, keys, mitigations, registry, stability, step_log, strict_json
 from simulator.entry import CONFIG_DIR
 from simulator.loop import (
     CommitOptions,
@@ -87,7 +87,8 @@ def run_config(cfg: DictConfig, run_path: str | Path) -> dict[str, Any]:
         rows = generation_loop(
             run, data, make_model, policy, generations=cfg.generations, seed=cfg.seed, progress=cfg.progress,
             train=from_config(TrainOptions, cfg.train, init_checkpoint=cfg.init.checkpoint, logger=logger,
-                              init_pretrained=cfg.init.get("pretrained"), statistics=statistics),
+                              init_pretrained=cfg.init.get("pretrained"), statistics=statistics,
+                              after_fit=mitigations.after_fit(plain(cfg.get("mitigation")))),
             sample=from_config(SampleOptions, cfg.sample, curation_reward=reward),
             evaluate=from_config(EvalOptions, cfg.eval),
             commit=CommitOptions(save_samples=cfg.sample.save, shard_size=cfg.sample.get("shard_size"),
@@ -160,6 +161,6 @@ class SweepReport(entry.SweepCallback):
     def report(self, config: DictConfig, sweep: Path, runs: list[Path]) -> str:
         from simulator import report
 
-        metrics = [config.eval.stability_metric, *config.eval.get("report_metrics", [])]
+        metrics = [config.eval.stability_metric, *(config.eval.get("report_metrics") or [])]  # null: none
         out = report.report(runs, sweep / "figures", metric=[m for m in metrics if m])
         return f"comparison figure and table: {out}"

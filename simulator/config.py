@@ -7,7 +7,8 @@ ConfigStore, because a violation there surfaces as hydra's multi-line error with
 field must be one line and exit code 2 (docs/architecture.md, "Errors"). Every key here has its default in
 a configs/ file (tests/test_schema.py holds the two to the same keys).
 
-A schema and nothing else: this module imports only simulator.options and the step logger's section, so
+A schema and nothing else: this module imports only simulator.options, the step logger's section and the
+mitigations' (simulator.mitigations: their options, with no check or registry behind them), so
 anything may import it (simulator.keys names runs with run_name) without reaching the checks.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from simulator.mitigations.options import Mitigation
 from simulator.options import ConfigError, opt
 from simulator.step_log import Logger
 
@@ -73,6 +75,16 @@ class Sample:
     curation_reward: str = opt("model", choices=REWARDS)
     curation_beta: Any = None  # simulator.curation.check (with the reward's options)
     curation_options: Any = opt({})
+    correction: str | None = None  # simulator.correction.check (with its strength and options)
+    correction_strength: Any = None
+    correction_options: Any = opt({})
+    label_noise: float | None = opt(None, low=0, high=1, strict_high=True)  # simulator.verification.check
+    verifier: str | None = None
+    verifier_options: Any = opt({})
+    selection: str | None = opt(None, choices=("greedy", "threshold"))  # simulator.selection
+    selection_k: int | None = opt(None, low=2)  # null: 2
+    selection_threshold: float | None = opt(None, low=0, strict=True)
+    selection_decay: float | None = opt(None, low=0, high=1, strict=True, strict_high=True)  # null: 0.95
     from_last: int | None = opt(None, low=1)
     save: bool = True
     shard_size: int | None = opt(None, low=1)
@@ -110,6 +122,7 @@ class RunConfig:
     sample: Sample = opt(Sample())
     eval: Eval = opt(Eval())
     logger: Logger = opt(Logger())
+    mitigation: Mitigation = opt(Mitigation())  # simulator.mitigations: neon, sims
 
 
 def metric_schema() -> type:

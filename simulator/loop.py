@@ -91,6 +91,7 @@ class TrainOptions:
     init_pretrained: str | None = None  # G_0 is make_model()'s pretrained network as built (no fit)
     statistics: bool = False  # fit D_t's sufficient statistics, drawing no sample (model.path=statistics)
     logger: Callable[[int], Any] | None = None  # t -> the step logger of G_t's fit (step_log), or None
+    after_fit: Callable[..., dict] | None = None  # a mitigation's post-fit step (simulator.mitigations)
 
     def steps_of(self, t: int, rows: int, model: Any) -> int | None:
         """Training steps of generation t's fit on `rows` rows: steps (steps_gen0 at t = 0), or a budget
@@ -235,6 +236,13 @@ def _resumable(model: Any, train: TrainOptions, t: int, opt_state: Any, tmp: Pat
     return extra
 
 
+def _training_set(pool: SamplePool, policy: Policy, data: Dataset, t: int, gen: Callable) -> torch.Tensor:
+    """D_t again, for the metrics that read the training set (entropy, memorisation): the policy's parts
+    from the same stream, gathered by the pool (generation 0: the real set)."""
+    parts = policy.select(t, data.n_train, data.train.shape[0], gen("policy")) if t > 0 else None
+    return pool.training_set(t, parts)[0]
+
+
 def generation_loop(
     run: RunDir,  # run directory, already locked and config-checked
     data: Dataset,  # real train (C or 1, n, *event), test, truth
@@ -313,6 +321,8 @@ def generation_loop(
                     if main:  # before fit.json: a finished fit always has its optimizer state beside it
                         store.save_atomic(opt_state, tmp / OPTIMIZER, run.durable)
                 del d_t, labels
+            if fitted is None and train.after_fit is not None:  # Neon's merge, SIMS' auxiliary model
+                stats = {**stats, **train.after_fit(model, t, make_model=make_model, pool=pool, seed=seed)}
         except Diverged as e:
             row.update(status="diverged", error=str(e))
             if main:
@@ -353,6 +363,7 @@ def generation_loop(
                 ctx = metric_registry.MetricContext(
                     model=model, samples=seen, data=data, generation=t, generator=gen("metrics"),
                     params0=params0, params_star=params_star, options=dict(evaluate.options or {}),
+                    training_set=None if n_train == 0 else partial(_training_set, pool, policy, data, t, gen),
                 )  # fmt: skip
                 values = {}
                 for name in metrics:

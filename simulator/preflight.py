@@ -278,14 +278,17 @@ def check_sizes(cfg: DictConfig, data: Dataset, policy: Any) -> None:
     asked = {policy_field(cfg): pool, "sample.n": cfg.sample.n or 0,
              "eval.n_samples": (cfg.eval.n_samples or 0) if metrics else 0}  # fmt: skip
     n_draw, k = max(*asked.values(), 1), int(cfg.sample.curation_k)
-    field = "sample.curation_k" if k > n_draw else max(asked, key=lambda f: asked[f])
+    chooser = "curation"
+    if cfg.sample.get("selection") is not None:  # simulator.selection: selection_k candidates per row kept
+        k, chooser = int(cfg.sample.get("selection_k") or 2), "selection"
+    field = f"sample.{chooser}_k" if k > n_draw else max(asked, key=lambda f: asked[f])
     if getattr(registry.family_class(cfg.model.family), "per_sample_seeds", False):  # drawn shard by shard
         shard = min(cfg.sample.get("shard_size") or samples.DEFAULT_SHARD_SIZE, n_draw)
         held = max(shard * k, min(asked["eval.n_samples"] or n_draw, n_draw), pool)
     else:
         held = n_draw * k
     fits = (machine.available_memory() or 2**63) // max(chains * row * k, 1)
-    each = f"{f'{k} curation candidates each, ' if k > 1 else ''}{chains} chain{'s' * (chains > 1)}"
+    each = f"{f'{k} {chooser} candidates each, ' if k > 1 else ''}{chains} chain{'s' * (chains > 1)}"
     check_bytes(field, chains * held * row, f"each generation draws {count(n_draw)} samples of {row} bytes "
                 f"({each}), which", f"at most {count(fits)} fit")  # fmt: skip
     if data.kind == "vector" and metrics:

@@ -35,6 +35,8 @@ FAMILIES: dict[str, str] = {
     "flow_ensemble": "simulator.models.flow_ensemble:FlowEnsembleFamily",
     "glow": "simulator.models.glow:GlowFamily",
     "diffusion": "simulator.models.diffusion:DiffusionFamily",
+    "categorical": "simulator.models.categorical:CategoricalFamily",
+    "linear_regression": "simulator.models.regression:LinearRegressionFamily",
 }
 
 # model options that a pretrained diffusers directory decides instead of the config
@@ -47,6 +49,8 @@ SOURCE_MODULES = {
     "simulator.data.toy": ("TOY_SOURCES", "make_toy"),
     "simulator.data.images": ("IMAGE_SOURCES", "make_image"),
     "simulator.data.colored": ("COLORED_SOURCES", "make_colored"),
+    "simulator.data.tokens": ("TOKEN_SOURCES", "make_tokens"),
+    "simulator.data.regression": ("REGRESSION_SOURCES", "make_regression"),
 }
 
 # modules whose import registers metrics

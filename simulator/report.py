@@ -107,7 +107,7 @@ def mitigation_labels(config: dict[str, Any]) -> list[str]:
     elif (sample.get("curation_k") or 1) > 1:
         out.append(f"curation k={sample['curation_k']}")
     if sample.get("selection"):
-        out.append(f"selection={sample['selection']} k={sample.get('selection_k')}")
+        out.append(f"selection={sample['selection']} k={sample.get('selection_k') or 2}")
     neon, sims = mitigation.get("neon") or {}, mitigation.get("sims") or {}
     if neon.get("w") is not None:
         out.append(f"Neon w={neon['w']:g}")
@@ -249,8 +249,19 @@ def _seedless(config: dict[str, Any]) -> str:
     return json.dumps(keys.drop(config, ("seed", *keys.NON_SCIENCE)), sort_keys=True, default=str)
 
 
+# what a regime is besides its policy: the mitigations (mitigation_labels) -- the keys a run is paired with
+# the real-only floor of the same sweep without
+REGIME_SAMPLE_KEYS = ("correction", "correction_strength", "correction_options", "selection", "selection_k",
+                      "selection_threshold", "selection_decay", "label_noise", "verifier", "verifier_options",
+                      "curation_k", "curation_reward", "curation_beta", "curation_options")  # fmt: skip
+
+
 def _policyless(config: dict[str, Any]) -> str:
-    return _seedless({k: v for k, v in config.items() if k != "policy"})
+    """config without its regime (policy, mitigation and the sample keys of REGIME_SAMPLE_KEYS) or seed:
+    equal for a run and the real-only floor it is judged against."""
+    sample = {k: v for k, v in (config.get("sample") or {}).items() if k not in REGIME_SAMPLE_KEYS}
+    rest = {k: v for k, v in config.items() if k not in ("policy", "mitigation", "sample")}
+    return _seedless({**rest, "sample": sample})
 
 
 def is_floor(config: dict[str, Any]) -> bool:

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from simulator import distributed, scratch, seeding, weights
+from simulator import correction, distributed, scratch, seeding, selection, verification, weights
+from simulator.correction import Correct
 from simulator.curation import Reward, soft_select
 from simulator.data.base import Dataset
 from simulator.models.base import FitsStatistics
@@ -214,6 +215,16 @@ class SampleOptions:
     curation_k: int = 1  # keep the best of k candidates per sample (1: no curation)
     curation_reward: str | Reward = "model"  # "model"/"truth" (log-density), or reward(m, x, y) -> (C, m)
     curation_beta: float | None = None  # None: best of k; else keep candidate i w.p. softmax(beta r)_i
+    correction: str | Correct | None = None  # truth | kmeans | c(x, labels, generator) (simulator.correction)
+    correction_strength: float | None = None  # gamma: a row corrected w.p. gamma/(1+gamma) (None: always)
+    correction_options: dict[str, Any] | None = None  # the correction's options (kmeans: k, per_class, ..)
+    label_noise: float | None = None  # P(a candidate's label is another class) (simulator.verification)
+    verifier: str | None = None  # oracle: keep the first of curation_k candidates it accepts
+    verifier_options: dict[str, Any] | None = None  # oracle: keep_correct, keep_wrong (its error rates)
+    selection: str | None = None  # greedy | threshold: n of k n candidates by entropy (simulator.selection)
+    selection_k: int = 2  # candidates per kept sample
+    selection_threshold: float | None = None  # threshold: the first tau (None: the median NN distance)
+    selection_decay: float = 0.95  # threshold: tau's factor after each pass
 
 
 class SamplePool:
@@ -241,6 +252,14 @@ class SamplePool:
         self.held: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # not on disk (toy, unsaved)
         guidance = {"guidance": options.guidance} if options.guidance else {}
         self.bias = {"temperature": options.temperature, **guidance}  # sample()'s options
+        self.corrector = correction.make(options.correction, options.correction_strength,
+                                         options.correction_options, data, seed)  # fmt: skip
+        self.verifier = None  # label noise and the verifier's keep/drop (simulator.verification)
+        if options.verifier is not None or options.label_noise:
+            noise, classes = options.label_noise or 0.0, self._classes(data)
+            self.verifier = verification.Verifier(
+                options.verifier, noise, options.verifier_options, classes, seed
+            )
 
     # -- drawing S_t --
     def labels(self, t: int, n: int) -> torch.Tensor | None:
@@ -256,6 +275,9 @@ class SamplePool:
         """Curation: one of each k consecutive candidates (samples `rows` of S_t), the best by the reward
         or, with curation_beta, one drawn with probability softmax(beta * reward) (simulator.curation)."""
         k, beta, reward_of = self.options.curation_k, self.options.curation_beta, self.options.curation_reward
+        if self.verifier is not None:  # label noise and the verifier's keep/drop (simulator.verification)
+            mine = range(self.n_draw) if isinstance(rows, slice) else rows
+            return self.verifier.keep(x, y, t, mine, k, self.n_draw)
         if callable(reward_of):
             reward = reward_of(m, x, y)
         else:
@@ -268,28 +290,38 @@ class SamplePool:
             keep = soft_select(reward.cpu(), k, beta, u[:, rows])
         return x[torch.arange(x.shape[0]).unsqueeze(1), keep], None if y is None else y[keep[0]]
 
+    @staticmethod
+    def _classes(data: Dataset) -> int:
+        return 0 if data.train_labels is None else int(data.train_labels.max()) + 1
+
     def draw(self, m: Any, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """S_t: n_draw samples of m (with their class labels for a class-conditional family)."""
+        if self.options.selection is not None:  # n_draw of k n_draw candidates, by entropy
+            return selection.draw(self, m, t)
         k = self.options.curation_k
         y = self.labels(t, self.n_draw * k)
         g = seeding.generator(self.seed, t, "sample")
         x = m.sample(self.n_draw * k, y, generator=g, **self.bias).cpu()
-        if k > 1:
+        if k > 1 or self.verifier is not None:
             x, y = self.keep_best(m, x, y, t, slice(None))
-        return x, None if y is None else y.unsqueeze(0).expand(x.shape[0], -1)
+        return x, None if y is None else y if y.dim() == 2 else y.unsqueeze(0).expand(x.shape[0], -1)
 
     def draw_rows(self, m: Any, t: int, rows: range) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows `rows` of S_t (equal to draw(m, t)[:, rows]) for a per-sample-seeded family; each rank
         draws its round-robin part (with its curation candidates) and the parts are gathered."""
+        if self.options.selection is not None:  # the shard's rows, of k times as many candidates
+            return selection.draw_rows(self, m, t, rows)
         k, mine = self.options.curation_k, [rows[i] for i in distributed.shard(len(rows))]
         candidates = [i * k + j for i in mine for j in range(k)]
         y_all = self.labels(t, self.n_draw * k)
         x = m.sample(self.n_draw * k, y_all, generator=seeding.generator(self.seed, t, "sample"),
                      indices=candidates, **self.bias).cpu()  # fmt: skip
         y = None if y_all is None else y_all[candidates]
-        if k > 1:
+        if k > 1 or self.verifier is not None:
             x, y = self.keep_best(m, x, y, t, mine)
         x = gather_rows(x, len(rows))
+        if y is not None and y.dim() == 2:  # per-chain labels (verification's reported ones)
+            return x, gather_rows(y, len(rows))
         y = None if y is None else distributed.gather_shards(y, len(rows))
         return x, None if y is None else y.unsqueeze(0).expand(x.shape[0], -1)
 
@@ -341,7 +373,12 @@ class SamplePool:
         exact sampler (TRUTH), or S_g's first n_pool."""
         if member == TRUTH:
             return draw_truth(self.data.truth, self.n_truth, self.chains, self.seed, t)
-        return self.data.train if member == REAL else self.read(member, self.n_pool)
+        if member == REAL:
+            return self.data.train
+        x = self.read(member, self.n_pool)
+        if self.corrector is None:  # self-correction: S_g's rows as D_t reads them (simulator.correction)
+            return x
+        return self.corrector(x, self.read(member, self.n_pool, LABELS) if self.conditional else None, member)
 
     def member_labels(self, member: int) -> torch.Tensor:
         return self.data.train_labels if member == REAL else self.read(member, self.n_pool, LABELS)
@@ -419,6 +456,9 @@ class StatisticsPool(SamplePool):
         if self.options.curation_k != 1:
             raise ConfigError("sample.curation_k: curation ranks individual samples, which "
                               "model.path=statistics never draws; use 1 or model.path=samples")  # fmt: skip
+        if self.options.correction is not None:
+            raise ConfigError("sample.correction: corrections act on rows, which model.path=statistics never "
+                              "draws; use model.path=samples")  # fmt: skip
         if self.options.guidance:
             raise ConfigError("sample.guidance: guidance is not drawn by model.path=statistics; use "
                               "model.path=samples")  # fmt: skip

@@ -154,7 +154,7 @@ SIMULATE = [
     (["policy=accumulate", "generations=1000000000000"], "generations: the training set of generation"),
     (
         ["policy=accumulate_subsample", "generations=1000000000000"],
-        "generations: generation 1000000000000's subsample of 200,000,000,000,200 pooled rows",
+        "generations: generation 1000000000000's draw of 200 rows from 200,000,000,000,200",
     ),
     (["train.epochs=1e308"], "train.epochs: 1e+308 passes over 200 rows overflow the number of"),
     (["eval.options.projections=1000000000000"], "eval.options.projections: the sliced_w metric's float64"),

@@ -117,15 +117,22 @@ def test_every_documented_command_composes(args):
 
 
 def metric_options(group: str) -> type:
-    """The options schema of the metrics an eval group runs: the image metrics' or the vector metrics'."""
+    """The options schema of the metrics an eval group runs: the union of what each declares (none: the
+    vector metrics', which a group of option-free metrics lists)."""
+    from simulator.metrics.registry import get
+    from simulator.options import merge_schemas
+
     metrics = yaml.safe_load((CONFIG_DIR / "eval" / f"{group}.yaml").read_text())["metrics"]
-    return FIDOptions if {"fid", "bpd"} & set(metrics) else VectorMetricOptions
+    schemas = list(dict.fromkeys(get(m).options for m in metrics if get(m).options is not None))
+    return merge_schemas(f"{group}_options", *schemas) if schemas else VectorMetricOptions
 
 
 def sample_value(f: dataclasses.Field) -> str:
     """A valid value of an option, as one writes it after `=`."""
     value = (
-        f.default if f.default is not None else {"n_real": 5, "n_bpd": 5, "device": "cpu"}.get(f.name, "x")
+        f.default
+        if f.default is not None
+        else {"n_real": 5, "n_bpd": 5, "device": "cpu", "tail_from": 5}.get(f.name, "x")
     )
     return str(value).lower() if isinstance(value, bool) else repr(value)  # a string quoted: '~/...'
 

@@ -41,3 +41,17 @@ def test_regime_labels_tell_the_mitigations_apart():
     assert len(set(labels)) == len(labels)
     assert labels[1] == "replace + correction=truth γ=0.25 (flow_nsf)"
     assert labels[6] == "replace + Neon w=1 (flow_nsf)" and labels[7] == "replace + SIMS ω=0.5 (flow_nsf)"
+
+
+def test_a_mitigation_arm_is_judged_against_the_floor_of_its_sweep():
+    """The report pairs a run with the real-only run of the same sweep whose config differs only in the
+    regime: the policy and the mitigations (mitigation.*, the sample keys of REGIME_SAMPLE_KEYS)."""
+    from simulator.report import _policyless
+
+    floor = {"policy": {"name": "mix", "lam": 0.0}, "seed": 0, "sample": {"n": 2000, "correction": None},
+             "mitigation": {"neon": {"w": None, "n_self": 2000}}, "model": {"family": "nsf"}}  # fmt: skip
+    neon = {**floor, "policy": {"name": "replace"}, "mitigation": {"neon": {"w": 0.5, "n_self": 2000}}}
+    corrected = {**floor, "policy": {"name": "replace"}, "sample": {"n": 2000, "correction": "truth"}}
+    other_data = {**floor, "sample": {"n": 1000, "correction": None}}
+    assert _policyless(neon) == _policyless(floor) == _policyless(corrected)
+    assert _policyless(other_data) != _policyless(floor)  # not a regime key: another setting

@@ -162,7 +162,8 @@ def test_config_schema_holds_exactly_the_keys_the_yaml_files_define(schema, conf
 # one option each family's schema refuses (a choice or a bound declared once: BOUNDS or the class' OPTIONS)
 BAD_OPTION = {"gaussian": ("ddof", 2), "gmm": ("covariance", "spherical"), "kde": ("bandwidth", 0),
               "flow": ("arch", "glow"), "flow_ensemble": ("hidden", 0), "glow": ("split_mode", "diagonal"),
-              "diffusion": ("sampler", "euler")}  # fmt: skip
+              "diffusion": ("sampler", "euler"),
+              "linear_regression": ("design", "random"), "categorical": ("top_p", 0)}  # fmt: skip
 
 
 def _shape(family: str) -> tuple[int, ...]:

@@ -39,6 +39,9 @@ class MetricContext:
     params0: torch.Tensor | None = None  # (C, P) parameters of generation 0
     params_star: torch.Tensor | None = None  # (C, P) parameters of the fit to real data
     options: dict[str, Any] = field(default_factory=dict)
+    # D_t, the rows G_t was fitted to (C, n_t, *event), assembled again on demand (None: not available,
+    # e.g. a generation 0 loaded from a checkpoint or a loop on sufficient statistics)
+    training_set: Callable[[], torch.Tensor] | None = None
     cache: dict[str, Any] = field(default_factory=dict, repr=False)  # values several metrics share
 
 
@@ -46,8 +49,10 @@ MetricFn = Callable[[MetricContext], dict[str, torch.Tensor]]
 
 # what a metric may need, in the order the preflight checks them: "exact_density" (a truth log-density:
 # the toy sources), "image" (data.kind image), "vector" (data.kind vector), "parameters" (the model's
-# parameter vector: not a property of the data, so not refused; families without one write no column)
-NEEDS = ("exact_density", "image", "vector", "parameters")
+# parameter vector: not a property of the data, so not refused; families without one write no column),
+# "tokens" (a token distribution's exact probabilities, truth.params["probs"]: data=tokens),
+# "regression" (a linear regression truth, truth.params["w_star"]: data=linear_regression)
+NEEDS = ("exact_density", "image", "vector", "parameters", "tokens", "regression")
 
 
 @dataclass(frozen=True)
@@ -227,7 +232,9 @@ def check(eval_cfg: Any, data: Dataset, source: str) -> None:
         raise ConfigError(f"eval.stability_metric: {stability!r} is not written by eval.metrics {names}; "
                           f"allowed: {', '.join(written) or '(none: add a metric)'} or null")  # fmt: skip
     has = {"exact_density": data.truth is not None and data.truth.log_prob is not None,
-           "image": data.kind == "image", "vector": data.kind == "vector", "parameters": True}  # fmt: skip
+           "image": data.kind == "image", "vector": data.kind == "vector", "parameters": True,
+           "tokens": data.truth is not None and "probs" in (data.truth.params or {}),
+           "regression": data.truth is not None and "w_star" in (data.truth.params or {})}  # fmt: skip
     for need in NEEDS:  # by need, then in registration order: the first line is the same for any order
         for m in (m for m in load_all().values() if m.name in names and need in m.needs and not has[need]):
             raise ConfigError(f"eval.metrics: {m.name}{m.label(options)} needs {_MISSING[need]}; "
@@ -235,9 +242,11 @@ def check(eval_cfg: Any, data: Dataset, source: str) -> None:
 
 
 _MISSING = {"exact_density": "a data source with an exact density", "image": "image data",
-            "vector": "vector data"}  # fmt: skip
+            "vector": "vector data", "tokens": "token data with exact probabilities (data=tokens)",
+            "regression": "regression rows with a known w* (data=linear_regression)"}  # fmt: skip
 _HOLDS = {"exact_density": "has none", "image": "holds vectors (use nll, frechet, mmd, ...)",
-          "vector": "holds images"}  # fmt: skip
+          "vector": "holds images", "tokens": "has no token distribution",
+          "regression": "has no regression truth"}  # fmt: skip
 
 
 def memory(eval_cfg: Any, m: int, n: int) -> list[tuple[str, int, str]]:

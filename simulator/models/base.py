@@ -104,13 +104,15 @@ class GenerativeModel(Protocol):
 class Example:
     """A small instance of a family: what tests/test_family_contract.py builds, fits and samples (seconds on
     a CPU). A family declares its own as the class attribute `EXAMPLE`; vector families get float32 data
-    of `event_shape`, image families (three event dimensions) uint8 images."""
+    of `event_shape`, image families (three event dimensions) uint8 images, token families (`tokens` set)
+    float32 token ids in [0, tokens)."""
 
     event_shape: tuple[int, ...] = (2,)
     chains: int = 2
     options: dict[str, Any] | None = None  # constructor options besides chains and event_shape
     rows: int = 32  # training rows per chain
     steps: int | None = None  # fit steps (None: the family's default; closed forms ignore it)
+    tokens: int | None = None  # a token family's vocabulary: rows are token ids (simulator/data/tokens.py)
 
 
 # -- capabilities: what some families can do beyond GenerativeModel, each tested with isinstance ----------

@@ -201,6 +201,9 @@ class DiffusionFamily(TrainedFamily, IndexedSampling, Conditional, Exportable):
         self.likelihood_timesteps, self.sample_batch = likelihood_timesteps, sample_batch
         self.losses = torch.zeros(0)  # per-step training losses of the last fit (diagnostics, tests)
         self.export_pipeline = bool(export_pipeline)
+        # SIMS (simulator.mitigations.sims): an auxiliary network sampled as (1 + omega) eps - omega eps_aux
+        self.aux: torch.nn.Module | None = None
+        self.aux_omega = 0.0
         try:
             self.noise_scheduler = DDPMScheduler(**schedule)
             # "trailing" spacing starts the reverse chain at t = T-1, where x_T ~ N(0, I) matches the prior.
@@ -427,6 +430,9 @@ class DiffusionFamily(TrainedFamily, IndexedSampling, Conditional, Exportable):
         out["ema_steps"] = torch.tensor(self.ema_steps)
         if self.null_class is not None:
             out["null_class"] = torch.tensor(self.null_class)
+        if self.aux is not None:  # SIMS: the auxiliary network and its weight, saved with the generation
+            out.update(plain_state(self.aux, "aux."))
+            out["aux_omega"] = torch.tensor(self.aux_omega, dtype=torch.float64)
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> Any:
@@ -448,7 +454,22 @@ class DiffusionFamily(TrainedFamily, IndexedSampling, Conditional, Exportable):
             self.ema.load_state_dict(part["ema"] or part["unet"])
         if self.ema_tracker is not None:
             self.ema_tracker.optimization_step = int(state.get("ema_steps", 0))
+        aux = {k[4:]: v for k, v in state.items() if k.startswith("aux.")}
+        self.aux, self.aux_omega = None, 0.0
+        if aux:  # SIMS' auxiliary network: the UNet's architecture, its own weights
+            self.aux = copy.deepcopy(self.unet).requires_grad_(False).eval()
+            self.aux.load_state_dict(aux)
+            self.aux_omega = float(state["aux_omega"])
         return out
+
+    def set_aux(self, aux: DiffusionFamily | None, omega: float) -> None:
+        """SIMS' negative guidance: sample with (1 + omega) eps - omega eps_aux, eps_aux from aux's sampling
+        weights (a copy, kept and saved with this model); None removes it (simulator.mitigations.sims)."""
+        if aux is None:
+            self.aux, self.aux_omega = None, 0.0
+            return
+        self.aux = copy.deepcopy(aux._net()).requires_grad_(False).eval().to(self.device)
+        self.aux_omega = float(omega)
 
     def sampling(self) -> dict[str, Any]:
         """The sampler's settings, as sampling.json beside an exported pipeline records them: what

@@ -188,7 +188,20 @@ def check_guidance(fam: DiffusionFamily, guidance: float | None) -> float:
 def guided_eps(
     fam: DiffusionFamily, net: Any, x: torch.Tensor, t: torch.Tensor, y: Any, w: float
 ) -> torch.Tensor:
-    """(1 + w) eps(x, t, y) - w eps(x, t, null) in one network call; eps(x, t, y) alone when w = 0."""
+    """(1 + w) eps(x, t, y) - w eps(x, t, null) in one network call; eps(x, t, y) alone when w = 0. With
+    SIMS' auxiliary network (omega = fam.aux_omega > 0): (1 + omega) eps - omega eps_aux, eps_aux the
+    same guided prediction of the auxiliary network on the same padded rows; omega = 0 never calls it."""
+    eps = _cfg_eps(fam, net, x, t, y, w)
+    omega = fam.aux_omega if fam.aux is not None else 0.0
+    if omega == 0:
+        return eps
+    return (1 + omega) * eps - omega * _cfg_eps(fam, fam.aux, x, t, y, w)
+
+
+def _cfg_eps(
+    fam: DiffusionFamily, net: Any, x: torch.Tensor, t: torch.Tensor, y: Any, w: float
+) -> torch.Tensor:
+    """One network's classifier-free-guided noise prediction (the conditional one alone when w = 0)."""
     if w == 0:
         return fam._eps(net, x, t, y)
     n = len(x)
