@@ -143,7 +143,10 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     )
 
 
-@pytest.mark.parametrize("name", ["alemohammad", "bertrand", "gerstgrasser", "shumailov", "golden_ratio"])
+ANALYSES = ["alemohammad", "bertrand", "gerstgrasser", "shumailov", "golden_ratio", "mitigations"]
+
+
+@pytest.mark.parametrize("name", ANALYSES)
 def test_a_missing_run_folder_is_one_line_and_exit_code_2(name, tmp_path, monkeypatch, capsys):
     module = analysis(name)
     monkeypatch.setattr(
@@ -365,3 +368,27 @@ def test_contamination(tmp_path, capsys):
         module.main(["frobnicate"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "invalid choice: 'frobnicate'" in err
+
+
+def test_mitigations(tmp_path):
+    """Each arm's mean over the last 4 generations over replace's of the same seed: the geometric mean over
+    seeds with its Student-t interval on the log, computed here apart from the analysis."""
+    kl = {"real_only": [0.10, 0.12], "replace": [0.20, 0.30], "neon": [0.18, 0.33]}  # per seed, constant
+    configs = {"real_only": {"policy": {"name": "mix", "lam": 0.0}},
+               "replace": {"policy": {"name": "replace"}},
+               "neon": {"policy": {"name": "replace"}, "mitigation": {"neon": {"w": 0.5}}}}  # fmt: skip
+    for arm, values in kl.items():
+        for seed, v in enumerate(values):
+            rows = [{"generation": t, "kl_truth": v if t >= 8 else 9.0} for t in range(13)]
+            config = {**configs[arm], "seed": seed, "model": {"family": "flow"}}
+            write_run(tmp_path / "runs" / "mitigations_2d" / f"{arm},seed={seed}", config, rows)
+    text = (run_main(analysis("mitigations"), tmp_path) / "mitigations.md").read_text()
+    logs = [math.log(0.18 / 0.20), math.log(0.33 / 0.30)]
+    m, h, _ = student_t_interval(logs)
+    want = f"{math.exp(m):.3f} [{math.exp(m - h):.3f}, {math.exp(m + h):.3f}]"
+    neon = next(line for line in text.splitlines() if line.startswith("| replace + Neon w=0.5"))
+    assert want in neon, (want, neon)
+    floor = [math.log(0.20 / 0.10), math.log(0.30 / 0.12)]
+    m, h, _ = student_t_interval(floor)
+    replace = next(line for line in text.splitlines() if line.startswith("| replace (flow)"))
+    assert f"{math.exp(m):.3f} [{math.exp(m - h):.3f}, {math.exp(m + h):.3f}]" in replace

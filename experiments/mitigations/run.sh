@@ -25,3 +25,4 @@ for name in 2d digits; do
   cp "$RUNS/mitigations_$name/figures/regimes.md" "figures/mitigations_${name}_regimes.md"
   cp "$RUNS/mitigations_$name/figures/stability.png" "figures/mitigations_${name}_stability.png"
 done
+python experiments/mitigations/analyze.py --runs "$RUNS" --out figures
