@@ -9,7 +9,7 @@ Draws <out>/memorisation_2d.png and <out>/memorisation_digits.png (memorised fra
 nearest-neighbour distance, entropy of S_t and tail ratio against the generation) and writes
 <out>/memorisation.md (the first and last generation of each regime).
 
-Usage: python experiments/memorisation/analyze.py [--runs runs] [--out experiments/memorisation/figures]
+Usage: python experiments/memorisation/analyze.py [--runs runs] [--out figures]
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def part(name: str, runs: list[Run], out: Path) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Draw memorisation_2d.png, memorisation_digits.png and write memorisation.md."""
-    args = common.arguments(__doc__, argv, out="experiments/memorisation/figures")
+    args = common.arguments(__doc__, argv, out="figures")
     args.out.mkdir(parents=True, exist_ok=True)
     text = ["# What collapse does to the samples (`experiments/memorisation/run.sh`)", ""]
     for name in ("memorisation_2d", "memorisation_digits"):
