@@ -61,7 +61,7 @@ def check(cfg: DictConfig) -> None:
                    _at(run, "sample.curation_beta"))  # fmt: skip
     verification.check(run)  # label noise and the verifier: a class-conditional family, k candidates
     correction.check(*(_at(run, f"sample.correction{k}") for k in ("", "_strength", "_options")),
-                     source=source, exact_sampler=source in _toy_sources(),
+                     source=source, exact_sampler=_exact_sampler(source),
                      num_classes=_at(run, "model.options.num_classes"))  # fmt: skip
     selection.check(_at(run, "sample.selection"), _at(run, "sample.selection_decay"),
                     _at(run, "sample.curation_k"), _at(run, "model.path"),
@@ -123,18 +123,18 @@ def _policy(policy: Mapping[str, Any]) -> None:
     check_schema("policy", options_schema(cls), policy)  # type: ignore[arg-type]  # a class is hashable
 
 
-def _toy_sources() -> set[str]:
-    from simulator.data.toy import TOY_SOURCES
+def _exact_sampler(source: str) -> bool:
+    """True for a data source with an exact sampler and density: the toy sources' kind (ToySource: the toy,
+    token and regression sources)."""
+    from simulator.data.toy import ToySource
 
-    return set(TOY_SOURCES)
+    return issubclass(registry.source_class(source), ToySource)
 
 
 def _policy_source(run: Mapping[str, Any]) -> None:
     """policy.source=truth draws from the exact sampler only a toy source has."""
-    from simulator.data.toy import ToySource  # the toy and token sources: an exact sampler each
-
     source = _at(run, "data.source")
-    if _at(run, "policy.source") == "truth" and not issubclass(registry.source_class(source), ToySource):
+    if _at(run, "policy.source") == "truth" and not _exact_sampler(source):
         raise ConfigError(f"policy.source=truth: needs a data source with an exact sampler (a toy source), "
                           f"not data.source={source}")  # fmt: skip
 

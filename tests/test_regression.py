@@ -248,6 +248,8 @@ def test_fixed_design_samples_relabel_the_training_design():
         (["policy=fresh"], "policy: fresh draws random rows of the pool"),
         (["policy=mix", "sample.from_last=2"], "sample.from_last: blocks of earlier generations' samples"),
         (["eval=vector"], "eval.metrics: kl_truth compares joint densities of (x, y)"),
+        (["sample.correction=truth"], "sample.correction: a correction replaces rows by others"),
+        (["sample.selection=greedy"], "sample.selection: entropy selection keeps some rows"),
         (["data=gaussian"], None),  # the config alone is fine; the metric's need is the opened data's check
     ],
 )

@@ -107,6 +107,11 @@ class LinearRegressionFamily(ClosedFormFamily):
         if (sample.get("curation_k") or 1) != 1:
             return ("sample.curation_k: curation keeps some rows of a larger draw, off the fixed design; "
                     "model.options.design=fixed takes 1 (or use model.options.design=gaussian)")  # fmt: skip
+        for key, what in (("selection", "entropy selection keeps some rows of a larger draw"),
+                          ("correction", "a correction replaces rows by others")):  # fmt: skip
+            if sample.get(key) is not None:
+                return (f"sample.{key}: {what}, off the fixed design; model.options.design=fixed takes null "
+                        "(or use model.options.design=gaussian)")  # fmt: skip
         if "kl_truth" in ((run.get("eval") or {}).get("metrics") or []):
             return ("eval.metrics: kl_truth compares joint densities of (x, y), and "
                     "model.options.design=fixed models y given x only; use eval=regression, or "
