@@ -37,6 +37,27 @@ def test_experiment_composes_and_validates(name):
         assert str(e).startswith(starts), e
 
 
+def _sweep_values(name: str, key: str) -> list[str]:
+    """The values an experiment's sweep takes for key (its hydra.sweeper.params)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+    return [v.strip() for v in str(cfg.hydra.sweeper.params[key]).split(",")]
+
+
+ARMS = [(name, arm) for name in ("mitigations_2d", "mitigations_digits", "mitigations_cifar10")
+        for arm in _sweep_values(name, "+arm")]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,arm", ARMS, ids=[f"{n}-{a}" for n, a in ARMS])
+def test_every_arm_of_the_mitigation_comparisons_passes_the_checks(name, arm):
+    """Each job of the mitigation sweeps (an arm of configs/arm/ on the experiment's setting) passes the
+    config's whole walk: the arm's mechanism applies to the experiment's family and data."""
+    from simulator import checks
+
+    assert arm in {p.stem for p in (Path(CONFIG_DIR) / "arm").glob("*.yaml")}
+    checks.check(experiment(name, f"+arm={arm}", "hydra.mode=RUN"))
+
+
 @pytest.mark.parametrize(
     "overrides, epochs",
     [
