@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from simulator import distributed, seeding
+from simulator.data.base import flat_rows
 from simulator.options import ConfigError
 
 if TYPE_CHECKING:
@@ -52,13 +53,6 @@ if TYPE_CHECKING:
 
 METHODS = ("greedy", "threshold")
 MAX_PASSES = 10_000  # threshold: every pass keeps a row (passes that would keep none are skipped)
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(C, N, *event) -> (C, N, D) float64: images (uint8) flattened with pixels in [0, 1]."""
-    if x.dtype == torch.uint8:
-        return x.reshape(*x.shape[:2], -1).double() / 255
-    return x.reshape(*x.shape[:2], -1).double()
 
 
 def _distance_to(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
@@ -72,7 +66,7 @@ def greedy(x: torch.Tensor, keep: int, generator: torch.Generator, device: str |
     """Indices (C, keep), ascending, of a farthest-point selection from the candidates x (C, N, ...),
     computed on device (the start drawn from the CPU generator, so every device keeps the same rows up
     to float ties)."""
-    rows = _rows(x).to(device)
+    rows = flat_rows(x, device)
     chains, n = rows.shape[:2]
     pick = torch.randint(n, (chains,), generator=generator).to(rows.device)
     kept = torch.zeros(chains, n, dtype=torch.bool, device=rows.device)
@@ -88,7 +82,7 @@ def greedy(x: torch.Tensor, keep: int, generator: torch.Generator, device: str |
 def threshold(x: torch.Tensor, keep: int, generator: torch.Generator, tau: float | None = None,
               decay: float = 0.95) -> torch.Tensor:  # fmt: skip
     """Indices (C, keep), ascending, kept by the threshold decay filter from the candidates x (C, N, ...)."""
-    rows = _rows(x)
+    rows = flat_rows(x)
     chains, n = rows.shape[:2]
     order = torch.rand(chains, n, generator=generator).argsort(-1)  # each chain's visiting order
     if tau is None:  # the median nearest-other-candidate distance, per chain

@@ -42,3 +42,11 @@ class Dataset:
     @property
     def n_train(self) -> int:
         return self.train.shape[1]
+
+
+def flat_rows(x: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """(..., n, *event) -> (..., n, D) float64 rows for distances: images (uint8 (..., n, ch, h, w))
+    flattened with pixels scaled to [0, 1], vectors (..., n, d) as they are (on device, default x's)."""
+    if x.dtype == torch.uint8:
+        return x.reshape(*x.shape[:-3], -1).to(device or x.device, torch.float64) / 255
+    return x.to(device or x.device, torch.float64)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from simulator.data.base import flat_rows
 from simulator.metrics import features as fx
 from simulator.metrics.fid import FIDOptions, _device, _extractor
 from simulator.metrics.registry import MetricContext, read_options, register
@@ -58,18 +59,11 @@ class MemorisationOptions(FIDOptions):
     max_elems: int | None = opt(MAX_ELEMS, low=1)  # float64 elements per block (as the vector metrics)
 
 
-def flat(x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
-    """(..., n, *event) -> (..., n, D) float64 rows: images (uint8) flattened and scaled to [0, 1]."""
-    if x.dtype == torch.uint8:  # images (..., n, ch, h, w)
-        return x.reshape(*x.shape[:-3], -1).to(device or x.device, torch.float64) / 255
-    return x.to(device or x.device, torch.float64)  # vectors (..., n, d)
-
-
 def rows(ctx: MetricContext, x: torch.Tensor) -> torch.Tensor:
-    """(C, n, *event) -> (C, n, D) float64 rows on the samples' device: flat(x), or for images with
+    """(C, n, *event) -> (C, n, D) float64 rows on the samples' device: flat_rows(x), or for images with
     eval.options.collapse_space=features the features of fid's extractor (eval.options.extractor)."""
     if ctx.data.kind != "image" or (ctx.options.get("collapse_space") or "pixels") == "pixels":
-        return flat(x, ctx.samples.device)
+        return flat_rows(x, ctx.samples.device)
     opts = FIDOptions.parse(ctx.options)
     net, _ = _extractor(ctx, opts, _device(ctx, opts))
     out = [fx.sharded_features(net, x[c], opts.batch_size or 64) for c in range(x.shape[0])]
