@@ -149,7 +149,7 @@ def random_design(root: Path, out: Path) -> list[str]:
         form = np.array([random_factor(policy, g, n, d) for g in gens])
         # delta method: the ratio's SE from the per-chain linearisation (excess_g - ratio * excess_0) / mean_0
         lin = (excess - ratio[:, None] * excess[0]) / first
-        half = 1.96 * lin.std(1, ddof=1) / math.sqrt(excess.shape[1])
+        half = student_t_band(lin, axis=1).half  # 95% Student-t over the chains
         ax.plot(gens + 1, ratio, color=COLORS[policy], label=f"{policy} (measured)")
         ax.fill_between(gens + 1, ratio - half, ratio + half, color=COLORS[policy], alpha=0.25, lw=0)
         ax.plot(gens + 1, form, "--", color=COLORS[policy], lw=1, label=f"{policy}: closed form")

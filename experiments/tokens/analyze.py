@@ -78,7 +78,7 @@ def shumailov(root: Path, out: Path) -> list[str]:
     ax[0].set_title(f"replace, V = {len(p0)} Zipf(1), n = {n}, {probs.shape[1]} chains")
     ax[0].legend(loc="center right")
     ids = np.arange(len(p0))
-    half = 1.96 * np.sqrt(freq * (1 - freq) / chains)
+    half = student_t_band(ends[done], axis=0).half  # 95% Student-t over the absorbed chains
     ax[1].bar(ids - 0.2, p0, width=0.4, color="0.6", label="p_0(i)")
     ax[1].bar(ids + 0.2, freq, width=0.4, yerr=half, color="C0", label="fraction of chains ending on i")
     ax[1].set_xlabel("token i")
