@@ -15,6 +15,14 @@ E||q' - q||^2 = (1 - sum q^2) / m, which is all the derivations below use.
   synthetic share n / (N + n)): p_t = (1 - alpha) p_R + alpha q_t, so d_t = p_t - p_R (p_R = generation 0)
   has E||d_t||^2 = A (1 - r^t) / (1 - r), A = alpha^2 (1 - s_0)(1 - 1/n_0) / k, r = alpha^2 (1 - 1/k):
   bounded for every alpha < 1, and E||p_t - p_0||^2 = (1 - s_0) / n_0 + E||d_t||^2.
+  Given p_R, coordinate by coordinate: v_t(i) = E[d_t(i)^2 | p_R] = a_i (1 - r^t) / (1 - r), a_i = alpha^2
+  p_R(i) (1 - p_R(i)) / k (E[p_t | p_R] = p_R), whose sum over i, averaged over p_R, is the line above.
+  Seddik et al. bound E||p^(m) - p^(1)||_1 (their p^(1) is our p_R); here Jensen gives, given p_R,
+  E||d_t||_1 <= sum_i sqrt(v_t(i)) (`mix_l1_bound`; derived here, their own bound was not read).
+  The long-run excess of the error over the real fit's, E||d_inf||^2 / ((1 - s_0) / n_0) = alpha^2 (n_0 - 1)
+  / (k (1 - r)) (`mix_excess_ratio`), does not depend on the truth and stays below alpha / (1 + alpha) < 1/2:
+  in expectation no share of synthetic rows collapses a loop that keeps its n_0 real rows; the share a
+  tolerance eps allows is `mix_tolerated_rows`.
 - fresh (N new real rows of the truth + m samples of G_{t-1}, alpha = m / (N + m)):
   e_t = E||p_t - p_0||^2 = (1 - s_0) / (N + m) + alpha^2 (1 - 1/m) e_{t-1}, e_0 = (1 - s_0) / n_0.
 - Dohmatob et al. 2024 (tails): a next-token model that has not seen token i errs on it; its test error
@@ -34,6 +42,10 @@ __all__ = [
     "l2sq_replace",
     "lost_mass",
     "mix_deviation",
+    "mix_deviation_coords",
+    "mix_excess_ratio",
+    "mix_l1_bound",
+    "mix_tolerated_rows",
     "tail_beyond",
     "zipf",
 ]
@@ -62,6 +74,44 @@ def mix_deviation(s0: float, n0: int, k: int, t: np.ndarray | int) -> np.ndarray
     alpha = k / (n0 + k)
     a, r = alpha**2 * (1 - s0) * (1 - 1 / n0) / k, alpha**2 * (1 - 1 / k)
     return a * (1 - r**t) / (1 - r)
+
+
+def mix_deviation_coords(p_r: np.ndarray, n0: int, k: int, t: np.ndarray | int) -> np.ndarray:
+    """E[(p_t(i) - p_R(i))^2 | p_R] under mix: p_R (..., V) the fit to the n0 real rows, k synthetic rows a
+    generation; shape t.shape + p_r.shape."""
+    p_r = np.asarray(p_r, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64).reshape(np.shape(t) + (1,) * p_r.ndim)
+    alpha = k / (n0 + k)
+    a, r = alpha**2 * p_r * (1 - p_r) / k, alpha**2 * (1 - 1 / k)
+    return a * (1 - r**t) / (1 - r)
+
+
+def mix_l1_bound(p_r: np.ndarray, n0: int, k: int, t: np.ndarray | int) -> np.ndarray:
+    """sum_i sqrt(E[d_t(i)^2 | p_R]) >= E[||p_t - p_R||_1 | p_R] (Jensen), shape t.shape + p_r.shape[:-1]."""
+    return np.sqrt(mix_deviation_coords(p_r, n0, k, t)).sum(-1)
+
+
+def mix_excess_ratio(n0: int, k: int | np.ndarray) -> np.ndarray:
+    """lim_t E||p_t - p_R||^2 / E||p_R - p_0||^2 under mix (k synthetic rows beside n0 real ones): the error's
+    long-run excess over the real fit's, alpha^2 (n0 - 1) / (k (1 - r)), whatever the truth."""
+    k = np.asarray(k, dtype=np.float64)
+    alpha = k / (n0 + k)
+    return alpha**2 * (n0 - 1) / (k * (1 - alpha**2 * (1 - 1 / k)))
+
+
+def mix_tolerated_rows(n0: int, eps: float, k_max: int = 10**9) -> int:
+    """The most synthetic rows k a mixed loop with n0 real rows takes while its long-run error stays within
+    (1 + eps) times the real fit's (`mix_excess_ratio` <= eps; it rises with k). k_max when every k up to it
+    is tolerated (eps >= the ratio's limit (n0 - 1) / (2 n0 + 1)), 0 when none is."""
+    if mix_excess_ratio(n0, 1) > eps:
+        return 0
+    if mix_excess_ratio(n0, k_max) <= eps:
+        return k_max
+    lo, hi = 1, k_max  # ratio(lo) <= eps < ratio(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if mix_excess_ratio(n0, mid) <= eps else (lo, mid)
+    return lo
 
 
 def l2sq_mix(s0: float, n0: int, k: int, t: np.ndarray | int) -> np.ndarray:
