@@ -150,9 +150,20 @@ def preflight(args: list[str]) -> None:
     entry.preflight(args, "config", build, USER_ERRORS)
 
 
+def default_experiment_hint(args: list[str], message: str) -> str:
+    """What to add to an unknown model or data option when the command line changes the model or the data
+    but keeps the default experiment, whose options are its spline flow's and two moons'."""
+    groups = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
+    if "experiment" in groups or not groups & {"model", "data"} or "unknown option" not in message:
+        return ""
+    if not message.startswith(("model.options.", "data.options.")):
+        return ""
+    return " (the default experiment=regimes_2d sets them for its spline flow; add experiment=single)"
+
+
 def simulate() -> None:
     """Console entry point of `simulate`."""
-    entry.console(_simulate, "config", build, USER_ERRORS)
+    entry.console(_simulate, "config", build, USER_ERRORS, hint=default_experiment_hint)
 
 
 class SweepReport(entry.SweepCallback):

@@ -94,9 +94,11 @@ def asks_help(args: list[str]) -> bool:
 def preflight(
     args: list[str], config_name: str, build: Callable[[DictConfig, dict], Any],
     errors: tuple[type[Exception], ...], check_args: Callable[[list[str]], None] | None = None,
+    hint: Callable[[list[str], str], str] | None = None,
 ) -> None:  # fmt: skip
     """Compose, validate and build every job of the sweep before hydra makes anything (check_args, when
-    given, looks at the command line first: what only the entry point can explain better than hydra).
+    given, looks at the command line first: what only the entry point can explain better than hydra;
+    hint(args, message), when given, returns what to add to an error's line: "" for nothing).
 
     The sweep is the command line's and the experiment config's (hydra.sweeper.params). Hydra reports its
     own errors (bad override syntax, unknown keys or groups) on several lines with exit code 1, and only
@@ -108,17 +110,18 @@ def preflight(
             check_args(args)
         check_jobs(args, config_name, build)
     except errors as e:
-        fail(str(e))
+        fail(str(e) + (hint(args, str(e)) if hint else ""))
 
 
 def console(
     hydra_main: Callable[[], Any], config_name: str, build: Callable[[DictConfig, dict], Any],
     errors: tuple[type[Exception], ...], check_args: Callable[[list[str]], None] | None = None,
+    hint: Callable[[list[str], str], str] | None = None,
 ) -> None:  # fmt: skip
     """A console script: the preflight of sys.argv, then hydra's main (which reads sys.argv), stoppable."""
     with stoppable():
         if not asks_help(sys.argv[1:]):
-            preflight(sys.argv[1:], config_name, build, errors, check_args)
+            preflight(sys.argv[1:], config_name, build, errors, check_args, hint)
         wait_for_every_job()
         hydra_main()
 

@@ -28,6 +28,12 @@ PRE = [*BASE, "data=digits", "model=diffusion_tiny", "eval.metrics=[]", "eval.st
 
 # (arguments after ONE unless they start with "experiment=", the start of the one line)
 SIMULATE = [
+    # another model without experiment=: the default experiment's spline-flow options, and what to add
+    (
+        [*TINY, "model=categorical", "data=tokens"],
+        "model.options.blocks: unknown option; allowed: smoothing, top_k, top_p, vocab (the default "
+        "experiment=regimes_2d sets them for its spline flow; add experiment=single)",
+    ),
     # the issue's examples
     (["policy=mix", "policy.lam=inf"], "policy.lam: must be a finite number >= 0, got inf"),
     (["model.options.lr=-1"], "model.options.lr: must be a finite number >= 0, got -1"),
