@@ -59,6 +59,18 @@ def fid_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
+def refused_in_one_line(args: list[str], message: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """`simulate experiment=single *args` stops in the preflight: exit code 2, one line holding message."""
+    from simulator.cli import preflight
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        preflight(["experiment=single", *args])
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
 def compose_config(*overrides: str) -> DictConfig:
     """The composed run config for these overrides (single run: the default sweep is switched off)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

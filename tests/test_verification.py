@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from simulator import verification
-from simulator.cli import preflight
 from simulator.data.base import Dataset
 from simulator.loop import EvalOptions, SampleOptions, generation_loop
 from simulator.options import ConfigError
 from simulator.policies import Replace
 from simulator.rundir import RunDir
 from simulator.weights import load_model
+from tests.conftest import refused_in_one_line
 
 Z = 5.0
 
@@ -262,12 +262,7 @@ BAD = [
 
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(b[0]) for b in BAD])
 def test_bad_verification_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message) -> None:
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stop:
-        preflight(["experiment=single", *args])
-    assert stop.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], lines
+    refused_in_one_line(args, message, tmp_path, monkeypatch, capsys)
 
 
 def test_unlabelled_rows_refused_from_python() -> None:
