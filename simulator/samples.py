@@ -35,7 +35,7 @@ import torch
 from simulator import correction, distributed, scratch, seeding, selection, verification, weights
 from simulator.correction import Correct
 from simulator.curation import Reward, soft_select
-from simulator.data.base import Dataset
+from simulator.data.base import Dataset, draw_labels
 from simulator.models.base import FitsStatistics
 from simulator.options import ConfigError
 from simulator.policies import REAL, TRUTH, Part, Policy, assemble, curate, draw_truth
@@ -266,8 +266,7 @@ class SamplePool:
         """Classes of the n candidates of S_t, in the proportions of the real training set."""
         if not self.conditional:
             return None
-        real = self.data.train_labels[0]
-        return real[torch.randint(len(real), (n,), generator=seeding.generator(self.seed, t, "labels"))]
+        return draw_labels(self.data.train_labels[0], n, seeding.generator(self.seed, t, "labels"))
 
     def keep_best(
         self, m: Any, x: torch.Tensor, y: torch.Tensor | None, t: int, rows: list[int] | slice

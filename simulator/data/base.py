@@ -44,6 +44,12 @@ class Dataset:
         return self.train.shape[1]
 
 
+def draw_labels(real: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n class labels drawn with replacement from the real training labels real (n_real,): in their
+    proportions (the labels a class-conditional model's samples are drawn for)."""
+    return real[torch.randint(len(real), (n,), generator=generator)]
+
+
 def flat_rows(x: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """(..., n, *event) -> (..., n, D) float64 rows for distances: images (uint8 (..., n, ch, h, w))
     flattened with pixels scaled to [0, 1], vectors (..., n, d) as they are (on device, default x's)."""

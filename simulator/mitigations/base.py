@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from simulator.data.base import draw_labels
 from simulator.options import ConfigError
 
 
@@ -22,9 +23,7 @@ def self_samples(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """n samples (C, n, ...) of model with the run's sampling options `bias`; for a class-conditional
     model, labels (C, n) drawn from the real labels' proportions `real_labels` (n,) first, from generator."""
-    labels = None
-    if real_labels is not None:
-        labels = real_labels[torch.randint(len(real_labels), (n,), generator=generator)]
+    labels = None if real_labels is None else draw_labels(real_labels, n, generator)
     x = model.sample(n, labels, generator=generator, **dict(bias or {})).cpu()
     return x, None if labels is None else labels.unsqueeze(0).expand(x.shape[0], -1)
 
