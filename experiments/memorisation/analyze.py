@@ -1,12 +1,14 @@
 """What collapse does to the samples: memorisation, entropy and tail mass per generation (issue 20).
 
 Reads the runs of experiments/memorisation/run.sh (memorisation_2d: a narrow KDE of the eight
-Gaussians, 20 chains per run; memorisation_digits: a small diffusion model on 8x8 digits, one chain),
+Gaussians, 20 chains per run; memorisation_digits: a small diffusion model on 8x8 digits, one chain,
+fine-tuned every generation; memorisation_scratch: the same model trained from scratch every generation),
 replace or accumulate, with no selection or Shi et al.'s greedy selection (2-D: also their threshold filter),
 over 3 seeds. Every value is the run's chain mean (results.jsonl); the band and the +- are the 95%
 Student-t interval over the 3 seeds (simulator.stats.student_t_band, 2 degrees of freedom: wide).
-Draws <out>/memorisation_2d.png and <out>/memorisation_digits.png (memorised fraction, normalised
-nearest-neighbour distance, entropy of S_t and tail ratio against the generation) and writes
+Draws <out>/memorisation_2d.png, memorisation_digits.png and memorisation_scratch.png (memorised
+fraction, normalised nearest-neighbour distance, entropy of S_t and tail ratio against the generation)
+and writes
 <out>/memorisation.md (the first and last generation of each regime).
 
 Usage: python experiments/memorisation/analyze.py [--runs runs] [--out figures]
@@ -35,6 +37,7 @@ COLUMNS = (
     ("entropy_train", "entropy of D_t (nats)"),
     ("tail_ratio", "tail mass / q (q = 0.05)"),
 )
+NAMES = ("memorisation_2d", "memorisation_digits", "memorisation_scratch")
 STYLE = {
     ("replace", None): ("C3", "-"),
     ("replace", "greedy"): ("C3", "--"),
@@ -94,14 +97,14 @@ def part(name: str, runs: list[Run], out: Path) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Draw memorisation_2d.png, memorisation_digits.png and write memorisation.md."""
+    """Draw memorisation_2d.png, memorisation_digits.png, memorisation_scratch.png; write memorisation.md."""
     args = common.arguments(__doc__, argv, out="figures")
     args.out.mkdir(parents=True, exist_ok=True)
     text = ["# What collapse does to the samples (`experiments/memorisation/run.sh`)", ""]
-    for name in ("memorisation_2d", "memorisation_digits"):
+    for name in NAMES:
         text += [f"## {name}", "", *part(name, common.runs_under(args.runs, name), args.out), ""]
     common.write_lines(args.out / "memorisation.md", text)
-    print(f"wrote {args.out}/memorisation_2d.png, memorisation_digits.png, memorisation.md")
+    print(f"wrote {', '.join(f'{args.out}/{n}.png' for n in NAMES)} and {args.out}/memorisation.md")
 
 
 if __name__ == "__main__":
