@@ -5,6 +5,7 @@ agree); one-line refusals."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -62,6 +63,28 @@ def test_guided_eps_is_the_formula_of_the_two_networks() -> None:
     got = diffusion_sampler.guided_eps(model, net, x, t, None, 0.0)
     want = 1.75 * model._eps(net, x, t, None) - 0.75 * model._eps(model.aux, x, t, None)
     assert torch.equal(got, want)
+
+
+def test_an_exported_pipeline_carries_the_auxiliary_network_and_its_weight(tmp_path: Path) -> None:
+    """export_pipeline with SIMS: pipeline/aux_unet/ is the auxiliary network (the same eps on the same
+    input), sampling.json's sims names it and omega, and DDIMPipeline still loads the directory."""
+    from diffusers import DDIMPipeline, UNet2DModel
+
+    model = fitted()
+    model.export_pipeline = True
+    sims.step(sims.SimsOptions(omega=0.75, n_self=16, steps=2), model, 0, make_model=make, pool=PLAIN, seed=1)
+    out = model.export(tmp_path)
+    assert out is not None
+    sampling = json.loads((out / "sampling.json").read_text())
+    assert sampling["sims"] == {"omega": 0.75, "aux_unet": "aux_unet"}
+    aux = UNet2DModel.from_pretrained(str(out / sampling["sims"]["aux_unet"])).eval()
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(4, 1, 8, 8, generator=g), torch.tensor([999, 500, 10, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(aux(x, t).sample, model._eps(model.aux, x, t, None), rtol=0, atol=1e-6)
+    DDIMPipeline.from_pretrained(str(out))  # the extra folder does not stop diffusers' loader
+    model.set_aux(None, 0.0)
+    assert "sims" not in json.loads((model.export(tmp_path / "plain") / "sampling.json").read_text())
 
 
 def test_omega_0_samples_the_base_bit_for_bit_without_calling_the_auxiliary_network() -> None:

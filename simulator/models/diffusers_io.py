@@ -37,6 +37,7 @@ PREDICTIONS = ("epsilon",)  # what DiffusionFamily trains and samples with
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                  "prediction_type")  # fmt: skip
 SAMPLING = "sampling.json"  # an exported pipeline's sampler settings, beside model_index.json
+AUX_UNET = "aux_unet"  # SIMS' auxiliary UNet in an exported pipeline (sampling.json's "sims" says its weight)
 # attention parameter names of checkpoints saved by diffusers < 0.13 (google/ddpm-*), and today's
 LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 # schedules both DDPMScheduler (training) and DDIMScheduler (sampling) implement
@@ -346,12 +347,13 @@ def load_unet(pre: Pretrained) -> Any:
 
 
 def export_pipeline(
-    unet: Any, scheduler: Any, directory: str | os.PathLike, sampling: dict[str, Any]
+    unet: Any, scheduler: Any, directory: str | os.PathLike, sampling: dict[str, Any], aux: Any = None
 ) -> Path:
     """Write unet (float32 copy) and the run's DDIMScheduler as a DDIMPipeline directory (which
     DDPMPipeline.from_pretrained loads too), and `sampling` as its sampling.json: the call and timesteps
-    that reproduce the run's samples (docs/images.md, "Exported diffusion pipelines"); returns the
-    directory."""
+    that reproduce the run's samples (docs/images.md, "Exported diffusion pipelines"); aux, SIMS'
+    auxiliary UNet, goes to directory/aux_unet/ beside it (the pipeline's loaders ignore the folder).
+    Returns the directory."""
     import copy
 
     from diffusers import DDIMPipeline
@@ -359,5 +361,7 @@ def export_pipeline(
     out = Path(directory)
     net = copy.deepcopy(unet).float().cpu().eval()
     DDIMPipeline(unet=net, scheduler=scheduler).save_pretrained(str(out), safe_serialization=True)
+    if aux is not None:
+        copy.deepcopy(aux).float().cpu().eval().save_pretrained(str(out / AUX_UNET), safe_serialization=True)
     (out / SAMPLING).write_text(json.dumps(sampling, indent=1) + "\n")
     return out

@@ -485,11 +485,16 @@ class DiffusionFamily(TrainedFamily, IndexedSampling, Conditional, Exportable):
     def export(self, directory: str | Path) -> Path | None:
         """With export_pipeline: directory/pipeline/, a DDIMPipeline (the EMA weights as its unet, the
         run's DDIM scheduler: schedule, trailing spacing, clipping) that diffusers' DDIMPipeline and
-        DDPMPipeline load, and pipeline/sampling.json (`sampling()`): the run's sampler, exactly."""
+        DDPMPipeline load, and pipeline/sampling.json (`sampling()`): the run's sampler, exactly. With SIMS'
+        auxiliary network, pipeline/aux_unet/ too and sampling.json's "sims": the run's eps is
+        (1 + omega) unet - omega aux_unet (docs/images.md)."""
         if not self.export_pipeline:
             return None
         out = Path(directory) / "pipeline"
-        return diffusers_io.export_pipeline(self._net(), self.sample_scheduler, out, self.sampling())
+        sampling = self.sampling()
+        if self.aux is not None:
+            sampling["sims"] = {"omega": self.aux_omega, "aux_unet": diffusers_io.AUX_UNET}
+        return diffusers_io.export_pipeline(self._net(), self.sample_scheduler, out, sampling, aux=self.aux)
 
     def parameters_vector(self) -> torch.Tensor:
         """The weights used for sampling (the EMA when there is one) flattened to (1, P) on the CPU."""
