@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.stats import student_t_band
+from simulator.stats import student_t_band, student_t_interval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: experiments.common
 from experiments import common  # noqa: E402
@@ -96,13 +96,38 @@ def part(name: str, runs: list[Run], out: Path) -> list[str]:
     return lines
 
 
+PAIRED = ("memorised", "memorised_train", "nn_distance_train", "entropy_train")
+
+
+def paired(runs: list[Run]) -> list[str]:
+    """Each regime minus replace at the last generation, paired by seed (the seeds share generation 0):
+    the difference's mean and 95% Student-t half-width over the seeds both regimes have."""
+    regimes = common.group(runs, lambda r: (regime(r)[0], regime(r)[1] or ""))
+    base = common.by_seed(regimes.pop(("replace", ""), []))
+    lines = common.table(["regime - replace (last generation)", "seeds", *PAIRED])
+    for (policy, selection), group in regimes.items():
+        mine = common.by_seed(group)
+        seeds = sorted(set(mine) & set(base))
+        cells = []
+        for column in PAIRED:
+            last = [
+                (common.column(mine[s].rows, column)[-1], common.column(base[s].rows, column)[-1])
+                for s in seeds
+            ]
+            mean, half, n = student_t_interval([a - b for a, b in last])
+            cells.append(f"{mean:+.3g} ± {half:.2g}" if n else "-")
+        lines.append(common.row([label((policy, selection or None)), len(seeds), *cells]))
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Draw memorisation_2d.png, memorisation_digits.png, memorisation_scratch.png; write memorisation.md."""
     args = common.arguments(__doc__, argv, out="figures")
     args.out.mkdir(parents=True, exist_ok=True)
     text = ["# What collapse does to the samples (`experiments/memorisation/run.sh`)", ""]
     for name in NAMES:
-        text += [f"## {name}", "", *part(name, common.runs_under(args.runs, name), args.out), ""]
+        runs = common.runs_under(args.runs, name)
+        text += [f"## {name}", "", *part(name, runs, args.out), "", *paired(runs), ""]
     common.write_lines(args.out / "memorisation.md", text)
     print(f"wrote {', '.join(f'{args.out}/{n}.png' for n in NAMES)} and {args.out}/memorisation.md")
 
