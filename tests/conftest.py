@@ -71,6 +71,16 @@ def refused_in_one_line(args: list[str], message: str, tmp_path: Path, monkeypat
     assert len(lines) == 1 and message in lines[0], lines
 
 
+def config_refused(overrides: list[str], start: str) -> None:
+    """checks.check refuses the experiment=single config with these overrides in one line starting start."""
+    from simulator import checks
+    from simulator.options import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        checks.check(compose_config("experiment=single", *overrides))
+    assert str(err.value).startswith(start) and "\n" not in str(err.value), str(err.value)
+
+
 def compose_config(*overrides: str) -> DictConfig:
     """The composed run config for these overrides (single run: the default sweep is switched off)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

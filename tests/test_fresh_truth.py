@@ -15,13 +15,13 @@ import torch
 from scipy import stats
 
 from simulator import policies
-from simulator.cli import preflight, run_config
+from simulator.cli import run_config
 from simulator.data.base import Dataset
 from simulator.loop import generation_loop
 from simulator.models.gaussian import GaussianFamily
 from simulator.rundir import RunDir
 from simulator.weights import load_model
-from tests.conftest import compose_config
+from tests.conftest import compose_config, refused_in_one_line
 
 N, K, T, D = 100, 50, 10, 2  # fixed training set, fresh rows per generation, generations, dimension
 
@@ -112,12 +112,7 @@ BAD = [
 
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(b[0]) for b in BAD])
 def test_bad_source_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stop:
-        preflight(["experiment=single", *args])
-    assert stop.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], lines
+    refused_in_one_line(args, message, tmp_path, monkeypatch, capsys)
     assert not any(tmp_path.iterdir())
 
 

@@ -24,7 +24,7 @@ from simulator.policies import Replace
 from simulator.rundir import RunDir
 from simulator.samples import SamplePool
 from simulator.weights import load_model
-from tests.conftest import compose_config
+from tests.conftest import compose_config, config_refused
 
 Z = 4.0  # |z| bound of every z-test here: two-sided p = 6e-5 per test
 
@@ -224,9 +224,7 @@ def test_when_later_leaves_generation_0_as_fitted(tmp_path: Path) -> None:
     ],
 )  # fmt: skip
 def test_bad_neon_configs_are_one_line(overrides: list[str], match: str) -> None:
-    with pytest.raises(ConfigError) as err:
-        checks.check(compose_config("experiment=single", *overrides))
-    assert str(err.value).startswith(match) and "\n" not in str(err.value), str(err.value)
+    config_refused(overrides, match)
 
 
 def test_the_default_config_has_no_mitigation_and_a_merge_config_passes() -> None:

@@ -126,23 +126,6 @@ def test_refused_in_one_line(tmp_path, monkeypatch, overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
-def _rank(rank: int, world: int, port: int, path: str, overrides: list[str]) -> None:
-    import os
-
-    import torch.distributed as dist
-
-    from simulator.cli import run_config
-    from tests.conftest import compose_config
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    torch.set_num_threads(1)
-    try:
-        run_config(compose_config(*overrides), path)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow  # two interpreters import torch and run a glow on 8x8 digits
 def test_sharded_selection_under_two_processes_gives_the_one_process_run(tmp_path):
     """A per-sample-seeded family (class-conditional glow) selects each shard's rows from that shard's
@@ -153,7 +136,7 @@ def test_sharded_selection_under_two_processes_gives_the_one_process_run(tmp_pat
 
     from simulator.cli import run_config
     from tests.conftest import compose_config
-    from tests.test_sharded_loop import GLOW, _free_port, files
+    from tests.test_sharded_loop import GLOW, _free_port, _rank, files
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")

@@ -35,12 +35,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, path: str) -> None:
+def _rank(rank: int, world: int, port: int, path: str, overrides: list[str]) -> None:
+    """One gloo process of a two-process run of the loop with these overrides, in path."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
     try:
-        run_config(compose_config(*GLOW), path)
+        run_config(compose_config(*overrides), path)
     finally:
         dist.destroy_process_group()
 
@@ -53,7 +54,7 @@ def files(path):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
 def test_two_gloo_processes_give_the_one_process_run(tmp_path):
     run_config(compose_config(*GLOW), tmp_path / "one")
-    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path / "two"), GLOW), nprocs=2, join=True)
     one, two = RunDir(tmp_path / "one"), RunDir(tmp_path / "two")
     assert sorted(p.name for p in two.path.iterdir() if p.name.startswith(".rank")) == []  # no mirrors
     shards = sorted(p.name for p in (two.path / "gen_002").glob("samples_*.pt"))

@@ -24,7 +24,7 @@ from simulator.policies import Replace
 from simulator.rundir import RunDir
 from simulator.samples import SamplePool, load
 from simulator.weights import load_model
-from tests.conftest import compose_config
+from tests.conftest import compose_config, config_refused
 from tests.test_guidance import TINY, digits
 
 PLAIN = SimpleNamespace(bias={"temperature": 1.0}, conditional=False)
@@ -184,9 +184,7 @@ def test_sample_save_false_redraws_the_guided_samples_exactly(tmp_path: Path) ->
     ],
 )  # fmt: skip
 def test_bad_sims_configs_are_one_line(overrides: list[str], match: str) -> None:
-    with pytest.raises(ConfigError) as err:
-        checks.check(compose_config("experiment=single", *overrides))
-    assert str(err.value).startswith(match) and "\n" not in str(err.value), str(err.value)
+    config_refused(overrides, match)
 
 
 def test_a_diffusion_sims_config_passes_and_a_flow_is_refused_at_run_time_too() -> None:
